@@ -1,0 +1,637 @@
+//! The few tree operations both the operator and the sidecar perform: create a table,
+//! register, activate, read and drop a replica, remove a table.
+//!
+//! Each operation that changes more than one node does it in one multi, so a crash or a
+//! lost connection never leaves a half-made table or replica behind.
+
+use std::time::Duration;
+
+use zookeeper_client as zk;
+
+use crate::columns;
+use crate::host::HostInfo;
+use crate::metadata::TableMetadata;
+use crate::paths::{TablePaths, sequence_of};
+use crate::schema::TableSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("ZooKeeper {op} {path}: {source}")]
+    ZooKeeper {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: zk::Error,
+    },
+    #[error(
+        "table definition differs from the one in ZooKeeper at {path}; the tree is left unchanged. Make the manifest match the tree (or use a new table path):\n{diff}\n--- local definition ---\n{local}--- tree definition ---\n{tree}"
+    )]
+    SchemaMismatch {
+        path: String,
+        diff: String,
+        local: String,
+        tree: String,
+    },
+    #[error("node {path} holds text rtable cannot read: {message}")]
+    Corrupt { path: String, message: String },
+    #[error(
+        "replica {replica} is active (its is_active node exists, owned by session {owner:#x}); stop its pod first and retry once the session is gone"
+    )]
+    ReplicaActive { replica: String, owner: i64 },
+    #[error("replica {replica} is not registered under {path}")]
+    NoReplica { replica: String, path: String },
+    #[error("gave up after {attempts} attempts on {what}: the tree kept changing under us")]
+    Contention { what: String, attempts: u32 },
+}
+
+impl TreeError {
+    pub fn zk(op: &'static str, path: impl Into<String>, source: zk::Error) -> Self {
+        TreeError::ZooKeeper {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error comes from the connection or session, not from the tree's content:
+    /// the caller should retry with backoff rather than report a user error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TreeError::ZooKeeper { source, .. } => is_transient(source),
+            TreeError::Contention { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The underlying ZooKeeper error, when there is one.
+    pub fn zk_error(&self) -> Option<&zk::Error> {
+        match self {
+            TreeError::ZooKeeper { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Connection-level failures whose outcome is unknown or that a new attempt may fix.
+pub fn is_transient(e: &zk::Error) -> bool {
+    matches!(
+        e,
+        zk::Error::ConnectionLoss
+            | zk::Error::Timeout
+            | zk::Error::SessionExpired
+            | zk::Error::ClientClosed
+            | zk::Error::NoHosts
+            | zk::Error::Custom(_)
+            | zk::Error::Throttled
+    )
+}
+
+pub fn persistent() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+}
+pub fn persistent_sequential() -> zk::CreateOptions<'static> {
+    zk::CreateMode::PersistentSequential.with_acls(zk::Acls::anyone_all())
+}
+pub fn ephemeral() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all())
+}
+pub fn ephemeral_sequential() -> zk::CreateOptions<'static> {
+    zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all())
+}
+
+/// Maps an operation failure inside a multi to the path it was about.
+pub fn multi_error(op: &'static str, paths: &[String], e: zk::MultiWriteError) -> TreeError {
+    match e {
+        zk::MultiWriteError::RequestFailed { source } => {
+            TreeError::zk(op, paths.first().cloned().unwrap_or_default(), source)
+        }
+        zk::MultiWriteError::OperationFailed { index, source } => {
+            TreeError::zk(op, paths.get(index).cloned().unwrap_or_default(), source)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    AlreadyExists,
+}
+
+/// Creates the table's tree in one multi, or checks that an existing tree holds the same
+/// definition. A differing tree is reported, never overwritten.
+pub async fn create_table(
+    client: &zk::Client,
+    paths: &TablePaths,
+    schema: &TableSchema,
+) -> Result<CreateOutcome, TreeError> {
+    let metadata = TableMetadata::from_schema(schema).render();
+    let columns_text = columns::render(&schema.columns);
+    // Ancestors (`/clickhouse/tables/01`) are shared between tables and created one by one;
+    // only the table's own nodes must appear atomically.
+    if let Some((parent, _)) = paths.root().rsplit_once('/')
+        && !parent.is_empty()
+    {
+        ensure_path(client, parent).await?;
+    }
+    for _ in 0..5 {
+        match compare_existing(client, paths, &metadata, &columns_text).await? {
+            Some(()) => return Ok(CreateOutcome::AlreadyExists),
+            None => {}
+        }
+        let nodes = paths.table_nodes();
+        let mut multi = client.new_multi_writer();
+        for node in &nodes {
+            let data: &[u8] = if *node == paths.metadata() {
+                metadata.as_bytes()
+            } else if *node == paths.columns() {
+                columns_text.as_bytes()
+            } else if *node == paths.replicas() {
+                b"last added replica: "
+            } else {
+                b""
+            };
+            multi
+                .add_create(node, data, &persistent())
+                .map_err(|e| TreeError::zk("create", node.clone(), e))?;
+        }
+        let leader = format!("{}/leader_election-0", paths.leader_election());
+        multi
+            .add_create(&leader, b"all (multiple leaders Ok)", &persistent())
+            .map_err(|e| TreeError::zk("create", leader.clone(), e))?;
+        match multi.commit().await {
+            Ok(_) => return Ok(CreateOutcome::Created),
+            // Someone else created it between our check and our multi: compare again.
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::NodeExists,
+                ..
+            }) => continue,
+            Err(e) => return Err(multi_error("create table", &nodes, e)),
+        }
+    }
+    Err(TreeError::Contention {
+        what: format!("creating {}", paths.root()),
+        attempts: 5,
+    })
+}
+
+/// `Some(())` when the tree exists with the same definition, `None` when it doesn't exist.
+async fn compare_existing(
+    client: &zk::Client,
+    paths: &TablePaths,
+    metadata: &str,
+    columns_text: &str,
+) -> Result<Option<()>, TreeError> {
+    let tree_metadata = match get_string(client, &paths.metadata()).await? {
+        Some(m) => m,
+        None => return Ok(None),
+    };
+    let tree_columns = get_string(client, &paths.columns())
+        .await?
+        .unwrap_or_default();
+    if tree_metadata == metadata && tree_columns == columns_text {
+        return Ok(Some(()));
+    }
+    Err(schema_mismatch(
+        paths,
+        metadata,
+        columns_text,
+        &tree_metadata,
+        &tree_columns,
+    ))
+}
+
+/// Builds the mismatch error with both definitions, field by field where the tree parses.
+pub fn schema_mismatch(
+    paths: &TablePaths,
+    local_metadata: &str,
+    local_columns: &str,
+    tree_metadata: &str,
+    tree_columns: &str,
+) -> TreeError {
+    let mut diff = Vec::new();
+    match (
+        TableMetadata::parse(local_metadata),
+        TableMetadata::parse(tree_metadata),
+    ) {
+        (Ok(l), Ok(t)) => diff.extend(l.diff(&t)),
+        _ => diff.push("metadata: the tree's metadata node does not parse".to_string()),
+    }
+    if local_columns != tree_columns {
+        diff.push("columns differ".to_string());
+    }
+    TreeError::SchemaMismatch {
+        path: paths.root().to_string(),
+        diff: diff.join("\n"),
+        local: format!("{local_metadata}{local_columns}"),
+        tree: format!("{tree_metadata}{tree_columns}"),
+    }
+}
+
+/// Creates every missing node of `path` (like `mkdir -p`), tolerating concurrent creators.
+pub async fn ensure_path(client: &zk::Client, path: &str) -> Result<(), TreeError> {
+    let mut current = String::new();
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        current.push('/');
+        current.push_str(segment);
+        match client.create(&current, b"", &persistent()).await {
+            Ok(_) | Err(zk::Error::NodeExists) => {}
+            Err(e) => return Err(TreeError::zk("create", current.clone(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a node as UTF-8 text; `None` when it doesn't exist.
+pub async fn get_string(client: &zk::Client, path: &str) -> Result<Option<String>, TreeError> {
+    match client.get_data(path).await {
+        Ok((data, _)) => String::from_utf8(data)
+            .map(Some)
+            .map_err(|_| TreeError::Corrupt {
+                path: path.to_string(),
+                message: "not UTF-8".to_string(),
+            }),
+        Err(zk::Error::NoNode) => Ok(None),
+        Err(e) => Err(TreeError::zk("get", path, e)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// The replica was created now; `is_lost` tells whether it must clone from a peer.
+    Registered {
+        is_lost: bool,
+    },
+    AlreadyRegistered,
+}
+
+/// Registers `replica` with all its nodes in one multi, guarded by the version of
+/// `replicas` so two replicas registering at once both see each other. A replica that
+/// joins a table that already has others starts lost (`is_lost=1`) and clones.
+pub async fn register_replica(
+    client: &zk::Client,
+    paths: &TablePaths,
+    replica: &str,
+    schema: &TableSchema,
+) -> Result<RegisterOutcome, TreeError> {
+    let rp = paths.replica(replica);
+    let metadata = TableMetadata::from_schema(schema).render();
+    let columns_text = columns::render(&schema.columns);
+    for _ in 0..10 {
+        if client
+            .check_stat(rp.root())
+            .await
+            .map_err(|e| TreeError::zk("exists", rp.root(), e))?
+            .is_some()
+        {
+            return Ok(RegisterOutcome::AlreadyRegistered);
+        }
+        let (others, stat) = client
+            .get_children(&paths.replicas())
+            .await
+            .map_err(|e| TreeError::zk("list", paths.replicas(), e))?;
+        let is_lost = !others.is_empty();
+        let last_added = format!("last added replica: {replica}");
+        let nodes: Vec<(String, Vec<u8>)> = vec![
+            (rp.root().to_string(), Vec::new()),
+            (rp.host(), Vec::new()),
+            (rp.log_pointer(), Vec::new()),
+            (rp.queue(), Vec::new()),
+            (rp.parts(), Vec::new()),
+            (rp.flags(), Vec::new()),
+            (
+                rp.is_lost(),
+                if is_lost {
+                    b"1".to_vec()
+                } else {
+                    b"0".to_vec()
+                },
+            ),
+            (rp.metadata(), metadata.clone().into_bytes()),
+            (rp.columns(), columns_text.clone().into_bytes()),
+            (rp.metadata_version(), b"0".to_vec()),
+            (rp.min_unprocessed_insert_time(), b"0".to_vec()),
+            (rp.max_processed_insert_time(), b"0".to_vec()),
+            (rp.mutation_pointer(), Vec::new()),
+        ];
+        let mut op_paths: Vec<String> = nodes.iter().map(|(p, _)| p.clone()).collect();
+        op_paths.push(paths.replicas());
+        let mut multi = client.new_multi_writer();
+        for (path, data) in &nodes {
+            multi
+                .add_create(path, data, &persistent())
+                .map_err(|e| TreeError::zk("create", path.clone(), e))?;
+        }
+        multi
+            .add_set_data(&paths.replicas(), last_added.as_bytes(), Some(stat.version))
+            .map_err(|e| TreeError::zk("set", paths.replicas(), e))?;
+        match multi.commit().await {
+            Ok(_) => return Ok(RegisterOutcome::Registered { is_lost }),
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::BadVersion | zk::Error::NodeExists,
+                ..
+            }) => continue,
+            Err(e) => return Err(multi_error("register replica", &op_paths, e)),
+        }
+    }
+    Err(TreeError::Contention {
+        what: format!("registering replica {replica}"),
+        attempts: 10,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activation {
+    /// Versions the inserter remembers: a change while it waits means it lost its identity.
+    pub is_active_version: i32,
+    pub host_version: i32,
+}
+
+/// Marks the replica live: ephemeral `is_active` and its address in `host`, in one multi.
+/// An `is_active` owned by this very session (a retried activation) counts as success; one
+/// owned by another session means another process still serves this replica.
+pub async fn activate(
+    client: &zk::Client,
+    paths: &TablePaths,
+    replica: &str,
+    host: &HostInfo,
+) -> Result<Activation, TreeError> {
+    let rp = paths.replica(replica);
+    let host_text = host.render();
+    let is_active_data = format!("pid: {}, random: {}", std::process::id(), rand_u32());
+    let ops = vec![rp.is_active(), rp.host()];
+    let mut multi = client.new_multi_writer();
+    multi
+        .add_create(&rp.is_active(), is_active_data.as_bytes(), &ephemeral())
+        .map_err(|e| TreeError::zk("create", rp.is_active(), e))?;
+    multi
+        .add_set_data(&rp.host(), host_text.as_bytes(), None)
+        .map_err(|e| TreeError::zk("set", rp.host(), e))?;
+    match multi.commit().await {
+        Ok(results) => {
+            let host_version = match results.get(1) {
+                Some(zk::MultiWriteResult::SetData { stat }) => stat.version,
+                _ => -1,
+            };
+            // ZOOKEEPER-4026: the Stat of a create inside a multi is invalid on 3.8; a fresh
+            // ephemeral node always has data version 0.
+            Ok(Activation {
+                is_active_version: 0,
+                host_version,
+            })
+        }
+        Err(zk::MultiWriteError::OperationFailed {
+            index: 0,
+            source: zk::Error::NodeExists,
+        }) => {
+            let stat = client
+                .check_stat(&rp.is_active())
+                .await
+                .map_err(|e| TreeError::zk("exists", rp.is_active(), e))?;
+            match stat {
+                Some(s) if s.ephemeral_owner == client.session_id().0 => {
+                    let (_, host_stat) = client
+                        .get_data(&rp.host())
+                        .await
+                        .map_err(|e| TreeError::zk("get", rp.host(), e))?;
+                    Ok(Activation {
+                        is_active_version: s.version,
+                        host_version: host_stat.version,
+                    })
+                }
+                Some(s) => Err(TreeError::ReplicaActive {
+                    replica: replica.to_string(),
+                    owner: s.ephemeral_owner,
+                }),
+                // Gone between the two calls: the caller retries.
+                None => Err(TreeError::Contention {
+                    what: format!("activating {replica}"),
+                    attempts: 1,
+                }),
+            }
+        }
+        Err(zk::MultiWriteError::OperationFailed {
+            source: zk::Error::NoNode,
+            ..
+        }) => Err(TreeError::NoReplica {
+            replica: replica.to_string(),
+            path: paths.replicas(),
+        }),
+        Err(e) => Err(multi_error("activate", &ops, e)),
+    }
+}
+
+fn rand_u32() -> u32 {
+    // Only needs to differ between restarts of one pid, like ClickHouse's `random:`.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// What the operator and `/status` need to know about one replica, read from the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaState {
+    pub name: String,
+    pub is_active: bool,
+    pub is_lost: bool,
+    /// `None` while the replica has not pulled the log yet.
+    pub log_pointer: Option<u64>,
+    pub queue_size: u32,
+    pub parts_count: u32,
+    /// `None` for a half-removed replica (its `host` node is gone) or one never activated.
+    pub host: Option<HostInfo>,
+}
+
+pub async fn list_replicas(
+    client: &zk::Client,
+    paths: &TablePaths,
+) -> Result<Vec<String>, TreeError> {
+    let mut names = client
+        .list_children(&paths.replicas())
+        .await
+        .map_err(|e| TreeError::zk("list", paths.replicas(), e))?;
+    names.sort();
+    Ok(names)
+}
+
+/// Reads a replica's state with one multi-read, so the fields are from one moment.
+pub async fn read_replica_state(
+    client: &zk::Client,
+    paths: &TablePaths,
+    replica: &str,
+) -> Result<ReplicaState, TreeError> {
+    let rp = paths.replica(replica);
+    if client
+        .check_stat(rp.root())
+        .await
+        .map_err(|e| TreeError::zk("exists", rp.root(), e))?
+        .is_none()
+    {
+        return Err(TreeError::NoReplica {
+            replica: replica.to_string(),
+            path: paths.replicas(),
+        });
+    }
+    let is_active = client
+        .check_stat(&rp.is_active())
+        .await
+        .map_err(|e| TreeError::zk("exists", rp.is_active(), e))?
+        .is_some();
+    let is_lost = get_string(client, &rp.is_lost()).await?.as_deref() == Some("1");
+    let log_pointer = get_string(client, &rp.log_pointer())
+        .await?
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let queue_size = child_count(client, &rp.queue()).await?;
+    let parts_count = child_count(client, &rp.parts()).await?;
+    let host = match get_string(client, &rp.host()).await? {
+        Some(text) if !text.is_empty() => HostInfo::parse(&text).ok(),
+        _ => None,
+    };
+    Ok(ReplicaState {
+        name: replica.to_string(),
+        is_active,
+        is_lost,
+        log_pointer,
+        queue_size,
+        parts_count,
+        host,
+    })
+}
+
+async fn child_count(client: &zk::Client, path: &str) -> Result<u32, TreeError> {
+    match client.check_stat(path).await {
+        Ok(Some(stat)) => Ok(stat.num_children.max(0) as u32),
+        Ok(None) => Ok(0),
+        Err(e) => Err(TreeError::zk("exists", path, e)),
+    }
+}
+
+/// The highest `log-NNNNNNNNNN` index, `None` for an empty log.
+pub async fn log_max_index(
+    client: &zk::Client,
+    paths: &TablePaths,
+) -> Result<Option<u64>, TreeError> {
+    let children = client
+        .list_children(&paths.log())
+        .await
+        .map_err(|e| TreeError::zk("list", paths.log(), e))?;
+    Ok(children.iter().filter_map(|c| sequence_of(c)).max())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropOutcome {
+    Dropped,
+    AlreadyGone,
+}
+
+/// Removes a replica's metadata the way ClickHouse's DROP REPLICA does: mark it lost,
+/// remove `host` first (no host = dropped, so a crash half-way is still a dropped
+/// replica), then everything else. Refused while its `is_active` exists.
+pub async fn drop_replica(
+    client: &zk::Client,
+    paths: &TablePaths,
+    replica: &str,
+) -> Result<DropOutcome, TreeError> {
+    let rp = paths.replica(replica);
+    if client
+        .check_stat(rp.root())
+        .await
+        .map_err(|e| TreeError::zk("exists", rp.root(), e))?
+        .is_none()
+    {
+        return Ok(DropOutcome::AlreadyGone);
+    }
+    if let Some(stat) = client
+        .check_stat(&rp.is_active())
+        .await
+        .map_err(|e| TreeError::zk("exists", rp.is_active(), e))?
+    {
+        return Err(TreeError::ReplicaActive {
+            replica: replica.to_string(),
+            owner: stat.ephemeral_owner,
+        });
+    }
+    match client.set_data(&rp.is_lost(), b"1", None).await {
+        Ok(_) | Err(zk::Error::NoNode) => {}
+        Err(e) => return Err(TreeError::zk("set", rp.is_lost(), e)),
+    }
+    match client.delete(&rp.host(), None).await {
+        Ok(()) | Err(zk::Error::NoNode) => {}
+        Err(e) => return Err(TreeError::zk("delete", rp.host(), e)),
+    }
+    remove_recursive(client, rp.root()).await?;
+    Ok(DropOutcome::Dropped)
+}
+
+/// Removes the whole table tree, children first; a missing node counts as removed.
+pub async fn remove_table(client: &zk::Client, paths: &TablePaths) -> Result<(), TreeError> {
+    remove_recursive(client, paths.root()).await
+}
+
+/// Deletes `path` and everything under it, children first. Batches deletes of one level
+/// into multis of at most 100 so a large queue or log costs few round trips.
+pub async fn remove_recursive(client: &zk::Client, path: &str) -> Result<(), TreeError> {
+    // Iterative post-order walk: deep trees must not recurse on the async stack.
+    let mut stack: Vec<(String, bool)> = vec![(path.to_string(), false)];
+    while let Some((node, expanded)) = stack.pop() {
+        if expanded {
+            match client.delete(&node, None).await {
+                Ok(()) | Err(zk::Error::NoNode) => {}
+                // A child appeared after we listed (a late queue entry): go round again.
+                Err(zk::Error::NotEmpty) => stack.push((node, false)),
+                Err(e) => return Err(TreeError::zk("delete", node, e)),
+            }
+            continue;
+        }
+        let children = match client.list_children(&node).await {
+            Ok(c) => c,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(TreeError::zk("list", node, e)),
+        };
+        stack.push((node.clone(), true));
+        let mut leaves = Vec::new();
+        for child in children {
+            let child_path = format!("{node}/{child}");
+            let stat = match client.check_stat(&child_path).await {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => return Err(TreeError::zk("exists", child_path, e)),
+            };
+            if stat.num_children == 0 {
+                leaves.push(child_path);
+            } else {
+                stack.push((child_path, false));
+            }
+        }
+        for chunk in leaves.chunks(100) {
+            let mut multi = client.new_multi_writer();
+            for leaf in chunk {
+                multi
+                    .add_delete(leaf, None)
+                    .map_err(|e| TreeError::zk("delete", leaf.clone(), e))?;
+            }
+            if multi.commit().await.is_err() {
+                // Some leaf changed (gained a child or vanished): fall back to one by one.
+                for leaf in chunk {
+                    stack.push((leaf.clone(), false));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the ensemble, waiting at most `connect_timeout` for the first server.
+pub async fn connect(
+    connect_string: &str,
+    session_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<zk::Client, TreeError> {
+    zk::Client::connector()
+        .with_session_timeout(session_timeout)
+        .with_connection_timeout(connect_timeout)
+        .connect(connect_string)
+        .await
+        .map_err(|e| TreeError::zk("connect", connect_string, e))
+}

@@ -1,0 +1,253 @@
+//! The HTTP surface of a replica: client endpoints (insert, select, status, queue,
+//! health, metrics) and the interserver part exchange. Handlers translate; the work is in
+//! `sink`, `status`, `select` and the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::io::ReaderStream;
+use tracing::warn;
+
+use rtable_protocol::PartName;
+use rtable_protocol::hash::FileHasher;
+use rtable_protocol::part_header::Checksums;
+
+use crate::exchange::{self, FileEntry};
+use crate::metrics::Metrics;
+use crate::replica::{Replica, SECRET_HEADER};
+use crate::rows::{InputFormat, OutputFormat};
+use crate::sink::{self, Committer, InsertRequest};
+use crate::{select, status};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub replica: Arc<Replica>,
+    pub committer: Committer,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/insert", post(insert))
+        .route("/select", get(select_rows))
+        .route("/status", get(get_status))
+        .route("/queue", get(get_queue))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/parts/{name}", get(send_part))
+        .with_state(state)
+}
+
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn insert(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>, request: Request) -> Response {
+    let replica = &state.replica;
+    for key in params.keys() {
+        if key != "format" && key != "dedup_token" {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query parameter `{key}`; /insert takes `format` and `dedup_token`"),
+            );
+        }
+    }
+    let format = match InputFormat::parse(params.get("format").map(String::as_str).unwrap_or("JSONEachRow")) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let dedup_token = params.get("dedup_token").cloned();
+    if dedup_token.as_deref() == Some("") {
+        return error(StatusCode::BAD_REQUEST, "`dedup_token` is empty; omit it or send a non-empty token");
+    }
+    let limit = replica.cfg.max_body_bytes;
+    let body = match axum::body::to_bytes(request.into_body(), limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            Metrics::inc(&replica.metrics.failed_inserts);
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return if too_large {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body is larger than the {limit}-byte limit (--max-body-bytes); split the insert into smaller ones"),
+                )
+            } else {
+                error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}"))
+            };
+        }
+    };
+    match sink::insert(replica, &state.committer, InsertRequest { format, body, dedup_token }).await {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(sink::InsertError::Input(e)) => {
+            Metrics::inc(&replica.metrics.failed_inserts);
+            (StatusCode::BAD_REQUEST, axum::Json(e)).into_response()
+        }
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+                warn!(replica = %replica.name, error = %e, "insert failed");
+            }
+            error(status, e.to_string())
+        }
+    }
+}
+
+async fn select_rows(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> Response {
+    let format = match OutputFormat::parse(params.get("format").map(String::as_str).unwrap_or("JSONEachRow")) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let stream = select::stream(state.replica.clone(), format);
+    Response::builder()
+        .header(header::CONTENT_TYPE, format.content_type())
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn get_status(State(state): State<AppState>) -> Response {
+    axum::Json(status::collect(&state.replica).await).into_response()
+}
+
+async fn get_queue(State(state): State<AppState>) -> Response {
+    let rows = state.replica.queue.lock().rows();
+    axum::Json(rows).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.replica.sessions.active() {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.reason),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let replica = &state.replica;
+    let (queue_size, inserts) = {
+        let q = replica.queue.lock();
+        (q.len() as f64, q.inserts_in_queue() as f64)
+    };
+    let view = replica.sessions.view();
+    let gauges = [
+        ("rtable_queue_size", "Entries in this replica's replication queue", queue_size),
+        ("rtable_inserts_in_queue", "GET_PART entries waiting in the queue", inserts),
+        (
+            "rtable_absolute_delay_seconds",
+            "How far this replica is behind (system.replicas absolute_delay)",
+            status::absolute_delay(replica) as f64,
+        ),
+        (
+            "rtable_readonly",
+            "1 while the replica refuses inserts",
+            if view.readonly_reason.is_some() { 1.0 } else { 0.0 },
+        ),
+        ("rtable_parts", "Active parts on this replica", replica.store.parts().len() as f64),
+    ];
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        replica.metrics.render(&replica.name, &gauges),
+    )
+        .into_response()
+}
+
+/// Interserver: streams a part's files after the exchange header (see `exchange`).
+async fn send_part(State(state): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    let replica = &state.replica;
+    if let Some(secret) = &replica.secret {
+        let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
+        if given != Some(secret.as_str()) {
+            Metrics::inc(&replica.metrics.rejected_interserver);
+            return error(
+                StatusCode::UNAUTHORIZED,
+                format!("interserver requests need the `{SECRET_HEADER}` header with the shared secret"),
+            );
+        }
+    }
+    let part = match PartName::parse(&name) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("unsafe or invalid part name: {e}")),
+    };
+    let Some(active) = replica.store.get(&part) else {
+        return error(StatusCode::NOT_FOUND, format!("part {part} is not active on replica {}", replica.name));
+    };
+    let dir = active.dir.clone();
+    let known = active.checksums.clone();
+    let files = match tokio::task::spawn_blocking(move || describe_files(&dir, &known)).await {
+        Ok(Ok(files)) => files,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading part {part}: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let header_text = exchange::render_header(&files);
+    let dir = active.dir.clone();
+    // Holding `active` keeps the part's files alive while the body streams.
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_text)) }).chain(
+        futures::stream::iter(files)
+            .then(move |f| {
+                let path = dir.join(&f.name);
+                let keep = active.clone();
+                async move {
+                    let _keep = keep;
+                    tokio::fs::File::open(&path).await.map(ReaderStream::new)
+                }
+            })
+            .flat_map(|opened| match opened {
+                Ok(stream) => stream.left_stream(),
+                Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+            }),
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Names, sizes and hashes of a part's files, in a stable order. Hashes of the data
+/// files come from the part's verified checksums, so a fetch reads the data only once.
+fn describe_files(dir: &std::path::Path, known: &Checksums) -> std::io::Result<Vec<FileEntry>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| exchange::is_safe_file_name(n))
+        .collect();
+    names.sort();
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let path = dir.join(&name);
+        if let Some(c) = known.files.get(&name) {
+            files.push(FileEntry {
+                name,
+                size: c.size,
+                hash: c.hash,
+            });
+            continue;
+        }
+        let mut file = std::fs::File::open(&path)?;
+        let mut hasher = FileHasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut size = 0u64;
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        files.push(FileEntry {
+            name,
+            size,
+            hash: hasher.finish(),
+        });
+    }
+    Ok(files)
+}

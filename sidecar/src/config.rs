@@ -1,0 +1,78 @@
+//! Command-line configuration of one replica.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rtable-sidecar", version, about = "One replica of an rtable ReplicatedTable")]
+pub struct Config {
+    /// The ReplicatedTable manifest (the YAML a user applies with kubectl).
+    #[arg(long, env = "RTABLE_TABLE")]
+    pub table: PathBuf,
+    /// This replica's name (the pod name in Kubernetes).
+    #[arg(long, env = "RTABLE_REPLICA")]
+    pub replica: String,
+    /// Where parts live; one directory per replica.
+    #[arg(long, env = "RTABLE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address the HTTP API (client and interserver) listens on.
+    #[arg(long, env = "RTABLE_LISTEN", default_value = "0.0.0.0:9009")]
+    pub listen: SocketAddr,
+    /// host:port peers use to reach this replica; written to its `host` node.
+    #[arg(long, env = "RTABLE_ADVERTISE")]
+    pub advertise: String,
+    /// Overrides spec.zookeeper.nodes (a connect string `h1:p1,h2:p2`).
+    #[arg(long, env = "RTABLE_ZOOKEEPER")]
+    pub zookeeper: Option<String>,
+    /// File holding the interserver secret; when set, part fetches without it get 401.
+    #[arg(long, env = "RTABLE_INTERSERVER_SECRET_FILE")]
+    pub interserver_secret_file: Option<PathBuf>,
+    /// Largest accepted insert body in bytes.
+    #[arg(long, env = "RTABLE_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Overrides spec.zookeeper.sessionTimeoutSeconds, in milliseconds.
+    #[arg(long, env = "RTABLE_SESSION_TIMEOUT_MS")]
+    pub session_timeout_ms: Option<u64>,
+    /// How many queue entries (fetches) run at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent_fetches: usize,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "RTABLE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.replica.is_empty()
+            || !self
+                .replica
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(format!(
+                "--replica `{}` is invalid: use letters, digits, `-`, `_` and `.` (a pod name)",
+                self.replica
+            ));
+        }
+        if self.advertise.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(format!("--advertise `{}` must be host:port", self.advertise));
+        }
+        if self.log_format != "text" && self.log_format != "json" {
+            return Err(format!("--log-format `{}` must be `text` or `json`", self.log_format));
+        }
+        if self.max_body_bytes == 0 {
+            return Err("--max-body-bytes must be above 0".to_string());
+        }
+        Ok(())
+    }
+
+    pub fn session_timeout(&self, manifest_seconds: u32) -> Duration {
+        match self.session_timeout_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_secs(u64::from(manifest_seconds)),
+        }
+    }
+}

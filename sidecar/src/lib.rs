@@ -1,0 +1,1 @@
+//! The rtable sidecar: one replica of a replicated table.

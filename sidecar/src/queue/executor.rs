@@ -1,0 +1,251 @@
+//! Executes queue entries (ClickHouse's queue task): picks runnable entries out of order,
+//! runs a bounded number at once, and removes an entry's queue node only in the same multi
+//! that records its outcome in `replicas/<me>/parts`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use tracing::{info, warn};
+use zookeeper_client as zk;
+
+use rtable_protocol::hash::Hash128;
+use rtable_protocol::host::HostInfo;
+use rtable_protocol::log_entry::LogEntryKind;
+use rtable_protocol::part_header::PartHeader;
+use rtable_protocol::tree::{self, TreeError};
+use rtable_protocol::PartName;
+
+use crate::fetcher::{self, FetchError};
+use crate::metrics::Metrics;
+use crate::queue::QueueItem;
+use crate::replica::Replica;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("No active replica has part {0} or covering part")]
+    NoSource(String),
+    #[error("{0}")]
+    Postponed(String),
+    #[error("unparsable part name in queue entry: {0}")]
+    BadPart(String),
+}
+
+/// Runs forever: executes entries while the replica is active.
+pub async fn run(replica: Arc<Replica>) {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    loop {
+        let (client, generation) = replica.sessions.wait_active().await;
+        let max = replica.cfg.max_concurrent_fetches.max(1);
+        let chosen = replica.queue.lock().select_runnable(max, Instant::now());
+        for item in chosen {
+            let replica = replica.clone();
+            let client = client.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let node = item.node_name.clone();
+                match execute(&replica, &client, &item).await {
+                    Ok(()) => {
+                        replica.queue.lock().remove(&node);
+                    }
+                    Err(e) => {
+                        if let ExecuteError::Tree(t) = &e
+                            && matches!(t.zk_error(), Some(zk::Error::SessionExpired | zk::Error::ClientClosed))
+                        {
+                            replica.sessions.report_expired(generation);
+                        }
+                        let postpone = match &e {
+                            ExecuteError::NoSource(_) | ExecuteError::Postponed(_) => Some(e.to_string()),
+                            _ => None,
+                        };
+                        if matches!(e, ExecuteError::Fetch(_)) {
+                            Metrics::inc(&replica.metrics.failed_fetches);
+                        }
+                        warn!(replica = %replica.name, entry = %node, error = %e, "queue entry failed; will retry");
+                        replica.queue.lock().record_failure(&node, e.to_string(), postpone);
+                    }
+                }
+                let _ = done.send(());
+            });
+        }
+        let wake = replica.queue.lock().next_wakeup();
+        let sleep = wake
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_millis(5));
+        tokio::select! {
+            _ = replica.queue_notify.notified() => {}
+            _ = done_rx.recv() => {}
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+async fn execute(replica: &Arc<Replica>, client: &zk::Client, item: &QueueItem) -> Result<(), ExecuteError> {
+    match &item.entry.kind {
+        LogEntryKind::Get { part } => execute_get(replica, client, item, part).await,
+        LogEntryKind::Attach { part, .. } => execute_get(replica, client, item, part).await,
+        other => Err(ExecuteError::Postponed(format!(
+            "{} entries are not executed by this version yet ({other:?})",
+            item.entry.type_name()
+        ))),
+    }
+}
+
+/// GET_PART: done when this replica already holds the part or a covering one; otherwise
+/// fetched from the source replica, or from any active replica that has it.
+async fn execute_get(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    item: &QueueItem,
+    part: &str,
+) -> Result<(), ExecuteError> {
+    let name = PartName::parse(part).map_err(|_| ExecuteError::BadPart(part.to_string()))?;
+    let rp = replica.paths.replica(&replica.name);
+    if let Some(have) = replica.store.covering(&name) {
+        // We hold it (our own insert, or fetched before a restart): make sure ZooKeeper
+        // agrees, then drop the entry.
+        let have_name = have.to_string();
+        let header = local_header(replica, &have)?;
+        commit_outcome(replica, client, &item.node_name, &have_name, &header).await?;
+        return Ok(());
+    }
+    let (source, address, header_hash) = find_source(replica, client, &item.entry.source_replica, &name).await?;
+    let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
+    Metrics::inc(&replica.metrics.fetches);
+    Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
+    let header = PartHeader::new(&replica.columns_text, fetched.part.rows, &fetched.part.checksums);
+    commit_outcome(replica, client, &item.node_name, &source.to_string(), &header.render()).await?;
+    info!(
+        replica = %replica.name,
+        part = %source,
+        bytes = fetched.bytes,
+        mb_per_s = fetched.bytes as f64 / 1e6 / fetched.seconds.max(1e-9),
+        "fetched part"
+    );
+    let _ = rp;
+    Ok(())
+}
+
+fn local_header(replica: &Replica, part: &PartName) -> Result<String, ExecuteError> {
+    let active = replica
+        .store
+        .get(part)
+        .ok_or_else(|| ExecuteError::Postponed(format!("part {part} vanished locally")))?;
+    Ok(PartHeader::new(&replica.columns_text, active.rows, &active.checksums).render())
+}
+
+/// One multi: `replicas/<me>/parts/<part>` exists and the queue node is gone. Either may
+/// already be true (a retry after a lost connection).
+async fn commit_outcome(
+    replica: &Replica,
+    client: &zk::Client,
+    queue_node: &str,
+    part: &str,
+    header: &str,
+) -> Result<(), ExecuteError> {
+    let rp = replica.paths.replica(&replica.name);
+    let part_path = rp.part(part);
+    let queue_path = rp.queue_entry(queue_node);
+    let exists = client
+        .check_stat(&part_path)
+        .await
+        .map_err(|e| TreeError::zk("exists", part_path.clone(), e))?
+        .is_some();
+    let mut multi = client.new_multi_writer();
+    if !exists {
+        multi
+            .add_create(&part_path, header.as_bytes(), &tree::persistent())
+            .map_err(|e| TreeError::zk("create", part_path.clone(), e))?;
+    }
+    multi
+        .add_delete(&queue_path, None)
+        .map_err(|e| TreeError::zk("delete", queue_path.clone(), e))?;
+    match multi.commit().await {
+        Ok(_) => Ok(()),
+        Err(zk::MultiWriteError::OperationFailed {
+            source: zk::Error::NoNode | zk::Error::NodeExists,
+            ..
+        }) => {
+            // Someone (an earlier attempt) did part of it; do the rest one by one.
+            match client.create(&part_path, header.as_bytes(), &tree::persistent()).await {
+                Ok(_) | Err(zk::Error::NodeExists) => {}
+                Err(e) => return Err(TreeError::zk("create", part_path, e).into()),
+            }
+            match client.delete(&queue_path, None).await {
+                Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+                Err(e) => Err(TreeError::zk("delete", queue_path, e).into()),
+            }
+        }
+        Err(e) => Err(tree::multi_error("record part", &[part_path, queue_path], e).into()),
+    }
+}
+
+/// The replica to fetch from: the entry's source when it is active and has the part (or
+/// a covering part), else any active replica that does, in random order so load spreads.
+async fn find_source(
+    replica: &Replica,
+    client: &zk::Client,
+    preferred: &str,
+    part: &PartName,
+) -> Result<(PartName, String, Option<Hash128>), ExecuteError> {
+    let mut candidates = tree::list_replicas(client, &replica.paths).await?;
+    candidates.retain(|r| r != &replica.name);
+    candidates.shuffle(&mut rand::rng());
+    if let Some(pos) = candidates.iter().position(|r| r == preferred) {
+        let p = candidates.remove(pos);
+        candidates.insert(0, p);
+    }
+    for candidate in candidates {
+        let rp = replica.paths.replica(&candidate);
+        if client
+            .check_stat(&rp.is_active())
+            .await
+            .map_err(|e| TreeError::zk("exists", rp.is_active(), e))?
+            .is_none()
+        {
+            continue;
+        }
+        let Some(host_text) = tree::get_string(client, &rp.host()).await? else {
+            continue;
+        };
+        let Ok(host) = HostInfo::parse(&host_text) else {
+            continue;
+        };
+        let have = match client.get_data(&rp.part(&part.to_string())).await {
+            Ok((data, _)) => Some((part.clone(), data)),
+            Err(zk::Error::NoNode) => {
+                let children = client
+                    .list_children(&rp.parts())
+                    .await
+                    .map_err(|e| TreeError::zk("list", rp.parts(), e))?;
+                let covering = children
+                    .iter()
+                    .filter_map(|c| PartName::parse(c).ok())
+                    .filter(|c| c.contains(part))
+                    .max_by_key(|c| (c.level, c.max_block - c.min_block));
+                match covering {
+                    Some(c) => match client.get_data(&rp.part(&c.to_string())).await {
+                        Ok((data, _)) => Some((c, data)),
+                        Err(zk::Error::NoNode) => None,
+                        Err(e) => return Err(TreeError::zk("get", rp.part(&c.to_string()), e).into()),
+                    },
+                    None => None,
+                }
+            }
+            Err(e) => return Err(TreeError::zk("get", rp.part(&part.to_string()), e).into()),
+        };
+        if let Some((name, data)) = have {
+            let hash = std::str::from_utf8(&data)
+                .ok()
+                .and_then(|t| PartHeader::parse(t).ok())
+                .map(|h| h.checksums_hash);
+            return Ok((name, host.address(), hash));
+        }
+    }
+    Err(ExecuteError::NoSource(part.to_string()))
+}

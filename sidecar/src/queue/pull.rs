@@ -1,0 +1,190 @@
+//! Log-to-queue sync (ClickHouse's pullLogsToQueue): new `log/log-N` entries are copied
+//! verbatim into `replicas/<me>/queue/queue-` and `log_pointer` moves past them in the
+//! same multi, so an entry is never queued twice nor skipped, whatever fails in between.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+use zookeeper_client as zk;
+
+use rtable_protocol::LogEntry;
+use rtable_protocol::paths::{log_node_name, sequence_of};
+use rtable_protocol::tree::{self, TreeError};
+
+use crate::metrics::Metrics;
+use crate::replica::Replica;
+
+/// ClickHouse's batch size: one multi never carries more than this many entries.
+pub const MAX_BATCH: usize = 100;
+/// The watch is the trigger; this only covers a watch lost with a connection.
+const FALLBACK_PERIOD: Duration = Duration::from_secs(30);
+
+/// Runs forever: pulls whenever `log` changes, or every FALLBACK_PERIOD.
+pub async fn run(replica: Arc<Replica>) {
+    loop {
+        let (client, generation) = replica.sessions.wait_active().await;
+        match pull_and_watch(&replica, &client).await {
+            Ok(watcher) => {
+                tokio::select! {
+                    _ = watcher.changed() => {}
+                    _ = tokio::time::sleep(FALLBACK_PERIOD) => {}
+                    _ = replica.pull_notify.notified() => {}
+                }
+            }
+            Err(e) => {
+                if matches!(e.zk_error(), Some(zk::Error::SessionExpired | zk::Error::ClientClosed)) {
+                    replica.sessions.report_expired(generation);
+                }
+                warn!(replica = %replica.name, error = %e, "log pull failed; retrying");
+                replica.queue.lock().last_queue_update_exception = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Pulls everything new, then leaves a watch on `log` for the next change.
+async fn pull_and_watch(replica: &Arc<Replica>, client: &zk::Client) -> Result<zk::OneshotWatcher, TreeError> {
+    loop {
+        let log_path = replica.paths.log();
+        let (children, watcher) = client
+            .list_and_watch_children(&log_path)
+            .await
+            .map_err(|e| TreeError::zk("list", log_path.clone(), e))?;
+        let pulled = pull_once(replica, client, &children).await?;
+        if pulled < MAX_BATCH {
+            let mut q = replica.queue.lock();
+            q.last_queue_update = Some(chrono::Utc::now().timestamp());
+            q.last_queue_update_exception = None;
+            drop(q);
+            return Ok(watcher);
+        }
+        // A full batch: there may be more; the next list also re-arms the watch.
+    }
+}
+
+/// Copies at most one batch of entries at or past `log_pointer`; returns how many.
+pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[String]) -> Result<usize, TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let (pointer_data, pointer_stat) = client
+        .get_data(&rp.log_pointer())
+        .await
+        .map_err(|e| TreeError::zk("get", rp.log_pointer(), e))?;
+    let mut indexes: Vec<u64> = children.iter().filter_map(|c| sequence_of(c)).collect();
+    indexes.sort_unstable();
+    // An empty pointer (a new replica) starts at the oldest entry still in the log.
+    let pointer = match std::str::from_utf8(&pointer_data).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(p) => p,
+        None => indexes.first().copied().unwrap_or(0),
+    };
+    let batch: Vec<u64> = indexes.into_iter().filter(|i| *i >= pointer).take(MAX_BATCH).collect();
+    let Some(&last) = batch.last() else {
+        if pointer_data.is_empty() {
+            set_pointer(client, &rp.log_pointer(), pointer, pointer_stat.version).await?;
+        }
+        return Ok(0);
+    };
+    let mut reader = client.new_multi_reader();
+    for index in &batch {
+        reader
+            .add_get_data(&replica.paths.log_entry(&log_node_name(*index)))
+            .map_err(|e| TreeError::zk("get", replica.paths.log(), e))?;
+    }
+    let results = reader
+        .commit()
+        .await
+        .map_err(|e| TreeError::zk("multi-get", replica.paths.log(), e))?;
+    let mut entries = Vec::with_capacity(batch.len());
+    for (index, result) in batch.iter().zip(results) {
+        match result {
+            zk::MultiReadResult::Data { data, .. } => entries.push((*index, data)),
+            // Removed by log cleanup after we listed: it is older than every pointer.
+            zk::MultiReadResult::Error { err: zk::Error::NoNode } => {}
+            zk::MultiReadResult::Error { err } => {
+                return Err(TreeError::zk("get", replica.paths.log_entry(&log_node_name(*index)), err));
+            }
+            zk::MultiReadResult::Children { .. } => {}
+        }
+    }
+    let mut multi = client.new_multi_writer();
+    let prefix = rp.queue_entry_prefix();
+    for (_, data) in &entries {
+        multi
+            .add_create(&prefix, data, &tree::persistent_sequential())
+            .map_err(|e| TreeError::zk("create", prefix.clone(), e))?;
+    }
+    // The version check makes a concurrent puller of this replica (an old process whose
+    // session has not expired yet) fail rather than queue the entries twice.
+    let next = (last + 1).to_string();
+    multi
+        .add_set_data(&rp.log_pointer(), next.as_bytes(), Some(pointer_stat.version))
+        .map_err(|e| TreeError::zk("set", rp.log_pointer(), e))?;
+    let results = multi
+        .commit()
+        .await
+        .map_err(|e| tree::multi_error("pull log", &[prefix.clone(), rp.log_pointer()], e))?;
+    let mut queue = replica.queue.lock();
+    for ((index, data), result) in entries.iter().zip(results) {
+        let zk::MultiWriteResult::Create { path, .. } = result else {
+            continue;
+        };
+        let node_name = path.rsplit('/').next().unwrap_or_default().to_string();
+        match std::str::from_utf8(data).map_err(|e| e.to_string()).and_then(|t| LogEntry::parse(t).map_err(|e| e.to_string())) {
+            Ok(entry) => queue.insert(node_name, entry),
+            Err(e) => warn!(replica = %replica.name, log_index = index, error = %e, "unreadable log entry queued; it will be reported in /queue"),
+        }
+    }
+    drop(queue);
+    Metrics::add(&replica.metrics.log_entries_pulled, entries.len() as u64);
+    debug!(replica = %replica.name, pulled = entries.len(), log_pointer = last + 1, "pulled log entries");
+    replica.queue_notify.notify_one();
+    Ok(batch.len())
+}
+
+async fn set_pointer(client: &zk::Client, path: &str, value: u64, version: i32) -> Result<(), TreeError> {
+    match client.set_data(path, value.to_string().as_bytes(), Some(version)).await {
+        Ok(_) | Err(zk::Error::BadVersion) => Ok(()),
+        Err(e) => Err(TreeError::zk("set", path, e)),
+    }
+}
+
+/// Loads `replicas/<me>/queue` into memory at activation (entries queued by an earlier
+/// process of this replica survive restarts there).
+pub async fn load_queue(replica: &Arc<Replica>, client: &zk::Client) -> Result<usize, TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let mut names = client
+        .list_children(&rp.queue())
+        .await
+        .map_err(|e| TreeError::zk("list", rp.queue(), e))?;
+    names.sort();
+    let mut loaded = Vec::with_capacity(names.len());
+    for chunk in names.chunks(MAX_BATCH) {
+        let mut reader = client.new_multi_reader();
+        for name in chunk {
+            reader
+                .add_get_data(&rp.queue_entry(name))
+                .map_err(|e| TreeError::zk("get", rp.queue_entry(name), e))?;
+        }
+        let results = reader
+            .commit()
+            .await
+            .map_err(|e| TreeError::zk("multi-get", rp.queue(), e))?;
+        for (name, result) in chunk.iter().zip(results) {
+            if let zk::MultiReadResult::Data { data, .. } = result {
+                match std::str::from_utf8(&data).map_err(|e| e.to_string()).and_then(|t| LogEntry::parse(t).map_err(|e| e.to_string())) {
+                    Ok(entry) => loaded.push((name.clone(), entry)),
+                    Err(e) => warn!(replica = %replica.name, node = %name, error = %e, "skipping unreadable queue entry"),
+                }
+            }
+        }
+    }
+    let n = loaded.len();
+    let mut queue = replica.queue.lock();
+    queue.clear();
+    for (name, entry) in loaded {
+        queue.insert(name, entry);
+    }
+    queue.loaded = true;
+    Ok(n)
+}

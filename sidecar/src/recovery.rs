@@ -1,0 +1,227 @@
+//! Reconciles local parts with ZooKeeper around activation (ClickHouse's startup checks and
+//! cloneReplica):
+//! - before activation: parts that ZooKeeper doesn't know are detached (never deleted);
+//!   parts ZooKeeper lists but the disk lacks are re-queued as fetches; inserts staged by a
+//!   previous process are activated or discarded by whether their commit happened;
+//! - after activation: the queue is loaded, and a replica marked lost clones the best
+//!   healthy replica (its log pointer, its queue, and a fetch for each part it holds).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tracing::{info, warn};
+use zookeeper_client as zk;
+
+use rtable_protocol::paths::sequence_of;
+use rtable_protocol::tree::{self, TreeError};
+use rtable_protocol::{LogEntry, PartName};
+
+use crate::queue::pull;
+use crate::replica::Replica;
+
+const BATCH: usize = 50;
+
+pub async fn before_activation(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let zk_parts: BTreeSet<String> = client
+        .list_children(&rp.parts())
+        .await
+        .map_err(|e| TreeError::zk("list", rp.parts(), e))?
+        .into_iter()
+        .collect();
+
+    // Only the first session of this process may touch staged inserts: later ones belong
+    // to the running committer, which resolves its own.
+    if !replica.startup_recovery_done.swap(true, Ordering::SeqCst) {
+        for staged in replica.store.staged_on_disk() {
+            let name = staged.name.to_string();
+            if zk_parts.contains(&name) {
+                info!(replica = %replica.name, part = %name, "activating a part committed by the previous process");
+                if let Err(e) = replica.store.activate_staged(staged) {
+                    warn!(replica = %replica.name, part = %name, error = %e, "cannot activate staged part");
+                }
+            } else {
+                info!(replica = %replica.name, part = %name, "discarding an insert the previous process never committed");
+                replica.store.discard_staged(staged);
+            }
+        }
+    }
+
+    let local: BTreeSet<String> = replica.store.parts().iter().map(|p| p.name.to_string()).collect();
+    for name in local.difference(&zk_parts) {
+        let Ok(part) = PartName::parse(name) else { continue };
+        warn!(replica = %replica.name, part = %name, "part is not in ZooKeeper; detaching it as unexpected");
+        if let Err(e) = replica.store.detach(&part, "unexpected") {
+            warn!(replica = %replica.name, part = %name, error = %e, "cannot detach unexpected part");
+        }
+    }
+
+    // Parts ZooKeeper says we have but the disk lost (a wiped volume): forget them and
+    // fetch them again, in one multi per batch so nothing is forgotten without a fetch.
+    let missing: Vec<&String> = zk_parts.difference(&local).collect();
+    if !missing.is_empty() {
+        warn!(replica = %replica.name, count = missing.len(), "parts missing locally; re-queueing fetches");
+    }
+    let now = chrono::Utc::now().timestamp();
+    for chunk in missing.chunks(BATCH) {
+        let mut multi = client.new_multi_writer();
+        let mut paths = Vec::new();
+        for name in chunk {
+            let entry = LogEntry::get(&replica.name, "", name, 0, now).render();
+            let part_path = rp.part(name);
+            multi
+                .add_delete(&part_path, None)
+                .map_err(|e| TreeError::zk("delete", part_path.clone(), e))?;
+            multi
+                .add_create(&rp.queue_entry_prefix(), entry.as_bytes(), &tree::persistent_sequential())
+                .map_err(|e| TreeError::zk("create", rp.queue_entry_prefix(), e))?;
+            paths.push(part_path);
+        }
+        multi
+            .commit()
+            .await
+            .map_err(|e| tree::multi_error("re-queue lost parts", &paths, e))?;
+    }
+    Ok(())
+}
+
+pub async fn after_activation(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    if tree::get_string(client, &rp.is_lost()).await?.as_deref() == Some("1") {
+        clone_replica(replica, client).await?;
+        client
+            .set_data(&rp.is_lost(), b"0", None)
+            .await
+            .map_err(|e| TreeError::zk("set", rp.is_lost(), e))?;
+    }
+    let n = pull::load_queue(replica, client).await?;
+    info!(replica = %replica.name, queued = n, "queue loaded");
+    Ok(())
+}
+
+struct Candidate {
+    name: String,
+    lag: u64,
+}
+
+/// Copies the state of the healthiest non-lost replica: its log pointer (with version
+/// checks so the copy is of one moment), its queue, and a GET for every part it has that
+/// this replica lacks. Idempotent: `is_lost` stays 1 until everything is copied.
+async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
+    let me = replica.paths.replica(&replica.name);
+    let log_max = tree::log_max_index(client, &replica.paths).await?.map(|i| i + 1).unwrap_or(0);
+    let mut best: Option<Candidate> = None;
+    for name in tree::list_replicas(client, &replica.paths).await? {
+        if name == replica.name {
+            continue;
+        }
+        let state = match tree::read_replica_state(client, &replica.paths, &name).await {
+            Ok(s) => s,
+            Err(TreeError::NoReplica { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if state.is_lost || state.host.is_none() {
+            continue;
+        }
+        let Some(pointer) = state.log_pointer else { continue };
+        let lag = log_max.saturating_sub(pointer) + u64::from(state.queue_size);
+        if best.as_ref().is_none_or(|b| lag < b.lag) {
+            best = Some(Candidate { name, lag });
+        }
+    }
+    let Some(source) = best else {
+        info!(replica = %replica.name, "no healthy replica to clone; replaying the log instead");
+        return Ok(());
+    };
+    info!(replica = %replica.name, source = %source.name, "cloning a lost replica");
+    let src = replica.paths.replica(&source.name);
+
+    // 1. Forget our own queue: the source's replaces it.
+    let own_queue = client
+        .list_children(&me.queue())
+        .await
+        .map_err(|e| TreeError::zk("list", me.queue(), e))?;
+    for chunk in own_queue.chunks(BATCH) {
+        let mut multi = client.new_multi_writer();
+        for node in chunk {
+            multi
+                .add_delete(&me.queue_entry(node), None)
+                .map_err(|e| TreeError::zk("delete", me.queue_entry(node), e))?;
+        }
+        match multi.commit().await {
+            Ok(_) | Err(zk::MultiWriteError::OperationFailed { source: zk::Error::NoNode, .. }) => {}
+            Err(e) => return Err(tree::multi_error("clear queue", &[me.queue()], e)),
+        }
+    }
+
+    // 2. Copy the pointer, the queue and the parts list as of one moment: the pointer
+    //    copy is checked against the versions we read.
+    let (pointer, pointer_stat) = client
+        .get_data(&src.log_pointer())
+        .await
+        .map_err(|e| TreeError::zk("get", src.log_pointer(), e))?;
+    let (_, lost_stat) = client
+        .get_data(&src.is_lost())
+        .await
+        .map_err(|e| TreeError::zk("get", src.is_lost(), e))?;
+    let mut src_queue = client
+        .list_children(&src.queue())
+        .await
+        .map_err(|e| TreeError::zk("list", src.queue(), e))?;
+    src_queue.sort_by_key(|n| sequence_of(n).unwrap_or(u64::MAX));
+    let mut entries: Vec<Vec<u8>> = Vec::with_capacity(src_queue.len());
+    for node in &src_queue {
+        match client.get_data(&src.queue_entry(node)).await {
+            Ok((data, _)) => entries.push(data),
+            Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("get", src.queue_entry(node), e)),
+        }
+    }
+    let src_parts = client
+        .list_children(&src.parts())
+        .await
+        .map_err(|e| TreeError::zk("list", src.parts(), e))?;
+    let now = chrono::Utc::now().timestamp();
+    for name in &src_parts {
+        if let Ok(part) = PartName::parse(name)
+            && replica.store.covering(&part).is_none()
+        {
+            entries.push(LogEntry::get(&source.name, "", name, 0, now).render().into_bytes());
+        }
+    }
+    let mut multi = client.new_multi_writer();
+    multi
+        .add_check_version(&src.log_pointer(), pointer_stat.version)
+        .map_err(|e| TreeError::zk("check", src.log_pointer(), e))?;
+    multi
+        .add_check_version(&src.is_lost(), lost_stat.version)
+        .map_err(|e| TreeError::zk("check", src.is_lost(), e))?;
+    multi
+        .add_set_data(&me.log_pointer(), &pointer, None)
+        .map_err(|e| TreeError::zk("set", me.log_pointer(), e))?;
+    match multi.commit().await {
+        Ok(_) => {}
+        Err(zk::MultiWriteError::OperationFailed { source: zk::Error::BadVersion, .. }) => {
+            return Err(TreeError::Contention {
+                what: format!("cloning from {} (its log pointer moved)", source.name),
+                attempts: 1,
+            });
+        }
+        Err(e) => return Err(tree::multi_error("copy log pointer", &[me.log_pointer()], e)),
+    }
+    for chunk in entries.chunks(BATCH) {
+        let mut multi = client.new_multi_writer();
+        for data in chunk {
+            multi
+                .add_create(&me.queue_entry_prefix(), data, &tree::persistent_sequential())
+                .map_err(|e| TreeError::zk("create", me.queue_entry_prefix(), e))?;
+        }
+        multi
+            .commit()
+            .await
+            .map_err(|e| tree::multi_error("copy queue", &[me.queue()], e))?;
+    }
+    info!(replica = %replica.name, source = %source.name, queued = entries.len(), "cloned replica state");
+    Ok(())
+}

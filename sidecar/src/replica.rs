@@ -1,0 +1,59 @@
+//! Everything one replica's tasks share: its identity, table, part store, session, queue
+//! and counters. Built once in `main` and handed to every task behind an `Arc`.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use rtable_protocol::TablePaths;
+use rtable_protocol::host::HostInfo;
+use rtable_protocol::manifest::ValidatedTable;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::queue::QueueState;
+use crate::session::Sessions;
+use crate::store::PartStore;
+
+/// The header peers must send on interserver requests when a secret is configured.
+pub const SECRET_HEADER: &str = "x-rtable-secret";
+
+pub struct Replica {
+    pub name: String,
+    pub cfg: Config,
+    pub table: ValidatedTable,
+    pub paths: TablePaths,
+    pub store: PartStore,
+    pub sessions: Sessions,
+    pub queue: Mutex<QueueState>,
+    pub metrics: Metrics,
+    pub host: HostInfo,
+    pub secret: Option<String>,
+    pub http: reqwest::Client,
+    /// Wakes the queue executor (new entries, a finished fetch, a new session).
+    pub queue_notify: Notify,
+    /// Wakes the log puller ahead of its watch (used after an insert on this replica).
+    pub pull_notify: Notify,
+    pub session_timeout: Duration,
+    /// `columns` text of the table, whose hash goes into every part header.
+    pub columns_text: String,
+    /// Set once the first session handled inserts staged by a previous process.
+    pub startup_recovery_done: AtomicBool,
+    pub started_at: std::time::Instant,
+}
+
+impl Replica {
+    pub fn connect_string(&self) -> String {
+        self.cfg
+            .zookeeper
+            .clone()
+            .unwrap_or_else(|| self.table.manifest.spec.connect_string())
+    }
+
+    /// Insert quorum this table requires (0 and 1 both mean "no quorum").
+    pub fn insert_quorum(&self) -> u32 {
+        self.table.manifest.spec.insert_quorum.required(self.table.manifest.spec.replicas)
+    }
+}

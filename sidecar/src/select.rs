@@ -1,0 +1,114 @@
+//! `/select`: streams one consistent snapshot of the active parts. The snapshot pins the
+//! parts (a merged-away part's files outlive it), and encoding runs on a blocking thread
+//! that hands chunks to the response through a small channel, so memory stays bounded.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::replica::Replica;
+use crate::rows::{self, OutputFormat};
+use crate::store::part_reader;
+
+const CHUNK: usize = 256 * 1024;
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+pub fn stream(replica: Arc<Replica>, format: OutputFormat) -> impl Stream<Item = Chunk> {
+    let (tx, rx) = mpsc::channel::<Chunk>(4);
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = produce(&replica, format, &tx) {
+            warn!(replica = %replica.name, error = %e, "select aborted");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(mut rx: mpsc::Receiver<Chunk>) -> impl Stream<Item = Chunk> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Sends bytes written to it as response chunks.
+struct ChannelWriter<'a> {
+    tx: &'a mpsc::Sender<Chunk>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter<'_> {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl Write for ChannelWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+fn produce(replica: &Replica, format: OutputFormat, tx: &mpsc::Sender<Chunk>) -> Result<(), String> {
+    let snapshot = replica.store.snapshot();
+    let mut out = ChannelWriter {
+        tx,
+        buf: Vec::with_capacity(CHUNK),
+    };
+    match format {
+        OutputFormat::Parquet => {
+            let schema = rows::arrow_schema(&replica.table.schema);
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                .build();
+            let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(|e| e.to_string())?;
+            for part in snapshot.parts() {
+                for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
+                    writer.write(&batch.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                }
+            }
+            writer.close().map_err(|e| e.to_string())?;
+        }
+        text => {
+            let mut first = true;
+            let mut buf = Vec::with_capacity(CHUNK);
+            for part in snapshot.parts() {
+                for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
+                    rows::encode_text(text, &batch.map_err(|e| e.to_string())?, &mut buf, first)
+                        .map_err(|e| e.to_string())?;
+                    first = false;
+                    if buf.len() >= CHUNK {
+                        out.write_all(&buf).map_err(|e| e.to_string())?;
+                        buf.clear();
+                    }
+                }
+            }
+            if first {
+                // No rows: CSVWithNames still owes the header.
+                let empty = arrow::record_batch::RecordBatch::new_empty(rows::arrow_schema(&replica.table.schema));
+                rows::encode_text(text, &empty, &mut buf, true).map_err(|e| e.to_string())?;
+            }
+            out.write_all(&buf).map_err(|e| e.to_string())?;
+        }
+    }
+    out.flush().map_err(|e| e.to_string())
+}
