@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use rtable_protocol::manifest::{InsertQuorum, TableSpec, ZooKeeperSpec};
-use rtable_protocol::schema::{Column, PartitionKey};
+use rtable_protocol::schema::{Column, ColumnType, PartitionKey};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,9 @@ pub const VERSION: &str = "v1alpha1";
 pub const FINALIZER: &str = "rtable.io/zookeeper-tree";
 
 /// A ClickHouse-style replicated table: a ZooKeeper tree plus one sidecar pod per replica.
+// Every `printcolumn(...)` repeats `type_`/`priority` keys, which clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "rtable.io",
@@ -38,14 +41,56 @@ pub const FINALIZER: &str = "rtable.io/zookeeper-tree";
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Desired replicas"),
-    printcolumn(name = "Active", type_ = "integer", json_path = ".status.activeReplicas", description = "Replicas with a live ZooKeeper session"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Replicas whose pod is ready"),
-    printcolumn(name = "Max delay", type_ = "integer", json_path = ".status.maxDelaySeconds", description = "Largest replication delay in seconds"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Quorum", type_ = "integer", json_path = ".status.quorum", priority = 1, description = "Replicas an insert waits for"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Reason of the Ready condition"),
-    printcolumn(name = "Path", type_ = "string", json_path = ".status.tablePath", priority = 1, description = "ZooKeeper path of the table")
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired replicas"
+    ),
+    printcolumn(
+        name = "Active",
+        type_ = "integer",
+        json_path = ".status.activeReplicas",
+        description = "Replicas with a live ZooKeeper session"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Replicas whose pod is ready"
+    ),
+    printcolumn(
+        name = "Max delay",
+        type_ = "integer",
+        json_path = ".status.maxDelaySeconds",
+        description = "Largest replication delay in seconds"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Quorum",
+        type_ = "integer",
+        json_path = ".status.quorum",
+        priority = 1,
+        description = "Replicas an insert waits for"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1,
+        description = "Reason of the Ready condition"
+    ),
+    printcolumn(
+        name = "Path",
+        type_ = "string",
+        json_path = ".status.tablePath",
+        priority = 1,
+        description = "ZooKeeper path of the table"
+    )
 )]
 #[x_kube(validation = Rule::new(
     "has(self.tablePath) == has(oldSelf.tablePath) && (!has(self.tablePath) || self.tablePath == oldSelf.tablePath)"
@@ -75,11 +120,11 @@ pub struct ReplicatedTableSpec {
     #[x_kube(validation = Rule::new(
         "size(self) >= size(oldSelf) && oldSelf.all(c, self[oldSelf.indexOf(c)] == c)"
     ).message("spec.columns may only be appended to: existing columns cannot be removed, renamed, retyped or reordered"))]
-    pub columns: Vec<Column>,
+    pub columns: Vec<ColumnDef>,
 
     /// Sort key: column names, most significant first.
     #[serde(default)]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(max = 128)))]
     pub order_by: Vec<String>,
 
     /// Partition key: `""` (one partition), a column name, `toYYYYMM(col)` or `toYYYYMMDD(col)`.
@@ -129,6 +174,29 @@ pub struct ReplicatedTableSpec {
     /// What happens to the replicas' volumes on scale-down and on deletion.
     #[serde(default)]
     pub persistent_volume_claim_retention_policy: PvcRetentionPolicy,
+}
+
+/// One column. Repeats [`Column`] with length bounds: the API server estimates the cost of
+/// the append-only CEL rule from them and refuses a CRD whose rules could be too costly.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+pub struct ColumnDef {
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub name: String,
+    #[serde(rename = "type")]
+    #[schemars(length(max = 32))]
+    pub ty: ColumnType,
+}
+
+impl From<&ColumnDef> for Column {
+    fn from(c: &ColumnDef) -> Column {
+        Column {
+            name: c.name.clone(),
+            ty: c.ty.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
@@ -359,7 +427,7 @@ impl ReplicatedTableSpec {
             },
             table_path: self.table_path.clone(),
             shard: self.shard.clone(),
-            columns: self.columns.clone(),
+            columns: self.columns.iter().map(Column::from).collect(),
             order_by: self.order_by.clone(),
             partition_by: self.partition_by.clone(),
             // The schema bounds replicas to 1..=64; a negative value cannot get here through
@@ -395,7 +463,10 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 /// Labels the operator puts on every object of one table.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     let mut l = selector_labels(name);
-    l.insert("app.kubernetes.io/managed-by".into(), "rtable-operator".into());
+    l.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "rtable-operator".into(),
+    );
     l
 }
 
@@ -440,14 +511,21 @@ mod tests {
         let validator = kube::core::cel::Validator::new();
         match validator.validate(&schema(), new, old) {
             Ok(()) => vec![],
-            Err(errors) => errors.into_vec().into_iter().map(|e| e.to_string()).collect(),
+            Err(errors) => errors
+                .into_vec()
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect(),
         }
     }
 
     #[test]
     fn crd_has_names_subresources_and_columns() {
         let crd = ReplicatedTable::crd();
-        assert_eq!(crd.metadata.name.as_deref(), Some("replicatedtables.rtable.io"));
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("replicatedtables.rtable.io")
+        );
         assert_eq!(crd.spec.names.short_names, Some(vec!["rt".to_string()]));
         let v = &crd.spec.versions[0];
         let sub = v.subresources.as_ref().expect("subresources");
@@ -455,7 +533,10 @@ mod tests {
         let scale = sub.scale.as_ref().expect("scale subresource");
         assert_eq!(scale.spec_replicas_path, ".spec.replicas");
         assert_eq!(scale.status_replicas_path, ".status.replicas");
-        assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+        assert_eq!(
+            scale.label_selector_path.as_deref(),
+            Some(".status.selector")
+        );
         let cols: Vec<_> = v
             .additional_printer_columns
             .iter()
@@ -505,11 +586,18 @@ mod tests {
         let mut s = base_spec();
         s["insertQuorum"] = json!(4);
         let errs = cel(&table(s), None);
-        assert!(errs.iter().any(|e| e.contains("at most spec.replicas")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("at most spec.replicas")),
+            "{errs:?}"
+        );
         let mut s = base_spec();
         s["insertQuorum"] = json!("most");
         let errs = cel(&table(s), None);
-        assert!(errs.iter().any(|e| e.contains("positive number of replicas or `auto`")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("positive number of replicas or `auto`")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -518,11 +606,18 @@ mod tests {
         let mut s = base_spec();
         s["tablePath"] = json!("/elsewhere/{name}");
         let errs = cel(&table(s), Some(&old));
-        assert!(errs.iter().any(|e| e.contains("spec.tablePath is immutable")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("spec.tablePath is immutable")),
+            "{errs:?}"
+        );
         let mut s = base_spec();
         s["shard"] = json!("02");
         let errs = cel(&table(s), Some(&old));
-        assert!(errs.iter().any(|e| e.contains("spec.shard is immutable")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("spec.shard is immutable")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -530,8 +625,14 @@ mod tests {
         let old = table(base_spec());
         for (what, columns) in [
             ("removed", json!([{"name": "ts", "type": "DateTime"}])),
-            ("retyped", json!([{"name": "ts", "type": "Date"}, {"name": "kind", "type": "String"}])),
-            ("reordered", json!([{"name": "kind", "type": "String"}, {"name": "ts", "type": "DateTime"}])),
+            (
+                "retyped",
+                json!([{"name": "ts", "type": "Date"}, {"name": "kind", "type": "String"}]),
+            ),
+            (
+                "reordered",
+                json!([{"name": "kind", "type": "String"}, {"name": "ts", "type": "DateTime"}]),
+            ),
             (
                 "inserted",
                 json!([{"name": "ts", "type": "DateTime"}, {"name": "x", "type": "UInt8"}, {"name": "kind", "type": "String"}]),
@@ -540,8 +641,54 @@ mod tests {
             let mut s = base_spec();
             s["columns"] = columns;
             let errs = cel(&table(s), Some(&old));
-            assert!(errs.iter().any(|e| e.contains("may only be appended")), "{what}: {errs:?}");
+            assert!(
+                errs.iter().any(|e| e.contains("may only be appended")),
+                "{what}: {errs:?}"
+            );
         }
+    }
+
+    /// Every rule must stay within the API server's cost budget, or the CRD is refused at
+    /// install time; this walks the schema and runs kube-cel's static estimate on each rule.
+    #[test]
+    fn every_cel_rule_compiles_and_is_cheap_enough() {
+        use kube::core::cel::{WarningKind, compile_schema, estimate_rule_cost};
+        fn walk(node: &Value, path: &str, found: &mut Vec<String>, problems: &mut Vec<String>) {
+            if let Some(rules) = node
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+            {
+                let compiled = compile_schema(node);
+                for r in rules {
+                    let rule = r["rule"].as_str().unwrap_or_default();
+                    found.push(format!("{path}: {rule}"));
+                    // Only the cost analysis: kube-cel's scope check does not know
+                    // comprehension variables (`c` in `all(c, ...)`) and flags them.
+                    for w in estimate_rule_cost(rule, &compiled) {
+                        assert!(matches!(
+                            w.kind,
+                            WarningKind::CostExceeded | WarningKind::MissingBounds
+                        ));
+                        problems.push(format!("{path}: {rule}: {}", w.message));
+                    }
+                }
+                if compiled.has_errors() {
+                    problems.push(format!("{path}: {:?}", compiled.compilation_errors()));
+                }
+            }
+            if let Some(props) = node.get("properties").and_then(Value::as_object) {
+                for (k, v) in props {
+                    walk(v, &format!("{path}.{k}"), found, problems);
+                }
+            }
+            if let Some(items) = node.get("items") {
+                walk(items, &format!("{path}[]"), found, problems);
+            }
+        }
+        let (mut found, mut problems) = (vec![], vec![]);
+        walk(&schema(), "", &mut found, &mut problems);
+        assert_eq!(found.len(), 5, "{found:#?}");
+        assert!(problems.is_empty(), "{problems:#?}");
     }
 
     #[test]

@@ -1,4 +1,11 @@
 //! The rtable operator: the `ReplicatedTable` CRD, pure builders of the Kubernetes objects
 //! a table needs, the status maths, and the reconcile loop that applies them.
 
+pub mod backend;
+pub mod build;
 pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+pub mod validate;

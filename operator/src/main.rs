@@ -1,9 +1,214 @@
-fn main() {
-    match rtable_operator::crd::crd_yaml() {
-        Ok(y) => print!("{y}"),
-        Err(e) => {
-            eprintln!("cannot render the CRD: {e}");
-            std::process::exit(1);
-        }
+//! `rtable-operator`: `crd` prints the CRD; `run` (the default) runs the controller.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::Reporter;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, CustomResourceExt};
+use prometheus_client::registry::Registry;
+use rtable_operator::backend::ZooKeeperBackend;
+use rtable_operator::build::BuildConfig;
+use rtable_operator::crd::{ReplicatedTable, crd_yaml};
+use rtable_operator::metrics::Metrics;
+use rtable_operator::reconcile::{Context, FIELD_MANAGER, error_policy, reconcile};
+
+#[derive(Parser)]
+#[command(
+    name = "rtable-operator",
+    about = "Kubernetes operator for rtable replicated tables"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the ReplicatedTable CRD as YAML.
+    Crd,
+    /// Run the controller (the default; takes the options above).
+    Run,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Sidecar image for tables without `spec.image`.
+    #[arg(
+        long,
+        env = "RTABLE_SIDECAR_IMAGE",
+        default_value = "ghcr.io/rtable/rtable-sidecar:0.1.0"
+    )]
+    sidecar_image: String,
+    /// Address of /metrics and /healthz.
+    #[arg(long, env = "RTABLE_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[arg(long, env = "RTABLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Seconds deletion waits for an unreachable ZooKeeper before releasing the finalizer.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_GRACE_SECONDS", default_value_t = 600)]
+    zookeeper_grace_seconds: u64,
+    /// Seconds between status refreshes of a healthy table.
+    #[arg(long, env = "RTABLE_RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
+    /// Apply the CRD at start, so `helm upgrade` (which skips `crds/`) still upgrades it.
+    #[arg(long, env = "RTABLE_INSTALL_CRD", default_value_t = true, action = clap::ArgAction::Set)]
+    install_crd: bool,
+    /// Elect a leader over a Lease; off for a single-replica install or local runs.
+    #[arg(long, env = "RTABLE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    #[arg(long, env = "POD_NAME", default_value = "rtable-operator-local")]
+    identity: String,
+    /// `json` (the default, for log collectors) or `text`.
+    #[arg(long, env = "RTABLE_LOG_FORMAT", default_value = "json")]
+    log_format: String,
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "text" {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
     }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", crd_yaml().context("render the CRD")?);
+            Ok(())
+        }
+        Some(Command::Run) | None => run(cli.run).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log_format);
+    let client = Client::try_default()
+        .await
+        .context("connect to the Kubernetes API")?;
+
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (axum::http::StatusCode::OK, text),
+                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+
+    if args.install_crd {
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let crd = ReplicatedTable::crd();
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("apply CRD {name}"))?;
+        tracing::info!(crd = %name, "CRD applied");
+    }
+
+    let elector = args.leader_election.then(|| {
+        rtable_operator::leader::LeaderElector::new(
+            client.clone(),
+            &args.namespace,
+            "rtable-operator",
+            &args.identity,
+            Duration::from_secs(15),
+        )
+    });
+    if let Some(e) = &elector {
+        tracing::info!(identity = %args.identity, "waiting for leadership");
+        e.acquire().await;
+        tracing::info!(identity = %args.identity, "leading");
+    }
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        backend: Arc::new(
+            ZooKeeperBackend::new(Duration::from_secs(5)).context("build the HTTP client")?,
+        ),
+        build: BuildConfig {
+            default_image: args.sidecar_image.clone(),
+            cluster_domain: args.cluster_domain.clone(),
+        },
+        metrics,
+        reporter: Reporter {
+            controller: "rtable-operator".into(),
+            instance: Some(args.identity.clone()),
+        },
+        zookeeper_grace: Duration::from_secs(args.zookeeper_grace_seconds),
+        resync: Duration::from_secs(args.resync_seconds),
+    });
+    let tables: Api<ReplicatedTable> = Api::all(client.clone());
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=rtable-operator");
+    let controller = Controller::new(tables, watcher::Config::default().any_semantic())
+        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        });
+
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                () = controller => tracing::info!("controller stopped; shutting down"),
+                () = e.hold() => {
+                    // Another operator may already be reconciling: stop at once and let
+                    // the Deployment restart this pod as a follower.
+                    anyhow::bail!("leadership lost");
+                }
+            }
+        }
+        None => controller.await,
+    }
+    Ok(())
 }

@@ -84,6 +84,10 @@ impl Default for FileHasher {
 }
 
 impl FileHasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     pub fn update(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
     }

@@ -242,6 +242,17 @@ pub struct ValidatedTable {
     pub table_path: String,
 }
 
+impl ValidatedTable {
+    /// Parses and validates a manifest (the YAML a user applies).
+    pub fn from_yaml(text: &str) -> Result<ValidatedTable, ManifestError> {
+        ReplicatedTableManifest::from_yaml(text)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<ValidatedTable, ManifestError> {
+        ReplicatedTableManifest::from_file(path)
+    }
+}
+
 impl ReplicatedTableManifest {
     pub fn from_yaml(text: &str) -> Result<ValidatedTable, ManifestError> {
         let manifest: ReplicatedTableManifest = serde_yaml::from_str(text)?;

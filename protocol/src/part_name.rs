@@ -34,6 +34,12 @@ pub fn is_valid_partition_id(id: &str) -> bool {
 }
 
 impl PartName {
+    /// Strict parse; refuses anything that is not exactly a part name (so `..`, `/` and
+    /// absolute paths never pass).
+    pub fn parse(name: &str) -> Result<Self, PartNameError> {
+        name.parse()
+    }
+
     /// A freshly inserted part: one block, level 0.
     pub fn new_insert(partition_id: &str, block: u64) -> Self {
         PartName {

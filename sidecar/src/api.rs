@@ -50,23 +50,37 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn insert(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>, request: Request) -> Response {
+async fn insert(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    request: Request,
+) -> Response {
     let replica = &state.replica;
     for key in params.keys() {
         if key != "format" && key != "dedup_token" {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("unknown query parameter `{key}`; /insert takes `format` and `dedup_token`"),
+                format!(
+                    "unknown query parameter `{key}`; /insert takes `format` and `dedup_token`"
+                ),
             );
         }
     }
-    let format = match InputFormat::parse(params.get("format").map(String::as_str).unwrap_or("JSONEachRow")) {
+    let format = match InputFormat::parse(
+        params
+            .get("format")
+            .map(String::as_str)
+            .unwrap_or("JSONEachRow"),
+    ) {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let dedup_token = params.get("dedup_token").cloned();
     if dedup_token.as_deref() == Some("") {
-        return error(StatusCode::BAD_REQUEST, "`dedup_token` is empty; omit it or send a non-empty token");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`dedup_token` is empty; omit it or send a non-empty token",
+        );
     }
     let limit = replica.cfg.max_body_bytes;
     let body = match axum::body::to_bytes(request.into_body(), limit).await {
@@ -79,21 +93,37 @@ async fn insert(State(state): State<AppState>, Query(params): Query<HashMap<Stri
             return if too_large {
                 error(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body is larger than the {limit}-byte limit (--max-body-bytes); split the insert into smaller ones"),
+                    format!(
+                        "body is larger than the {limit}-byte limit (--max-body-bytes); split the insert into smaller ones"
+                    ),
                 )
             } else {
-                error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}"))
+                error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the body: {e}"),
+                )
             };
         }
     };
-    match sink::insert(replica, &state.committer, InsertRequest { format, body, dedup_token }).await {
+    match sink::insert(
+        replica,
+        &state.committer,
+        InsertRequest {
+            format,
+            body,
+            dedup_token,
+        },
+    )
+    .await
+    {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(sink::InsertError::Input(e)) => {
             Metrics::inc(&replica.metrics.failed_inserts);
             (StatusCode::BAD_REQUEST, axum::Json(e)).into_response()
         }
         Err(e) => {
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status =
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
                 warn!(replica = %replica.name, error = %e, "insert failed");
             }
@@ -102,8 +132,16 @@ async fn insert(State(state): State<AppState>, Query(params): Query<HashMap<Stri
     }
 }
 
-async fn select_rows(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> Response {
-    let format = match OutputFormat::parse(params.get("format").map(String::as_str).unwrap_or("JSONEachRow")) {
+async fn select_rows(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let format = match OutputFormat::parse(
+        params
+            .get("format")
+            .map(String::as_str)
+            .unwrap_or("JSONEachRow"),
+    ) {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -138,8 +176,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
     };
     let view = replica.sessions.view();
     let gauges = [
-        ("rtable_queue_size", "Entries in this replica's replication queue", queue_size),
-        ("rtable_inserts_in_queue", "GET_PART entries waiting in the queue", inserts),
+        (
+            "rtable_queue_size",
+            "Entries in this replica's replication queue",
+            queue_size,
+        ),
+        (
+            "rtable_inserts_in_queue",
+            "GET_PART entries waiting in the queue",
+            inserts,
+        ),
         (
             "rtable_absolute_delay_seconds",
             "How far this replica is behind (system.replicas absolute_delay)",
@@ -148,19 +194,34 @@ async fn metrics(State(state): State<AppState>) -> Response {
         (
             "rtable_readonly",
             "1 while the replica refuses inserts",
-            if view.readonly_reason.is_some() { 1.0 } else { 0.0 },
+            if view.readonly_reason.is_some() {
+                1.0
+            } else {
+                0.0
+            },
         ),
-        ("rtable_parts", "Active parts on this replica", replica.store.parts().len() as f64),
+        (
+            "rtable_parts",
+            "Active parts on this replica",
+            replica.store.parts().len() as f64,
+        ),
     ];
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         replica.metrics.render(&replica.name, &gauges),
     )
         .into_response()
 }
 
 /// Interserver: streams a part's files after the exchange header (see `exchange`).
-async fn send_part(State(state): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn send_part(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let replica = &state.replica;
     if let Some(secret) = &replica.secret {
         let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
@@ -168,42 +229,61 @@ async fn send_part(State(state): State<AppState>, Path(name): Path<String>, head
             Metrics::inc(&replica.metrics.rejected_interserver);
             return error(
                 StatusCode::UNAUTHORIZED,
-                format!("interserver requests need the `{SECRET_HEADER}` header with the shared secret"),
+                format!(
+                    "interserver requests need the `{SECRET_HEADER}` header with the shared secret"
+                ),
             );
         }
     }
     let part = match PartName::parse(&name) {
         Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("unsafe or invalid part name: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unsafe or invalid part name: {e}"),
+            );
+        }
     };
     let Some(active) = replica.store.get(&part) else {
-        return error(StatusCode::NOT_FOUND, format!("part {part} is not active on replica {}", replica.name));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("part {part} is not active on replica {}", replica.name),
+        );
     };
     let dir = active.dir.clone();
     let known = active.checksums.clone();
     let files = match tokio::task::spawn_blocking(move || describe_files(&dir, &known)).await {
         Ok(Ok(files)) => files,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading part {part}: {e}")),
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading part {part}: {e}"),
+            );
+        }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let header_text = exchange::render_header(&files);
     let dir = active.dir.clone();
     // Holding `active` keeps the part's files alive while the body streams.
-    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_text)) }).chain(
-        futures::stream::iter(files)
-            .then(move |f| {
-                let path = dir.join(&f.name);
-                let keep = active.clone();
-                async move {
-                    let _keep = keep;
-                    tokio::fs::File::open(&path).await.map(ReaderStream::new)
-                }
-            })
-            .flat_map(|opened| match opened {
-                Ok(stream) => stream.left_stream(),
-                Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
-            }),
-    );
+    let body =
+        futures::stream::once(
+            async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_text)) },
+        )
+        .chain(
+            futures::stream::iter(files)
+                .then(move |f| {
+                    let path = dir.join(&f.name);
+                    let keep = active.clone();
+                    async move {
+                        let _keep = keep;
+                        tokio::fs::File::open(&path).await.map(ReaderStream::new)
+                    }
+                })
+                .flat_map(|opened| match opened {
+                    Ok(stream) => stream.left_stream(),
+                    Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+                }),
+        );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(Body::from_stream(body))

@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "rtable-sidecar", version, about = "One replica of an rtable ReplicatedTable")]
+#[command(
+    name = "rtable-sidecar",
+    version,
+    about = "One replica of an rtable ReplicatedTable"
+)]
 pub struct Config {
     /// The ReplicatedTable manifest (the YAML a user applies with kubectl).
     #[arg(long, env = "RTABLE_TABLE")]
@@ -57,11 +61,22 @@ impl Config {
                 self.replica
             ));
         }
-        if self.advertise.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            return Err(format!("--advertise `{}` must be host:port", self.advertise));
+        if self
+            .advertise
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(format!(
+                "--advertise `{}` must be host:port",
+                self.advertise
+            ));
         }
         if self.log_format != "text" && self.log_format != "json" {
-            return Err(format!("--log-format `{}` must be `text` or `json`", self.log_format));
+            return Err(format!(
+                "--log-format `{}` must be `text` or `json`",
+                self.log_format
+            ));
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be above 0".to_string());

@@ -42,7 +42,9 @@ pub fn is_safe_file_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 255
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
 pub fn render_header(files: &[FileEntry]) -> String {
@@ -75,7 +77,8 @@ pub fn parse_header(text: &str) -> Result<Vec<FileEntry>, ExchangeError> {
             continue;
         }
         let mut fields = line.split('\t');
-        let (Some(name), Some(size), Some(hash), None) = (fields.next(), fields.next(), fields.next(), fields.next())
+        let (Some(name), Some(size), Some(hash), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             return Err(header_error(n, "expected `<name>\\t<size>\\t<hash>`"));
         };
@@ -88,7 +91,8 @@ pub fn parse_header(text: &str) -> Result<Vec<FileEntry>, ExchangeError> {
         let size = size
             .parse::<u64>()
             .map_err(|_| header_error(n, format!("bad size `{size}`")))?;
-        let hash = Hash128::from_hex(hash).ok_or_else(|| header_error(n, format!("bad hash `{hash}`")))?;
+        let hash =
+            Hash128::from_hex(hash).ok_or_else(|| header_error(n, format!("bad hash `{hash}`")))?;
         files.push(FileEntry {
             name: name.to_string(),
             size,
@@ -104,7 +108,9 @@ pub fn parse_header(text: &str) -> Result<Vec<FileEntry>, ExchangeError> {
 /// Finds the end of the header (the empty line) in a buffer; returns the header text
 /// length and the offset where file bytes start.
 pub fn header_end(buf: &[u8]) -> Option<(usize, usize)> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|p| (p + 1, p + 2))
+    buf.windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|p| (p + 1, p + 2))
 }
 
 #[cfg(test)]
@@ -131,7 +137,10 @@ mod tests {
     #[test]
     fn refuses_unsafe_names_and_garbage() {
         let bad_name = format!("{MAGIC}\n../etc/passwd\t1\t{}\n", "0".repeat(32));
-        assert!(matches!(parse_header(&bad_name), Err(ExchangeError::Header { line: 2, .. })));
+        assert!(matches!(
+            parse_header(&bad_name),
+            Err(ExchangeError::Header { line: 2, .. })
+        ));
         let hidden = format!("{MAGIC}\n.hidden\t1\t{}\n", "0".repeat(32));
         assert!(parse_header(&hidden).is_err());
         let slash = format!("{MAGIC}\na/b\t1\t{}\n", "0".repeat(32));

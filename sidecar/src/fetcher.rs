@@ -8,15 +8,15 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tracing::{debug, info_span, Instrument};
+use tracing::{Instrument, debug, info_span};
 
 use rtable_protocol::PartName;
 use rtable_protocol::hash::{FileHasher, Hash128};
 use rtable_protocol::part_header::Checksums;
 
 use crate::exchange::{self, FileEntry};
+use crate::parts::{ActivePart, CHECKSUMS_FILE, StoreError};
 use crate::replica::{Replica, SECRET_HEADER};
-use crate::store::{ActivePart, CHECKSUMS_FILE, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -86,19 +86,22 @@ pub async fn fetch_part(
                 return Err(e);
             }
         };
-        let checksums = match read_checksums(&dir, &files, address, part, expected_checksums_hash).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                return Err(e);
-            }
-        };
+        let checksums =
+            match read_checksums(&dir, &files, address, part, expected_checksums_hash).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return Err(e);
+                }
+            };
         let store = replica.store.clone();
         let name = part.clone();
         let install_dir = dir.clone();
-        let installed = tokio::task::spawn_blocking(move || store.install_fetched(&install_dir, &name, &checksums))
-            .await
-            .map_err(|e| io_error(&dir, std::io::Error::other(e)))?;
+        let installed = tokio::task::spawn_blocking(move || {
+            store.install_fetched(&install_dir, &name, &checksums)
+        })
+        .await
+        .map_err(|e| io_error(&dir, std::io::Error::other(e)))?;
         let part = match installed {
             Ok(p) => p,
             Err(e) => {
@@ -108,7 +111,11 @@ pub async fn fetch_part(
         };
         let seconds = started.elapsed().as_secs_f64();
         debug!(bytes, seconds, "fetched part");
-        Ok(Fetched { part, bytes, seconds })
+        Ok(Fetched {
+            part,
+            bytes,
+            seconds,
+        })
     }
     .instrument(span)
     .await
@@ -163,7 +170,8 @@ async fn download(
     // Header first.
     let (files, mut rest) = loop {
         if let Some((len, start)) = exchange::header_end(&buf) {
-            let text = std::str::from_utf8(&buf[..len]).map_err(|_| corrupt(address, part, "header is not UTF-8"))?;
+            let text = std::str::from_utf8(&buf[..len])
+                .map_err(|_| corrupt(address, part, "header is not UTF-8"))?;
             let files = exchange::parse_header(text).map_err(|source| FetchError::Header {
                 address: address.to_string(),
                 source,
@@ -181,7 +189,9 @@ async fn download(
     let mut total = 0u64;
     for file in &files {
         let path = dir.join(&file.name);
-        let mut out = tokio::fs::File::create(&path).await.map_err(|e| io_error(&path, e))?;
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| io_error(&path, e))?;
         let mut hasher = FileHasher::new();
         let mut remaining = file.size;
         loop {
@@ -192,7 +202,10 @@ async fn download(
                         return Err(corrupt(
                             address,
                             part,
-                            format!("stream ended with {remaining} bytes of {} missing", file.name),
+                            format!(
+                                "stream ended with {remaining} bytes of {} missing",
+                                file.name
+                            ),
                         ));
                     }
                 }
@@ -224,7 +237,11 @@ async fn download(
         total += file.size;
     }
     if !rest.is_empty() || stream.next().await.is_some() {
-        return Err(corrupt(address, part, "unexpected bytes after the last file"));
+        return Err(corrupt(
+            address,
+            part,
+            "unexpected bytes after the last file",
+        ));
     }
     Ok((files, total))
 }
@@ -240,7 +257,9 @@ async fn read_checksums(
         return Err(corrupt(address, part, format!("no {CHECKSUMS_FILE} sent")));
     }
     let path = dir.join(CHECKSUMS_FILE);
-    let text = tokio::fs::read_to_string(&path).await.map_err(|e| io_error(&path, e))?;
+    let text = tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| io_error(&path, e))?;
     let checksums = Checksums::parse(&text).map_err(|e| corrupt(address, part, e.to_string()))?;
     if let Some(expected) = expected_hash {
         let actual = checksums.total_hash();

@@ -1,1 +1,21 @@
-//! The rtable sidecar: one replica of a replicated table.
+//! The rtable sidecar: one replica of a replicated table. Modules follow ClickHouse's
+//! split: `sink` (inserts), `queue` (log pull and execution), `fetcher` + `exchange`
+//! (part transfer), `recovery` (restarting and cloning), `session` (read-only handling),
+//! plus the part `store`, `rows` codecs and the HTTP `api`.
+
+pub mod api;
+pub mod config;
+pub mod exchange;
+pub mod fetcher;
+pub mod merge;
+pub mod metrics;
+pub mod parts;
+pub mod queue;
+pub mod recovery;
+pub mod replica;
+pub mod rows;
+pub mod select;
+pub mod session;
+pub mod sink;
+pub mod status;
+pub mod store;

@@ -1,1 +1,189 @@
-fn main() {}
+//! `rtable-sidecar`: runs one replica of a ReplicatedTable.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+
+use rtable_protocol::TablePaths;
+use rtable_protocol::columns;
+use rtable_protocol::host::HostInfo;
+use rtable_protocol::manifest::ValidatedTable;
+use rtable_sidecar::api::{self, AppState};
+use rtable_sidecar::config::Config;
+use rtable_sidecar::metrics::Metrics;
+use rtable_sidecar::parts::PartStore;
+use rtable_sidecar::queue::{self, QueueState};
+use rtable_sidecar::replica::Replica;
+use rtable_sidecar::session::{self, Sessions};
+use rtable_sidecar::sink::Committer;
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    init_tracing(&cfg.log_format);
+    if let Err(e) = cfg.validate() {
+        eprintln!("rtable-sidecar: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rtable-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("rtable-sidecar: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cfg: Config) -> Result<(), String> {
+    let table = ValidatedTable::from_file(&cfg.table)
+        .map_err(|e| format!("--table {}: {e}", cfg.table.display()))?;
+    let secret = match &cfg.interserver_secret_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--interserver-secret-file {}: {e}", path.display()))?;
+            let secret = text.trim().to_string();
+            if secret.is_empty() {
+                return Err(format!(
+                    "--interserver-secret-file {} is empty; put the shared secret in it",
+                    path.display()
+                ));
+            }
+            Some(secret)
+        }
+        None => None,
+    };
+    let data_dir = cfg.data_dir.clone();
+    let (store, detached) = tokio::task::spawn_blocking(move || PartStore::open(&data_dir))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("--data-dir {}: {e}", cfg.data_dir.display()))?;
+    for d in &detached {
+        warn!(replica = %cfg.replica, detached = ?d, "moved a directory aside at start");
+    }
+    let (host, port) = cfg
+        .advertise
+        .rsplit_once(':')
+        .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_string(), p)))
+        .ok_or_else(|| format!("--advertise `{}` must be host:port", cfg.advertise))?;
+    let namespace = table
+        .manifest
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let host = HostInfo {
+        host,
+        port,
+        tcp_port: port,
+        database: namespace,
+        table: table.manifest.metadata.name.clone(),
+        scheme: "http".to_string(),
+    };
+    let session_timeout =
+        cfg.session_timeout(table.manifest.spec.zookeeper.session_timeout_seconds);
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on --listen {}: {e} (is the port in use?)",
+                cfg.listen
+            )
+        })?;
+    let replica = Arc::new(Replica {
+        name: cfg.replica.clone(),
+        paths: TablePaths::new(table.table_path.clone()),
+        columns_text: columns::render(&table.schema.columns),
+        table,
+        store,
+        sessions: Sessions::new(),
+        queue: parking_lot::Mutex::new(QueueState::default()),
+        metrics: Metrics::default(),
+        host,
+        secret,
+        http,
+        queue_notify: tokio::sync::Notify::new(),
+        pull_notify: tokio::sync::Notify::new(),
+        session_timeout,
+        startup_recovery_done: AtomicBool::new(false),
+        started_at: std::time::Instant::now(),
+        merge_notify: tokio::sync::Notify::new(),
+        merge_policy: rtable_sidecar::merge::policy::MergePolicy::default(),
+        cfg,
+    });
+    info!(
+        replica = %replica.name,
+        table_path = %replica.paths.root(),
+        listen = %replica.cfg.listen,
+        parts = replica.store.parts().len(),
+        "starting replica"
+    );
+    tokio::spawn(session::run(replica.clone()));
+    tokio::spawn(queue::pull::run(replica.clone()));
+    tokio::spawn(queue::executor::run(replica.clone()));
+    tokio::spawn(rtable_sidecar::merge::assign::run(replica.clone()));
+    let committer = Committer::start(replica.clone());
+    let app = api::router(AppState {
+        replica: replica.clone(),
+        committer,
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("HTTP server failed: {e}"))?;
+    info!(replica = %replica.name, "shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

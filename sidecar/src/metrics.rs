@@ -17,6 +17,7 @@ pub struct Metrics {
     pub rejected_interserver: AtomicU64,
     pub sessions_started: AtomicU64,
     pub log_entries_pulled: AtomicU64,
+    pub merges: AtomicU64,
 }
 
 impl Metrics {
@@ -30,43 +31,76 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 11] = [
-            ("rtable_inserts_total", "Acknowledged inserts (new data)", &self.inserts),
-            ("rtable_inserted_rows_total", "Rows in acknowledged inserts", &self.inserted_rows),
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            (
+                "rtable_inserts_total",
+                "Acknowledged inserts (new data)",
+                &self.inserts,
+            ),
+            (
+                "rtable_inserted_rows_total",
+                "Rows in acknowledged inserts",
+                &self.inserted_rows,
+            ),
             (
                 "rtable_deduplicated_inserts_total",
                 "Inserts answered as duplicates of an earlier block (DuplicatedInsertedBlocks)",
                 &self.deduplicated_inserts,
             ),
-            ("rtable_failed_inserts_total", "Inserts that got an error", &self.failed_inserts),
+            (
+                "rtable_failed_inserts_total",
+                "Inserts that got an error",
+                &self.failed_inserts,
+            ),
             (
                 "rtable_insert_commits_total",
                 "ZooKeeper commit multis (one per group commit)",
                 &self.insert_commits,
             ),
-            ("rtable_fetches_total", "Parts fetched from peers (ReplicatedPartFetches)", &self.fetches),
+            (
+                "rtable_fetches_total",
+                "Parts fetched from peers (ReplicatedPartFetches)",
+                &self.fetches,
+            ),
             (
                 "rtable_failed_fetches_total",
                 "Part fetches that failed (ReplicatedPartFailedFetches)",
                 &self.failed_fetches,
             ),
-            ("rtable_fetched_bytes_total", "Bytes of fetched parts", &self.fetched_bytes),
+            (
+                "rtable_fetched_bytes_total",
+                "Bytes of fetched parts",
+                &self.fetched_bytes,
+            ),
             (
                 "rtable_interserver_rejected_total",
                 "Interserver requests refused for a missing or wrong secret",
                 &self.rejected_interserver,
             ),
-            ("rtable_sessions_started_total", "ZooKeeper sessions activated", &self.sessions_started),
+            (
+                "rtable_sessions_started_total",
+                "ZooKeeper sessions activated",
+                &self.sessions_started,
+            ),
             (
                 "rtable_log_entries_pulled_total",
                 "Log entries copied into this replica's queue",
                 &self.log_entries_pulled,
             ),
+            (
+                "rtable_merges_total",
+                "Merges run on this replica (ReplicatedPartMerges)",
+                &self.merges,
+            ),
         ];
         let mut out = String::new();
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(out, "{name}{{replica=\"{replica}\"}} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{replica=\"{replica}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

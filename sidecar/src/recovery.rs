@@ -22,7 +22,10 @@ use crate::replica::Replica;
 
 const BATCH: usize = 50;
 
-pub async fn before_activation(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
+pub async fn before_activation(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+) -> Result<(), TreeError> {
     let rp = replica.paths.replica(&replica.name);
     let zk_parts: BTreeSet<String> = client
         .list_children(&rp.parts())
@@ -48,9 +51,16 @@ pub async fn before_activation(replica: &Arc<Replica>, client: &zk::Client) -> R
         }
     }
 
-    let local: BTreeSet<String> = replica.store.parts().iter().map(|p| p.name.to_string()).collect();
+    let local: BTreeSet<String> = replica
+        .store
+        .parts()
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
     for name in local.difference(&zk_parts) {
-        let Ok(part) = PartName::parse(name) else { continue };
+        let Ok(part) = PartName::parse(name) else {
+            continue;
+        };
         warn!(replica = %replica.name, part = %name, "part is not in ZooKeeper; detaching it as unexpected");
         if let Err(e) = replica.store.detach(&part, "unexpected") {
             warn!(replica = %replica.name, part = %name, error = %e, "cannot detach unexpected part");
@@ -74,7 +84,11 @@ pub async fn before_activation(replica: &Arc<Replica>, client: &zk::Client) -> R
                 .add_delete(&part_path, None)
                 .map_err(|e| TreeError::zk("delete", part_path.clone(), e))?;
             multi
-                .add_create(&rp.queue_entry_prefix(), entry.as_bytes(), &tree::persistent_sequential())
+                .add_create(
+                    &rp.queue_entry_prefix(),
+                    entry.as_bytes(),
+                    &tree::persistent_sequential(),
+                )
                 .map_err(|e| TreeError::zk("create", rp.queue_entry_prefix(), e))?;
             paths.push(part_path);
         }
@@ -86,7 +100,10 @@ pub async fn before_activation(replica: &Arc<Replica>, client: &zk::Client) -> R
     Ok(())
 }
 
-pub async fn after_activation(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
+pub async fn after_activation(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+) -> Result<(), TreeError> {
     let rp = replica.paths.replica(&replica.name);
     if tree::get_string(client, &rp.is_lost()).await?.as_deref() == Some("1") {
         clone_replica(replica, client).await?;
@@ -110,7 +127,10 @@ struct Candidate {
 /// this replica lacks. Idempotent: `is_lost` stays 1 until everything is copied.
 async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
     let me = replica.paths.replica(&replica.name);
-    let log_max = tree::log_max_index(client, &replica.paths).await?.map(|i| i + 1).unwrap_or(0);
+    let log_max = tree::log_max_index(client, &replica.paths)
+        .await?
+        .map(|i| i + 1)
+        .unwrap_or(0);
     let mut best: Option<Candidate> = None;
     for name in tree::list_replicas(client, &replica.paths).await? {
         if name == replica.name {
@@ -124,7 +144,9 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
         if state.is_lost || state.host.is_none() {
             continue;
         }
-        let Some(pointer) = state.log_pointer else { continue };
+        let Some(pointer) = state.log_pointer else {
+            continue;
+        };
         let lag = log_max.saturating_sub(pointer) + u64::from(state.queue_size);
         if best.as_ref().is_none_or(|b| lag < b.lag) {
             best = Some(Candidate { name, lag });
@@ -150,7 +172,11 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
                 .map_err(|e| TreeError::zk("delete", me.queue_entry(node), e))?;
         }
         match multi.commit().await {
-            Ok(_) | Err(zk::MultiWriteError::OperationFailed { source: zk::Error::NoNode, .. }) => {}
+            Ok(_)
+            | Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::NoNode,
+                ..
+            }) => {}
             Err(e) => return Err(tree::multi_error("clear queue", &[me.queue()], e)),
         }
     }
@@ -187,7 +213,11 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
         if let Ok(part) = PartName::parse(name)
             && replica.store.covering(&part).is_none()
         {
-            entries.push(LogEntry::get(&source.name, "", name, 0, now).render().into_bytes());
+            entries.push(
+                LogEntry::get(&source.name, "", name, 0, now)
+                    .render()
+                    .into_bytes(),
+            );
         }
     }
     let mut multi = client.new_multi_writer();
@@ -202,19 +232,32 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
         .map_err(|e| TreeError::zk("set", me.log_pointer(), e))?;
     match multi.commit().await {
         Ok(_) => {}
-        Err(zk::MultiWriteError::OperationFailed { source: zk::Error::BadVersion, .. }) => {
+        Err(zk::MultiWriteError::OperationFailed {
+            source: zk::Error::BadVersion,
+            ..
+        }) => {
             return Err(TreeError::Contention {
                 what: format!("cloning from {} (its log pointer moved)", source.name),
                 attempts: 1,
             });
         }
-        Err(e) => return Err(tree::multi_error("copy log pointer", &[me.log_pointer()], e)),
+        Err(e) => {
+            return Err(tree::multi_error(
+                "copy log pointer",
+                &[me.log_pointer()],
+                e,
+            ));
+        }
     }
     for chunk in entries.chunks(BATCH) {
         let mut multi = client.new_multi_writer();
         for data in chunk {
             multi
-                .add_create(&me.queue_entry_prefix(), data, &tree::persistent_sequential())
+                .add_create(
+                    &me.queue_entry_prefix(),
+                    data,
+                    &tree::persistent_sequential(),
+                )
                 .map_err(|e| TreeError::zk("create", me.queue_entry_prefix(), e))?;
         }
         multi

@@ -13,9 +13,9 @@ use rtable_protocol::manifest::ValidatedTable;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::parts::PartStore;
 use crate::queue::QueueState;
 use crate::session::Sessions;
-use crate::store::PartStore;
 
 /// The header peers must send on interserver requests when a secret is configured.
 pub const SECRET_HEADER: &str = "x-rtable-secret";
@@ -42,6 +42,9 @@ pub struct Replica {
     /// Set once the first session handled inserts staged by a previous process.
     pub startup_recovery_done: AtomicBool,
     pub started_at: std::time::Instant,
+    /// Wakes merge assignment (a part became active).
+    pub merge_notify: Notify,
+    pub merge_policy: crate::merge::policy::MergePolicy,
 }
 
 impl Replica {
@@ -54,6 +57,10 @@ impl Replica {
 
     /// Insert quorum this table requires (0 and 1 both mean "no quorum").
     pub fn insert_quorum(&self) -> u32 {
-        self.table.manifest.spec.insert_quorum.required(self.table.manifest.spec.replicas)
+        self.table
+            .manifest
+            .spec
+            .insert_quorum
+            .required(self.table.manifest.spec.replicas)
     }
 }

@@ -13,9 +13,9 @@ use parquet::file::properties::WriterProperties;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::parts::part_reader;
 use crate::replica::Replica;
 use crate::rows::{self, OutputFormat};
-use crate::store::part_reader;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -68,7 +68,11 @@ impl Write for ChannelWriter<'_> {
     }
 }
 
-fn produce(replica: &Replica, format: OutputFormat, tx: &mpsc::Sender<Chunk>) -> Result<(), String> {
+fn produce(
+    replica: &Replica,
+    format: OutputFormat,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<(), String> {
     let snapshot = replica.store.snapshot();
     let mut out = ChannelWriter {
         tx,
@@ -80,10 +84,13 @@ fn produce(replica: &Replica, format: OutputFormat, tx: &mpsc::Sender<Chunk>) ->
             let props = WriterProperties::builder()
                 .set_compression(Compression::ZSTD(ZstdLevel::default()))
                 .build();
-            let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(|e| e.to_string())?;
+            let mut writer =
+                ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(|e| e.to_string())?;
             for part in snapshot.parts() {
                 for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
-                    writer.write(&batch.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                    writer
+                        .write(&batch.map_err(|e| e.to_string())?)
+                        .map_err(|e| e.to_string())?;
                 }
             }
             writer.close().map_err(|e| e.to_string())?;
@@ -104,7 +111,9 @@ fn produce(replica: &Replica, format: OutputFormat, tx: &mpsc::Sender<Chunk>) ->
             }
             if first {
                 // No rows: CSVWithNames still owes the header.
-                let empty = arrow::record_batch::RecordBatch::new_empty(rows::arrow_schema(&replica.table.schema));
+                let empty = arrow::record_batch::RecordBatch::new_empty(rows::arrow_schema(
+                    &replica.table.schema,
+                ));
                 rows::encode_text(text, &empty, &mut buf, true).map_err(|e| e.to_string())?;
             }
             out.write_all(&buf).map_err(|e| e.to_string())?;

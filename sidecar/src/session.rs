@@ -69,7 +69,9 @@ impl Sessions {
         match (&v.client, &v.readonly_reason) {
             (Some(c), None) => Ok((c.clone(), v.generation)),
             (_, reason) => Err(ReadOnly {
-                reason: reason.clone().unwrap_or_else(|| "no ZooKeeper session".to_string()),
+                reason: reason
+                    .clone()
+                    .unwrap_or_else(|| "no ZooKeeper session".to_string()),
             }),
         }
     }
@@ -111,7 +113,10 @@ impl Sessions {
     /// after the state watcher notices.
     pub fn report_expired(&self, generation: u64) {
         if self.tx.borrow().generation == generation && self.tx.borrow().client.is_some() {
-            self.set_readonly("ZooKeeper session expired; building a new session".to_string(), true);
+            self.set_readonly(
+                "ZooKeeper session expired; building a new session".to_string(),
+                true,
+            );
         }
     }
 }
@@ -137,9 +142,13 @@ pub async fn run(replica: Arc<Replica>) {
 
 async fn establish(replica: &Arc<Replica>) -> Result<zk::Client, String> {
     let connect_string = replica.connect_string();
-    let client = tree::connect(&connect_string, replica.session_timeout, replica.session_timeout)
-        .await
-        .map_err(|e| format!("cannot reach ZooKeeper at {connect_string}: {e}"))?;
+    let client = tree::connect(
+        &connect_string,
+        replica.session_timeout,
+        replica.session_timeout,
+    )
+    .await
+    .map_err(|e| format!("cannot reach ZooKeeper at {connect_string}: {e}"))?;
     let schema = &replica.table.schema;
     tree::create_table(&client, &replica.paths, schema)
         .await
@@ -168,14 +177,22 @@ async fn establish(replica: &Arc<Replica>) -> Result<zk::Client, String> {
 
 /// A restarted process finds its previous session's `is_active` until that session times
 /// out; wait for it rather than fail, as ClickHouse does.
-async fn activate_when_free(replica: &Arc<Replica>, client: &zk::Client) -> Result<tree::Activation, String> {
-    let deadline = tokio::time::Instant::now() + replica.session_timeout * 3 + Duration::from_secs(5);
+async fn activate_when_free(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+) -> Result<tree::Activation, String> {
+    let deadline =
+        tokio::time::Instant::now() + replica.session_timeout * 3 + Duration::from_secs(5);
     loop {
         match tree::activate(client, &replica.paths, &replica.name, &replica.host).await {
             Ok(a) => return Ok(a),
-            Err(TreeError::ReplicaActive { owner, .. }) if tokio::time::Instant::now() < deadline => {
+            Err(TreeError::ReplicaActive { owner, .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
                 replica.sessions.set_readonly(
-                    format!("waiting for the previous session {owner:#x} of this replica to expire"),
+                    format!(
+                        "waiting for the previous session {owner:#x} of this replica to expire"
+                    ),
                     false,
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;

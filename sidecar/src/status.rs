@@ -39,7 +39,11 @@ pub struct ReplicaStatus {
 pub fn absolute_delay(replica: &Replica) -> u64 {
     let q = replica.queue.lock();
     let now = chrono::Utc::now().timestamp();
-    match (q.last_queue_update, q.oldest_insert_time(), &q.last_queue_update_exception) {
+    match (
+        q.last_queue_update,
+        q.oldest_insert_time(),
+        &q.last_queue_update_exception,
+    ) {
         (None, _, _) => replica.started_at.elapsed().as_secs(),
         (Some(_), Some(oldest), _) => (now - oldest).max(0) as u64,
         (Some(last), None, Some(_)) => (now - last).max(0) as u64,
@@ -91,7 +95,11 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
     status
 }
 
-async fn read_tree(replica: &Replica, client: &zk::Client, status: &mut ReplicaStatus) -> Result<(), TreeError> {
+async fn read_tree(
+    replica: &Replica,
+    client: &zk::Client,
+    status: &mut ReplicaStatus,
+) -> Result<(), TreeError> {
     status.log_max_index = tree::log_max_index(client, &replica.paths).await?;
     let rp = replica.paths.replica(&replica.name);
     status.log_pointer = tree::get_string(client, &rp.log_pointer())

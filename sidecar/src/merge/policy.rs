@@ -53,7 +53,11 @@ pub fn merged_name(sources: &[PartName]) -> Option<PartName> {
 }
 
 /// Picks the best run to merge from one partition's parts, or `None`.
-pub fn select(policy: &MergePolicy, parts: &[Candidate], locked_blocks: &[u64]) -> Option<Vec<PartName>> {
+pub fn select(
+    policy: &MergePolicy,
+    parts: &[Candidate],
+    locked_blocks: &[u64],
+) -> Option<Vec<PartName>> {
     let mut sorted: Vec<&Candidate> = parts.iter().collect();
     sorted.sort_by_key(|c| (c.name.min_block, c.name.max_block));
     let mut best: Option<(f64, usize, usize)> = None;
@@ -154,14 +158,23 @@ mod tests {
 
     #[test]
     fn busy_parts_break_runs() {
-        let mut parts = vec![part(1, 1, 0, 100), part(2, 2, 0, 100), part(3, 3, 0, 100), part(4, 4, 0, 100)];
+        let mut parts = vec![
+            part(1, 1, 0, 100),
+            part(2, 2, 0, 100),
+            part(3, 3, 0, 100),
+            part(4, 4, 0, 100),
+        ];
         parts[1].busy = true;
         assert_eq!(select(&MergePolicy::default(), &parts, &[]), None);
     }
 
     #[test]
     fn big_part_is_not_rewritten_for_tiny_ones() {
-        let parts = vec![part(1, 10, 1, 1_000_000), part(11, 11, 0, 100), part(12, 12, 0, 100)];
+        let parts = vec![
+            part(1, 10, 1, 1_000_000),
+            part(11, 11, 0, 100),
+            part(12, 12, 0, 100),
+        ];
         assert_eq!(select(&MergePolicy::default(), &parts, &[]), None);
         let parts = vec![
             part(1, 10, 1, 1_000_000),

@@ -9,12 +9,12 @@ use rand::seq::SliceRandom;
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
+use rtable_protocol::PartName;
 use rtable_protocol::hash::Hash128;
 use rtable_protocol::host::HostInfo;
 use rtable_protocol::log_entry::LogEntryKind;
 use rtable_protocol::part_header::PartHeader;
 use rtable_protocol::tree::{self, TreeError};
-use rtable_protocol::PartName;
 
 use crate::fetcher::{self, FetchError};
 use crate::metrics::Metrics;
@@ -54,19 +54,27 @@ pub async fn run(replica: Arc<Replica>) {
                     }
                     Err(e) => {
                         if let ExecuteError::Tree(t) = &e
-                            && matches!(t.zk_error(), Some(zk::Error::SessionExpired | zk::Error::ClientClosed))
+                            && matches!(
+                                t.zk_error(),
+                                Some(zk::Error::SessionExpired | zk::Error::ClientClosed)
+                            )
                         {
                             replica.sessions.report_expired(generation);
                         }
                         let postpone = match &e {
-                            ExecuteError::NoSource(_) | ExecuteError::Postponed(_) => Some(e.to_string()),
+                            ExecuteError::NoSource(_) | ExecuteError::Postponed(_) => {
+                                Some(e.to_string())
+                            }
                             _ => None,
                         };
                         if matches!(e, ExecuteError::Fetch(_)) {
                             Metrics::inc(&replica.metrics.failed_fetches);
                         }
                         warn!(replica = %replica.name, entry = %node, error = %e, "queue entry failed; will retry");
-                        replica.queue.lock().record_failure(&node, e.to_string(), postpone);
+                        replica
+                            .queue
+                            .lock()
+                            .record_failure(&node, e.to_string(), postpone);
                     }
                 }
                 let _ = done.send(());
@@ -85,10 +93,17 @@ pub async fn run(replica: Arc<Replica>) {
     }
 }
 
-async fn execute(replica: &Arc<Replica>, client: &zk::Client, item: &QueueItem) -> Result<(), ExecuteError> {
+async fn execute(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    item: &QueueItem,
+) -> Result<(), ExecuteError> {
     match &item.entry.kind {
         LogEntryKind::Get { part } => execute_get(replica, client, item, part).await,
         LogEntryKind::Attach { part, .. } => execute_get(replica, client, item, part).await,
+        LogEntryKind::Merge { sources, into, .. } => {
+            execute_merge(replica, client, item, sources, into).await
+        }
         other => Err(ExecuteError::Postponed(format!(
             "{} entries are not executed by this version yet ({other:?})",
             item.entry.type_name()
@@ -114,12 +129,24 @@ async fn execute_get(
         commit_outcome(replica, client, &item.node_name, &have_name, &header).await?;
         return Ok(());
     }
-    let (source, address, header_hash) = find_source(replica, client, &item.entry.source_replica, &name).await?;
+    let (source, address, header_hash) =
+        find_source(replica, client, &item.entry.source_replica, &name).await?;
     let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
     Metrics::inc(&replica.metrics.fetches);
     Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
-    let header = PartHeader::new(&replica.columns_text, fetched.part.rows, &fetched.part.checksums);
-    commit_outcome(replica, client, &item.node_name, &source.to_string(), &header.render()).await?;
+    let header = PartHeader::new(
+        &replica.columns_text,
+        fetched.part.rows,
+        &fetched.part.checksums,
+    );
+    commit_outcome(
+        replica,
+        client,
+        &item.node_name,
+        &source.to_string(),
+        &header.render(),
+    )
+    .await?;
     info!(
         replica = %replica.name,
         part = %source,
@@ -128,6 +155,93 @@ async fn execute_get(
         "fetched part"
     );
     let _ = rp;
+    retire_covered(replica, client, &source).await?;
+    Ok(())
+}
+
+/// MERGE_PARTS: merge locally when every source is here, else fetch the merged part.
+async fn execute_merge(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    item: &QueueItem,
+    sources: &[String],
+    into: &str,
+) -> Result<(), ExecuteError> {
+    let into_name = PartName::parse(into).map_err(|_| ExecuteError::BadPart(into.to_string()))?;
+    if replica.store.covering(&into_name).is_some() {
+        return execute_get(replica, client, item, into).await;
+    }
+    let mut local = Vec::with_capacity(sources.len());
+    for s in sources {
+        let name = PartName::parse(s).map_err(|_| ExecuteError::BadPart(s.clone()))?;
+        match replica.store.get(&name) {
+            Some(p) => local.push(p),
+            None => break,
+        }
+    }
+    if local.len() < sources.len() {
+        // Some source never reached us (or was merged away): the result is what we need.
+        return execute_get(replica, client, item, into).await;
+    }
+    let started = Instant::now();
+    let store = replica.store.clone();
+    let schema = replica.table.schema.clone();
+    let temp = tokio::task::spawn_blocking(move || {
+        crate::merge::local::merge_parts(&store, &local, &schema)
+    })
+    .await
+    .map_err(|e| ExecuteError::Postponed(format!("merge task failed: {e}")))?
+    .map_err(|e| ExecuteError::Postponed(format!("merge failed: {e}")))?;
+    let staged = replica
+        .store
+        .stage(temp, &into_name)
+        .map_err(|e| ExecuteError::Postponed(format!("staging merged part: {e}")))?;
+    let header = PartHeader::new(&replica.columns_text, staged.rows, &staged.checksums).render();
+    if let Err(e) = commit_outcome(replica, client, &item.node_name, into, &header).await {
+        replica.store.discard_staged(staged);
+        return Err(e);
+    }
+    if let Err(e) = replica.store.activate_staged(staged) {
+        warn!(replica = %replica.name, part = %into, error = %e, "merged part recorded but not activated");
+    }
+    Metrics::inc(&replica.metrics.merges);
+    info!(
+        replica = %replica.name,
+        part = %into,
+        sources = sources.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "merged parts"
+    );
+    retire_covered(replica, client, &into_name).await?;
+    Ok(())
+}
+
+/// Parts a newer part covers leave ZooKeeper first, then the active set; their files go
+/// once no read snapshot holds them.
+async fn retire_covered(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    by: &PartName,
+) -> Result<(), ExecuteError> {
+    let covered: Vec<PartName> = replica
+        .store
+        .parts()
+        .iter()
+        .filter(|p| &p.name != by && by.contains(&p.name))
+        .map(|p| p.name.clone())
+        .collect();
+    if covered.is_empty() {
+        return Ok(());
+    }
+    let rp = replica.paths.replica(&replica.name);
+    for part in &covered {
+        match client.delete(&rp.part(&part.to_string()), None).await {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("delete", rp.part(&part.to_string()), e).into()),
+        }
+        replica.store.retire(part);
+    }
+    replica.merge_notify.notify_one();
     Ok(())
 }
 
@@ -172,7 +286,10 @@ async fn commit_outcome(
             ..
         }) => {
             // Someone (an earlier attempt) did part of it; do the rest one by one.
-            match client.create(&part_path, header.as_bytes(), &tree::persistent()).await {
+            match client
+                .create(&part_path, header.as_bytes(), &tree::persistent())
+                .await
+            {
                 Ok(_) | Err(zk::Error::NodeExists) => {}
                 Err(e) => return Err(TreeError::zk("create", part_path, e).into()),
             }
@@ -232,7 +349,9 @@ async fn find_source(
                     Some(c) => match client.get_data(&rp.part(&c.to_string())).await {
                         Ok((data, _)) => Some((c, data)),
                         Err(zk::Error::NoNode) => None,
-                        Err(e) => return Err(TreeError::zk("get", rp.part(&c.to_string()), e).into()),
+                        Err(e) => {
+                            return Err(TreeError::zk("get", rp.part(&c.to_string()), e).into());
+                        }
                     },
                     None => None,
                 }

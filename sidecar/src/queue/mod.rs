@@ -100,7 +100,10 @@ impl QueueState {
 
     /// Parts some queued entry will produce (the "virtual" future parts).
     pub fn inserts_in_queue(&self) -> usize {
-        self.items.values().filter(|i| i.entry.type_name() == "GET_PART").count()
+        self.items
+            .values()
+            .filter(|i| i.entry.type_name() == "GET_PART")
+            .count()
     }
 
     /// Oldest create_time among unprocessed GET_PART entries.
@@ -134,7 +137,8 @@ impl QueueState {
                 && executing.contains(&part)
             {
                 item.num_postponed += 1;
-                item.postpone_reason = Some(format!("part {part} is being produced by another entry"));
+                item.postpone_reason =
+                    Some(format!("part {part} is being produced by another entry"));
                 continue;
             }
             item.is_currently_executing = true;

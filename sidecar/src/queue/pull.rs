@@ -33,7 +33,10 @@ pub async fn run(replica: Arc<Replica>) {
                 }
             }
             Err(e) => {
-                if matches!(e.zk_error(), Some(zk::Error::SessionExpired | zk::Error::ClientClosed)) {
+                if matches!(
+                    e.zk_error(),
+                    Some(zk::Error::SessionExpired | zk::Error::ClientClosed)
+                ) {
                     replica.sessions.report_expired(generation);
                 }
                 warn!(replica = %replica.name, error = %e, "log pull failed; retrying");
@@ -45,7 +48,10 @@ pub async fn run(replica: Arc<Replica>) {
 }
 
 /// Pulls everything new, then leaves a watch on `log` for the next change.
-async fn pull_and_watch(replica: &Arc<Replica>, client: &zk::Client) -> Result<zk::OneshotWatcher, TreeError> {
+async fn pull_and_watch(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+) -> Result<zk::OneshotWatcher, TreeError> {
     loop {
         let log_path = replica.paths.log();
         let (children, watcher) = client
@@ -65,7 +71,11 @@ async fn pull_and_watch(replica: &Arc<Replica>, client: &zk::Client) -> Result<z
 }
 
 /// Copies at most one batch of entries at or past `log_pointer`; returns how many.
-pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[String]) -> Result<usize, TreeError> {
+pub async fn pull_once(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    children: &[String],
+) -> Result<usize, TreeError> {
     let rp = replica.paths.replica(&replica.name);
     let (pointer_data, pointer_stat) = client
         .get_data(&rp.log_pointer())
@@ -74,11 +84,18 @@ pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[
     let mut indexes: Vec<u64> = children.iter().filter_map(|c| sequence_of(c)).collect();
     indexes.sort_unstable();
     // An empty pointer (a new replica) starts at the oldest entry still in the log.
-    let pointer = match std::str::from_utf8(&pointer_data).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+    let pointer = match std::str::from_utf8(&pointer_data)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    {
         Some(p) => p,
         None => indexes.first().copied().unwrap_or(0),
     };
-    let batch: Vec<u64> = indexes.into_iter().filter(|i| *i >= pointer).take(MAX_BATCH).collect();
+    let batch: Vec<u64> = indexes
+        .into_iter()
+        .filter(|i| *i >= pointer)
+        .take(MAX_BATCH)
+        .collect();
     let Some(&last) = batch.last() else {
         if pointer_data.is_empty() {
             set_pointer(client, &rp.log_pointer(), pointer, pointer_stat.version).await?;
@@ -100,11 +117,17 @@ pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[
         match result {
             zk::MultiReadResult::Data { data, .. } => entries.push((*index, data)),
             // Removed by log cleanup after we listed: it is older than every pointer.
-            zk::MultiReadResult::Error { err: zk::Error::NoNode } => {}
+            zk::MultiReadResult::Error {
+                err: zk::Error::NoNode,
+            } => {}
             zk::MultiReadResult::Error { err } => {
-                return Err(TreeError::zk("get", replica.paths.log_entry(&log_node_name(*index)), err));
+                return Err(TreeError::zk(
+                    "get",
+                    replica.paths.log_entry(&log_node_name(*index)),
+                    err,
+                ));
             }
-            zk::MultiReadResult::Children { .. } => {}
+            _ => {}
         }
     }
     let mut multi = client.new_multi_writer();
@@ -118,7 +141,11 @@ pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[
     // session has not expired yet) fail rather than queue the entries twice.
     let next = (last + 1).to_string();
     multi
-        .add_set_data(&rp.log_pointer(), next.as_bytes(), Some(pointer_stat.version))
+        .add_set_data(
+            &rp.log_pointer(),
+            next.as_bytes(),
+            Some(pointer_stat.version),
+        )
         .map_err(|e| TreeError::zk("set", rp.log_pointer(), e))?;
     let results = multi
         .commit()
@@ -130,9 +157,14 @@ pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[
             continue;
         };
         let node_name = path.rsplit('/').next().unwrap_or_default().to_string();
-        match std::str::from_utf8(data).map_err(|e| e.to_string()).and_then(|t| LogEntry::parse(t).map_err(|e| e.to_string())) {
+        match std::str::from_utf8(data)
+            .map_err(|e| e.to_string())
+            .and_then(|t| LogEntry::parse(t).map_err(|e| e.to_string()))
+        {
             Ok(entry) => queue.insert(node_name, entry),
-            Err(e) => warn!(replica = %replica.name, log_index = index, error = %e, "unreadable log entry queued; it will be reported in /queue"),
+            Err(e) => {
+                warn!(replica = %replica.name, log_index = index, error = %e, "unreadable log entry queued; it will be reported in /queue")
+            }
         }
     }
     drop(queue);
@@ -142,8 +174,16 @@ pub async fn pull_once(replica: &Arc<Replica>, client: &zk::Client, children: &[
     Ok(batch.len())
 }
 
-async fn set_pointer(client: &zk::Client, path: &str, value: u64, version: i32) -> Result<(), TreeError> {
-    match client.set_data(path, value.to_string().as_bytes(), Some(version)).await {
+async fn set_pointer(
+    client: &zk::Client,
+    path: &str,
+    value: u64,
+    version: i32,
+) -> Result<(), TreeError> {
+    match client
+        .set_data(path, value.to_string().as_bytes(), Some(version))
+        .await
+    {
         Ok(_) | Err(zk::Error::BadVersion) => Ok(()),
         Err(e) => Err(TreeError::zk("set", path, e)),
     }
@@ -172,9 +212,14 @@ pub async fn load_queue(replica: &Arc<Replica>, client: &zk::Client) -> Result<u
             .map_err(|e| TreeError::zk("multi-get", rp.queue(), e))?;
         for (name, result) in chunk.iter().zip(results) {
             if let zk::MultiReadResult::Data { data, .. } = result {
-                match std::str::from_utf8(&data).map_err(|e| e.to_string()).and_then(|t| LogEntry::parse(t).map_err(|e| e.to_string())) {
+                match std::str::from_utf8(&data)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| LogEntry::parse(t).map_err(|e| e.to_string()))
+                {
                     Ok(entry) => loaded.push((name.clone(), entry)),
-                    Err(e) => warn!(replica = %replica.name, node = %name, error = %e, "skipping unreadable queue entry"),
+                    Err(e) => {
+                        warn!(replica = %replica.name, node = %name, error = %e, "skipping unreadable queue entry")
+                    }
                 }
             }
         }

@@ -12,15 +12,15 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use zookeeper_client as zk;
 
-use rtable_protocol::paths::sequence_of;
 use rtable_protocol::part_header::PartHeader;
+use rtable_protocol::paths::sequence_of;
 use rtable_protocol::tree::{self, TreeError};
 use rtable_protocol::{LogEntry, PartName};
 
 use crate::metrics::Metrics;
+use crate::parts::StagedPart;
 use crate::replica::Replica;
 use crate::sink::{Block, BlockOutcome, InsertError};
-use crate::store::StagedPart;
 
 /// Ops per block: log entry, lock removal, blocks node, parts node. 100 blocks keep a
 /// multi far below ZooKeeper's 1 MB packet limit.
@@ -90,14 +90,18 @@ struct Pending {
 }
 
 enum PendingState {
-    Temp(crate::store::TempPart),
+    Temp(crate::parts::TempPart),
     Staged(StagedPart),
     Done(BlockOutcome),
     /// Same dedup id as an earlier block of this group: its outcome is that block's.
     SameAs(usize),
 }
 
-async fn commit_group(replica: &Arc<Replica>, known_partitions: &mut HashSet<String>, jobs: Vec<Job>) {
+async fn commit_group(
+    replica: &Arc<Replica>,
+    known_partitions: &mut HashSet<String>,
+    jobs: Vec<Job>,
+) {
     let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
     let mut pending: Vec<Pending> = Vec::new();
     let mut first_by_id: HashMap<String, usize> = HashMap::new();
@@ -155,9 +159,10 @@ async fn commit_group(replica: &Arc<Replica>, known_partitions: &mut HashSet<Str
                         return Some(match (o, at == i) {
                             (o, true) => o.clone(),
                             // A later copy of a block committed in this very group is a duplicate of it.
-                            (BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part }, false) => {
-                                BlockOutcome::Duplicate { part: part.clone() }
-                            }
+                            (
+                                BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part },
+                                false,
+                            ) => BlockOutcome::Duplicate { part: part.clone() },
                         });
                     }
                     PendingState::SameAs(first) if *first < pending.len() => at = *first,
@@ -167,14 +172,15 @@ async fn commit_group(replica: &Arc<Replica>, known_partitions: &mut HashSet<Str
             None
         })
         .collect();
-    let mut per_job: Vec<Vec<(usize, BlockOutcome)>> = (0..replies.len()).map(|_| Vec::new()).collect();
+    let mut per_job: Vec<Vec<(usize, BlockOutcome)>> =
+        (0..replies.len()).map(|_| Vec::new()).collect();
     for (p, outcome) in pending.iter().zip(outcomes) {
         match outcome {
             Some(o) => per_job[p.job].push((p.slot, o)),
             None => {
-                failed_jobs
-                    .entry(p.job)
-                    .or_insert_with(|| InsertError::Internal("block left without outcome".to_string()));
+                failed_jobs.entry(p.job).or_insert_with(|| {
+                    InsertError::Internal("block left without outcome".to_string())
+                });
             }
         }
     }
@@ -214,7 +220,12 @@ async fn commit_pending(
     loop {
         attempt += 1;
         let open: Vec<usize> = (0..pending.len())
-            .filter(|&i| matches!(pending[i].state, PendingState::Temp(_) | PendingState::Staged(_)))
+            .filter(|&i| {
+                matches!(
+                    pending[i].state,
+                    PendingState::Temp(_) | PendingState::Staged(_)
+                )
+            })
             .collect();
         if open.is_empty() {
             return Ok(());
@@ -238,7 +249,10 @@ async fn commit_pending(
                 continue;
             }
             Err(e) => {
-                if matches!(e.zk_error(), Some(zk::Error::SessionExpired | zk::Error::ClientClosed)) {
+                if matches!(
+                    e.zk_error(),
+                    Some(zk::Error::SessionExpired | zk::Error::ClientClosed)
+                ) {
                     replica.sessions.report_expired(generation);
                 }
                 if e.is_transient() {
@@ -275,13 +289,16 @@ async fn commit_pending(
                     activate(replica, &mut pending[i]);
                 }
                 replica.pull_notify.notify_one();
+                replica.merge_notify.notify_one();
                 return Ok(());
             }
             CommitResult::Duplicate(i) => {
                 // Someone committed the same block between our allocation and commit.
                 let existing = existing_part(&client, replica, &pending[i].block_id).await;
                 release_lock(&client, pending[i].lock.take()).await;
-                if let PendingState::Staged(s) = std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX)) {
+                if let PendingState::Staged(s) =
+                    std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX))
+                {
                     replica.store.discard_staged(s);
                 }
                 pending[i].state = PendingState::Done(BlockOutcome::Duplicate { part: existing });
@@ -315,8 +332,8 @@ async fn commit_pending(
     }
 }
 
-fn unreachable_state() -> Result<StagedPart, crate::store::StoreError> {
-    Err(crate::store::StoreError::Invariant(
+fn unreachable_state() -> Result<StagedPart, crate::parts::StoreError> {
+    Err(crate::parts::StoreError::Invariant(
         "block in an unexpected state".to_string(),
     ))
 }
@@ -353,7 +370,11 @@ async fn ensure_partitions(
             Ok(_) | Err(zk::Error::NodeExists) => {
                 known.insert(pid.clone());
             }
-            Err(e) => return Err(InsertError::Unavailable(TreeError::zk("create", path, e).to_string())),
+            Err(e) => {
+                return Err(InsertError::Unavailable(
+                    TreeError::zk("create", path, e).to_string(),
+                ));
+            }
         }
     }
     Ok(())
@@ -372,7 +393,9 @@ async fn allocate(
     let mut multi = client.new_multi_writer();
     for &i in open {
         let block = replica.paths.block(&pending[i].block_id);
-        let lock = replica.paths.block_number_lock_prefix(&pending[i].partition_id);
+        let lock = replica
+            .paths
+            .block_number_lock_prefix(&pending[i].partition_id);
         multi
             .add_create(&block, b"", &tree::persistent())
             .map_err(|e| TreeError::zk("create", block.clone(), e))?;
@@ -415,16 +438,24 @@ async fn allocate(
         }) if index % 3 == 0 => {
             let i = open[index / 3];
             let existing = existing_part(client, replica, &pending[i].block_id).await;
-            if let PendingState::Temp(t) = std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX)) {
+            if let PendingState::Temp(t) =
+                std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX))
+            {
                 replica.store.discard_temp(t);
             }
-            if let PendingState::Staged(s) = std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX)) {
+            if let PendingState::Staged(s) =
+                std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX))
+            {
                 replica.store.discard_staged(s);
             }
             pending[i].state = PendingState::Done(BlockOutcome::Duplicate { part: existing });
             Ok(None)
         }
-        Err(e) => Err(tree::multi_error("allocate block numbers", &[replica.paths.block_numbers()], e)),
+        Err(e) => Err(tree::multi_error(
+            "allocate block numbers",
+            &[replica.paths.block_numbers()],
+            e,
+        )),
     }
 }
 
@@ -448,7 +479,12 @@ enum CommitResult {
 
 /// ONE multi for the whole group: per block the GET_PART log entry, the lock removal,
 /// `blocks/<id>` and `replicas/<me>/parts/<part>`.
-async fn commit(replica: &Replica, client: &zk::Client, pending: &[Pending], open: &[usize]) -> CommitResult {
+async fn commit(
+    replica: &Replica,
+    client: &zk::Client,
+    pending: &[Pending],
+    open: &[usize],
+) -> CommitResult {
     let rp = replica.paths.replica(&replica.name);
     let now = chrono::Utc::now().timestamp();
     let mut multi = client.new_multi_writer();
@@ -461,9 +497,17 @@ async fn commit(replica: &Replica, client: &zk::Client, pending: &[Pending], ope
         let header = PartHeader::new(&replica.columns_text, s.rows, &s.checksums).render();
         let lock = pending[i].lock.clone().unwrap_or_default();
         let ops = [
-            multi.add_create(&replica.paths.log_entry_prefix(), entry.as_bytes(), &tree::persistent_sequential()),
+            multi.add_create(
+                &replica.paths.log_entry_prefix(),
+                entry.as_bytes(),
+                &tree::persistent_sequential(),
+            ),
             multi.add_delete(&lock, None),
-            multi.add_create(&replica.paths.block(&pending[i].block_id), part.as_bytes(), &tree::persistent()),
+            multi.add_create(
+                &replica.paths.block(&pending[i].block_id),
+                part.as_bytes(),
+                &tree::persistent(),
+            ),
             multi.add_create(&rp.part(&part), header.as_bytes(), &tree::persistent()),
         ];
         if let Some(Err(e)) = ops.into_iter().find(|r| r.is_err()) {
@@ -508,7 +552,12 @@ async fn resolve(replica: &Replica, pending: &[Pending], open: &[usize]) -> Opti
         PendingState::Staged(s) => Some(s.name.to_string()),
         _ => None,
     })?;
-    check_committed(replica, &first, replica.session_timeout + Duration::from_secs(2)).await
+    check_committed(
+        replica,
+        &first,
+        replica.session_timeout + Duration::from_secs(2),
+    )
+    .await
 }
 
 async fn check_committed(replica: &Replica, part: &str, patience: Duration) -> Option<bool> {
@@ -518,7 +567,9 @@ async fn check_committed(replica: &Replica, part: &str, patience: Duration) -> O
         if let Ok((client, _)) = replica.sessions.active() {
             match client.check_stat(&path).await {
                 Ok(stat) => return Some(stat.is_some()),
-                Err(e) => debug!(replica = %replica.name, %part, error = %e, "cannot check commit yet"),
+                Err(e) => {
+                    debug!(replica = %replica.name, %part, error = %e, "cannot check commit yet")
+                }
             }
         }
         if tokio::time::Instant::now() >= deadline {

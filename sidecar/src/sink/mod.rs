@@ -14,9 +14,9 @@ use tracing::{Instrument, info_span};
 use rtable_protocol::hash::{self, Hash128};
 
 use crate::metrics::Metrics;
+use crate::parts::{StoreError, TempPart};
 use crate::replica::Replica;
 use crate::rows::{self, InputError, InputFormat};
-use crate::store::{StoreError, TempPart};
 
 pub use committer::Committer;
 
@@ -31,9 +31,13 @@ pub struct Block {
 /// What happened to one block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockOutcome {
-    Committed { part: String },
+    Committed {
+        part: String,
+    },
     /// An earlier insert with the same dedup id committed `part`.
-    Duplicate { part: String },
+    Duplicate {
+        part: String,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -71,7 +75,9 @@ impl InsertError {
     pub fn status(&self) -> u16 {
         match self {
             InsertError::Input(_) => 400,
-            InsertError::ReadOnly(_) | InsertError::Unavailable(_) | InsertError::OutcomeUnknown(_) => 503,
+            InsertError::ReadOnly(_)
+            | InsertError::Unavailable(_)
+            | InsertError::OutcomeUnknown(_) => 503,
             InsertError::Store(_) | InsertError::Internal(_) => 500,
         }
     }
@@ -83,11 +89,18 @@ pub struct InsertRequest {
     pub dedup_token: Option<String>,
 }
 
-pub async fn insert(replica: &Arc<Replica>, committer: &Committer, request: InsertRequest) -> Result<InsertAnswer, InsertError> {
+pub async fn insert(
+    replica: &Arc<Replica>,
+    committer: &Committer,
+    request: InsertRequest,
+) -> Result<InsertAnswer, InsertError> {
     let span = info_span!("insert", replica = %replica.name, bytes = request.body.len());
     async move {
         // Refuse early: a read-only replica should not even write temporary parts.
-        replica.sessions.active().map_err(|e| InsertError::ReadOnly(e.reason))?;
+        replica
+            .sessions
+            .active()
+            .map_err(|e| InsertError::ReadOnly(e.reason))?;
         let blocks = {
             let replica = replica.clone();
             tokio::task::spawn_blocking(move || prepare_blocks(&replica, request))
@@ -106,7 +119,10 @@ pub async fn insert(replica: &Arc<Replica>, committer: &Committer, request: Inse
         let mut answer = InsertAnswer {
             parts: Vec::with_capacity(outcomes.len()),
             rows,
-            deduplicated: !outcomes.is_empty() && outcomes.iter().all(|o| matches!(o, BlockOutcome::Duplicate { .. })),
+            deduplicated: !outcomes.is_empty()
+                && outcomes
+                    .iter()
+                    .all(|o| matches!(o, BlockOutcome::Duplicate { .. })),
             deduplicated_parts: Vec::new(),
         };
         for o in outcomes {
@@ -139,9 +155,10 @@ fn prepare_blocks(replica: &Replica, request: InsertRequest) -> Result<Vec<Block
     let partitions = rows::partition_split(&batch, schema)?;
     let mut blocks = Vec::with_capacity(partitions.len());
     for (index, (partition_id, part_batch)) in partitions.into_iter().enumerate() {
-        let sorted = rows::sort_by_key(&part_batch, &schema.order_by)
-            .map_err(|e| InsertError::Internal(format!("sorting by {}: {e}", schema.order_by_expr())))?;
-        let temp = crate::store::part_writer::write_temp(&replica.store, &sorted, schema)?;
+        let sorted = rows::sort_by_key(&part_batch, &schema.order_by).map_err(|e| {
+            InsertError::Internal(format!("sorting by {}: {e}", schema.order_by_expr()))
+        })?;
+        let temp = crate::parts::part_writer::write_temp(&replica.store, &sorted, schema)?;
         let hash: Hash128 = match &request.dedup_token {
             Some(token) => hash::token_hash(token, index),
             None => temp.data_hash(),

@@ -1,0 +1,423 @@
+//! A real ZooKeeper ensemble (1 or 3 nodes, or any count) on 127.0.0.1, one JVM per node,
+//! started from the Debian `zookeeper` package's jar.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::ports;
+
+pub const DEFAULT_JAR: &str = "/usr/share/java/zookeeper.jar";
+pub const DEFAULT_SLF4J: &str = "/usr/share/java/slf4j-simple.jar";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrerequisiteError {
+    #[error(
+        "ZooKeeper is not installed: {jar} is missing. Install ZooKeeper: scripts/setup.sh (or `apt-get install -y --no-install-recommends zookeeper`)"
+    )]
+    NoJar { jar: String },
+    #[error(
+        "Java is not available (`{java} -version` failed: {reason}). Install ZooKeeper: scripts/setup.sh (it needs a Java runtime, e.g. `apt-get install -y default-jre-headless`)"
+    )]
+    NoJava { java: String, reason: String },
+}
+
+/// Ports of one ensemble member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePorts {
+    pub client: u16,
+    pub peer: u16,
+    pub election: u16,
+}
+
+#[derive(Debug)]
+struct Node {
+    id: usize,
+    ports: NodePorts,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running ensemble. Dropping it SIGKILLs every node.
+#[derive(Debug)]
+pub struct ZkEnsemble {
+    nodes: Vec<Node>,
+    java: String,
+    classpath: String,
+}
+
+/// Checks that Java and the ZooKeeper jar are present; returns (java, classpath).
+pub fn prerequisites() -> Result<(String, String), PrerequisiteError> {
+    let jar = std::env::var("RTABLE_ZK_JAR").unwrap_or_else(|_| DEFAULT_JAR.to_string());
+    if !Path::new(&jar).exists() {
+        return Err(PrerequisiteError::NoJar { jar });
+    }
+    let java = std::env::var("RTABLE_JAVA").unwrap_or_else(|_| "java".to_string());
+    let probe = Command::new(&java)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match probe {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            return Err(PrerequisiteError::NoJava {
+                java,
+                reason: format!("exit status {s}"),
+            });
+        }
+        Err(e) => {
+            return Err(PrerequisiteError::NoJava {
+                java,
+                reason: e.to_string(),
+            });
+        }
+    }
+    let mut classpath = jar;
+    if Path::new(DEFAULT_SLF4J).exists() {
+        classpath.push(':');
+        classpath.push_str(DEFAULT_SLF4J);
+    }
+    Ok((java, classpath))
+}
+
+impl ZkEnsemble {
+    /// Starts `size` nodes on free ports under `dir` and waits until they serve.
+    pub fn start(size: usize, dir: &Path) -> anyhow::Result<ZkEnsemble> {
+        let all = ports::free_ports(size * 3)?;
+        let node_ports: Vec<NodePorts> = all
+            .chunks(3)
+            .map(|c| NodePorts {
+                client: c[0],
+                peer: c[1],
+                election: c[2],
+            })
+            .collect();
+        Self::start_with_ports(&node_ports, dir)
+    }
+
+    /// Starts one node per entry of `node_ports` (checked to be free first).
+    pub fn start_with_ports(node_ports: &[NodePorts], dir: &Path) -> anyhow::Result<ZkEnsemble> {
+        anyhow::ensure!(
+            !node_ports.is_empty(),
+            "an ensemble needs at least one node"
+        );
+        let (java, classpath) = prerequisites()?;
+        let flat: Vec<u16> = node_ports
+            .iter()
+            .flat_map(|p| [p.client, p.peer, p.election])
+            .collect();
+        ports::check_all_free(&flat)?;
+        let standalone = node_ports.len() == 1;
+        let servers: String = node_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("server.{}=127.0.0.1:{}:{}\n", i + 1, p.peer, p.election))
+            .collect();
+        let mut nodes = Vec::with_capacity(node_ports.len());
+        for (i, p) in node_ports.iter().enumerate() {
+            let id = i + 1;
+            let node_dir = dir.join(format!("zk-{id}"));
+            let data_dir = node_dir.join("data");
+            fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            fs::write(data_dir.join("myid"), format!("{id}\n"))
+                .with_context(|| format!("writing myid in {}", data_dir.display()))?;
+            let config = node_dir.join("zoo.cfg");
+            let mut text = format!(
+                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=*\nextendedTypesEnabled=true\n\
+                 minSessionTimeout=1000\nmaxSessionTimeout=60000\nmaxClientCnxns=0\nautopurge.purgeInterval=0\n",
+                data_dir.display(),
+                p.client
+            );
+            if !standalone {
+                text.push_str(&servers);
+            }
+            fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+            nodes.push(Node {
+                id,
+                ports: *p,
+                dir: node_dir.clone(),
+                config,
+                log: node_dir.join("zookeeper.log"),
+                child: None,
+            });
+        }
+        let mut ensemble = ZkEnsemble {
+            nodes,
+            java,
+            classpath,
+        };
+        for i in 0..ensemble.nodes.len() {
+            ensemble.spawn(i)?;
+        }
+        ensemble.wait_serving(Duration::from_secs(60))?;
+        Ok(ensemble)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .with_context(|| format!("no ZooKeeper node {i}"))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .with_context(|| format!("opening {}", node.log.display()))?;
+        let log_err = log
+            .try_clone()
+            .with_context(|| format!("duplicating {}", node.log.display()))?;
+        let mut command = Command::new(&self.java);
+        crate::process::die_with_parent(&mut command);
+        let child = command
+            .args([
+                "-Xmx256m",
+                "-Xss512k",
+                "-XX:+UseSerialGC",
+                "-XX:TieredStopAtLevel=1",
+                "-Djava.net.preferIPv4Stack=true",
+                "-Dzookeeper.admin.enableServer=false",
+                "-Dorg.slf4j.simpleLogger.showDateTime=true",
+                "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
+                "-cp",
+                &self.classpath,
+                "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+            ])
+            .arg(&node.config)
+            .current_dir(&node.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("starting ZooKeeper node {} ({})", node.id, self.java))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// `127.0.0.1:p1,127.0.0.1:p2,...`
+    pub fn connect_string(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.ports.client))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn ports(&self, i: usize) -> Option<NodePorts> {
+        self.nodes.get(i).map(|n| n.ports)
+    }
+
+    pub fn client_port(&self, i: usize) -> Option<u16> {
+        self.nodes.get(i).map(|n| n.ports.client)
+    }
+
+    pub fn log_path(&self, i: usize) -> Option<&Path> {
+        self.nodes.get(i).map(|n| n.log.as_path())
+    }
+
+    pub fn log_paths(&self) -> Vec<PathBuf> {
+        self.nodes.iter().map(|n| n.log.clone()).collect()
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        match self.nodes.get_mut(i).and_then(|n| n.child.as_mut()) {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Sends a four-letter-word command to node `i` and returns the answer.
+    pub fn four_letter(&self, i: usize, command: &str) -> anyhow::Result<String> {
+        let node = self
+            .nodes
+            .get(i)
+            .with_context(|| format!("no ZooKeeper node {i}"))?;
+        four_letter(node.ports.client, command)
+    }
+
+    /// `srvr`'s `Mode:` (leader, follower, standalone), or `None` while not serving.
+    pub fn mode(&self, i: usize) -> Option<String> {
+        let answer = self.four_letter(i, "srvr").ok()?;
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Mode: "))
+            .map(|m| m.trim().to_string())
+    }
+
+    /// Index of the current leader (the standalone node of a 1-node ensemble).
+    pub fn leader_index(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|i| {
+            matches!(
+                self.mode(*i).as_deref(),
+                Some("leader") | Some("standalone")
+            )
+        })
+    }
+
+    /// `mntr` of node `i` as key -> value (`zk_packets_received` -> `1234`, ...).
+    pub fn mntr(&self, i: usize) -> anyhow::Result<HashMap<String, String>> {
+        let text = self.four_letter(i, "mntr")?;
+        let map = parse_mntr(&text);
+        anyhow::ensure!(
+            !map.is_empty(),
+            "ZooKeeper node {} answered `mntr` with no fields: {text:?}",
+            i + 1
+        );
+        Ok(map)
+    }
+
+    /// Sum of a numeric `mntr` field over the nodes that answer.
+    pub fn mntr_sum(&self, key: &str) -> u64 {
+        (0..self.nodes.len())
+            .filter_map(|i| self.mntr(i).ok())
+            .filter_map(|m| m.get(key).and_then(|v| v.parse::<u64>().ok()))
+            .sum()
+    }
+
+    /// Waits until every running node reports a serving mode and there is one leader.
+    pub fn wait_serving(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let mut modes = Vec::new();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].child.is_none() {
+                    modes.push(None);
+                    continue;
+                }
+                if !self.is_running(i) {
+                    let log = &self.nodes[i].log;
+                    anyhow::bail!(
+                        "ZooKeeper node {} exited during start; its log {} ends with:\n{}",
+                        i + 1,
+                        log.display(),
+                        crate::tail(log, 30)
+                    );
+                }
+                modes.push(self.mode(i));
+            }
+            let running: Vec<&Option<String>> = modes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.nodes[*i].child.is_some())
+                .map(|(_, m)| m)
+                .collect();
+            let leaders = running
+                .iter()
+                .filter(|m| matches!(m.as_deref(), Some("leader") | Some("standalone")))
+                .count();
+            if leaders == 1 && running.iter().all(|m| m.is_some()) {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                anyhow::bail!(
+                    "ZooKeeper ensemble did not form within {}s; modes: {modes:?}; logs under {}",
+                    timeout.as_secs(),
+                    self.nodes
+                        .first()
+                        .and_then(|n| n.dir.parent())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs node `i` and reaps it.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .with_context(|| format!("no ZooKeeper node {i}"))?;
+        if let Some(mut child) = node.child.take() {
+            child
+                .kill()
+                .with_context(|| format!("SIGKILL ZooKeeper node {}", node.id))?;
+            child
+                .wait()
+                .with_context(|| format!("reaping ZooKeeper node {}", node.id))?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i` again with its data directory and waits until it serves.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i)?;
+        self.spawn(i)?;
+        self.wait_serving(Duration::from_secs(60))
+    }
+
+    /// Stops every node with SIGTERM (SIGKILL after a grace period).
+    pub fn shutdown(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = crate::process::terminate(&mut child, Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Drop for ZkEnsemble {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Sends a four-letter word to 127.0.0.1:`port` and reads the answer to EOF.
+pub fn four_letter(port: u16, command: &str) -> anyhow::Result<String> {
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .with_context(|| format!("connecting to ZooKeeper at 127.0.0.1:{port}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .context("setting a read timeout")?;
+    stream
+        .write_all(command.as_bytes())
+        .with_context(|| format!("sending `{command}` to 127.0.0.1:{port}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading the answer to `{command}` from 127.0.0.1:{port}"))?;
+    Ok(answer)
+}
+
+/// Parses `mntr` output: one `key<TAB>value` per line.
+pub fn parse_mntr(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mntr_lines_parse() {
+        let text = "zk_version\t3.8.0-1, built on 2022\nzk_server_state\tleader\nzk_packets_received\t42\n";
+        let m = parse_mntr(text);
+        assert_eq!(m.get("zk_server_state").map(String::as_str), Some("leader"));
+        assert_eq!(m.get("zk_packets_received").map(String::as_str), Some("42"));
+        assert_eq!(m.len(), 3);
+    }
+}

@@ -1,0 +1,209 @@
+//! The operator's few calls outside the Kubernetes API: the ZooKeeper tree (through
+//! `rtable_protocol::tree`) and the sidecars' `/status`. Behind a trait so reconcile is
+//! tested with a scripted fake while the real one runs against a real ensemble.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rtable_protocol::paths::TablePaths;
+use rtable_protocol::schema::TableSchema;
+use rtable_protocol::tree::{self, DropOutcome, ReplicaState, TreeError};
+use tokio::sync::Mutex;
+use zookeeper_client as zk;
+
+use crate::status::SidecarStatus;
+
+/// How to reach a table's ensemble.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ZkTarget {
+    /// `host:port,...` with an optional chroot.
+    pub connect: String,
+    pub session_timeout: Duration,
+    /// Digest credentials `user:password`.
+    pub auth: Option<String>,
+}
+
+pub trait Backend: Send + Sync {
+    /// Creates the tree, or checks that an existing one holds the same definition.
+    fn ensure_table<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+        schema: &'a TableSchema,
+    ) -> BoxFuture<'a, Result<(), TreeError>>;
+    /// Every registered replica's state, sorted by name.
+    fn replicas<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ReplicaState>, TreeError>>;
+    /// Drops one replica's metadata; refused (`TreeError::ReplicaActive`) while it is active.
+    fn drop_replica<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<DropOutcome, TreeError>>;
+    fn remove_table<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+    ) -> BoxFuture<'a, Result<(), TreeError>>;
+    /// A sidecar's `/status`; `None` when it does not answer (it is then reported from
+    /// ZooKeeper alone).
+    fn sidecar_status<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Option<SidecarStatus>>;
+}
+
+/// The real backend: one cached ZooKeeper session per ensemble, dropped on any
+/// connection-level error so the next reconcile reconnects.
+pub struct ZooKeeperBackend {
+    sessions: Mutex<HashMap<ZkTarget, zk::Client>>,
+    http: reqwest::Client,
+    connect_timeout: Duration,
+}
+
+impl ZooKeeperBackend {
+    pub fn new(connect_timeout: Duration) -> Result<Self, reqwest::Error> {
+        Ok(ZooKeeperBackend {
+            sessions: Mutex::new(HashMap::new()),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()?,
+            connect_timeout,
+        })
+    }
+
+    async fn client(&self, target: &ZkTarget) -> Result<zk::Client, TreeError> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(c) = sessions.get(target)
+            && !c.state().is_terminated()
+        {
+            return Ok(c.clone());
+        }
+        let mut connector = zk::Client::connector()
+            .with_session_timeout(target.session_timeout)
+            .with_connection_timeout(self.connect_timeout);
+        if let Some(auth) = &target.auth {
+            connector = connector.with_auth("digest", auth.as_bytes());
+        }
+        let client = connector
+            .connect(&target.connect)
+            .await
+            .map_err(|e| TreeError::zk("connect", target.connect.clone(), e))?;
+        sessions.insert(target.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// Forgets a session after a transient failure: a fresh one is built next time.
+    async fn forget_on_transient<T>(
+        &self,
+        target: &ZkTarget,
+        r: Result<T, TreeError>,
+    ) -> Result<T, TreeError> {
+        if let Err(e) = &r
+            && e.is_transient()
+        {
+            self.sessions.lock().await.remove(target);
+        }
+        r
+    }
+}
+
+impl Backend for ZooKeeperBackend {
+    fn ensure_table<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+        schema: &'a TableSchema,
+    ) -> BoxFuture<'a, Result<(), TreeError>> {
+        Box::pin(async move {
+            let r = async {
+                let client = self.client(target).await?;
+                tree::create_table(&client, &TablePaths::new(table_path), schema).await?;
+                Ok(())
+            }
+            .await;
+            self.forget_on_transient(target, r).await
+        })
+    }
+
+    fn replicas<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ReplicaState>, TreeError>> {
+        Box::pin(async move {
+            let r = async {
+                let client = self.client(target).await?;
+                let paths = TablePaths::new(table_path);
+                let mut out = Vec::new();
+                for name in tree::list_replicas(&client, &paths).await? {
+                    match tree::read_replica_state(&client, &paths, &name).await {
+                        Ok(s) => out.push(s),
+                        // Dropped between the list and the read: not a replica any more.
+                        Err(TreeError::NoReplica { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+            .await;
+            self.forget_on_transient(target, r).await
+        })
+    }
+
+    fn drop_replica<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<DropOutcome, TreeError>> {
+        Box::pin(async move {
+            let r = async {
+                let client = self.client(target).await?;
+                tree::drop_replica(&client, &TablePaths::new(table_path), replica).await
+            }
+            .await;
+            self.forget_on_transient(target, r).await
+        })
+    }
+
+    fn remove_table<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+    ) -> BoxFuture<'a, Result<(), TreeError>> {
+        Box::pin(async move {
+            let r = async {
+                let client = self.client(target).await?;
+                tree::remove_table(&client, &TablePaths::new(table_path)).await
+            }
+            .await;
+            self.forget_on_transient(target, r).await
+        })
+    }
+
+    fn sidecar_status<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Option<SidecarStatus>> {
+        Box::pin(async move {
+            let resp = match self.http.get(url).send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    tracing::debug!(url, status = %r.status(), "sidecar status not available");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(url, error = %e, "sidecar did not answer");
+                    return None;
+                }
+            };
+            match resp.json::<SidecarStatus>().await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(url, error = %e, "sidecar /status is not the expected JSON");
+                    None
+                }
+            }
+        })
+    }
+}

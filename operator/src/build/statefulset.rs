@@ -1,0 +1,528 @@
+//! The StatefulSet: one pod per replica, each with the sidecar, its volume and optionally
+//! the user's container. The pod template only depends on what should roll the pods
+//! (image, resources, the user container, the ZooKeeper chroot and auth); everything else
+//! reaches the sidecar through the ConfigMap.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+
+use super::{
+    BuildConfig, CONFIG_DIR, DATA_DIR, INTERSERVER_KEY, Names, SIDECAR_CONTAINER, SIDECAR_PORT,
+    SIDECAR_PORT_NAME, TABLE_KEY, owned_meta, string_map,
+};
+use crate::crd::{ReplicatedTable, UserContainer, selector_labels};
+
+const DATA_VOLUME: &str = "data";
+const CONFIG_VOLUME: &str = "config";
+/// Path of the ZooKeeper digest credentials inside the config volume.
+const ZK_AUTH_FILE: &str = "zookeeper-auth/digest";
+/// A fixed non-root uid, so the data volume's group ownership (fsGroup) is predictable.
+const SIDECAR_UID: i64 = 10001;
+
+pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
+    let names = Names::of(rt);
+    let name = rt.name_any();
+    let spec = &rt.spec;
+    let selector = selector_labels(&name);
+    let mut pod_labels = selector.clone();
+    pod_labels.insert("app.kubernetes.io/component".into(), "replica".into());
+
+    let mut containers = vec![sidecar_container(rt, config, &names)];
+    if let Some(user) = &spec.user_container {
+        containers.push(user_container(user));
+    }
+    let mut sources = vec![
+        VolumeProjection {
+            config_map: Some(ConfigMapProjection {
+                name: names.config_map.clone(),
+                items: Some(vec![key_to_path(TABLE_KEY, TABLE_KEY)]),
+                ..ConfigMapProjection::default()
+            }),
+            ..VolumeProjection::default()
+        },
+        VolumeProjection {
+            secret: Some(SecretProjection {
+                name: names.secret.clone(),
+                items: Some(vec![key_to_path(
+                    INTERSERVER_KEY,
+                    &format!("secret/{INTERSERVER_KEY}"),
+                )]),
+                ..SecretProjection::default()
+            }),
+            ..VolumeProjection::default()
+        },
+    ];
+    // One projected volume instead of nested mounts: a mount point inside a read-only
+    // volume cannot always be created by the runtime.
+    if let Some(auth) = &spec.zookeeper.auth {
+        sources.push(VolumeProjection {
+            secret: Some(SecretProjection {
+                name: auth.secret_name.clone(),
+                items: Some(vec![key_to_path(&auth.key, ZK_AUTH_FILE)]),
+                ..SecretProjection::default()
+            }),
+            ..VolumeProjection::default()
+        });
+    }
+    let volumes = vec![Volume {
+        name: CONFIG_VOLUME.to_string(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(sources),
+            default_mode: Some(0o440),
+        }),
+        ..Volume::default()
+    }];
+
+    let mut storage_request = BTreeMap::new();
+    storage_request.insert("storage".to_string(), spec.storage.size.clone());
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_string()),
+            labels: Some(selector.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(storage_request),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+
+    let label_selector = LabelSelector {
+        match_labels: Some(selector.clone()),
+        ..LabelSelector::default()
+    };
+    StatefulSet {
+        metadata: owned_meta(rt, &names.statefulset),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(names.headless_service.clone()),
+            selector: label_selector.clone(),
+            // Replicas are peers, not a chain: a lost replica-0 must not keep replica-1 from
+            // starting, and scale-up should start every new replica at once.
+            pod_management_policy: Some("Parallel".to_string()),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(
+                        spec.persistent_volume_claim_retention_policy
+                            .when_deleted
+                            .as_str()
+                            .to_string(),
+                    ),
+                    when_scaled: Some(
+                        spec.persistent_volume_claim_retention_policy
+                            .when_scaled
+                            .as_str()
+                            .to_string(),
+                    ),
+                },
+            ),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(string_map(&[(
+                        "kubectl.kubernetes.io/default-container",
+                        SIDECAR_CONTAINER,
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers,
+                    volumes: Some(volumes),
+                    // The sidecar never talks to the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        fs_group: Some(SIDECAR_UID),
+                        fs_group_change_policy: Some("OnRootMismatch".to_string()),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_string(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    // Spread replicas over nodes so one node failure costs one replica;
+                    // ScheduleAnyway keeps small clusters (kind, k3d) schedulable.
+                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                        max_skew: 1,
+                        topology_key: "kubernetes.io/hostname".to_string(),
+                        when_unsatisfiable: "ScheduleAnyway".to_string(),
+                        label_selector: Some(label_selector),
+                        ..TopologySpreadConstraint::default()
+                    }]),
+                    termination_grace_period_seconds: Some(60),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+fn key_to_path(key: &str, path: &str) -> KeyToPath {
+    KeyToPath {
+        key: key.to_string(),
+        path: path.to_string(),
+        mode: None,
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_string(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String(SIDECAR_PORT_NAME.to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn sidecar_container(rt: &ReplicatedTable, config: &BuildConfig, names: &Names) -> Container {
+    let spec = &rt.spec;
+    let namespace = rt.namespace().unwrap_or_default();
+    let advertise = format!(
+        "$(POD_NAME).{}.{namespace}.svc.{}:{SIDECAR_PORT}",
+        names.headless_service, config.cluster_domain
+    );
+    let args: Vec<String> = [
+        "--table",
+        &format!("{CONFIG_DIR}/{TABLE_KEY}"),
+        "--replica",
+        "$(POD_NAME)",
+        "--data-dir",
+        DATA_DIR,
+        "--listen",
+        &format!("0.0.0.0:{SIDECAR_PORT}"),
+        "--advertise",
+        &advertise,
+        "--interserver-secret-file",
+        &format!("{CONFIG_DIR}/secret/{INTERSERVER_KEY}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut env_vars = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        env("RTABLE_LOG_FORMAT", "json"),
+    ];
+    // The manifest holds the bare ensemble (host:port entries, as the protocol validates
+    // them); a chroot only exists in the connect string, so it travels as the override.
+    if spec.zookeeper.root.is_some() {
+        env_vars.push(env("RTABLE_ZOOKEEPER", &spec.connect_string()));
+    }
+    let mounts = vec![
+        VolumeMount {
+            name: DATA_VOLUME.to_string(),
+            mount_path: DATA_DIR.to_string(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: CONFIG_VOLUME.to_string(),
+            mount_path: CONFIG_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    if spec.zookeeper.auth.is_some() {
+        env_vars.push(env(
+            "RTABLE_ZOOKEEPER_AUTH_FILE",
+            &format!("{CONFIG_DIR}/{ZK_AUTH_FILE}"),
+        ));
+    }
+    Container {
+        name: SIDECAR_CONTAINER.to_string(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| config.default_image.clone()),
+        ),
+        command: Some(vec!["rtable-sidecar".to_string()]),
+        args: Some(args),
+        env: Some(env_vars),
+        ports: Some(vec![ContainerPort {
+            name: Some(SIDECAR_PORT_NAME.to_string()),
+            container_port: SIDECAR_PORT,
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        }]),
+        // Startup may scan many parts or wait for ZooKeeper; liveness starts after it.
+        startup_probe: Some(http_probe("/healthz", 5, 60)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        // Ready = active in ZooKeeper and not read-only: only then may clients insert here.
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn user_container(user: &UserContainer) -> Container {
+    let mut env_vars = vec![env(
+        "RTABLE_URL",
+        &format!("http://127.0.0.1:{SIDECAR_PORT}"),
+    )];
+    env_vars.extend(user.env.iter().cloned());
+    let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+    Container {
+        name: user.name.clone(),
+        image: Some(user.image.clone()),
+        command: non_empty(&user.command),
+        args: non_empty(&user.args),
+        env: Some(env_vars),
+        ports: (!user.ports.is_empty()).then(|| user.ports.clone()),
+        resources: user.resources.clone(),
+        // Read-only: only the sidecar may change parts, or replicas would diverge.
+        volume_mounts: Some(vec![VolumeMount {
+            name: DATA_VOLUME.to_string(),
+            mount_path: DATA_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    }
+}
+
+/// `(argv, env)` of the sidecar process; `argv[0]` is the binary.
+pub type SidecarCommand = (Vec<String>, Vec<(String, String)>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SidecarCommandError {
+    #[error("StatefulSet has no pod spec")]
+    NoPodSpec,
+    #[error("StatefulSet has no `{SIDECAR_CONTAINER}` container")]
+    NoSidecar,
+    #[error("env var {0} of the sidecar comes from {1}, which only exists in a cluster")]
+    Unresolvable(String, String),
+}
+
+/// The sidecar's command line and environment for one ordinal, with `$(VAR)` references
+/// expanded the way the kubelet does, so a local playground runs exactly what a pod runs.
+/// Returns `(argv, env)`; `argv[0]` is the binary.
+pub fn sidecar_command(
+    sts: &StatefulSet,
+    ordinal: u32,
+) -> Result<SidecarCommand, SidecarCommandError> {
+    let pod_spec = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .ok_or(SidecarCommandError::NoPodSpec)?;
+    let container = pod_spec
+        .containers
+        .iter()
+        .find(|c| c.name == SIDECAR_CONTAINER)
+        .ok_or(SidecarCommandError::NoSidecar)?;
+    let pod_name = format!("{}-{ordinal}", sts.name_any());
+    let namespace = sts.namespace().unwrap_or_default();
+    let mut env_out: Vec<(String, String)> = Vec::new();
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => expand(v, &env_out),
+            (None, Some(src)) => match src.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => pod_name.clone(),
+                Some("metadata.namespace") => namespace.clone(),
+                other => {
+                    return Err(SidecarCommandError::Unresolvable(
+                        var.name.clone(),
+                        other.unwrap_or("a secret or config map").to_string(),
+                    ));
+                }
+            },
+            (None, None) => String::new(),
+        };
+        env_out.push((var.name.clone(), value));
+    }
+    let argv = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .map(|a| expand(a, &env_out))
+        .collect();
+    Ok((argv, env_out))
+}
+
+/// Kubernetes' `$(VAR)` expansion: known variables are replaced, `$$` escapes a `$`, and an
+/// unknown reference stays as written.
+fn expand(input: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+            && let Some((_, value)) = env.iter().find(|(k, _)| k == &inner[..end])
+        {
+            out.push_str(value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::fixtures;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    #[test]
+    fn statefulset_matches_fixture() {
+        let rt = fixtures::table("table.yaml");
+        fixtures::assert_golden(
+            "statefulset.yaml",
+            &stateful_set(&rt, &BuildConfig::default()),
+        );
+    }
+
+    #[test]
+    fn statefulset_with_every_option_matches_fixture() {
+        let rt = fixtures::table("table-full.yaml");
+        fixtures::assert_golden(
+            "statefulset-full.yaml",
+            &stateful_set(&rt, &BuildConfig::default()),
+        );
+    }
+
+    /// Only replicas, resources and image may change the StatefulSet; schema, quorum and
+    /// dedup settings reach the sidecar through the ConfigMap and must not roll pods.
+    #[test]
+    fn only_replicas_resources_and_image_change_the_statefulset() {
+        let rt = fixtures::table("table.yaml");
+        let cfg = BuildConfig::default();
+        let base = stateful_set(&rt, &cfg);
+
+        let mut quiet = rt.clone();
+        quiet.spec.deduplication_window = 5;
+        quiet.spec.insert_quorum_parallel = false;
+        quiet.spec.insert_quorum = rtable_protocol::manifest::InsertQuorum::Replicas(3);
+        quiet.spec.columns.push(crate::crd::ColumnDef {
+            name: "extra".into(),
+            ty: "String".parse().expect("type"),
+        });
+        quiet.spec.zookeeper.nodes.push("zk-9:2181".into());
+        assert_eq!(stateful_set(&quiet, &cfg), base);
+
+        let template = |s: &StatefulSet| s.spec.as_ref().map(|s| s.template.clone());
+        let mut scaled = rt.clone();
+        scaled.spec.replicas = 5;
+        let s = stateful_set(&scaled, &cfg);
+        assert_eq!(s.spec.as_ref().and_then(|s| s.replicas), Some(5));
+        assert_eq!(template(&s), template(&base), "scaling must not roll pods");
+
+        let mut image = rt.clone();
+        image.spec.image = Some("rtable-sidecar:dev".into());
+        assert_ne!(template(&stateful_set(&image, &cfg)), template(&base));
+
+        let mut resources = rt.clone();
+        resources.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("1Gi".into()),
+            )])),
+            ..Default::default()
+        });
+        assert_ne!(template(&stateful_set(&resources, &cfg)), template(&base));
+    }
+
+    #[test]
+    fn sidecar_command_expands_pod_references() {
+        let rt = fixtures::table("table.yaml");
+        let sts = stateful_set(&rt, &BuildConfig::default());
+        let (argv, env) = sidecar_command(&sts, 2).expect("command");
+        assert_eq!(
+            argv,
+            [
+                "rtable-sidecar",
+                "--table",
+                "/etc/rtable/table.yaml",
+                "--replica",
+                "events-2",
+                "--data-dir",
+                "/var/lib/rtable",
+                "--listen",
+                "0.0.0.0:9009",
+                "--advertise",
+                "events-2.events-replicas.analytics.svc.cluster.local:9009",
+                "--interserver-secret-file",
+                "/etc/rtable/secret/interserver",
+            ]
+        );
+        assert!(env.contains(&("POD_NAME".into(), "events-2".into())));
+        assert!(env.contains(&("POD_NAMESPACE".into(), "analytics".into())));
+        assert!(env.contains(&("RTABLE_LOG_FORMAT".into(), "json".into())));
+    }
+
+    #[test]
+    fn expansion_follows_kubelet_rules() {
+        let env = vec![("A".to_string(), "x".to_string())];
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &env), "x-$(B)-$(A)-$");
+        assert_eq!(expand("plain", &env), "plain");
+    }
+}

@@ -1,0 +1,546 @@
+//! Reconcile: dereference -> validate -> build -> apply -> status, wrapped in a finalizer.
+//!
+//! Level-triggered and idempotent: every step is safe to repeat, and every cleanup (a
+//! replica drop on scale-down, the tree on delete) is retried until done.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::{Api, Client, Resource, ResourceExt};
+use rtable_protocol::tree::{DropOutcome, TreeError};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::backend::{Backend, ZkTarget};
+use crate::build::{self, BuildConfig, Names};
+use crate::crd::{
+    DeletionPolicy, FINALIZER, ReplicatedTable, ReplicatedTableStatus, selector_labels,
+};
+use crate::metrics::Metrics;
+use crate::status::{self, Observation, PodsObservation, ReplicaObservation, TreeObservation};
+use crate::validate;
+
+pub const FIELD_MANAGER: &str = "rtable-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API {action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot render the table manifest: {0}")]
+    Render(#[from] serde_yaml::Error),
+    #[error("ZooKeeper: {0}")]
+    ZooKeeper(#[from] TreeError),
+    #[error("ReplicatedTable has no namespace")]
+    NoNamespace,
+    #[error("waiting for {0} pods to terminate before removing the ZooKeeper tree")]
+    PodsStillRunning(usize),
+    #[error("spec.zookeeper.auth: {0}")]
+    Auth(String),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Short label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kubernetes",
+            Error::Render(_) => "render",
+            Error::ZooKeeper(_) => "zookeeper",
+            Error::NoNamespace => "no_namespace",
+            Error::PodsStillRunning(_) => "cleanup_waiting",
+            Error::Auth(_) => "zookeeper_auth",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// Everything reconcile needs besides the object.
+pub struct Context {
+    pub client: Client,
+    pub backend: Arc<dyn Backend>,
+    pub build: BuildConfig,
+    pub metrics: Metrics,
+    pub reporter: Reporter,
+    /// How long deletion waits for an unreachable ZooKeeper before letting go of the tree.
+    pub zookeeper_grace: Duration,
+    /// Requeue interval of a healthy table: replica state lives in ZooKeeper, which the
+    /// operator does not watch, so status is refreshed by polling.
+    pub resync: Duration,
+}
+
+pub async fn reconcile(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.start();
+    let ns = rt.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<ReplicatedTable> = Api::namespaced(ctx.client.clone(), &ns);
+    tracing::info!(table = %rt.name_any(), namespace = %ns, "reconciling");
+    finalizer(&api, FINALIZER, rt, |event| async {
+        match event {
+            finalizer::Event::Apply(rt) => apply(rt, ctx.clone()).await,
+            finalizer::Event::Cleanup(rt) => cleanup(rt, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    })
+}
+
+pub fn error_policy(rt: Arc<ReplicatedTable>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(error.metric_label());
+    match error {
+        Error::PodsStillRunning(_) => tracing::info!(table = %rt.name_any(), "{error}"),
+        _ => tracing::warn!(table = %rt.name_any(), error = %error, "reconcile failed"),
+    }
+    let delay = match error {
+        Error::PodsStillRunning(_) => 5,
+        Error::ZooKeeper(e) if e.is_transient() => 10,
+        _ => 30,
+    };
+    Action::requeue(Duration::from_secs(delay))
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+async fn ssa<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(&name, &apply_params(), &Patch::Apply(obj))
+        .await
+        .map_err(kube_err(format!(
+            "apply {} {name}",
+            K::kind(&K::DynamicType::default())
+        )))
+}
+
+fn zk_target(rt: &ReplicatedTable, auth: Option<String>) -> ZkTarget {
+    ZkTarget {
+        connect: rt.spec.connect_string(),
+        session_timeout: Duration::from_secs(u64::from(rt.spec.zookeeper.session_timeout_seconds)),
+        auth,
+    }
+}
+
+/// Reads the digest credentials from the Secret the spec names.
+async fn zk_auth(rt: &ReplicatedTable, client: &Client, ns: &str) -> Result<Option<String>, Error> {
+    let Some(auth) = &rt.spec.zookeeper.auth else {
+        return Ok(None);
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = secrets
+        .get_opt(&auth.secret_name)
+        .await
+        .map_err(kube_err(format!("get secret {}", auth.secret_name)))?
+        .ok_or_else(|| {
+            Error::Auth(format!(
+                "Secret {} does not exist in namespace {ns}",
+                auth.secret_name
+            ))
+        })?;
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&auth.key))
+        .ok_or_else(|| {
+            Error::Auth(format!(
+                "Secret {} has no key {}",
+                auth.secret_name, auth.key
+            ))
+        })?;
+    String::from_utf8(value.0.clone()).map(Some).map_err(|_| {
+        Error::Auth(format!(
+            "Secret {} key {} is not UTF-8 text",
+            auth.secret_name, auth.key
+        ))
+    })
+}
+
+async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = rt.namespace().ok_or(Error::NoNamespace)?;
+    let names = Names::of(&rt);
+    let client = &ctx.client;
+    let desired = u32::try_from(rt.spec.replicas).unwrap_or(0);
+    let selector = selector_labels(&rt.name_any());
+    let selector_string = selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut obs = Observation {
+        generation: rt.meta().generation,
+        desired_replicas: desired,
+        quorum: rt.spec.quorum(),
+        selector: selector_string.clone(),
+        table_path: None,
+        pods: PodsObservation::default(),
+        tree: TreeObservation::Healthy(vec![]),
+        pending_drops: vec![],
+    };
+
+    // Validate: an invalid spec is reported in status and waits for the next edit.
+    let table = match validate::validate(&rt) {
+        Ok(t) => t,
+        Err(e) => {
+            obs.tree = TreeObservation::InvalidSpec(e.to_string());
+            write_status(&rt, &ctx, &obs, None).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    obs.table_path = Some(table.table_path.clone());
+
+    // Build and apply. The Secret is only created when missing: its value must survive
+    // every later reconcile.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    if secrets
+        .get_opt(&names.secret)
+        .await
+        .map_err(kube_err(format!("get secret {}", names.secret)))?
+        .is_none()
+    {
+        let secret = build::interserver_secret(&rt, &build::new_interserver_secret());
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .map_err(kube_err(format!("create secret {}", names.secret)))?;
+    }
+    ssa::<ConfigMap>(client, &ns, &build::config_map(&rt, &table.manifest)?).await?;
+    ssa::<Service>(client, &ns, &build::headless_service(&rt)).await?;
+    ssa::<Service>(client, &ns, &build::client_service(&rt)).await?;
+    let sts = ssa::<StatefulSet>(client, &ns, &build::stateful_set(&rt, &ctx.build)).await?;
+    ssa::<PodDisruptionBudget>(client, &ns, &build::pod_disruption_budget(&rt)).await?;
+    if let Some(s) = &sts.status {
+        obs.pods = PodsObservation {
+            replicas: s.replicas,
+            ready: s.ready_replicas.unwrap_or(0),
+            updated: s.updated_replicas.unwrap_or(0),
+        };
+    }
+
+    // ZooKeeper: the tree, then every replica's state.
+    let target = zk_target(&rt, zk_auth(&rt, client, &ns).await?);
+    obs.tree = match observe_tree(
+        &rt,
+        &ctx,
+        &target,
+        &table.table_path,
+        &table.schema,
+        &names,
+        &ns,
+        &mut obs.pending_drops,
+    )
+    .await
+    {
+        Ok(replicas) => TreeObservation::Healthy(replicas),
+        Err(TreeError::SchemaMismatch { diff, path, .. }) => TreeObservation::SchemaMismatch(
+            format!("the tree at {path} holds another definition (left unchanged): {diff}"),
+        ),
+        Err(e) if e.is_transient() => TreeObservation::Unavailable(e.to_string()),
+        Err(e) => return Err(e.into()),
+    };
+
+    let ready = write_status(&rt, &ctx, &obs, None).await?;
+    let secs = if !obs.pending_drops.is_empty() || !ready {
+        10
+    } else {
+        ctx.resync.as_secs()
+    };
+    Ok(Action::requeue(Duration::from_secs(secs)))
+}
+
+/// Ensures the tree, drops replicas of removed ordinals whose pod and session are gone,
+/// and reads every replica's state (plus its sidecar's `/status`).
+#[allow(clippy::too_many_arguments)]
+async fn observe_tree(
+    rt: &ReplicatedTable,
+    ctx: &Context,
+    target: &ZkTarget,
+    table_path: &str,
+    schema: &rtable_protocol::schema::TableSchema,
+    names: &Names,
+    ns: &str,
+    pending_drops: &mut Vec<String>,
+) -> Result<Vec<ReplicaObservation>, TreeError> {
+    ctx.backend.ensure_table(target, table_path, schema).await?;
+    let states = ctx.backend.replicas(target, table_path).await?;
+    let desired = u32::try_from(rt.spec.replicas).unwrap_or(0);
+
+    let removed: Vec<&str> = states
+        .iter()
+        .filter(|s| names.ordinal_of(&s.name).is_some_and(|o| o >= desired))
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut dropped = Vec::new();
+    if !removed.is_empty() {
+        let pods = match list_pods(&ctx.client, ns, &rt.name_any()).await {
+            Ok(p) => p,
+            Err(e) => {
+                // Without the pod list nothing may be dropped; retry on the next round.
+                tracing::warn!(error = %e, "cannot list pods; replica drops postponed");
+                removed.clone().into_iter().map(str::to_string).collect()
+            }
+        };
+        for replica in &removed {
+            if pods.iter().any(|p| p == replica) {
+                pending_drops.push(replica.to_string());
+                continue;
+            }
+            // The tree call itself refuses an active replica, so a pod that is gone but
+            // whose session has not expired yet is retried, never dropped.
+            match ctx.backend.drop_replica(target, table_path, replica).await {
+                Ok(DropOutcome::Dropped) => {
+                    tracing::info!(replica, "dropped replica metadata after scale-down");
+                    publish(
+                        ctx,
+                        rt,
+                        EventType::Normal,
+                        "ReplicaDropped",
+                        format!("dropped replica {replica} from {table_path}"),
+                    )
+                    .await;
+                    dropped.push(replica.to_string());
+                }
+                Ok(DropOutcome::AlreadyGone) => dropped.push(replica.to_string()),
+                Err(TreeError::ReplicaActive { .. }) => pending_drops.push(replica.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    let mut out = Vec::new();
+    for s in states.into_iter().filter(|s| !dropped.contains(&s.name)) {
+        let is_desired = names.ordinal_of(&s.name).is_some_and(|o| o < desired);
+        let sidecar = if s.is_active && is_desired {
+            let url = format!(
+                "http://{}.{}.{ns}.svc.{}:{}/status",
+                s.name,
+                names.headless_service,
+                ctx.build.cluster_domain,
+                build::SIDECAR_PORT
+            );
+            ctx.backend.sidecar_status(&url).await
+        } else {
+            None
+        };
+        out.push(ReplicaObservation {
+            name: s.name,
+            desired: is_desired,
+            active: s.is_active,
+            lost: s.is_lost,
+            log_pointer: s.log_pointer,
+            queue_size: s.queue_size,
+            parts: s.parts_count,
+            sidecar,
+        });
+    }
+    Ok(out)
+}
+
+async fn list_pods(client: &Client, ns: &str, name: &str) -> Result<Vec<String>, Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = pods
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("list pods"))?;
+    Ok(list.items.iter().map(|p| p.name_any()).collect())
+}
+
+/// Computes and writes the status (server-side apply on the status subresource), then
+/// publishes one Event per condition transition. Returns whether the table is Ready.
+async fn write_status(
+    rt: &ReplicatedTable,
+    ctx: &Context,
+    obs: &Observation,
+    unreachable_since: Option<Time>,
+) -> Result<bool, Error> {
+    let previous = rt
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut new_status: ReplicatedTableStatus =
+        status::compute(obs, &previous, &Time(Timestamp::now()));
+    new_status.zookeeper_unreachable_since = unreachable_since;
+    patch_status(rt, ctx, &new_status).await?;
+    for t in status::transitions(&previous, &new_status.conditions) {
+        let kind = if t.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(
+            ctx,
+            rt,
+            kind,
+            &t.reason,
+            format!("{} is {}: {}", t.type_, t.status, t.message),
+        )
+        .await;
+    }
+    Ok(new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True"))
+}
+
+async fn patch_status(
+    rt: &ReplicatedTable,
+    ctx: &Context,
+    status: &ReplicatedTableStatus,
+) -> Result<(), Error> {
+    let ns = rt.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<ReplicatedTable> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = json!({
+        "apiVersion": "rtable.io/v1alpha1",
+        "kind": "ReplicatedTable",
+        "status": status,
+    });
+    api.patch_status(&rt.name_any(), &apply_params(), &Patch::Apply(&body))
+        .await
+        .map_err(kube_err("apply status"))?;
+    Ok(())
+}
+
+/// Events are best effort: a failure to record one must not fail the reconcile.
+async fn publish(
+    ctx: &Context,
+    rt: &ReplicatedTable,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &rt.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "cannot record event");
+    }
+}
+
+/// Deletion: with `deletionPolicy: Delete`, stop the pods, then remove the tree. Returning
+/// `Ok` releases the finalizer; an error keeps it and retries.
+async fn cleanup(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if rt.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(table = %rt.name_any(), "deletionPolicy Retain: ZooKeeper tree kept");
+        return Ok(Action::await_change());
+    }
+    let ns = rt.namespace().ok_or(Error::NoNamespace)?;
+    let names = Names::of(&rt);
+    // Owned objects are only garbage-collected once the table is gone, which the finalizer
+    // holds up; the pods must stop first or their sessions would recreate what we remove.
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    match sts
+        .delete(&names.statefulset, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => return Err(kube_err("delete statefulset")(e)),
+    }
+    let pods = list_pods(&ctx.client, &ns, &rt.name_any()).await?;
+    if !pods.is_empty() {
+        return Err(Error::PodsStillRunning(pods.len()));
+    }
+    let table = match validate::validate(&rt) {
+        Ok(t) => t,
+        Err(e) => {
+            // An invalid spec never got a tree from us: nothing to remove.
+            tracing::warn!(error = %e, "invalid spec at deletion; no tree to remove");
+            return Ok(Action::await_change());
+        }
+    };
+    let target = match zk_auth(&rt, &ctx.client, &ns).await {
+        Ok(auth) => zk_target(&rt, auth),
+        // The credentials Secret may already be gone in a namespace deletion.
+        Err(Error::Auth(_)) => zk_target(&rt, None),
+        Err(e) => return Err(e),
+    };
+    match ctx.backend.remove_table(&target, &table.table_path).await {
+        Ok(()) => {
+            publish(
+                &ctx,
+                &rt,
+                EventType::Normal,
+                "ZooKeeperTreeRemoved",
+                format!("removed {}", table.table_path),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(e) if e.is_transient() => {
+            let now = Timestamp::now();
+            let since = rt
+                .status
+                .as_ref()
+                .and_then(|s| s.zookeeper_unreachable_since.clone());
+            let grace =
+                SignedDuration::try_from(ctx.zookeeper_grace).unwrap_or(SignedDuration::MAX);
+            match since {
+                Some(since) if now.duration_since(since.0) >= grace => {
+                    publish(
+                        &ctx,
+                        &rt,
+                        EventType::Warning,
+                        "ZooKeeperTreeAbandoned",
+                        format!(
+                            "ZooKeeper unreachable for longer than {}s; releasing the finalizer and leaving {} behind: {e}",
+                            ctx.zookeeper_grace.as_secs(),
+                            table.table_path
+                        ),
+                    )
+                    .await;
+                    Ok(Action::await_change())
+                }
+                Some(_) => Err(e.into()),
+                None => {
+                    let mut s = rt.status.clone().unwrap_or_default();
+                    s.zookeeper_unreachable_since = Some(Time(now));
+                    patch_status(&rt, &ctx, &s).await?;
+                    Err(e.into())
+                }
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,735 @@
+//! Scripted mock-API-server scenarios: `reconcile()` runs against a tower-test mock that
+//! expects an exact sequence of requests; each step asserts method, path and body and
+//! answers with canned JSON. A missing or extra request fails the test.
+
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use kube::client::Body;
+use rtable_protocol::schema::TableSchema;
+use rtable_protocol::tree::ReplicaState;
+use serde_json::{Value, json};
+use zookeeper_client as zk;
+
+use super::*;
+use crate::build::fixtures;
+use crate::status::SidecarStatus;
+
+type Check = Box<dyn Fn(&Value) + Send>;
+type Respond = Box<dyn Fn(&Value) -> (u16, Value) + Send>;
+
+struct Step {
+    method: &'static str,
+    path: String,
+    check: Check,
+    respond: Respond,
+}
+
+fn step(method: &'static str, path: &str) -> Step {
+    Step {
+        method,
+        path: path.to_string(),
+        check: Box::new(|_| {}),
+        respond: Box::new(|body| (200, body.clone())),
+    }
+}
+
+impl Step {
+    fn check(mut self, f: impl Fn(&Value) + Send + 'static) -> Self {
+        self.check = Box::new(f);
+        self
+    }
+    fn respond(mut self, f: impl Fn(&Value) -> (u16, Value) + Send + 'static) -> Self {
+        self.respond = Box::new(f);
+        self
+    }
+    fn not_found(self) -> Self {
+        self.respond(|_| {
+            (
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            )
+        })
+    }
+}
+
+const NS: &str = "/namespaces/analytics";
+fn rt_path() -> String {
+    format!("/apis/rtable.io/v1alpha1{NS}/replicatedtables/events")
+}
+
+/// The fake ZooKeeper: replica states the test controls, and a log of the calls made.
+#[derive(Default)]
+struct FakeBackend {
+    down: Mutex<bool>,
+    mismatch: Mutex<bool>,
+    replicas: Mutex<Vec<ReplicaState>>,
+    calls: Mutex<Vec<String>>,
+}
+
+fn transient() -> TreeError {
+    TreeError::zk("connect", "zk-0.zk:2181", zk::Error::ConnectionLoss)
+}
+
+impl FakeBackend {
+    fn with_replicas(n: u32) -> Self {
+        let b = FakeBackend::default();
+        *b.replicas.lock().expect("lock") = (0..n)
+            .map(|i| ReplicaState {
+                name: format!("events-{i}"),
+                is_active: true,
+                log_pointer: Some(5),
+                parts_count: 2,
+                ..ReplicaState::default()
+            })
+            .collect();
+        b
+    }
+    fn log(&self, s: String) {
+        self.calls.lock().expect("lock").push(s);
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().expect("lock").clone()
+    }
+    fn is_down(&self) -> bool {
+        *self.down.lock().expect("lock")
+    }
+}
+
+impl Backend for FakeBackend {
+    fn ensure_table<'a>(
+        &'a self,
+        _: &'a ZkTarget,
+        path: &'a str,
+        _: &'a TableSchema,
+    ) -> BoxFuture<'a, Result<(), TreeError>> {
+        Box::pin(async move {
+            self.log(format!("ensure {path}"));
+            if self.is_down() {
+                return Err(transient());
+            }
+            if *self.mismatch.lock().expect("lock") {
+                return Err(TreeError::SchemaMismatch {
+                    path: path.to_string(),
+                    diff: "columns differ".into(),
+                    local: String::new(),
+                    tree: String::new(),
+                });
+            }
+            Ok(())
+        })
+    }
+    fn replicas<'a>(
+        &'a self,
+        _: &'a ZkTarget,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ReplicaState>, TreeError>> {
+        Box::pin(async move { Ok(self.replicas.lock().expect("lock").clone()) })
+    }
+    fn drop_replica<'a>(
+        &'a self,
+        _: &'a ZkTarget,
+        _: &'a str,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<DropOutcome, TreeError>> {
+        Box::pin(async move {
+            self.log(format!("drop {replica}"));
+            let mut replicas = self.replicas.lock().expect("lock");
+            match replicas.iter().position(|r| r.name == replica) {
+                Some(i) if replicas[i].is_active => Err(TreeError::ReplicaActive {
+                    replica: replica.to_string(),
+                    owner: 0x1234,
+                }),
+                Some(i) => {
+                    replicas.remove(i);
+                    Ok(DropOutcome::Dropped)
+                }
+                None => Ok(DropOutcome::AlreadyGone),
+            }
+        })
+    }
+    fn remove_table<'a>(
+        &'a self,
+        _: &'a ZkTarget,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<(), TreeError>> {
+        Box::pin(async move {
+            self.log(format!("remove {path}"));
+            if self.is_down() {
+                Err(transient())
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn sidecar_status<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Option<SidecarStatus>> {
+        Box::pin(async move {
+            self.log(format!("status {url}"));
+            Some(SidecarStatus {
+                absolute_delay: 0,
+                parts: 2,
+                ..SidecarStatus::default()
+            })
+        })
+    }
+}
+
+/// Runs one reconcile against the scripted API server and returns its result.
+async fn run(
+    rt: ReplicatedTable,
+    backend: Arc<FakeBackend>,
+    steps: Vec<Step>,
+) -> Result<Action, Error> {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let verifier = tokio::spawn(async move {
+        for (i, s) in steps.into_iter().enumerate() {
+            let (request, send) = handle.next_request().await.unwrap_or_else(|| {
+                panic!(
+                    "step {i}: expected {} {}, but no more requests came",
+                    s.method, s.path
+                )
+            });
+            let method = request.method().to_string();
+            let uri = request.uri().to_string();
+            let path = uri.split('?').next().unwrap_or_default().to_string();
+            assert_eq!(
+                (method.as_str(), path.as_str()),
+                (s.method, s.path.as_str()),
+                "step {i} ({uri})"
+            );
+            let bytes = request
+                .into_body()
+                .collect_bytes()
+                .await
+                .expect("request body");
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).expect("JSON body")
+            };
+            (s.check)(&body);
+            let (code, answer) = (s.respond)(&body);
+            let response = Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                .expect("response");
+            send.send_response(response);
+        }
+        if let Some((request, _)) = handle.next_request().await {
+            panic!(
+                "unexpected extra request {} {}",
+                request.method(),
+                request.uri()
+            );
+        }
+    });
+    let ctx = Arc::new(Context {
+        client: Client::new(service, "default"),
+        backend,
+        build: BuildConfig::default(),
+        metrics: Metrics::default(),
+        reporter: Reporter {
+            controller: "rtable-operator".into(),
+            instance: None,
+        },
+        zookeeper_grace: Duration::from_secs(600),
+        resync: Duration::from_secs(60),
+    });
+    let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(rt), ctx))
+        .await
+        .expect("reconcile finished in time");
+    // Dropping the context drops the client, which closes the mock, so the verifier's
+    // check for extra requests ends.
+    tokio::time::timeout(Duration::from_secs(5), verifier)
+        .await
+        .expect("verifier finished")
+        .expect("every request matched its step");
+    result
+}
+
+fn table() -> ReplicatedTable {
+    let mut rt = fixtures::table("table.yaml");
+    rt.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+    rt
+}
+
+fn sts_with_status(replicas: i32) -> impl Fn(&Value) -> (u16, Value) + Send {
+    move |body| {
+        let mut sts = body.clone();
+        sts["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas, "availableReplicas": replicas});
+        (200, sts)
+    }
+}
+
+/// The apply steps every reconcile of a valid table makes, in order.
+fn apply_steps(
+    secret_exists: bool,
+    sts_replicas: i32,
+    sts_check: impl Fn(&Value) + Send + 'static,
+) -> Vec<Step> {
+    let mut steps = vec![];
+    if secret_exists {
+        steps.push(
+            step("GET", &format!("/api/v1{NS}/secrets/events-interserver"))
+                .respond(|_| (200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "events-interserver"}}))),
+        );
+    } else {
+        steps.push(step("GET", &format!("/api/v1{NS}/secrets/events-interserver")).not_found());
+        steps.push(step("POST", &format!("/api/v1{NS}/secrets")).check(|b| {
+            assert_eq!(b["metadata"]["name"], "events-interserver");
+            let v = b["data"]["interserver"].as_str().expect("secret value");
+            assert!(v.len() >= 64, "a real random value, base64: {v}");
+        }));
+    }
+    steps.push(
+        step("PATCH", &format!("/api/v1{NS}/configmaps/events-table")).check(|b| {
+            let text = b["data"]["table.yaml"].as_str().expect("manifest");
+            assert!(text.contains("kind: ReplicatedTable"));
+        }),
+    );
+    steps.push(
+        step("PATCH", &format!("/api/v1{NS}/services/events-replicas"))
+            .check(|b| assert_eq!(b["spec"]["clusterIP"], "None")),
+    );
+    steps.push(
+        step("PATCH", &format!("/api/v1{NS}/services/events"))
+            .check(|b| assert_eq!(b["spec"]["type"], "ClusterIP")),
+    );
+    steps.push(
+        step("PATCH", &format!("/apis/apps/v1{NS}/statefulsets/events"))
+            .check(sts_check)
+            .respond(sts_with_status(sts_replicas)),
+    );
+    steps.push(
+        step(
+            "PATCH",
+            &format!("/apis/policy/v1{NS}/poddisruptionbudgets/events"),
+        )
+        .check(|b| assert!(b["spec"]["maxUnavailable"].is_number())),
+    );
+    steps
+}
+
+fn status_step(check: impl Fn(&Value) + Send + 'static) -> Step {
+    step("PATCH", &format!("{}/status", rt_path()))
+        .check(move |b| check(&b["status"]))
+        .respond(|_| (200, serde_json::to_value(table()).expect("json")))
+}
+
+fn event_step(reason: &'static str, type_: &'static str) -> Step {
+    step("POST", &format!("/apis/events.k8s.io/v1{NS}/events")).check(move |b| {
+        assert_eq!(
+            (b["reason"].as_str(), b["type"].as_str()),
+            (Some(reason), Some(type_)),
+            "{b}"
+        );
+        assert_eq!(b["regarding"]["name"], "events");
+    })
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+fn pods_step(names: &'static [&'static str]) -> Step {
+    step("GET", &format!("/api/v1{NS}/pods")).respond(move |_| {
+        let items: Vec<Value> = names.iter().map(|n| json!({"metadata": {"name": n}})).collect();
+        (200, json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": items}))
+    })
+}
+
+#[tokio::test]
+async fn first_create_adds_the_finalizer_then_builds_everything() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let fresh = fixtures::table("table.yaml");
+    let action = run(
+        fresh,
+        backend.clone(),
+        vec![
+            step("PATCH", &rt_path())
+                .check(|b| {
+                    let text = b.to_string();
+                    assert!(
+                        text.contains("/metadata/finalizers") && text.contains(FINALIZER),
+                        "{text}"
+                    );
+                })
+                .respond(|_| (200, serde_json::to_value(table()).expect("json"))),
+        ],
+    )
+    .await
+    .expect("ok");
+    assert_eq!(action, Action::await_change());
+    assert!(
+        backend.calls().is_empty(),
+        "nothing touches ZooKeeper before the finalizer is in place"
+    );
+
+    let mut steps = apply_steps(false, 3, |b| {
+        assert_eq!(b["spec"]["replicas"], 3);
+        assert_eq!(
+            b["metadata"]["ownerReferences"][0]["kind"],
+            "ReplicatedTable"
+        );
+    });
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Ready")["status"], "True");
+        assert_eq!(condition(s, "Ready")["observedGeneration"], 1);
+        assert_eq!(s["activeReplicas"], 3);
+        assert_eq!(s["tablePath"], "/clickhouse/tables/01/analytics.events");
+        assert_eq!(
+            s["selector"],
+            "app.kubernetes.io/instance=events,app.kubernetes.io/name=rtable"
+        );
+    }));
+    for (reason, type_) in [
+        ("AllReplicasReady", "Normal"),
+        ("QuorumActive", "Normal"),
+        ("Stable", "Normal"),
+        ("AsExpected", "Normal"),
+    ] {
+        steps.push(event_step(reason, type_));
+    }
+    let action = run(table(), backend.clone(), steps).await.expect("ok");
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let calls = backend.calls();
+    assert_eq!(calls[0], "ensure /clickhouse/tables/01/analytics.events");
+    assert_eq!(
+        calls[1],
+        "status http://events-0.events-replicas.analytics.svc.cluster.local:9009/status"
+    );
+}
+
+/// Previous status as the first reconcile left it, so the next one has no transitions.
+async fn settled(backend: Arc<FakeBackend>) -> ReplicatedTable {
+    let mut rt = table();
+    let obs = Observation {
+        generation: Some(1),
+        desired_replicas: 3,
+        quorum: 2,
+        selector: String::new(),
+        table_path: None,
+        pods: PodsObservation {
+            replicas: 3,
+            ready: 3,
+            updated: 3,
+        },
+        tree: TreeObservation::Healthy(
+            backend
+                .replicas
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|r| ReplicaObservation {
+                    name: r.name.clone(),
+                    desired: true,
+                    active: true,
+                    ..ReplicaObservation::default()
+                })
+                .collect(),
+        ),
+        pending_drops: vec![],
+    };
+    rt.status = Some(status::compute(&obs, &[], &Time(Timestamp::now())));
+    rt
+}
+
+#[tokio::test]
+async fn spec_change_reapplies_without_regenerating_the_secret() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let mut rt = settled(backend.clone()).await;
+    rt.metadata.generation = Some(2);
+    rt.spec.image = Some("rtable-sidecar:dev".into());
+    let mut steps = apply_steps(true, 3, |b| {
+        assert_eq!(
+            b["spec"]["template"]["spec"]["containers"][0]["image"],
+            "rtable-sidecar:dev"
+        );
+    });
+    steps.push(status_step(|s| {
+        assert_eq!(s["observedGeneration"], 2);
+        assert_eq!(condition(s, "Ready")["observedGeneration"], 2);
+    }));
+    run(rt, backend, steps).await.expect("ok");
+}
+
+#[tokio::test]
+async fn scale_down_drops_a_replica_only_after_its_session_is_gone() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let mut rt = settled(backend.clone()).await;
+    rt.spec.replicas = 2;
+
+    // Round 1: the pod is gone but its session still holds is_active: refused, retried.
+    let mut steps = apply_steps(true, 2, |b| assert_eq!(b["spec"]["replicas"], 2));
+    steps.push(pods_step(&["events-0", "events-1"]));
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Progressing")["reason"], "ScalingDown");
+        assert!(
+            condition(s, "Progressing")["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("events-2")
+        );
+    }));
+    steps.push(event_step("ScalingDown", "Warning"));
+    steps.push(event_step("ScalingDown", "Normal"));
+    let action = run(rt.clone(), backend.clone(), steps).await.expect("ok");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(10)),
+        "a pending drop is retried soon"
+    );
+    assert!(backend.calls().contains(&"drop events-2".to_string()));
+    assert_eq!(
+        backend.replicas.lock().expect("lock").len(),
+        3,
+        "an active replica is never dropped"
+    );
+
+    // Round 2: still a pod for it (terminating): not even attempted.
+    let before = backend
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("drop"))
+        .count();
+    let mut steps = apply_steps(true, 2, |_| {});
+    steps.push(pods_step(&["events-0", "events-1", "events-2"]));
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Progressing")["reason"], "ScalingDown")
+    }));
+    steps.push(event_step("ScalingDown", "Warning"));
+    steps.push(event_step("ScalingDown", "Normal"));
+    run(rt.clone(), backend.clone(), steps).await.expect("ok");
+    assert_eq!(
+        backend
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("drop"))
+            .count(),
+        before
+    );
+
+    // Round 3: the session expired: dropped, with an Event.
+    backend.replicas.lock().expect("lock")[2].is_active = false;
+    let mut steps = apply_steps(true, 2, |_| {});
+    steps.push(pods_step(&["events-0", "events-1"]));
+    steps.push(event_step("ReplicaDropped", "Normal"));
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Ready")["status"], "True");
+        assert_eq!(s["replicaStatuses"].as_array().map(Vec::len), Some(2));
+    }));
+    // `rt` still carries the settled (Ready) status, so no condition transitions here.
+    run(rt, backend.clone(), steps).await.expect("ok");
+    let names: Vec<_> = backend
+        .replicas
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(names, ["events-0", "events-1"]);
+}
+
+#[tokio::test]
+async fn zookeeper_down_and_schema_mismatch_are_written_to_status() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let rt = settled(backend.clone()).await;
+    *backend.down.lock().expect("lock") = true;
+    let mut steps = apply_steps(true, 3, |_| {});
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Ready")["reason"], "ZooKeeperUnavailable");
+        assert_eq!(condition(s, "Available")["status"], "Unknown");
+        assert!(
+            condition(s, "Degraded")["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("zk-0.zk:2181")
+        );
+    }));
+    steps.push(event_step("ZooKeeperUnavailable", "Warning"));
+    steps.push(event_step("ZooKeeperUnavailable", "Warning"));
+    steps.push(event_step("ZooKeeperUnavailable", "Warning"));
+    run(rt.clone(), backend.clone(), steps).await.expect("ok");
+
+    *backend.down.lock().expect("lock") = false;
+    *backend.mismatch.lock().expect("lock") = true;
+    let mut steps = apply_steps(true, 3, |_| {});
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Degraded")["reason"], "SchemaMismatch");
+        assert!(
+            condition(s, "Degraded")["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("columns differ")
+        );
+    }));
+    for (r, t) in [
+        ("SchemaMismatch", "Warning"),
+        ("QuorumLost", "Warning"),
+        ("SchemaMismatch", "Warning"),
+    ] {
+        steps.push(event_step(r, t));
+    }
+    run(rt, backend, steps).await.expect("ok");
+}
+
+fn deleting(policy: DeletionPolicy) -> ReplicatedTable {
+    let mut rt = table();
+    rt.spec.deletion_policy = policy;
+    rt.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    rt
+}
+
+fn finalizer_removal() -> Step {
+    step("PATCH", &rt_path())
+        .check(|b| {
+            let text = b.to_string();
+            assert!(
+                text.contains("remove") && text.contains("/metadata/finalizers/0"),
+                "{text}"
+            );
+        })
+        .respond(|_| (200, serde_json::to_value(table()).expect("json")))
+}
+
+#[tokio::test]
+async fn delete_waits_for_pods_then_removes_the_tree_and_the_finalizer() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let sts_delete = || {
+        step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events")).respond(|_| {
+            (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+            )
+        })
+    };
+    let err = run(
+        deleting(DeletionPolicy::Delete),
+        backend.clone(),
+        vec![sts_delete(), pods_step(&["events-0"])],
+    )
+    .await
+    .expect_err("pods still running keeps the finalizer");
+    assert!(matches!(err, Error::PodsStillRunning(1)), "{err}");
+    assert!(backend.calls().is_empty());
+
+    run(
+        deleting(DeletionPolicy::Delete),
+        backend.clone(),
+        vec![
+            sts_delete().not_found(),
+            pods_step(&[]),
+            event_step("ZooKeeperTreeRemoved", "Normal"),
+            finalizer_removal(),
+        ],
+    )
+    .await
+    .expect("ok");
+    assert_eq!(
+        backend.calls(),
+        ["remove /clickhouse/tables/01/analytics.events"]
+    );
+}
+
+#[tokio::test]
+async fn delete_with_retain_keeps_the_tree() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    run(
+        deleting(DeletionPolicy::Retain),
+        backend.clone(),
+        vec![finalizer_removal()],
+    )
+    .await
+    .expect("ok");
+    assert!(backend.calls().is_empty());
+}
+
+#[tokio::test]
+async fn delete_with_zookeeper_unreachable_lets_go_after_the_grace_period() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    *backend.down.lock().expect("lock") = true;
+    let sts_delete =
+        || step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events")).not_found();
+
+    // First failure: remembered in status, finalizer kept.
+    let err = run(
+        deleting(DeletionPolicy::Delete),
+        backend.clone(),
+        vec![
+            sts_delete(),
+            pods_step(&[]),
+            status_step(|s| assert!(s["zookeeperUnreachableSince"].is_string(), "{s}")),
+        ],
+    )
+    .await
+    .expect_err("kept while within the grace period");
+    assert!(matches!(err, Error::ZooKeeper(_)));
+
+    // Within the grace period: still kept, no status write needed.
+    let mut recent = deleting(DeletionPolicy::Delete);
+    recent.status = Some(ReplicatedTableStatus {
+        zookeeper_unreachable_since: Some(Time(Timestamp::now())),
+        ..ReplicatedTableStatus::default()
+    });
+    run(recent, backend.clone(), vec![sts_delete(), pods_step(&[])])
+        .await
+        .expect_err("still within grace");
+
+    // Past the grace period: a Warning Event and the finalizer goes.
+    let mut old = deleting(DeletionPolicy::Delete);
+    old.status = Some(ReplicatedTableStatus {
+        zookeeper_unreachable_since: Some(Time(
+            Timestamp::from_second(946_684_800).expect("2000-01-01"),
+        )),
+        ..ReplicatedTableStatus::default()
+    });
+    run(
+        old,
+        backend.clone(),
+        vec![
+            sts_delete(),
+            pods_step(&[]),
+            event_step("ZooKeeperTreeAbandoned", "Warning"),
+            finalizer_removal(),
+        ],
+    )
+    .await
+    .expect("released");
+    assert_eq!(
+        backend
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("remove"))
+            .count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_and_nothing_is_applied() {
+    let backend = Arc::new(FakeBackend::with_replicas(0));
+    let mut rt = table();
+    rt.spec.order_by = vec!["nope".into()];
+    let steps = vec![
+        status_step(|s| {
+            assert_eq!(condition(s, "Ready")["reason"], "InvalidSpec");
+            assert!(
+                condition(s, "Ready")["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("`nope`")
+            );
+        }),
+        event_step("InvalidSpec", "Warning"),
+        event_step("InvalidSpec", "Warning"),
+        event_step("Stable", "Normal"),
+        event_step("InvalidSpec", "Warning"),
+    ];
+    let action = run(rt, backend.clone(), steps).await.expect("ok");
+    assert_eq!(action, Action::await_change());
+    assert!(backend.calls().is_empty());
+}

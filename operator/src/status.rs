@@ -1,0 +1,655 @@
+//! Status maths: what the operator observed in, `ReplicatedTableStatus` out. Pure, so every
+//! health state (healthy, lagging, lost, inactive, ZooKeeper down, schema mismatch) is a
+//! unit test.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde::Deserialize;
+
+use crate::crd::{ReplicaStatus, ReplicatedTableStatus};
+
+pub const READY: &str = "Ready";
+pub const AVAILABLE: &str = "Available";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// A replica further behind than this is reported as lagging.
+pub const LAG_THRESHOLD_SECONDS: u64 = 300;
+
+/// What a sidecar's `GET /status` answers (the fields the operator uses).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default)]
+pub struct SidecarStatus {
+    pub replica_name: String,
+    pub is_readonly: bool,
+    pub is_session_expired: bool,
+    pub readonly_reason: Option<String>,
+    pub queue_size: u32,
+    pub inserts_in_queue: u32,
+    pub log_max_index: u64,
+    pub log_pointer: u64,
+    pub absolute_delay: u64,
+    pub total_replicas: u32,
+    pub active_replicas: u32,
+    pub parts: u32,
+    pub rows: u64,
+}
+
+/// One replica as read from ZooKeeper, plus its sidecar's answer when it gave one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaObservation {
+    pub name: String,
+    /// Whether the replica belongs to the desired ordinals (not one being scaled away).
+    pub desired: bool,
+    pub active: bool,
+    pub lost: bool,
+    pub log_pointer: Option<u64>,
+    pub queue_size: u32,
+    pub parts: u32,
+    pub sidecar: Option<SidecarStatus>,
+}
+
+/// What the operator learned from ZooKeeper this round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeObservation {
+    /// The spec itself is invalid; nothing was applied.
+    InvalidSpec(String),
+    Unavailable(String),
+    SchemaMismatch(String),
+    Healthy(Vec<ReplicaObservation>),
+}
+
+/// The StatefulSet's view of the pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PodsObservation {
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub generation: Option<i64>,
+    pub desired_replicas: u32,
+    pub quorum: u32,
+    pub selector: String,
+    pub table_path: Option<String>,
+    pub pods: PodsObservation,
+    pub tree: TreeObservation,
+    /// Replicas of removed ordinals that still wait to be dropped from ZooKeeper.
+    pub pending_drops: Vec<String>,
+}
+
+struct Verdict {
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+fn yes(reason: &'static str, message: impl Into<String>) -> Verdict {
+    Verdict {
+        status: "True",
+        reason,
+        message: message.into(),
+    }
+}
+fn no(reason: &'static str, message: impl Into<String>) -> Verdict {
+    Verdict {
+        status: "False",
+        reason,
+        message: message.into(),
+    }
+}
+fn unknown(reason: &'static str, message: impl Into<String>) -> Verdict {
+    Verdict {
+        status: "Unknown",
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Computes the status. `previous` keeps `lastTransitionTime` of conditions whose status did
+/// not change, as the API conventions require; `now` stamps the ones that did.
+pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> ReplicatedTableStatus {
+    let replicas: &[ReplicaObservation] = match &obs.tree {
+        TreeObservation::Healthy(r) => r,
+        _ => &[],
+    };
+    let desired: Vec<&ReplicaObservation> = replicas.iter().filter(|r| r.desired).collect();
+    let active = desired.iter().filter(|r| r.active).count() as u32;
+    let delay = |r: &ReplicaObservation| r.sidecar.as_ref().map(|s| s.absolute_delay);
+    let max_delay = replicas.iter().filter_map(delay).max().unwrap_or(0);
+
+    // Problems, most severe first: the first one names Ready's and Degraded's reason.
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    match &obs.tree {
+        TreeObservation::InvalidSpec(m) => problems.push(("InvalidSpec", m.clone())),
+        TreeObservation::Unavailable(m) => problems.push(("ZooKeeperUnavailable", m.clone())),
+        TreeObservation::SchemaMismatch(m) => problems.push(("SchemaMismatch", m.clone())),
+        TreeObservation::Healthy(_) => {}
+    }
+    let cloning: Vec<&str> = desired
+        .iter()
+        .filter(|r| r.lost && r.active)
+        .map(|r| r.name.as_str())
+        .collect();
+    let lost: Vec<&str> = desired
+        .iter()
+        .filter(|r| r.lost && !r.active)
+        .map(|r| r.name.as_str())
+        .collect();
+    if !lost.is_empty() {
+        problems.push((
+            "ReplicaLost",
+            format!("lost and not active: {}", lost.join(", ")),
+        ));
+    }
+    if let TreeObservation::Healthy(_) = obs.tree {
+        let registered: Vec<&str> = desired.iter().map(|r| r.name.as_str()).collect();
+        let inactive: Vec<&str> = desired
+            .iter()
+            .filter(|r| !r.active && !r.lost)
+            .map(|r| r.name.as_str())
+            .collect();
+        let missing = obs.desired_replicas.saturating_sub(registered.len() as u32);
+        if !inactive.is_empty() {
+            problems.push((
+                "ReplicaInactive",
+                format!("no ZooKeeper session: {}", inactive.join(", ")),
+            ));
+        }
+        if active == obs.quorum && obs.desired_replicas > obs.quorum {
+            problems.push((
+                "QuorumAtRisk",
+                format!("{active} replicas active, exactly the insert quorum: one more failure stops quorum inserts"),
+            ));
+        }
+        let lagging: Vec<String> = replicas
+            .iter()
+            .filter_map(|r| {
+                delay(r)
+                    .filter(|d| *d > LAG_THRESHOLD_SECONDS)
+                    .map(|d| format!("{} ({d}s)", r.name))
+            })
+            .collect();
+        if !lagging.is_empty() {
+            problems.push((
+                "ReplicaLagging",
+                format!(
+                    "behind by more than {LAG_THRESHOLD_SECONDS}s: {}",
+                    lagging.join(", ")
+                ),
+            ));
+        }
+        if missing > 0 && obs.pods.replicas as u32 >= obs.desired_replicas {
+            // Pods exist but never registered: they are starting or crash-looping.
+            problems.push((
+                "ReplicaInactive",
+                format!("{missing} replicas not registered in ZooKeeper yet"),
+            ));
+        }
+    }
+
+    let available = match &obs.tree {
+        TreeObservation::InvalidSpec(m) => no("InvalidSpec", m.clone()),
+        TreeObservation::Unavailable(m) => unknown("ZooKeeperUnavailable", m.clone()),
+        _ if active >= obs.quorum => yes(
+            "QuorumActive",
+            format!(
+                "{active} of {} replicas active, insert quorum {}",
+                obs.desired_replicas, obs.quorum
+            ),
+        ),
+        _ => no(
+            "QuorumLost",
+            format!(
+                "{active} of {} replicas active, below the insert quorum {}: quorum inserts fail",
+                obs.desired_replicas, obs.quorum
+            ),
+        ),
+    };
+
+    let desired_i32 = i32::try_from(obs.desired_replicas).unwrap_or(i32::MAX);
+    let progress: Option<(&'static str, String)> =
+        if matches!(obs.tree, TreeObservation::InvalidSpec(_)) {
+            None
+        } else if !obs.pending_drops.is_empty() {
+            Some((
+                "ScalingDown",
+                format!("waiting to drop replicas: {}", obs.pending_drops.join(", ")),
+            ))
+        } else if obs.pods.replicas < desired_i32 {
+            Some((
+                "ScalingUp",
+                format!("{} of {desired_i32} pods exist", obs.pods.replicas),
+            ))
+        } else if obs.pods.replicas > desired_i32 {
+            Some((
+                "ScalingDown",
+                format!("{} pods, {desired_i32} desired", obs.pods.replicas),
+            ))
+        } else if obs.pods.updated < desired_i32 {
+            Some((
+                "RollingUpdate",
+                format!("{} of {desired_i32} pods updated", obs.pods.updated),
+            ))
+        } else if !cloning.is_empty() {
+            Some((
+                "ReplicaCloning",
+                format!("cloning from a peer: {}", cloning.join(", ")),
+            ))
+        } else if obs.pods.ready < desired_i32 {
+            Some((
+                "PodsStarting",
+                format!("{} of {desired_i32} pods ready", obs.pods.ready),
+            ))
+        } else {
+            None
+        };
+    let progressing = match &progress {
+        Some((reason, message)) => yes(reason, message.clone()),
+        None => no("Stable", "the StatefulSet matches the spec"),
+    };
+    let degraded = match problems.first() {
+        Some((reason, message)) => yes(reason, message.clone()),
+        None => no("AsExpected", "no problem found"),
+    };
+    let ready = match (problems.first(), &progress) {
+        (Some((reason, message)), _) => no(reason, message.clone()),
+        (None, Some((reason, message))) => no(reason, message.clone()),
+        (None, None) if available.status == "True" => yes(
+            "AllReplicasReady",
+            format!(
+                "{active} of {} replicas active and in sync",
+                obs.desired_replicas
+            ),
+        ),
+        (None, None) => no(available.reason, available.message.clone()),
+    };
+
+    let conditions = [
+        (READY, ready),
+        (AVAILABLE, available),
+        (PROGRESSING, progressing),
+        (DEGRADED, degraded),
+    ]
+    .into_iter()
+    .map(|(type_, v)| condition(type_, v, obs.generation, previous, now))
+    .collect();
+
+    ReplicatedTableStatus {
+        observed_generation: obs.generation,
+        replicas: obs.pods.replicas,
+        ready_replicas: obs.pods.ready,
+        active_replicas: i32::try_from(active).unwrap_or(i32::MAX),
+        quorum: i32::try_from(obs.quorum).unwrap_or(i32::MAX),
+        max_delay_seconds: i64::try_from(max_delay).unwrap_or(i64::MAX),
+        selector: obs.selector.clone(),
+        table_path: obs.table_path.clone(),
+        replica_statuses: replicas.iter().map(replica_status).collect(),
+        conditions,
+        zookeeper_unreachable_since: None,
+    }
+}
+
+fn replica_status(r: &ReplicaObservation) -> ReplicaStatus {
+    ReplicaStatus {
+        name: r.name.clone(),
+        active: r.active,
+        lost: r.lost,
+        log_pointer: r.log_pointer,
+        queue_size: r.sidecar.as_ref().map_or(r.queue_size, |s| s.queue_size),
+        inserts_in_queue: r.sidecar.as_ref().map_or(0, |s| s.inserts_in_queue),
+        absolute_delay_seconds: r.sidecar.as_ref().map(|s| s.absolute_delay),
+        parts: r.sidecar.as_ref().map_or(r.parts, |s| s.parts),
+    }
+}
+
+fn condition(
+    type_: &str,
+    v: Verdict,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &Time,
+) -> Condition {
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == v.status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: v.status.to_string(),
+        reason: v.reason.to_string(),
+        // The API limits messages to 32 KiB; a schema diff can be long.
+        message: truncate(&v.message, 4096),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A condition whose status or reason changed; each one becomes a Kubernetes Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    /// Warning events for bad news: Ready/Available turning non-True, Degraded turning True.
+    pub warning: bool,
+}
+
+pub fn transitions(previous: &[Condition], current: &[Condition]) -> Vec<Transition> {
+    current
+        .iter()
+        .filter(|c| {
+            !previous
+                .iter()
+                .any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason)
+        })
+        .map(|c| Transition {
+            type_: c.type_.clone(),
+            status: c.status.clone(),
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            warning: match c.type_.as_str() {
+                DEGRADED => c.status == "True",
+                PROGRESSING => false,
+                _ => c.status != "True",
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("timestamp"))
+    }
+
+    fn replica(i: u32) -> ReplicaObservation {
+        ReplicaObservation {
+            name: format!("events-{i}"),
+            desired: true,
+            active: true,
+            lost: false,
+            log_pointer: Some(10),
+            queue_size: 0,
+            parts: 4,
+            sidecar: Some(SidecarStatus {
+                replica_name: format!("events-{i}"),
+                parts: 4,
+                log_pointer: 10,
+                log_max_index: 9,
+                absolute_delay: 1,
+                ..SidecarStatus::default()
+            }),
+        }
+    }
+
+    fn healthy() -> Observation {
+        Observation {
+            generation: Some(7),
+            desired_replicas: 3,
+            quorum: 2,
+            selector: "app.kubernetes.io/instance=events,app.kubernetes.io/name=rtable".into(),
+            table_path: Some("/clickhouse/tables/01/ns.events".into()),
+            pods: PodsObservation {
+                replicas: 3,
+                ready: 3,
+                updated: 3,
+            },
+            tree: TreeObservation::Healthy((0..3).map(replica).collect()),
+            pending_drops: vec![],
+        }
+    }
+
+    fn get<'a>(s: &'a ReplicatedTableStatus, type_: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
+    }
+
+    fn summary(s: &ReplicatedTableStatus) -> Vec<(String, String, String)> {
+        s.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect()
+    }
+
+    fn expect(s: &ReplicatedTableStatus, want: [(&str, &str, &str); 4]) {
+        let want: Vec<_> = want
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(summary(s), want);
+    }
+
+    #[test]
+    fn healthy_table_is_ready_with_observed_generation() {
+        let s = compute(&healthy(), &[], &t(100));
+        expect(
+            &s,
+            [
+                ("Ready", "True", "AllReplicasReady"),
+                ("Available", "True", "QuorumActive"),
+                ("Progressing", "False", "Stable"),
+                ("Degraded", "False", "AsExpected"),
+            ],
+        );
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(7))
+        );
+        assert_eq!(s.observed_generation, Some(7));
+        assert_eq!(
+            (
+                s.active_replicas,
+                s.ready_replicas,
+                s.quorum,
+                s.max_delay_seconds
+            ),
+            (3, 3, 2, 1)
+        );
+        assert_eq!(s.replica_statuses.len(), 3);
+        assert_eq!(s.replica_statuses[0].parts, 4);
+    }
+
+    #[test]
+    fn lagging_replica_degrades_but_keeps_availability() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree
+            && let Some(sc) = r[1].sidecar.as_mut()
+        {
+            sc.absolute_delay = 900;
+            sc.queue_size = 42;
+        }
+        let s = compute(&o, &[], &t(100));
+        expect(
+            &s,
+            [
+                ("Ready", "False", "ReplicaLagging"),
+                ("Available", "True", "QuorumActive"),
+                ("Progressing", "False", "Stable"),
+                ("Degraded", "True", "ReplicaLagging"),
+            ],
+        );
+        assert!(get(&s, READY).message.contains("events-1 (900s)"));
+        assert_eq!(s.max_delay_seconds, 900);
+        assert_eq!(s.replica_statuses[1].queue_size, 42);
+    }
+
+    #[test]
+    fn lost_replica_that_is_not_cloning_is_reported() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree {
+            r[2].lost = true;
+            r[2].active = false;
+            r[2].sidecar = None;
+        }
+        let s = compute(&o, &[], &t(100));
+        assert_eq!(get(&s, READY).reason, "ReplicaLost");
+        assert_eq!(get(&s, DEGRADED).reason, "ReplicaLost");
+        assert!(get(&s, DEGRADED).message.contains("events-2"));
+        // Two active of quorum two on three replicas: still available.
+        assert_eq!(get(&s, AVAILABLE).status, "True");
+    }
+
+    #[test]
+    fn lost_but_active_replica_is_cloning_not_degraded() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree {
+            r[2].lost = true;
+        }
+        let s = compute(&o, &[], &t(100));
+        expect(
+            &s,
+            [
+                ("Ready", "False", "ReplicaCloning"),
+                ("Available", "True", "QuorumActive"),
+                ("Progressing", "True", "ReplicaCloning"),
+                ("Degraded", "False", "AsExpected"),
+            ],
+        );
+    }
+
+    #[test]
+    fn inactive_replicas_put_the_quorum_at_risk_then_break_it() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree {
+            r[0].active = false;
+        }
+        let s = compute(&o, &[], &t(100));
+        assert_eq!(get(&s, DEGRADED).reason, "ReplicaInactive");
+        assert_eq!(get(&s, AVAILABLE).status, "True");
+        let reasons: Vec<_> = s.conditions.iter().map(|c| c.reason.as_str()).collect();
+        assert!(!reasons.contains(&"QuorumLost"));
+        // Exactly at quorum: the risk is spelled out in Degraded's message list.
+        assert!(get(&s, READY).message.contains("events-0"));
+
+        if let TreeObservation::Healthy(r) = &mut o.tree {
+            r[1].active = false;
+        }
+        let s = compute(&o, &[], &t(100));
+        assert_eq!(get(&s, AVAILABLE).status, "False");
+        assert_eq!(get(&s, AVAILABLE).reason, "QuorumLost");
+        assert_eq!(s.active_replicas, 1);
+    }
+
+    #[test]
+    fn quorum_at_risk_when_active_equals_quorum() {
+        let mut o = healthy();
+        o.desired_replicas = 3;
+        if let TreeObservation::Healthy(r) = &mut o.tree {
+            r.truncate(2);
+        }
+        o.pods.replicas = 2;
+        o.pods.ready = 2;
+        o.pods.updated = 2;
+        let s = compute(&o, &[], &t(100));
+        assert_eq!(get(&s, DEGRADED).reason, "QuorumAtRisk");
+        assert_eq!(get(&s, PROGRESSING).reason, "ScalingUp");
+    }
+
+    #[test]
+    fn zookeeper_down_makes_availability_unknown() {
+        let mut o = healthy();
+        o.tree = TreeObservation::Unavailable("connect zk-0:2181: timeout".into());
+        let s = compute(&o, &[], &t(100));
+        expect(
+            &s,
+            [
+                ("Ready", "False", "ZooKeeperUnavailable"),
+                ("Available", "Unknown", "ZooKeeperUnavailable"),
+                ("Progressing", "False", "Stable"),
+                ("Degraded", "True", "ZooKeeperUnavailable"),
+            ],
+        );
+        assert!(get(&s, READY).message.contains("zk-0:2181"));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(7))
+        );
+    }
+
+    #[test]
+    fn schema_mismatch_is_reported_not_hidden() {
+        let mut o = healthy();
+        o.tree = TreeObservation::SchemaMismatch("columns differ".into());
+        let s = compute(&o, &[], &t(100));
+        assert_eq!(get(&s, READY).reason, "SchemaMismatch");
+        assert_eq!(get(&s, DEGRADED).reason, "SchemaMismatch");
+        assert_eq!(get(&s, DEGRADED).message, "columns differ");
+        assert_eq!(get(&s, AVAILABLE).reason, "QuorumLost");
+    }
+
+    #[test]
+    fn rolling_update_and_pending_drops_are_progress() {
+        let mut o = healthy();
+        o.pods.updated = 1;
+        assert_eq!(
+            get(&compute(&o, &[], &t(1)), PROGRESSING).reason,
+            "RollingUpdate"
+        );
+        o.pending_drops = vec!["events-3".into()];
+        let s = compute(&o, &[], &t(1));
+        assert_eq!(get(&s, PROGRESSING).reason, "ScalingDown");
+        assert_eq!(get(&s, READY).status, "False");
+    }
+
+    #[test]
+    fn transition_time_only_moves_when_status_changes() {
+        let first = compute(&healthy(), &[], &t(100));
+        let same = compute(&healthy(), &first.conditions, &t(200));
+        assert!(
+            same.conditions
+                .iter()
+                .all(|c| c.last_transition_time == t(100))
+        );
+        assert!(transitions(&first.conditions, &same.conditions).is_empty());
+
+        let mut o = healthy();
+        o.tree = TreeObservation::Unavailable("down".into());
+        let down = compute(&o, &same.conditions, &t(300));
+        assert_eq!(get(&down, READY).last_transition_time, t(300));
+        assert_eq!(get(&down, PROGRESSING).last_transition_time, t(100));
+        let events = transitions(&same.conditions, &down.conditions);
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|e| (e.type_.as_str(), e.warning))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![("Ready", true), ("Available", true), ("Degraded", true)]
+        );
+    }
+
+    #[test]
+    fn sidecar_status_json_parses() {
+        let s: SidecarStatus = serde_json::from_str(
+            r#"{"replica_name":"events-0","is_readonly":false,"is_session_expired":false,"readonly_reason":null,
+                "queue_size":3,"inserts_in_queue":1,"log_max_index":12,"log_pointer":13,"absolute_delay":2,
+                "total_replicas":3,"active_replicas":3,"parts":7,"rows":1000}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            (s.queue_size, s.inserts_in_queue, s.absolute_delay, s.parts),
+            (3, 1, 2, 7)
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Merge assignment. Every replica may lead (ClickHouse >= 21.12): each looks at the parts
+//! it holds, picks a merge with the policy, and publishes MERGE_PARTS with a version check
+//! on `log`, so when two replicas choose at once only one entry lands. Checks run on local
+//! state first; ZooKeeper is touched only when there is something to merge, so an idle
+//! table costs the ensemble nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+use zookeeper_client as zk;
+
+use rtable_protocol::paths::sequence_of;
+use rtable_protocol::tree::{self, TreeError};
+use rtable_protocol::{LogEntry, PartName};
+
+use crate::merge::policy::{self, Candidate, MergePolicy};
+use crate::replica::Replica;
+
+/// Cap on merges this replica keeps in flight in the queue (ClickHouse limits merges too).
+const MAX_QUEUED_MERGES: usize = 4;
+
+pub async fn run(replica: Arc<Replica>) {
+    let policy = replica.merge_policy.clone();
+    loop {
+        tokio::select! {
+            _ = replica.merge_notify.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let Ok((client, _)) = replica.sessions.active() else {
+            continue;
+        };
+        match assign_once(&replica, &client, &policy).await {
+            Ok(Some(part)) => debug!(replica = %replica.name, %part, "assigned merge"),
+            Ok(None) => {}
+            Err(e) => warn!(replica = %replica.name, error = %e, "merge assignment failed"),
+        }
+    }
+}
+
+/// Parts currently produced or consumed by queued entries: not mergeable now.
+fn busy_parts(replica: &Replica) -> (HashSet<String>, usize) {
+    let q = replica.queue.lock();
+    let mut busy = HashSet::new();
+    let mut merges = 0;
+    for item in q.items() {
+        if let Some(p) = item.entry.new_part_name() {
+            busy.insert(p);
+        }
+        let sources = item.entry.source_parts();
+        if !sources.is_empty() {
+            merges += 1;
+        }
+        busy.extend(sources);
+    }
+    (busy, merges)
+}
+
+pub async fn assign_once(
+    replica: &Replica,
+    client: &zk::Client,
+    policy: &MergePolicy,
+) -> Result<Option<String>, TreeError> {
+    let (busy, queued_merges) = busy_parts(replica);
+    if queued_merges >= MAX_QUEUED_MERGES {
+        return Ok(None);
+    }
+    let mut by_partition: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+    for part in replica.store.snapshot().parts() {
+        by_partition
+            .entry(part.name.partition_id.clone())
+            .or_default()
+            .push(Candidate {
+                busy: busy.contains(&part.name.to_string()),
+                name: part.name.clone(),
+                bytes: part.bytes,
+            });
+    }
+    for (partition, parts) in by_partition {
+        if parts.iter().filter(|c| !c.busy).count() < policy.min_parts {
+            continue;
+        }
+        // Cheap local pre-check before any ZooKeeper read.
+        if policy::select(policy, &parts, &[]).is_none() {
+            continue;
+        }
+        let (_, log_stat) = client
+            .get_data(&replica.paths.log())
+            .await
+            .map_err(|e| TreeError::zk("get", replica.paths.log(), e))?;
+        let locks_path = replica.paths.block_numbers_partition(&partition);
+        let locked: Vec<u64> = match client.list_children(&locks_path).await {
+            Ok(children) => children.iter().filter_map(|c| sequence_of(c)).collect(),
+            Err(zk::Error::NoNode) => Vec::new(),
+            Err(e) => return Err(TreeError::zk("list", locks_path, e)),
+        };
+        let Some(sources) = policy::select(policy, &parts, &locked) else {
+            continue;
+        };
+        let Some(into) = policy::merged_name(&sources) else {
+            continue;
+        };
+        // Every source must be registered somewhere in ZooKeeper under this replica:
+        // merging a part the tree does not know would publish an unfetchable result.
+        let rp = replica.paths.replica(&replica.name);
+        let mut all_known = true;
+        for s in &sources {
+            if client
+                .check_stat(&rp.part(&s.to_string()))
+                .await
+                .map_err(|e| TreeError::zk("exists", rp.part(&s.to_string()), e))?
+                .is_none()
+            {
+                all_known = false;
+            }
+        }
+        if !all_known {
+            continue;
+        }
+        let entry = LogEntry::merge(
+            &replica.name,
+            sources.iter().map(PartName::to_string).collect(),
+            &into.to_string(),
+            chrono::Utc::now().timestamp(),
+        );
+        let mut multi = client.new_multi_writer();
+        multi
+            .add_create(
+                &replica.paths.log_entry_prefix(),
+                entry.render().as_bytes(),
+                &tree::persistent_sequential(),
+            )
+            .map_err(|e| TreeError::zk("create", replica.paths.log_entry_prefix(), e))?;
+        multi
+            .add_set_data(&replica.paths.log(), b"", Some(log_stat.version))
+            .map_err(|e| TreeError::zk("set", replica.paths.log(), e))?;
+        match multi.commit().await {
+            Ok(_) => {
+                info!(replica = %replica.name, part = %into, sources = sources.len(), "published merge");
+                replica.pull_notify.notify_one();
+                return Ok(Some(into.to_string()));
+            }
+            // Another leader assigned something first; its entry reaches us through the log.
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::BadVersion,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(tree::multi_error("assign merge", &[replica.paths.log()], e)),
+        }
+    }
+    Ok(None)
+}

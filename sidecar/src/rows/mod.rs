@@ -1,0 +1,127 @@
+//! Row codecs: client bodies (JSONEachRow, CSV, CSVWithNames, Parquet) to Arrow record batches
+//! validated against the table schema, the partition split and sort of an insert, and the
+//! encoders of `/select`. Pure: no I/O beyond the buffers handed in.
+//!
+//! Type mapping (ClickHouse -> Arrow), fixed because it is also the schema of every part's
+//! `data.parquet`:
+//!
+//! | ClickHouse | Arrow |
+//! |---|---|
+//! | UInt8..UInt64, Int8..Int64 | UInt8..UInt64, Int8..Int64 |
+//! | Float32, Float64 | Float32, Float64 |
+//! | String | Utf8 |
+//! | Bool | Boolean |
+//! | Date | Date32 (days since 1970-01-01) |
+//! | DateTime | Timestamp(Second, Some("UTC")) |
+//! | Nullable(T) | nullable field of T (every other field is non-nullable) |
+//!
+//! DateTime carries the `UTC` time zone so external readers (pyarrow, DuckDB, Polars) see
+//! instants, not wall-clock times; ClickHouse stores DateTime as UTC seconds as well.
+//! Build DateTime arrays with `TimestampSecondArray::from(..).with_timezone(DATETIME_TZ)`.
+
+mod decode;
+mod encode;
+mod error;
+mod partition;
+mod sort;
+mod value;
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use rtable_protocol::schema::{ColumnType, TableSchema};
+
+pub use decode::{InputFormat, decode};
+pub use encode::{OutputFormat, ParquetOutput, encode_text, parquet_writer_properties};
+pub use error::InputError;
+pub use partition::partition_split;
+pub use sort::sort_by_key;
+
+/// The time zone of every DateTime column.
+pub const DATETIME_TZ: &str = "UTC";
+
+/// ClickHouse's Date range: days 0 (1970-01-01) to 65535 (2149-06-06).
+pub const DATE_MAX_DAYS: i32 = 65_535;
+
+/// ClickHouse's DateTime range: 0 (1970-01-01 00:00:00) to 2106-02-07 06:28:15.
+pub const DATETIME_MAX_SECONDS: i64 = u32::MAX as i64;
+
+/// The Arrow type of a (non-Nullable) ClickHouse type; Nullable(T) maps to T's type.
+pub fn arrow_type(ty: &ColumnType) -> DataType {
+    match ty.inner() {
+        ColumnType::UInt8 => DataType::UInt8,
+        ColumnType::UInt16 => DataType::UInt16,
+        ColumnType::UInt32 => DataType::UInt32,
+        ColumnType::UInt64 => DataType::UInt64,
+        ColumnType::Int8 => DataType::Int8,
+        ColumnType::Int16 => DataType::Int16,
+        ColumnType::Int32 => DataType::Int32,
+        ColumnType::Int64 => DataType::Int64,
+        ColumnType::Float32 => DataType::Float32,
+        ColumnType::Float64 => DataType::Float64,
+        ColumnType::String => DataType::Utf8,
+        ColumnType::Bool => DataType::Boolean,
+        ColumnType::Date => DataType::Date32,
+        ColumnType::DateTime => DataType::Timestamp(TimeUnit::Second, Some(DATETIME_TZ.into())),
+        // `inner()` strips the only Nullable level the schema allows.
+        ColumnType::Nullable(inner) => arrow_type(inner),
+    }
+}
+
+/// The Arrow schema of the table: one field per column, in table order.
+pub fn arrow_schema(schema: &TableSchema) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .columns
+            .iter()
+            .map(|c| Field::new(&c.name, arrow_type(&c.ty), c.ty.is_nullable()))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// `YYYY-MM-DD` of a day number (days since 1970-01-01).
+pub fn format_date(days: i32) -> Option<String> {
+    let d = chrono::NaiveDate::from_num_days_from_ce_opt(days.checked_add(EPOCH_DAYS_FROM_CE)?)?;
+    use chrono::Datelike;
+    Some(format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()))
+}
+
+/// `YYYY-MM-DD hh:mm:ss` (UTC) of unix seconds.
+pub fn format_datetime(seconds: i64) -> Option<String> {
+    use chrono::{Datelike, Timelike};
+    let t = chrono::DateTime::from_timestamp(seconds, 0)?.naive_utc();
+    Some(format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    ))
+}
+
+/// Days from 0001-01-01 (CE day 1) to 1970-01-01.
+pub(crate) const EPOCH_DAYS_FROM_CE: i32 = 719_163;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use rtable_protocol::schema::{Column, PartitionKey, TableSchema};
+
+    pub fn schema(cols: &[(&str, &str)], order_by: &[&str], partition_by: &str) -> TableSchema {
+        let columns = cols
+            .iter()
+            .map(|(n, t)| Column {
+                name: n.to_string(),
+                ty: t.parse().expect("test type"),
+            })
+            .collect();
+        let pk: PartitionKey = partition_by.parse().expect("test partition key");
+        TableSchema::new(
+            columns,
+            order_by.iter().map(|s| s.to_string()).collect(),
+            pk,
+        )
+        .expect("test schema")
+    }
+}

@@ -1,0 +1,1 @@
+//! The part store (being written).
