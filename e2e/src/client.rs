@@ -134,15 +134,12 @@ impl ReplicaClient {
         body: impl Into<reqwest::Body>,
         dedup_token: Option<&str>,
     ) -> anyhow::Result<Response> {
-        let mut query = vec![("format", format)];
+        let mut url = format!("{}/insert?format={}", self.base, url_encode(format));
         if let Some(t) = dedup_token {
-            query.push(("dedup_token", t));
+            url.push_str("&dedup_token=");
+            url.push_str(&url_encode(t));
         }
-        let request = self
-            .http
-            .post(format!("{}/insert", self.base))
-            .query(&query)
-            .body(body);
+        let request = self.http.post(url).body(body);
         self.send(request, "POST /insert").await
     }
 
@@ -250,6 +247,19 @@ impl ReplicaClient {
         }
         self.send(request, "GET /parts").await
     }
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn url_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// JSON values as a JSONEachRow body.

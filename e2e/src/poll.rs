@@ -25,7 +25,7 @@ where
     Fut: Future<Output = anyhow::Result<Check<T>>>,
 {
     let started = Instant::now();
-    let mut last = String::from("(not checked yet)");
+    let mut last: String;
     loop {
         match probe().await {
             Ok(Check::Done(v)) => return Ok(v),

@@ -70,6 +70,28 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, PortError> {
     Ok(out)
 }
 
+/// A base port such that `base..base+len` are all free (for tools that derive their
+/// ports from one base, like the playground's `--base-port`).
+pub fn free_block(len: u16) -> Result<u16, PortError> {
+    let mut guard = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let handed = guard.get_or_insert_with(HashSet::new);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let blocks = u32::from((HIGH - LOW) / len);
+    for attempt in 0..blocks {
+        let base = LOW + (((seed + attempt * 7919) % blocks) as u16) * len;
+        let ports: Vec<u16> = (base..base + len).collect();
+        if ports.iter().any(|p| handed.contains(p)) || check_all_free(&ports).is_err() {
+            continue;
+        }
+        handed.extend(ports);
+        return Ok(base);
+    }
+    Err(PortError::Exhausted { tried: blocks })
+}
+
 /// One free loopback port.
 pub fn free_port() -> Result<u16, PortError> {
     Ok(free_ports(1)?[0])

@@ -55,38 +55,42 @@ pub struct ZkEnsemble {
 }
 
 /// Checks that Java and the ZooKeeper jar are present; returns (java, classpath).
+/// `RTABLE_ZK_JAR` and `RTABLE_JAVA` override the defaults.
 pub fn prerequisites() -> Result<(String, String), PrerequisiteError> {
     let jar = std::env::var("RTABLE_ZK_JAR").unwrap_or_else(|_| DEFAULT_JAR.to_string());
-    if !Path::new(&jar).exists() {
-        return Err(PrerequisiteError::NoJar { jar });
-    }
     let java = std::env::var("RTABLE_JAVA").unwrap_or_else(|_| "java".to_string());
-    let probe = Command::new(&java)
+    check_prerequisites(&jar, &java)
+}
+
+/// Checks the given jar and java command; returns (java, classpath).
+pub fn check_prerequisites(jar: &str, java: &str) -> Result<(String, String), PrerequisiteError> {
+    if !Path::new(jar).exists() {
+        return Err(PrerequisiteError::NoJar {
+            jar: jar.to_string(),
+        });
+    }
+    let probe = Command::new(java)
         .arg("-version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-    match probe {
-        Ok(s) if s.success() => {}
-        Ok(s) => {
-            return Err(PrerequisiteError::NoJava {
-                java,
-                reason: format!("exit status {s}"),
-            });
-        }
-        Err(e) => {
-            return Err(PrerequisiteError::NoJava {
-                java,
-                reason: e.to_string(),
-            });
-        }
+    let reason = match probe {
+        Ok(s) if s.success() => None,
+        Ok(s) => Some(format!("exit status {s}")),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(reason) = reason {
+        return Err(PrerequisiteError::NoJava {
+            java: java.to_string(),
+            reason,
+        });
     }
-    let mut classpath = jar;
+    let mut classpath = jar.to_string();
     if Path::new(DEFAULT_SLF4J).exists() {
         classpath.push(':');
         classpath.push_str(DEFAULT_SLF4J);
     }
-    Ok((java, classpath))
+    Ok((java.to_string(), classpath))
 }
 
 impl ZkEnsemble {

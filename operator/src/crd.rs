@@ -691,6 +691,17 @@ mod tests {
         assert!(problems.is_empty(), "{problems:#?}");
     }
 
+    /// The same drift check CI runs with `diff`, so `cargo test` catches a stale file too.
+    #[test]
+    fn committed_crd_matches_the_generated_one() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/replicatedtable.yaml");
+        let committed = std::fs::read_to_string(path).expect("crds/replicatedtable.yaml exists");
+        assert!(
+            committed == crd_yaml().expect("renders"),
+            "crds/replicatedtable.yaml is stale: run `rtable-operator crd > crds/replicatedtable.yaml`"
+        );
+    }
+
     #[test]
     fn table_spec_round_trips_through_the_protocol_manifest() {
         let spec: ReplicatedTableSpec = serde_json::from_value(base_spec()).expect("spec parses");

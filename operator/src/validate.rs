@@ -42,3 +42,40 @@ pub fn validate(rt: &ReplicatedTable) -> Result<ValidatedTable, InvalidSpec> {
     }
     Ok(manifest(rt)?.validate()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::fixtures;
+
+    #[test]
+    fn the_example_table_is_a_valid_resource() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/events.yaml");
+        let text = std::fs::read_to_string(path).expect("examples/events.yaml exists");
+        let rt: ReplicatedTable = serde_yaml::from_str(&text).expect("parses as a ReplicatedTable");
+        let table = validate(&rt).expect("valid");
+        assert_eq!(table.table_path, "/clickhouse/tables/01/default.events");
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let mut rt = fixtures::table("table.yaml");
+        rt.spec.order_by = vec!["missing".into()];
+        assert!(
+            validate(&rt)
+                .expect_err("unknown column")
+                .to_string()
+                .contains("`missing`")
+        );
+        let mut rt = fixtures::table("table-full.yaml");
+        if let Some(uc) = rt.spec.user_container.as_mut() {
+            uc.name = SIDECAR_CONTAINER.into();
+        }
+        assert!(
+            validate(&rt)
+                .expect_err("name clash")
+                .to_string()
+                .contains("spec.userContainer.name")
+        );
+    }
+}

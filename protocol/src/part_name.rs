@@ -253,7 +253,7 @@ mod tests {
 
     #[test]
     fn ordering_is_partition_then_range() {
-        let mut v = vec![p("b_1_1_0"), p("a_5_5_0"), p("a_1_4_1"), p("a_1_1_0")];
+        let mut v = [p("b_1_1_0"), p("a_5_5_0"), p("a_1_4_1"), p("a_1_1_0")];
         v.sort();
         let names: Vec<String> = v.iter().map(|x| x.to_string()).collect();
         assert_eq!(names, ["a_1_1_0", "a_1_4_1", "a_5_5_0", "b_1_1_0"]);

@@ -134,9 +134,11 @@ pub async fn create_table(
         ensure_path(client, parent).await?;
     }
     for _ in 0..5 {
-        match compare_existing(client, paths, &metadata, &columns_text).await? {
-            Some(()) => return Ok(CreateOutcome::AlreadyExists),
-            None => {}
+        if compare_existing(client, paths, &metadata, &columns_text)
+            .await?
+            .is_some()
+        {
+            return Ok(CreateOutcome::AlreadyExists);
         }
         let nodes = paths.table_nodes();
         let mut multi = client.new_multi_writer();

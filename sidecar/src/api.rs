@@ -18,6 +18,7 @@ use tracing::warn;
 
 use rtable_protocol::PartName;
 use rtable_protocol::hash::FileHasher;
+use rtable_protocol::manifest::{AutoQuorum, InsertQuorum};
 use rtable_protocol::part_header::Checksums;
 
 use crate::exchange::{self, FileEntry};
@@ -57,15 +58,46 @@ async fn insert(
 ) -> Response {
     let replica = &state.replica;
     for key in params.keys() {
-        if key != "format" && key != "dedup_token" {
+        if ![
+            "format",
+            "dedup_token",
+            "insert_quorum",
+            "insert_quorum_parallel",
+        ]
+        .contains(&key.as_str())
+        {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "unknown query parameter `{key}`; /insert takes `format` and `dedup_token`"
+                    "unknown query parameter `{key}`; /insert takes `format`, `dedup_token`, `insert_quorum` and `insert_quorum_parallel`"
                 ),
             );
         }
     }
+    let quorum = match params.get("insert_quorum").map(String::as_str) {
+        None => None,
+        Some("auto") => Some(InsertQuorum::Auto(AutoQuorum::Auto)),
+        Some(n) => match n.parse::<u32>() {
+            Ok(n) => Some(InsertQuorum::Replicas(n)),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("`insert_quorum={n}` must be a number of replicas or `auto`"),
+                );
+            }
+        },
+    };
+    let quorum_parallel = match params.get("insert_quorum_parallel").map(String::as_str) {
+        None => None,
+        Some("1" | "true") => Some(true),
+        Some("0" | "false") => Some(false),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("`insert_quorum_parallel={other}` must be 0 or 1"),
+            );
+        }
+    };
     let format = match InputFormat::parse(
         params
             .get("format")
@@ -112,6 +144,8 @@ async fn insert(
             format,
             body,
             dedup_token,
+            quorum,
+            quorum_parallel,
         },
     )
     .await
@@ -145,7 +179,20 @@ async fn select_rows(
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let stream = select::stream(state.replica.clone(), format);
+    let visible = match params.get("sequential_consistency").map(String::as_str) {
+        None | Some("0") => None,
+        Some("1") => match select::quorum_view(&state.replica).await {
+            Ok(v) => Some(v),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("`sequential_consistency={other}` must be 0 or 1"),
+            );
+        }
+    };
+    let stream = select::stream(state.replica.clone(), format, visible);
     Response::builder()
         .header(header::CONTENT_TYPE, format.content_type())
         .body(Body::from_stream(stream))

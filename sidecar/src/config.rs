@@ -43,6 +43,29 @@ pub struct Config {
     /// How many queue entries (fetches) run at once.
     #[arg(long, default_value_t = 4)]
     pub max_concurrent_fetches: usize,
+    /// How long a quorum insert waits for its quorum before answering "outcome unknown".
+    #[arg(
+        long,
+        env = "RTABLE_INSERT_QUORUM_TIMEOUT_MS",
+        default_value_t = 600_000
+    )]
+    pub insert_quorum_timeout_ms: u64,
+    /// Log cleanup keeps at least this many entries (min_replicated_logs_to_keep).
+    #[arg(long, default_value_t = 10)]
+    pub min_logs_to_keep: u64,
+    /// Log cleanup keeps at most this many entries (max_replicated_logs_to_keep); replicas
+    /// further behind are marked lost.
+    #[arg(long, default_value_t = 1000)]
+    pub max_logs_to_keep: u64,
+    /// Dedup window: block ids kept (replicated_deduplication_window).
+    #[arg(long, default_value_t = 1000)]
+    pub dedup_window: usize,
+    /// Dedup window in seconds, from the newest block (replicated_deduplication_window_seconds).
+    #[arg(long, default_value_t = 604_800)]
+    pub dedup_window_seconds: u64,
+    /// Seconds between cleanup passes (jittered by up to 50%).
+    #[arg(long, default_value_t = 30)]
+    pub cleanup_period_seconds: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "RTABLE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -82,6 +105,10 @@ impl Config {
             return Err("--max-body-bytes must be above 0".to_string());
         }
         Ok(())
+    }
+
+    pub fn insert_quorum_timeout(&self) -> Duration {
+        Duration::from_millis(self.insert_quorum_timeout_ms)
     }
 
     pub fn session_timeout(&self, manifest_seconds: u32) -> Duration {

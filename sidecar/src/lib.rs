@@ -11,6 +11,7 @@ pub mod merge;
 pub mod metrics;
 pub mod parts;
 pub mod queue;
+pub mod quorum;
 pub mod recovery;
 pub mod replica;
 pub mod rows;

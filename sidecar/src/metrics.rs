@@ -18,6 +18,12 @@ pub struct Metrics {
     pub sessions_started: AtomicU64,
     pub log_entries_pulled: AtomicU64,
     pub merges: AtomicU64,
+    pub quorum_inserts: AtomicU64,
+    pub quorum_failed_inserts: AtomicU64,
+    pub quorum_wait_micros: AtomicU64,
+    pub lost_parts: AtomicU64,
+    pub cleanup_runs: AtomicU64,
+    pub replicas_marked_lost: AtomicU64,
 }
 
 impl Metrics {
@@ -31,7 +37,7 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 18] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -91,6 +97,36 @@ impl Metrics {
                 "rtable_merges_total",
                 "Merges run on this replica (ReplicatedPartMerges)",
                 &self.merges,
+            ),
+            (
+                "rtable_quorum_inserts_total",
+                "Inserts acknowledged after reaching their quorum (QuorumParts)",
+                &self.quorum_inserts,
+            ),
+            (
+                "rtable_quorum_failed_inserts_total",
+                "Quorum inserts whose quorum failed (QuorumFailedInserts)",
+                &self.quorum_failed_inserts,
+            ),
+            (
+                "rtable_quorum_wait_microseconds_total",
+                "Time inserts spent waiting for quorums (QuorumWaitMicroseconds)",
+                &self.quorum_wait_micros,
+            ),
+            (
+                "rtable_lost_parts_total",
+                "Parts no replica holds any more, declared lost (ReplicatedDataLoss)",
+                &self.lost_parts,
+            ),
+            (
+                "rtable_cleanup_runs_total",
+                "Log and block cleanup passes",
+                &self.cleanup_runs,
+            ),
+            (
+                "rtable_replicas_marked_lost_total",
+                "Replicas this leader marked is_lost=1 during log cleanup",
+                &self.replicas_marked_lost,
             ),
         ];
         let mut out = String::new();

@@ -51,6 +51,26 @@ pub async fn before_activation(
         }
     }
 
+    // Parts whose quorum failed were never acknowledged: set them aside (never deleted).
+    let mut zk_parts = zk_parts;
+    for failed in crate::quorum::failed_parts(replica, client).await? {
+        let Ok(part) = PartName::parse(&failed) else {
+            continue;
+        };
+        if zk_parts.remove(&failed) {
+            match client.delete(&rp.part(&failed), None).await {
+                Ok(()) | Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(TreeError::zk("delete", rp.part(&failed), e)),
+            }
+        }
+        if replica.store.contains(&part) {
+            warn!(replica = %replica.name, part = %failed, "part failed its quorum; detaching it");
+            if let Err(e) = replica.store.detach(&part, "failed_quorum") {
+                warn!(replica = %replica.name, part = %failed, error = %e, "cannot detach failed-quorum part");
+            }
+        }
+    }
+
     let local: BTreeSet<String> = replica
         .store
         .parts()
@@ -114,6 +134,20 @@ pub async fn after_activation(
     }
     let n = pull::load_queue(replica, client).await?;
     info!(replica = %replica.name, queued = n, "queue loaded");
+    // A quorum this replica satisfied before a crash may lack its acknowledgement.
+    let parallel = replica.paths.quorum_parallel();
+    let pending = match client.list_children(&parallel).await {
+        Ok(c) => c,
+        Err(zk::Error::NoNode) => Vec::new(),
+        Err(e) => return Err(TreeError::zk("list", parallel, e)),
+    };
+    for part in pending {
+        if let Ok(name) = PartName::parse(&part)
+            && replica.store.covering(&name).is_some()
+        {
+            crate::quorum::acknowledge(replica, client, &name).await?;
+        }
+    }
     Ok(())
 }
 

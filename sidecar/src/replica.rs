@@ -45,6 +45,8 @@ pub struct Replica {
     /// Wakes merge assignment (a part became active).
     pub merge_notify: Notify,
     pub merge_policy: crate::merge::policy::MergePolicy,
+    /// Parts declared lost since start (system.replicas lost_part_count).
+    pub lost_part_count: std::sync::atomic::AtomicU64,
 }
 
 impl Replica {

@@ -2,6 +2,7 @@
 //! parts (a merged-away part's files outlive it), and encoding runs on a blocking thread
 //! that hands chunks to the response through a small channel, so memory stays bounded.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -21,10 +22,16 @@ const CHUNK: usize = 256 * 1024;
 
 type Chunk = Result<Bytes, std::io::Error>;
 
-pub fn stream(replica: Arc<Replica>, format: OutputFormat) -> impl Stream<Item = Chunk> {
+/// `visible`: for sequential consistency, the highest quorum-confirmed block per
+/// partition; parts above it (and partitions without one) are hidden.
+pub fn stream(
+    replica: Arc<Replica>,
+    format: OutputFormat,
+    visible: Option<BTreeMap<String, u64>>,
+) -> impl Stream<Item = Chunk> {
     let (tx, rx) = mpsc::channel::<Chunk>(4);
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = produce(&replica, format, &tx) {
+        if let Err(e) = produce(&replica, format, visible.as_ref(), &tx) {
             warn!(replica = %replica.name, error = %e, "select aborted");
             let _ = tx.blocking_send(Err(std::io::Error::other(e)));
         }
@@ -71,9 +78,16 @@ impl Write for ChannelWriter<'_> {
 fn produce(
     replica: &Replica,
     format: OutputFormat,
+    visible: Option<&BTreeMap<String, u64>>,
     tx: &mpsc::Sender<Chunk>,
 ) -> Result<(), String> {
     let snapshot = replica.store.snapshot();
+    let shown = |p: &&crate::parts::ActivePart| match visible {
+        None => true,
+        Some(map) => map
+            .get(&p.name.partition_id)
+            .is_some_and(|max| p.name.max_block <= *max),
+    };
     let mut out = ChannelWriter {
         tx,
         buf: Vec::with_capacity(CHUNK),
@@ -86,7 +100,7 @@ fn produce(
                 .build();
             let mut writer =
                 ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(|e| e.to_string())?;
-            for part in snapshot.parts() {
+            for part in snapshot.parts().filter(shown) {
                 for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
                     writer
                         .write(&batch.map_err(|e| e.to_string())?)
@@ -98,7 +112,7 @@ fn produce(
         text => {
             let mut first = true;
             let mut buf = Vec::with_capacity(CHUNK);
-            for part in snapshot.parts() {
+            for part in snapshot.parts().filter(shown) {
                 for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
                     rows::encode_text(text, &batch.map_err(|e| e.to_string())?, &mut buf, first)
                         .map_err(|e| e.to_string())?;
@@ -120,4 +134,25 @@ fn produce(
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+/// The sequential-consistency view: refuses when this replica lacks a part that reached
+/// its quorum (REPLICA_IS_NOT_IN_QUORUM), else returns the visible block per partition.
+pub async fn quorum_view(replica: &Replica) -> Result<BTreeMap<String, u64>, String> {
+    let (client, _) = replica.sessions.active().map_err(|e| e.reason)?;
+    let last = crate::quorum::last_parts(replica, &client)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut visible = BTreeMap::new();
+    for (partition, part) in last.parts {
+        let name = rtable_protocol::PartName::parse(&part).map_err(|e| e.to_string())?;
+        if replica.store.covering(&name).is_none() {
+            return Err(format!(
+                "REPLICA_IS_NOT_IN_QUORUM: replica {} does not have part {part} yet; retry or read from another replica",
+                replica.name
+            ));
+        }
+        visible.insert(partition, name.max_block);
+    }
+    Ok(visible)
 }

@@ -27,6 +27,7 @@ pub struct ReplicaStatus {
     pub total_replicas: Option<u32>,
     pub active_replicas: Option<u32>,
     pub replica_is_active: bool,
+    pub lost_part_count: u64,
     pub parts_count: usize,
     pub parts: Vec<String>,
     pub rows: u64,
@@ -82,6 +83,9 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
         total_replicas: None,
         active_replicas: None,
         replica_is_active: view.readonly_reason.is_none(),
+        lost_part_count: replica
+            .lost_part_count
+            .load(std::sync::atomic::Ordering::Relaxed),
         parts_count: parts.len(),
         parts,
         rows,

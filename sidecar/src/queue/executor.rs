@@ -19,6 +19,7 @@ use rtable_protocol::tree::{self, TreeError};
 use crate::fetcher::{self, FetchError};
 use crate::metrics::Metrics;
 use crate::queue::QueueItem;
+use crate::quorum;
 use crate::replica::Replica;
 
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +128,19 @@ async fn execute_get(
         let have_name = have.to_string();
         let header = local_header(replica, &have)?;
         commit_outcome(replica, client, &item.node_name, &have_name, &header).await?;
+        if item.entry.quorum > 0 {
+            quorum::acknowledge(replica, client, &have).await?;
+        }
         return Ok(());
     }
     let (source, address, header_hash) =
-        find_source(replica, client, &item.entry.source_replica, &name).await?;
+        match find_source(replica, client, &item.entry.source_replica, &name).await {
+            Ok(found) => found,
+            Err(ExecuteError::NoSource(p)) => {
+                return no_source(replica, client, item, &name, p).await;
+            }
+            Err(e) => return Err(e),
+        };
     let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
     Metrics::inc(&replica.metrics.fetches);
     Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
@@ -155,8 +165,83 @@ async fn execute_get(
         "fetched part"
     );
     let _ = rp;
+    if item.entry.quorum > 0 || source.level > 0 {
+        quorum::acknowledge(replica, client, &source).await?;
+    }
     retire_covered(replica, client, &source).await?;
     Ok(())
+}
+
+/// No active replica has the part. A quorum insert's part fails its quorum (the client
+/// retries); a part no replica lists at all, even covered, is lost and stops being waited
+/// for; otherwise the entry waits for a replica to come back.
+async fn no_source(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    item: &QueueItem,
+    part: &PartName,
+    message: String,
+) -> Result<(), ExecuteError> {
+    let name = part.to_string();
+    if item.entry.quorum > 0 && quorum::fail(replica, client, &name, &item.entry.block_id).await? {
+        drop_entry(replica, client, &item.node_name).await?;
+        return Ok(());
+    }
+    let failed = client
+        .check_stat(&quorum::failed_path(replica, &name))
+        .await
+        .map_err(|e| TreeError::zk("exists", quorum::failed_path(replica, &name), e))?
+        .is_some();
+    if failed {
+        drop_entry(replica, client, &item.node_name).await?;
+        return Ok(());
+    }
+    if !anyone_has(replica, client, part).await? {
+        warn!(replica = %replica.name, part = %name, "no replica holds the part or a covering part; declaring it lost");
+        Metrics::inc(&replica.metrics.lost_parts);
+        replica
+            .lost_part_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drop_entry(replica, client, &item.node_name).await?;
+        return Ok(());
+    }
+    Err(ExecuteError::NoSource(message))
+}
+
+async fn drop_entry(
+    replica: &Replica,
+    client: &zk::Client,
+    node: &str,
+) -> Result<(), ExecuteError> {
+    let path = replica.paths.replica(&replica.name).queue_entry(node);
+    match client.delete(&path, None).await {
+        Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+        Err(e) => Err(TreeError::zk("delete", path, e).into()),
+    }
+}
+
+/// Whether any replica, active or not, lists the part or a covering part.
+async fn anyone_has(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<bool, ExecuteError> {
+    for name in tree::list_replicas(client, &replica.paths).await? {
+        let parts_path = replica.paths.replica(&name).parts();
+        let children = match client.list_children(&parts_path).await {
+            Ok(c) => c,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(TreeError::zk("list", parts_path, e).into()),
+        };
+        if children
+            .iter()
+            .filter_map(|c| PartName::parse(c).ok())
+            .any(|c| c.contains(part))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// MERGE_PARTS: merge locally when every source is here, else fetch the merged part.
@@ -205,6 +290,7 @@ async fn execute_merge(
         warn!(replica = %replica.name, part = %into, error = %e, "merged part recorded but not activated");
     }
     Metrics::inc(&replica.metrics.merges);
+    quorum::acknowledge(replica, client, &into_name).await?;
     info!(
         replica = %replica.name,
         part = %into,

@@ -435,31 +435,29 @@ fn check_parquet_column(array: &ArrayRef, name: &str, ty: &ColumnType) -> Result
     };
     match ty.inner() {
         ColumnType::Date => {
-            if let Some(a) = array.as_primitive_opt::<Date32Type>() {
-                if let Some((row, _)) = a
+            if let Some(a) = array.as_primitive_opt::<Date32Type>()
+                && let Some((row, _)) = a
                     .iter()
                     .enumerate()
                     .find(|(_, v)| v.is_some_and(|d| !check_date(d)))
-                {
-                    return Err(out_of_range(
-                        row,
-                        "date outside Date's range 1970-01-01 to 2149-06-06",
-                    ));
-                }
+            {
+                return Err(out_of_range(
+                    row,
+                    "date outside Date's range 1970-01-01 to 2149-06-06",
+                ));
             }
         }
         ColumnType::DateTime => {
-            if let Some(a) = array.as_primitive_opt::<TimestampSecondType>() {
-                if let Some((row, _)) = a
+            if let Some(a) = array.as_primitive_opt::<TimestampSecondType>()
+                && let Some((row, _)) = a
                     .iter()
                     .enumerate()
                     .find(|(_, v)| v.is_some_and(|s| !check_datetime(s)))
-                {
-                    return Err(out_of_range(
-                        row,
-                        "time outside DateTime's range 1970-01-01 00:00:00 to 2106-02-07 06:28:15",
-                    ));
-                }
+            {
+                return Err(out_of_range(
+                    row,
+                    "time outside DateTime's range 1970-01-01 00:00:00 to 2106-02-07 06:28:15",
+                ));
             }
         }
         _ => {}

@@ -125,3 +125,6 @@ pub(crate) mod test_util {
         .expect("test schema")
     }
 }
+
+#[cfg(test)]
+mod tests;

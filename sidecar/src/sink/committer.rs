@@ -14,6 +14,7 @@ use zookeeper_client as zk;
 
 use rtable_protocol::part_header::PartHeader;
 use rtable_protocol::paths::sequence_of;
+use rtable_protocol::quorum::QuorumEntry;
 use rtable_protocol::tree::{self, TreeError};
 use rtable_protocol::{LogEntry, PartName};
 
@@ -86,6 +87,8 @@ struct Pending {
     partition_id: String,
     /// This attempt's `block_numbers/<partition>/block-N` lock.
     lock: Option<String>,
+    quorum: u32,
+    quorum_mode: crate::quorum::Mode,
     state: PendingState,
 }
 
@@ -126,6 +129,8 @@ async fn commit_group(
                 block_id: block.block_id,
                 partition_id: block.partition_id,
                 lock: None,
+                quorum: block.quorum,
+                quorum_mode: block.quorum_mode,
                 state,
             });
         }
@@ -311,6 +316,10 @@ async fn commit_pending(
                 debug!(replica = %replica.name, %reason, "commit not applied; retrying");
                 release_all_locks(&client, pending, &open).await;
             }
+            CommitResult::Refused(reason) => {
+                release_all_locks(&client, pending, &open).await;
+                return Err(InsertError::Unavailable(reason));
+            }
             CommitResult::Unknown(reason) => {
                 // Resolve by checking our parts node, on whatever session comes back.
                 match resolve(replica, pending, &open).await {
@@ -473,12 +482,24 @@ enum CommitResult {
     Duplicate(usize),
     /// Definitely not applied.
     Retry(String),
+    /// Definitely not applied, and retrying cannot help.
+    Refused(String),
     /// The connection dropped: applied or not, we can't tell yet.
     Unknown(String),
 }
 
+/// What each op of the commit multi does, to map a failed op index back to its block.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Log,
+    Unlock,
+    Block,
+    Part,
+    Quorum,
+}
+
 /// ONE multi for the whole group: per block the GET_PART log entry, the lock removal,
-/// `blocks/<id>` and `replicas/<me>/parts/<part>`.
+/// `blocks/<id>`, `replicas/<me>/parts/<part>` and, for quorum inserts, the quorum node.
 async fn commit(
     replica: &Replica,
     client: &zk::Client,
@@ -488,15 +509,21 @@ async fn commit(
     let rp = replica.paths.replica(&replica.name);
     let now = chrono::Utc::now().timestamp();
     let mut multi = client.new_multi_writer();
+    let mut ops: Vec<(Op, usize)> = Vec::with_capacity(open.len() * 5);
     for &i in open {
         let PendingState::Staged(s) = &pending[i].state else {
             return CommitResult::Retry("block not staged".to_string());
         };
         let part = s.name.to_string();
-        let entry = LogEntry::get(&replica.name, &pending[i].block_id, &part, 0, now).render();
+        let quorum = if pending[i].quorum > 1 {
+            pending[i].quorum
+        } else {
+            0
+        };
+        let entry = LogEntry::get(&replica.name, &pending[i].block_id, &part, quorum, now).render();
         let header = PartHeader::new(&replica.columns_text, s.rows, &s.checksums).render();
         let lock = pending[i].lock.clone().unwrap_or_default();
-        let ops = [
+        let mut results = vec![
             multi.add_create(
                 &replica.paths.log_entry_prefix(),
                 entry.as_bytes(),
@@ -510,19 +537,26 @@ async fn commit(
             ),
             multi.add_create(&rp.part(&part), header.as_bytes(), &tree::persistent()),
         ];
-        if let Some(Err(e)) = ops.into_iter().find(|r| r.is_err()) {
+        ops.extend([(Op::Log, i), (Op::Unlock, i), (Op::Block, i), (Op::Part, i)]);
+        if quorum > 0 {
+            let node = crate::quorum::node_path(replica, pending[i].quorum_mode, &part);
+            let value = QuorumEntry::new(&part, quorum, &replica.name).render();
+            results.push(multi.add_create(&node, value.as_bytes(), &tree::persistent()));
+            ops.push((Op::Quorum, i));
+        }
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             return CommitResult::Retry(format!("building the commit: {e}"));
         }
     }
     match multi.commit().await {
         Ok(_) => CommitResult::Committed,
-        Err(zk::MultiWriteError::OperationFailed {
-            index,
-            source: zk::Error::NodeExists,
-        }) if index % 4 == 2 => CommitResult::Duplicate(open[index / 4]),
-        Err(zk::MultiWriteError::OperationFailed { index, source }) => {
-            CommitResult::Retry(format!("op {index} of the commit failed: {source}"))
-        }
+        Err(zk::MultiWriteError::OperationFailed { index, source }) => match (ops.get(index), source) {
+            (Some((Op::Block, i)), zk::Error::NodeExists) => CommitResult::Duplicate(*i),
+            (Some((Op::Quorum, _)), zk::Error::NodeExists) => CommitResult::Refused(
+                "a previous sequential quorum insert has not reached its quorum yet (UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE); retry later or use insert_quorum_parallel=1".to_string(),
+            ),
+            (_, source) => CommitResult::Retry(format!("op {index} of the commit failed: {source}")),
+        },
         Err(zk::MultiWriteError::RequestFailed { source }) if is_connection_error(&source) => {
             CommitResult::Unknown(format!("connection lost during the commit: {source}"))
         }

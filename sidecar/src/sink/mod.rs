@@ -13,8 +13,11 @@ use tracing::{Instrument, info_span};
 
 use rtable_protocol::hash::{self, Hash128};
 
+use rtable_protocol::manifest::InsertQuorum;
+
 use crate::metrics::Metrics;
 use crate::parts::{StoreError, TempPart};
+use crate::quorum;
 use crate::replica::Replica;
 use crate::rows::{self, InputError, InputFormat};
 
@@ -26,6 +29,9 @@ pub struct Block {
     pub block_id: String,
     pub rows: u64,
     pub temp: TempPart,
+    /// Replicas that must hold the part before the insert is acknowledged (<= 1: none).
+    pub quorum: u32,
+    pub quorum_mode: quorum::Mode,
 }
 
 /// What happened to one block.
@@ -65,6 +71,11 @@ pub enum InsertError {
     /// is idempotent.
     #[error("outcome unknown, retry (the retry is deduplicated): {0}")]
     OutcomeUnknown(String),
+    #[error("too few live replicas for insert_quorum: {0}")]
+    TooFewReplicas(String),
+    /// No active replica held the part: nothing stays committed; retrying is safe.
+    #[error("quorum failed for part {0}: no active replica holds it any more; retry the insert")]
+    QuorumFailed(String),
     #[error("writing the part failed: {0}")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -77,7 +88,9 @@ impl InsertError {
             InsertError::Input(_) => 400,
             InsertError::ReadOnly(_)
             | InsertError::Unavailable(_)
-            | InsertError::OutcomeUnknown(_) => 503,
+            | InsertError::OutcomeUnknown(_)
+            | InsertError::TooFewReplicas(_)
+            | InsertError::QuorumFailed(_) => 503,
             InsertError::Store(_) | InsertError::Internal(_) => 500,
         }
     }
@@ -87,6 +100,10 @@ pub struct InsertRequest {
     pub format: InputFormat,
     pub body: Bytes,
     pub dedup_token: Option<String>,
+    /// Per-request `insert_quorum` (a number or `auto`); the table's setting otherwise.
+    pub quorum: Option<InsertQuorum>,
+    /// Per-request `insert_quorum_parallel`.
+    pub quorum_parallel: Option<bool>,
 }
 
 pub async fn insert(
@@ -97,13 +114,36 @@ pub async fn insert(
     let span = info_span!("insert", replica = %replica.name, bytes = request.body.len());
     async move {
         // Refuse early: a read-only replica should not even write temporary parts.
-        replica
+        let (client, _) = replica
             .sessions
             .active()
             .map_err(|e| InsertError::ReadOnly(e.reason))?;
+        let spec = &replica.table.manifest.spec;
+        let required = request
+            .quorum
+            .unwrap_or(spec.insert_quorum)
+            .required(spec.replicas);
+        let mode = if request
+            .quorum_parallel
+            .unwrap_or(spec.insert_quorum_parallel)
+        {
+            quorum::Mode::Parallel
+        } else {
+            quorum::Mode::Sequential
+        };
+        if required > 1 {
+            let active = quorum::active_replicas(replica, &client)
+                .await
+                .map_err(|e| InsertError::Unavailable(e.to_string()))?;
+            if active < required {
+                return Err(InsertError::TooFewReplicas(format!(
+                    "{active} active replicas, insert_quorum needs {required}; start replicas or lower insert_quorum"
+                )));
+            }
+        }
         let blocks = {
             let replica = replica.clone();
-            tokio::task::spawn_blocking(move || prepare_blocks(&replica, request))
+            tokio::task::spawn_blocking(move || prepare_blocks(&replica, request, required, mode))
                 .await
                 .map_err(|e| InsertError::Internal(e.to_string()))??
         };
@@ -116,6 +156,9 @@ pub async fn insert(
                 return Err(e);
             }
         };
+        if required > 1 {
+            wait_for_quorum(replica, &outcomes, mode).await?;
+        }
         let mut answer = InsertAnswer {
             parts: Vec::with_capacity(outcomes.len()),
             rows,
@@ -149,7 +192,12 @@ pub async fn insert(
 
 /// Decode, split by partition, sort, write temporary parts. Nothing here touches
 /// ZooKeeper, so bad input never changes the tree.
-fn prepare_blocks(replica: &Replica, request: InsertRequest) -> Result<Vec<Block>, InsertError> {
+fn prepare_blocks(
+    replica: &Replica,
+    request: InsertRequest,
+    quorum: u32,
+    quorum_mode: quorum::Mode,
+) -> Result<Vec<Block>, InsertError> {
     let schema = &replica.table.schema;
     let batch = rows::decode(request.format, &request.body, schema)?;
     let partitions = rows::partition_split(&batch, schema)?;
@@ -168,7 +216,40 @@ fn prepare_blocks(replica: &Replica, request: InsertRequest) -> Result<Vec<Block
             partition_id,
             rows: sorted.num_rows() as u64,
             temp,
+            quorum,
+            quorum_mode,
         });
     }
     Ok(blocks)
+}
+
+/// Acknowledges a quorum insert only once every new part reached its quorum.
+async fn wait_for_quorum(
+    replica: &Replica,
+    outcomes: &[BlockOutcome],
+    mode: quorum::Mode,
+) -> Result<(), InsertError> {
+    let timeout = replica.cfg.insert_quorum_timeout();
+    let started = std::time::Instant::now();
+    for o in outcomes {
+        let BlockOutcome::Committed { part } = o else {
+            continue;
+        };
+        match quorum::wait(replica, mode, part, timeout).await {
+            quorum::WaitOutcome::Reached => {}
+            quorum::WaitOutcome::Failed => {
+                Metrics::inc(&replica.metrics.quorum_failed_inserts);
+                return Err(InsertError::QuorumFailed(part.clone()));
+            }
+            quorum::WaitOutcome::Unknown(reason) => {
+                return Err(InsertError::OutcomeUnknown(reason));
+            }
+        }
+    }
+    Metrics::add(
+        &replica.metrics.quorum_wait_micros,
+        started.elapsed().as_micros() as u64,
+    );
+    Metrics::inc(&replica.metrics.quorum_inserts);
+    Ok(())
 }

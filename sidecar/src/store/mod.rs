@@ -1,1 +1,687 @@
-//! The part store (being written).
+//! The part store: immutable part directories under `<data_dir>/parts/`.
+//!
+//! Layout:
+//! - `parts/<part>/`: an active part: `data.parquet` (zstd, rows sorted by ORDER BY),
+//!   `checksums.txt` (size and XXH3-128 of `data.parquet`, rendered by
+//!   `rtable_protocol::part_header::Checksums`) and `count.txt` (row count, decimal);
+//! - `parts/tmp_<kind>_<id>/`: a part being written (insert, merge);
+//! - `parts/tmp-fetch_<part>/`: a download in progress;
+//! - `parts/deleting_<part>/`: a covered part being deleted;
+//! - `detached/<reason>_<name>[_tryN]`: anything set aside. rtable never deletes there.
+//!
+//! Only parts covered by another active part (or by a DROP_RANGE) are ever deleted, and only
+//! once no [`Snapshot`] or other holder of the part's `Arc` remains, so a reader never sees
+//! a file vanish. Call [`PartStore::collect_garbage`] from the cleanup loop to finish such
+//! deferred deletions. All methods do blocking I/O: call them from `spawn_blocking`.
+
+pub mod part_reader;
+pub mod part_writer;
+pub mod verify;
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arrow::error::ArrowError;
+use parquet::errors::ParquetError;
+use rtable_protocol::part_header::Checksums;
+use rtable_protocol::part_name::PartName;
+
+pub use part_reader::{PartBatches, read_part, read_part_batches};
+pub use part_writer::{PartWriter, TempPart, write_temp};
+
+pub const DATA_FILE: &str = "data.parquet";
+pub const CHECKSUMS_FILE: &str = "checksums.txt";
+pub const COUNT_FILE: &str = "count.txt";
+pub const TMP_PREFIX: &str = "tmp";
+pub const TMP_FETCH_PREFIX: &str = "tmp-fetch_";
+pub const DELETING_PREFIX: &str = "deleting_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {}: {source}", path.display())]
+    Parquet {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: ParquetError,
+    },
+    #[error("{op} {}: {source}", path.display())]
+    Arrow {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: ArrowError,
+    },
+    #[error("part directory {} failed verification: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("part {name} already exists at {}", path.display())]
+    AlreadyExists { name: String, path: PathBuf },
+    #[error("part {name} is not active")]
+    NotActive { name: String },
+    #[error("{op}: {reason}")]
+    Refused { op: &'static str, reason: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn parquet(op: &'static str, path: &Path, source: ParquetError) -> Self {
+        StoreError::Parquet {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn arrow(op: &'static str, path: &Path, source: ArrowError) -> Self {
+        StoreError::Arrow {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
+        StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An active part. Shared as `Arc<ActivePart>`; its files stay until every `Arc` is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivePart {
+    pub name: PartName,
+    pub dir: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    pub checksums: Checksums,
+}
+
+impl ActivePart {
+    pub fn data_path(&self) -> PathBuf {
+        self.dir.join(DATA_FILE)
+    }
+}
+
+/// Something [`PartStore::open`] (or a detach) set aside, for the caller to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetachedReport {
+    /// The directory name it had under `parts/`.
+    pub name: String,
+    /// `broken`, `unknown`, `tmp`, `deleting`, or the reason given to `detach`.
+    pub reason: String,
+    /// Why, in words (e.g. which checksum failed).
+    pub detail: String,
+    /// Where it is now.
+    pub to: PathBuf,
+}
+
+/// A consistent read view: the active parts not covered by another active part, sorted by
+/// name. Holding it keeps those parts' files on disk.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub parts: Vec<Arc<ActivePart>>,
+}
+
+impl Snapshot {
+    pub fn parts(&self) -> &[Arc<ActivePart>] {
+        &self.parts
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.parts.iter().map(|p| p.rows).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.parts.iter().map(|p| p.name.to_string()).collect()
+    }
+}
+
+#[derive(Debug)]
+enum PendingAction {
+    Delete,
+    Detach(PathBuf),
+}
+
+#[derive(Debug)]
+struct Pending {
+    part: Arc<ActivePart>,
+    action: PendingAction,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    active: BTreeMap<PartName, Arc<ActivePart>>,
+    /// Parts out of the active set whose directories wait for their last reader.
+    pending: Vec<Pending>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    data_dir: PathBuf,
+    parts_dir: PathBuf,
+    detached_dir: PathBuf,
+    state: Mutex<State>,
+    tmp_counter: AtomicU64,
+}
+
+/// The set of active parts of one replica and the directories behind them. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PartStore {
+    inner: Arc<Inner>,
+}
+
+fn is_visible(part: &PartName, active: &BTreeMap<PartName, Arc<ActivePart>>) -> bool {
+    !active
+        .keys()
+        .any(|other| other != part && other.contains(part))
+}
+
+fn os_name(name: &OsString) -> String {
+    name.to_string_lossy().into_owned()
+}
+
+impl PartStore {
+    /// Opens (creating) `<data_dir>/parts` and `<data_dir>/detached`, verifies every part and
+    /// moves whatever is not a healthy part to `detached/`: unparsable names as `unknown_`,
+    /// temporary directories as `tmp_`, interrupted deletions as `deleting_`, parts failing
+    /// verification as `broken_`. Nothing is deleted. Returns what was moved.
+    pub fn open(data_dir: &Path) -> Result<(PartStore, Vec<DetachedReport>), StoreError> {
+        let parts_dir = data_dir.join("parts");
+        let detached_dir = data_dir.join("detached");
+        for d in [&parts_dir, &detached_dir] {
+            fs::create_dir_all(d).map_err(|e| StoreError::io("creating", d, e))?;
+        }
+        let store = PartStore {
+            inner: Arc::new(Inner {
+                data_dir: data_dir.to_path_buf(),
+                parts_dir: parts_dir.clone(),
+                detached_dir,
+                state: Mutex::new(State::default()),
+                tmp_counter: AtomicU64::new(0),
+            }),
+        };
+        let mut names = Vec::new();
+        for entry in
+            fs::read_dir(&parts_dir).map_err(|e| StoreError::io("listing", &parts_dir, e))?
+        {
+            let entry = entry.map_err(|e| StoreError::io("listing", &parts_dir, e))?;
+            names.push(entry.file_name());
+        }
+        names.sort();
+        let mut reports = Vec::new();
+        let mut active = BTreeMap::new();
+        for os in names {
+            let path = parts_dir.join(&os);
+            let text = os.to_str();
+            let is_dir = fs::symlink_metadata(&path)
+                .map_err(|e| StoreError::io("inspecting", &path, e))?
+                .is_dir();
+            let verdict: Result<ActivePart, (&str, String)> = match text {
+                None => Err(("unknown", "the name is not UTF-8".to_string())),
+                Some(_) if !is_dir => Err(("unknown", "not a directory".to_string())),
+                Some(t) if t.starts_with(TMP_PREFIX) => {
+                    Err(("tmp", "temporary directory left by a stop".to_string()))
+                }
+                Some(t) if t.starts_with(DELETING_PREFIX) => {
+                    Err(("deleting", "deletion interrupted by a stop".to_string()))
+                }
+                Some(t) => match t.parse::<PartName>() {
+                    Err(e) => Err(("unknown", e.to_string())),
+                    Ok(n) if n.is_drop_range() => Err((
+                        "unknown",
+                        "a DROP_RANGE name is never a real part".to_string(),
+                    )),
+                    Ok(n) if n.to_string() != t => {
+                        Err(("unknown", format!("not the canonical spelling `{n}`")))
+                    }
+                    Ok(n) => match verify::verify_part_dir(&path) {
+                        Ok((checksums, rows)) => Ok(ActivePart {
+                            bytes: checksums.total_bytes(),
+                            name: n,
+                            dir: path.clone(),
+                            rows,
+                            checksums,
+                        }),
+                        Err(e @ StoreError::Corrupt { .. }) => Err(("broken", e.to_string())),
+                        Err(e @ StoreError::Parquet { .. }) => Err(("broken", e.to_string())),
+                        Err(e) => return Err(e),
+                    },
+                },
+            };
+            match verdict {
+                Ok(part) => {
+                    active.insert(part.name.clone(), Arc::new(part));
+                }
+                Err((reason, detail)) => {
+                    let mut state = store.lock();
+                    let to = store.move_to_detached(&mut state, &os, reason)?;
+                    reports.push(DetachedReport {
+                        name: os_name(&os),
+                        reason: reason.to_string(),
+                        detail,
+                        to,
+                    });
+                }
+            }
+        }
+        store.lock().active = active;
+        Ok((store, reports))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    pub fn parts_dir(&self) -> &Path {
+        &self.inner.parts_dir
+    }
+
+    pub fn detached_dir(&self) -> &Path {
+        &self.inner.detached_dir
+    }
+
+    /// A fresh `parts/tmp_<kind>_<unique>/` directory.
+    pub fn new_tmp_dir(&self, kind: &str) -> Result<PathBuf, StoreError> {
+        if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(StoreError::Refused {
+                op: "creating a temporary part directory",
+                reason: format!("kind `{kind}` may only hold letters, digits and `-`"),
+            });
+        }
+        loop {
+            let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+            let id: u64 = rand::random();
+            let dir = self
+                .inner
+                .parts_dir
+                .join(format!("{TMP_PREFIX}_{kind}_{id:016x}{n:x}"));
+            match fs::create_dir(&dir) {
+                Ok(()) => return Ok(dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(StoreError::io("creating", &dir, e)),
+            }
+        }
+    }
+
+    /// Every active part, covered ones included, sorted by name.
+    pub fn parts(&self) -> Vec<Arc<ActivePart>> {
+        self.lock().active.values().cloned().collect()
+    }
+
+    pub fn get(&self, name: &PartName) -> Option<Arc<ActivePart>> {
+        self.lock().active.get(name).cloned()
+    }
+
+    pub fn contains(&self, name: &PartName) -> bool {
+        self.lock().active.contains_key(name)
+    }
+
+    /// The active part that contains `name` (itself when active); the widest when several do.
+    pub fn covering(&self, name: &PartName) -> Option<PartName> {
+        self.lock()
+            .active
+            .keys()
+            .filter(|p| p.contains(name))
+            .max_by_key(|p| (p.max_block - p.min_block, p.level, p.mutation.unwrap_or(0)))
+            .cloned()
+    }
+
+    /// The parts a read should see: active and not covered by another active part.
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.lock();
+        Snapshot {
+            parts: state
+                .active
+                .values()
+                .filter(|p| is_visible(&p.name, &state.active))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Rows a read returns now (covered parts excluded).
+    pub fn total_rows(&self) -> u64 {
+        self.snapshot().rows()
+    }
+
+    /// Bytes of every active part on disk (covered parts included).
+    pub fn total_bytes(&self) -> u64 {
+        self.lock().active.values().map(|p| p.bytes).sum()
+    }
+
+    fn check_name(name: &PartName, op: &'static str) -> Result<(), StoreError> {
+        if name.is_drop_range() {
+            return Err(StoreError::Refused {
+                op,
+                reason: format!("`{name}` is a DROP_RANGE name, never a real part"),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_in_parts_dir(&self, dir: &Path, op: &'static str) -> Result<(), StoreError> {
+        if dir.parent() != Some(self.inner.parts_dir.as_path()) {
+            return Err(StoreError::Refused {
+                op,
+                reason: format!(
+                    "{} is not a directory of {}",
+                    dir.display(),
+                    self.inner.parts_dir.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Renames a verified directory to `parts/<name>` and makes it active.
+    fn activate(
+        &self,
+        dir: &Path,
+        name: &PartName,
+        checksums: Checksums,
+        rows: u64,
+    ) -> Result<Arc<ActivePart>, StoreError> {
+        let target = self.inner.parts_dir.join(name.to_string());
+        let mut state = self.lock();
+        if state.active.contains_key(name) || target.exists() {
+            return Err(StoreError::AlreadyExists {
+                name: name.to_string(),
+                path: target,
+            });
+        }
+        fs::rename(dir, &target)
+            .map_err(|e| StoreError::io("renaming to its part name", dir, e))?;
+        verify::sync_path(&self.inner.parts_dir)?;
+        let part = Arc::new(ActivePart {
+            name: name.clone(),
+            dir: target,
+            rows,
+            bytes: checksums.total_bytes(),
+            checksums,
+        });
+        state.active.insert(name.clone(), part.clone());
+        Ok(part)
+    }
+
+    /// Makes a written temporary part active as `name`. Fails when the name is taken.
+    pub fn commit_temp(
+        &self,
+        temp: TempPart,
+        name: &PartName,
+    ) -> Result<Arc<ActivePart>, StoreError> {
+        Self::check_name(name, "committing a part")?;
+        self.check_in_parts_dir(&temp.dir, "committing a part")?;
+        self.activate(&temp.dir, name, temp.checksums, temp.rows)
+    }
+
+    /// A clean, empty `parts/tmp-fetch_<name>/` for a download (a stale one is removed).
+    pub fn fetch_dir(&self, name: &PartName) -> Result<PathBuf, StoreError> {
+        Self::check_name(name, "preparing a fetch")?;
+        let dir = self
+            .inner
+            .parts_dir
+            .join(format!("{TMP_FETCH_PREFIX}{name}"));
+        if fs::symlink_metadata(&dir).is_ok() {
+            fs::remove_dir_all(&dir)
+                .map_err(|e| StoreError::io("removing stale download", &dir, e))?;
+        }
+        fs::create_dir(&dir).map_err(|e| StoreError::io("creating", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// Verifies a download against the checksums its owner published (every listed file's
+    /// size and hash, no other file than `checksums.txt` and `count.txt`), completes those
+    /// two files when absent, and makes the part active. On a failed check the download is
+    /// removed (it was never acknowledged by anyone) and nothing is installed.
+    pub fn install_fetched(
+        &self,
+        tmp_dir: &Path,
+        name: &PartName,
+        expected: &Checksums,
+    ) -> Result<Arc<ActivePart>, StoreError> {
+        Self::check_name(name, "installing a fetched part")?;
+        self.check_in_parts_dir(tmp_dir, "installing a fetched part")?;
+        let rows = match verify::verify_fetched_dir(tmp_dir, expected) {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ignored = fs::remove_dir_all(tmp_dir);
+                return Err(e);
+            }
+        };
+        self.activate(tmp_dir, name, expected.clone(), rows)
+    }
+
+    /// `detached/<reason>_<name>`, with `_tryN` appended when taken (or reserved).
+    fn detached_target(&self, state: &State, reason: &str, name: &OsString) -> PathBuf {
+        let reserved: HashSet<&Path> = state
+            .pending
+            .iter()
+            .filter_map(|p| match &p.action {
+                PendingAction::Detach(to) => Some(to.as_path()),
+                PendingAction::Delete => None,
+            })
+            .collect();
+        let mut base = OsString::from(format!("{reason}_"));
+        base.push(name);
+        let mut candidate = self.inner.detached_dir.join(&base);
+        let mut n = 1;
+        while fs::symlink_metadata(&candidate).is_ok() || reserved.contains(candidate.as_path()) {
+            let mut tried = base.clone();
+            tried.push(format!("_try{n}"));
+            candidate = self.inner.detached_dir.join(tried);
+            n += 1;
+        }
+        candidate
+    }
+
+    fn move_to_detached(
+        &self,
+        state: &mut State,
+        name: &OsString,
+        reason: &str,
+    ) -> Result<PathBuf, StoreError> {
+        let from = self.inner.parts_dir.join(name);
+        let to = self.detached_target(state, reason, name);
+        fs::rename(&from, &to).map_err(|e| StoreError::io("detaching", &from, e))?;
+        verify::sync_path(&self.inner.parts_dir)?;
+        verify::sync_path(&self.inner.detached_dir)?;
+        Ok(to)
+    }
+
+    /// Takes an active part out of the active set and moves it to `detached/<reason>_<name>`
+    /// (now, or as soon as no snapshot holds it). Returns its detached path. Never deletes.
+    pub fn detach(&self, name: &PartName, reason: &str) -> Result<PathBuf, StoreError> {
+        if reason.is_empty()
+            || !reason
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(StoreError::Refused {
+                op: "detaching a part",
+                reason: format!("reason `{reason}` may only hold letters, digits and `-`"),
+            });
+        }
+        let to = {
+            let mut state = self.lock();
+            let part = state
+                .active
+                .remove(name)
+                .ok_or_else(|| StoreError::NotActive {
+                    name: name.to_string(),
+                })?;
+            let to = self.detached_target(&state, reason, &OsString::from(name.to_string()));
+            state.pending.push(Pending {
+                part,
+                action: PendingAction::Detach(to.clone()),
+            });
+            to
+        };
+        self.collect_garbage()?;
+        Ok(to)
+    }
+
+    fn retire(&self, state: &mut State, name: &PartName) -> bool {
+        match state.active.remove(name) {
+            Some(part) => {
+                state.pending.push(Pending {
+                    part,
+                    action: PendingAction::Delete,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes an active part that another active part covers (a merge's source). Refuses a
+    /// part nothing covers: that would lose data.
+    pub fn remove_part(&self, name: &PartName) -> Result<(), StoreError> {
+        {
+            let mut state = self.lock();
+            if !state.active.contains_key(name) {
+                return Err(StoreError::NotActive {
+                    name: name.to_string(),
+                });
+            }
+            if is_visible(name, &state.active) {
+                return Err(StoreError::Refused {
+                    op: "removing a part",
+                    reason: format!("no other active part covers {name}; detach it instead"),
+                });
+            }
+            self.retire(&mut state, name);
+        }
+        self.collect_garbage().map(|_| ())
+    }
+
+    /// Deletes every active part covered by another active part; returns their names.
+    pub fn remove_covered(&self) -> Result<Vec<PartName>, StoreError> {
+        let removed = {
+            let mut state = self.lock();
+            let covered: Vec<PartName> = state
+                .active
+                .keys()
+                .filter(|p| !is_visible(p, &state.active))
+                .cloned()
+                .collect();
+            for name in &covered {
+                self.retire(&mut state, name);
+            }
+            covered
+        };
+        self.collect_garbage()?;
+        Ok(removed)
+    }
+
+    /// DROP_RANGE: deletes every active part the (fake) `range` part contains.
+    pub fn drop_range(&self, range: &PartName) -> Result<Vec<PartName>, StoreError> {
+        let removed = {
+            let mut state = self.lock();
+            let hit: Vec<PartName> = state
+                .active
+                .keys()
+                .filter(|p| range.contains(p))
+                .cloned()
+                .collect();
+            for name in &hit {
+                self.retire(&mut state, name);
+            }
+            hit
+        };
+        self.collect_garbage()?;
+        Ok(removed)
+    }
+
+    /// How many removed or detached parts still wait for their last reader.
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Finishes the deletions and detaches whose parts no reader holds any more. Called by
+    /// every removal; call it from the cleanup loop too. Returns how many were finished.
+    pub fn collect_garbage(&self) -> Result<usize, StoreError> {
+        let mut doomed = Vec::new();
+        let mut done = 0;
+        let mut first_error = None;
+        {
+            let mut state = self.lock();
+            let pending = std::mem::take(&mut state.pending);
+            for p in pending {
+                if Arc::strong_count(&p.part) > 1 {
+                    state.pending.push(p);
+                    continue;
+                }
+                let result = match &p.action {
+                    PendingAction::Detach(to) => fs::rename(&p.part.dir, to)
+                        .map_err(|e| StoreError::io("detaching", &p.part.dir, e))
+                        .and_then(|()| verify::sync_path(&self.inner.detached_dir))
+                        .map(|()| None),
+                    PendingAction::Delete => {
+                        let to = self
+                            .inner
+                            .parts_dir
+                            .join(format!("{DELETING_PREFIX}{}", p.part.name));
+                        fs::rename(&p.part.dir, &to)
+                            .map_err(|e| StoreError::io("renaming for deletion", &p.part.dir, e))
+                            .map(|()| Some(to))
+                    }
+                };
+                match result {
+                    Ok(to_delete) => {
+                        done += 1;
+                        doomed.extend(to_delete);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        state.pending.push(p);
+                    }
+                }
+            }
+            if done > 0
+                && let Err(e) = verify::sync_path(&self.inner.parts_dir)
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        for dir in doomed {
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                first_error.get_or_insert(StoreError::io("deleting", &dir, e));
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    }
+}

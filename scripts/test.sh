@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, and the integration tests that start a real ZooKeeper
+# ensemble and sidecar processes on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+cargo build --workspace --all-targets
+# Unit tests run in parallel; the e2e tests start processes and run one at a time.
+cargo test --workspace --exclude rtable-e2e
+cargo test -p rtable-e2e -- --test-threads=1
+if [ -x scripts/check-chart.sh ]; then
+  scripts/check-chart.sh
+fi
+echo "test.sh: all green"

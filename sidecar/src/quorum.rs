@@ -1,0 +1,308 @@
+//! Quorum inserts (ClickHouse's ReplicatedMergeTreeQuorumEntry and friends).
+//!
+//! The inserter creates `quorum/parallel/<part>` (parallel mode) or `quorum/status`
+//! (sequential mode) in its commit multi, listing itself. Every replica that fetches the
+//! part adds itself with a version-checked write; the one that completes the quorum
+//! removes the node (sequential mode also moves `quorum/last_part`). The inserter answers
+//! once the node is gone. When no active replica holds the part any more, the quorum is
+//! failed: one multi removes the node, records `failed_parts/<part>` and frees the block
+//! id so the client's retry is accepted.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+use zookeeper_client as zk;
+
+use rtable_protocol::PartName;
+use rtable_protocol::quorum::{LastPart, QuorumEntry};
+use rtable_protocol::tree::{self, TreeError};
+
+use crate::replica::Replica;
+
+/// Which node tracks a part's quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Parallel,
+    Sequential,
+}
+
+pub fn node_path(replica: &Replica, mode: Mode, part: &str) -> String {
+    match mode {
+        Mode::Parallel => format!("{}/{part}", replica.paths.quorum_parallel()),
+        Mode::Sequential => replica.paths.quorum_status(),
+    }
+}
+
+pub fn failed_path(replica: &Replica, part: &str) -> String {
+    format!("{}/{part}", replica.paths.quorum_failed_parts())
+}
+
+/// Active replicas right now (for the fail-fast check before a quorum insert).
+pub async fn active_replicas(replica: &Replica, client: &zk::Client) -> Result<u32, TreeError> {
+    let mut n = 0;
+    for name in tree::list_replicas(client, &replica.paths).await? {
+        let path = replica.paths.replica(&name).is_active();
+        if client
+            .check_stat(&path)
+            .await
+            .map_err(|e| TreeError::zk("exists", path, e))?
+            .is_some()
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// How a wait for a quorum ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    Reached,
+    Failed,
+    /// Timed out, or our session changed while waiting: the insert may still reach it.
+    Unknown(String),
+}
+
+/// Waits until the quorum node of `part` is gone, then tells reached from failed.
+pub async fn wait(replica: &Replica, mode: Mode, part: &str, timeout: Duration) -> WaitOutcome {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let path = node_path(replica, mode, part);
+    let start_generation = replica.sessions.view().generation;
+    loop {
+        let Ok((client, generation)) = replica.sessions.active() else {
+            return WaitOutcome::Unknown(
+                "the replica lost its ZooKeeper session while waiting for the quorum".into(),
+            );
+        };
+        if generation != start_generation {
+            return WaitOutcome::Unknown(
+                "the replica's session changed while waiting for the quorum".into(),
+            );
+        }
+        let pending = match client.check_and_watch_stat(&path).await {
+            Ok((Some(_), watcher)) => {
+                // Sequential mode shares one node: it may already track a later part.
+                let ours = match mode {
+                    Mode::Parallel => true,
+                    Mode::Sequential => match client.get_data(&path).await {
+                        Ok((data, _)) => std::str::from_utf8(&data)
+                            .ok()
+                            .and_then(|t| QuorumEntry::parse(t).ok())
+                            .is_some_and(|e| e.part_name == part),
+                        Err(_) => true,
+                    },
+                };
+                if ours { Some(watcher) } else { None }
+            }
+            Ok((None, _)) => None,
+            Err(e) => {
+                warn!(replica = %replica.name, %part, error = %e, "cannot watch the quorum node");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if tokio::time::Instant::now() >= deadline {
+                    return WaitOutcome::Unknown("timed out waiting for the quorum".into());
+                }
+                continue;
+            }
+        };
+        match pending {
+            None => {
+                return match client.check_stat(&failed_path(replica, part)).await {
+                    Ok(Some(_)) => WaitOutcome::Failed,
+                    Ok(None) => WaitOutcome::Reached,
+                    Err(e) => WaitOutcome::Unknown(format!("cannot read the quorum outcome: {e}")),
+                };
+            }
+            Some(watcher) => {
+                tokio::select! {
+                    _ = watcher.changed() => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        return WaitOutcome::Unknown(format!(
+                            "the quorum was not reached within {} s (insert_quorum_timeout)",
+                            timeout.as_secs()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds this replica to the quorum of `part` (and, for a merged part, of every part it
+/// covers), completing it when the count is reached.
+pub async fn acknowledge(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<(), TreeError> {
+    let name = part.to_string();
+    add_self(replica, client, Mode::Parallel, &name).await?;
+    add_self(replica, client, Mode::Sequential, &name).await?;
+    if part.level > 0 {
+        let parallel = replica.paths.quorum_parallel();
+        let children = client
+            .list_children(&parallel)
+            .await
+            .map_err(|e| TreeError::zk("list", parallel.clone(), e))?;
+        for child in children {
+            if let Ok(covered) = PartName::parse(&child)
+                && covered != *part
+                && part.contains(&covered)
+            {
+                add_self(replica, client, Mode::Parallel, &child).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn add_self(
+    replica: &Replica,
+    client: &zk::Client,
+    mode: Mode,
+    part: &str,
+) -> Result<(), TreeError> {
+    let path = node_path(replica, mode, part);
+    for _ in 0..20 {
+        let (data, stat) = match client.get_data(&path).await {
+            Ok(x) => x,
+            Err(zk::Error::NoNode) => return Ok(()),
+            Err(e) => return Err(TreeError::zk("get", path, e)),
+        };
+        let Some(mut entry) = std::str::from_utf8(&data)
+            .ok()
+            .and_then(|t| QuorumEntry::parse(t).ok())
+        else {
+            return Err(TreeError::Corrupt {
+                path,
+                message: "unreadable quorum entry".into(),
+            });
+        };
+        if entry.part_name != part || entry.replicas.contains(&replica.name) {
+            return Ok(());
+        }
+        entry.replicas.insert(replica.name.clone());
+        let result = if entry.is_reached() {
+            let mut multi = client.new_multi_writer();
+            multi
+                .add_delete(&path, Some(stat.version))
+                .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
+            if mode == Mode::Sequential {
+                let lp_path = replica.paths.quorum_last_part();
+                let (lp_data, lp_stat) = client
+                    .get_data(&lp_path)
+                    .await
+                    .map_err(|e| TreeError::zk("get", lp_path.clone(), e))?;
+                let mut last = std::str::from_utf8(&lp_data)
+                    .ok()
+                    .and_then(|t| LastPart::parse(t).ok())
+                    .unwrap_or_default();
+                if let Ok(p) = PartName::parse(part) {
+                    last.parts.insert(p.partition_id.clone(), part.to_string());
+                }
+                multi
+                    .add_set_data(&lp_path, last.render().as_bytes(), Some(lp_stat.version))
+                    .map_err(|e| TreeError::zk("set", lp_path.clone(), e))?;
+            }
+            multi.commit().await.map(|_| true)
+        } else {
+            let mut multi = client.new_multi_writer();
+            multi
+                .add_set_data(&path, entry.render().as_bytes(), Some(stat.version))
+                .map_err(|e| TreeError::zk("set", path.clone(), e))?;
+            multi.commit().await.map(|_| false)
+        };
+        match result {
+            Ok(done) => {
+                if done {
+                    info!(replica = %replica.name, %part, "quorum reached");
+                }
+                return Ok(());
+            }
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::BadVersion | zk::Error::NoNode,
+                ..
+            }) => continue,
+            Err(e) => return Err(tree::multi_error("update quorum", &[path], e)),
+        }
+    }
+    Err(TreeError::Contention {
+        what: format!("quorum node of {part}"),
+        attempts: 20,
+    })
+}
+
+/// Fails the quorum of a part no active replica holds: one multi removes the quorum node,
+/// records the failure and frees the block id. Returns whether this call failed it.
+pub async fn fail(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &str,
+    block_id: &str,
+) -> Result<bool, TreeError> {
+    for mode in [Mode::Parallel, Mode::Sequential] {
+        let path = node_path(replica, mode, part);
+        let (data, stat) = match client.get_data(&path).await {
+            Ok(x) => x,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(TreeError::zk("get", path, e)),
+        };
+        let ours = std::str::from_utf8(&data)
+            .ok()
+            .and_then(|t| QuorumEntry::parse(t).ok())
+            .is_some_and(|e| e.part_name == part);
+        if !ours {
+            continue;
+        }
+        let mut multi = client.new_multi_writer();
+        multi
+            .add_delete(&path, Some(stat.version))
+            .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
+        multi
+            .add_create(&failed_path(replica, part), b"", &tree::persistent())
+            .map_err(|e| TreeError::zk("create", failed_path(replica, part), e))?;
+        let block = replica.paths.block(block_id);
+        let block_exists = !block_id.is_empty()
+            && client
+                .check_stat(&block)
+                .await
+                .map_err(|e| TreeError::zk("exists", block.clone(), e))?
+                .is_some();
+        if block_exists {
+            multi
+                .add_delete(&block, None)
+                .map_err(|e| TreeError::zk("delete", block.clone(), e))?;
+        }
+        return match multi.commit().await {
+            Ok(_) => {
+                warn!(replica = %replica.name, %part, "quorum failed: no active replica has the part");
+                Ok(true)
+            }
+            Err(zk::MultiWriteError::OperationFailed { .. }) => Ok(false),
+            Err(e) => Err(tree::multi_error("fail quorum", &[path], e)),
+        };
+    }
+    Ok(false)
+}
+
+/// `quorum/last_part`: per partition, the newest part that reached its quorum.
+pub async fn last_parts(replica: &Replica, client: &zk::Client) -> Result<LastPart, TreeError> {
+    let path = replica.paths.quorum_last_part();
+    let text = tree::get_string(client, &path).await?.unwrap_or_default();
+    LastPart::parse(&text).map_err(|e| TreeError::Corrupt {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Parts listed in `quorum/failed_parts`.
+pub async fn failed_parts(
+    replica: &Replica,
+    client: &zk::Client,
+) -> Result<Vec<String>, TreeError> {
+    let path = replica.paths.quorum_failed_parts();
+    match client.list_children(&path).await {
+        Ok(c) => Ok(c),
+        Err(zk::Error::NoNode) => Ok(Vec::new()),
+        Err(e) => Err(TreeError::zk("list", path, e)),
+    }
+}

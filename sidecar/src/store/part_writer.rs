@@ -1,0 +1,206 @@
+//! Writing a new part into a temporary directory `parts/tmp_<kind>_<id>/`.
+//!
+//! The Parquet writer is deterministic (fixed `created_by`, no timestamps), so identical
+//! rows give identical `data.parquet` bytes and the same [`TempPart::data_hash`], which the
+//! insert path uses for the dedup block id.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use rtable_protocol::hash::{FileHasher, Hash128};
+use rtable_protocol::part_header::{Checksums, FileChecksum};
+use rtable_protocol::schema::TableSchema;
+
+use super::verify::{sync_path, write_synced};
+use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StoreError};
+use crate::rows::{arrow_schema, parquet_writer_properties, sort_by_key};
+
+/// A written, fsynced, not yet active part. Commit it with [`PartStore::commit_temp`] or
+/// remove it with [`TempPart::discard`]; dropping it leaves the directory, which the next
+/// [`PartStore::open`] moves to `detached/tmp_...` (never silently deleted, because an
+/// insert whose ZooKeeper commit is uncertain may still need it).
+#[derive(Debug)]
+pub struct TempPart {
+    pub dir: PathBuf,
+    pub checksums: Checksums,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl TempPart {
+    /// The XXH3-128 of `data.parquet`: the data hash of the insert's dedup block id.
+    pub fn data_hash(&self) -> Hash128 {
+        self.checksums
+            .files
+            .get(DATA_FILE)
+            .map(|c| c.hash)
+            .unwrap_or(Hash128(0))
+    }
+
+    /// Removes the temporary directory (an insert that failed before its commit).
+    pub fn discard(self) -> Result<(), StoreError> {
+        fs::remove_dir_all(&self.dir).map_err(|e| StoreError::io("removing", &self.dir, e))
+    }
+}
+
+/// Counts and hashes what goes to the file.
+struct HashingWriter {
+    inner: BufWriter<File>,
+    hasher: FileHasher,
+    size: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams sorted batches into a new temporary part (for inserts one batch; merges write
+/// many). Batches must already be in ORDER BY order and have the table's columns.
+pub struct PartWriter {
+    dir: PathBuf,
+    data_path: PathBuf,
+    schema: SchemaRef,
+    writer: ArrowWriter<HashingWriter>,
+    rows: u64,
+}
+
+impl PartWriter {
+    /// Creates `parts/tmp_<kind>_<unique>/data.parquet`; `kind` is e.g. `insert` or `merge`.
+    pub fn create(
+        store: &PartStore,
+        table: &TableSchema,
+        kind: &str,
+    ) -> Result<PartWriter, StoreError> {
+        let dir = store.new_tmp_dir(kind)?;
+        match Self::start(dir.clone(), table) {
+            Ok(w) => Ok(w),
+            Err(e) => {
+                let _ignored = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(dir: PathBuf, table: &TableSchema) -> Result<PartWriter, StoreError> {
+        let data_path = dir.join(DATA_FILE);
+        let file =
+            File::create(&data_path).map_err(|e| StoreError::io("creating", &data_path, e))?;
+        let schema = arrow_schema(table);
+        let sink = HashingWriter {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            hasher: FileHasher::default(),
+            size: 0,
+        };
+        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(parquet_writer_properties()))
+            .map_err(|e| StoreError::parquet("starting", &data_path, e))?;
+        Ok(PartWriter {
+            dir,
+            data_path,
+            schema,
+            writer,
+            rows: 0,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends rows; the batch is re-labelled with the table's Arrow schema (which checks
+    /// column types and that non-Nullable columns hold no null).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec()).map_err(|e| {
+                StoreError::arrow("matching rows to the table schema for", &self.data_path, e)
+            })?;
+        self.writer
+            .write(&batch)
+            .map_err(|e| StoreError::parquet("writing", &self.data_path, e))?;
+        self.rows += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Writes the footer, `checksums.txt` and `count.txt`, and fsyncs files and directory.
+    pub fn finish(self) -> Result<TempPart, StoreError> {
+        let dir = self.dir.clone();
+        match self.finish_inner() {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let _ignored = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives up: removes the temporary directory.
+    pub fn abort(self) -> Result<(), StoreError> {
+        fs::remove_dir_all(&self.dir).map_err(|e| StoreError::io("removing", &self.dir, e))
+    }
+
+    fn finish_inner(self) -> Result<TempPart, StoreError> {
+        let PartWriter {
+            dir,
+            data_path,
+            writer,
+            rows,
+            ..
+        } = self;
+        let mut sink = writer
+            .into_inner()
+            .map_err(|e| StoreError::parquet("finishing", &data_path, e))?;
+        sink.flush()
+            .map_err(|e| StoreError::io("writing", &data_path, e))?;
+        let data = FileChecksum {
+            size: sink.size,
+            hash: sink.hasher.finish(),
+        };
+        let file = sink
+            .inner
+            .into_inner()
+            .map_err(|e| StoreError::io("writing", &data_path, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsyncing", &data_path, e))?;
+        let mut checksums = Checksums::default();
+        checksums.files.insert(DATA_FILE.to_string(), data);
+        write_synced(&dir.join(CHECKSUMS_FILE), checksums.render().as_bytes())?;
+        write_synced(&dir.join(COUNT_FILE), format!("{rows}\n").as_bytes())?;
+        sync_path(&dir)?;
+        let bytes = checksums.total_bytes();
+        Ok(TempPart {
+            dir,
+            checksums,
+            rows,
+            bytes,
+        })
+    }
+}
+
+/// Writes one insert's rows as a temporary part: sorted by the table's ORDER BY (stable;
+/// already sorted input is left as is), one Parquet file, checksums and count, all fsynced.
+pub fn write_temp(
+    store: &PartStore,
+    batch: &RecordBatch,
+    schema: &TableSchema,
+) -> Result<TempPart, StoreError> {
+    let sorted = sort_by_key(batch, &schema.order_by)
+        .map_err(|e| StoreError::arrow("sorting rows for", store.parts_dir(), e))?;
+    let mut writer = PartWriter::create(store, schema, "insert")?;
+    if let Err(e) = writer.write(&sorted) {
+        let _ignored = writer.abort();
+        return Err(e);
+    }
+    writer.finish()
+}

@@ -1,0 +1,241 @@
+//! Checking a part directory against its `checksums.txt` and `count.txt`, and the small
+//! file helpers (hash, fsync) the store shares.
+
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read};
+use std::path::Path;
+
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use rtable_protocol::hash::{FileHasher, Hash128};
+use rtable_protocol::part_header::{Checksums, FileChecksum, is_safe_file_name};
+
+use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, StoreError};
+
+/// Size and XXH3-128 of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<FileChecksum, StoreError> {
+    let mut file = File::open(path).map_err(|e| StoreError::io("opening", path, e))?;
+    let mut hasher = FileHasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StoreError::io("reading", path, e)),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(FileChecksum {
+        size,
+        hash: hasher.finish(),
+    })
+}
+
+/// fsync of a file or directory by path.
+pub fn sync_path(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::io("fsyncing", path, e))
+}
+
+/// Writes a small file and fsyncs it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let mut f = File::create(path).map_err(|e| StoreError::io("creating", path, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| StoreError::io("writing", path, e))
+}
+
+/// Row count from the Parquet footer.
+pub fn parquet_rows(path: &Path) -> Result<u64, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io("opening", path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| StoreError::Parquet {
+        op: "reading the footer of",
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let rows = reader.metadata().file_metadata().num_rows();
+    u64::try_from(rows).map_err(|_| StoreError::corrupt(path, format!("negative row count {rows}")))
+}
+
+fn parse_count(text: &str) -> Option<u64> {
+    let t = text.strip_suffix('\n').unwrap_or(text);
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+/// What a part directory may hold besides the files its checksums list.
+fn check_entries(dir: &Path, listed: &Checksums, optional: &[&str]) -> Result<(), StoreError> {
+    let entries = fs::read_dir(dir).map_err(|e| StoreError::io("listing", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("listing", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(StoreError::corrupt(
+                dir,
+                format!(
+                    "unexpected file {:?} (name is not UTF-8)",
+                    entry.file_name()
+                ),
+            ));
+        };
+        if !listed.files.contains_key(name) && !optional.contains(&name) {
+            return Err(StoreError::corrupt(
+                dir,
+                format!("unexpected file `{name}` not listed in {CHECKSUMS_FILE}"),
+            ));
+        }
+        let ty = entry
+            .file_type()
+            .map_err(|e| StoreError::io("inspecting", &entry.path(), e))?;
+        if !ty.is_file() {
+            return Err(StoreError::corrupt(
+                dir,
+                format!("`{name}` is not a regular file"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks every listed file's size and hash.
+fn check_files(dir: &Path, listed: &Checksums) -> Result<(), StoreError> {
+    if !listed.files.contains_key(DATA_FILE) {
+        return Err(StoreError::corrupt(
+            dir,
+            format!("{CHECKSUMS_FILE} does not list {DATA_FILE}"),
+        ));
+    }
+    for (name, want) in &listed.files {
+        if !is_safe_file_name(name) || name == CHECKSUMS_FILE || name == COUNT_FILE {
+            return Err(StoreError::corrupt(
+                dir,
+                format!("{CHECKSUMS_FILE} lists `{name}`, which a part may not hold"),
+            ));
+        }
+        let path = dir.join(name);
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::corrupt(dir, format!("`{name}` is missing")));
+            }
+            Err(e) => return Err(StoreError::io("inspecting", &path, e)),
+        };
+        if meta.len() != want.size {
+            return Err(StoreError::corrupt(
+                dir,
+                format!(
+                    "`{name}` has {} bytes, checksums say {}",
+                    meta.len(),
+                    want.size
+                ),
+            ));
+        }
+        let got = hash_file(&path)?;
+        if got.size != want.size || got.hash != want.hash {
+            return Err(StoreError::corrupt(
+                dir,
+                format!(
+                    "`{name}` hash is {}, checksums say {}",
+                    got.hash.to_hex(),
+                    want.hash.to_hex()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn read_text(path: &Path, dir: &Path) -> Result<Option<String>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| StoreError::corrupt(dir, format!("`{}` is not UTF-8", path.display()))),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io("reading", path, e)),
+    }
+}
+
+fn check_count(dir: &Path, text: &str) -> Result<u64, StoreError> {
+    let count = parse_count(text).ok_or_else(|| {
+        StoreError::corrupt(
+            dir,
+            format!("{COUNT_FILE} holds `{}`, not a row count", text.trim()),
+        )
+    })?;
+    let rows = parquet_rows(&dir.join(DATA_FILE))?;
+    if rows != count {
+        return Err(StoreError::corrupt(
+            dir,
+            format!("{COUNT_FILE} says {count} rows, {DATA_FILE} holds {rows}"),
+        ));
+    }
+    Ok(count)
+}
+
+/// Verifies a committed part directory: `checksums.txt` parses, every listed file has its
+/// size and hash, nothing unlisted is there, and `count.txt` matches the Parquet footer.
+pub fn verify_part_dir(dir: &Path) -> Result<(Checksums, u64), StoreError> {
+    let text = read_text(&dir.join(CHECKSUMS_FILE), dir)?
+        .ok_or_else(|| StoreError::corrupt(dir, format!("{CHECKSUMS_FILE} is missing")))?;
+    let checksums = Checksums::parse(&text)
+        .map_err(|e| StoreError::corrupt(dir, format!("{CHECKSUMS_FILE} is malformed: {e}")))?;
+    check_entries(dir, &checksums, &[CHECKSUMS_FILE, COUNT_FILE])?;
+    check_files(dir, &checksums)?;
+    let count = read_text(&dir.join(COUNT_FILE), dir)?
+        .ok_or_else(|| StoreError::corrupt(dir, format!("{COUNT_FILE} is missing")))?;
+    let rows = check_count(dir, &count)?;
+    Ok((checksums, rows))
+}
+
+/// Verifies a downloaded directory against the checksums the part's owner published and
+/// completes it: `checksums.txt` and `count.txt` are written when the download lacks them
+/// and must match when it has them. Everything written is fsynced, the directory too.
+pub fn verify_fetched_dir(dir: &Path, expected: &Checksums) -> Result<u64, StoreError> {
+    check_entries(dir, expected, &[CHECKSUMS_FILE, COUNT_FILE])?;
+    check_files(dir, expected)?;
+    let checksums_path = dir.join(CHECKSUMS_FILE);
+    match read_text(&checksums_path, dir)? {
+        Some(text) => {
+            let got = Checksums::parse(&text).map_err(|e| {
+                StoreError::corrupt(dir, format!("fetched {CHECKSUMS_FILE} is malformed: {e}"))
+            })?;
+            if &got != expected {
+                return Err(StoreError::corrupt(
+                    dir,
+                    format!("fetched {CHECKSUMS_FILE} differs from the expected checksums"),
+                ));
+            }
+            sync_path(&checksums_path)?;
+        }
+        None => write_synced(&checksums_path, expected.render().as_bytes())?,
+    }
+    let count_path = dir.join(COUNT_FILE);
+    let rows = match read_text(&count_path, dir)? {
+        Some(text) => {
+            let rows = check_count(dir, &text)?;
+            sync_path(&count_path)?;
+            rows
+        }
+        None => {
+            let rows = parquet_rows(&dir.join(DATA_FILE))?;
+            write_synced(&count_path, format!("{rows}\n").as_bytes())?;
+            rows
+        }
+    };
+    for name in expected.files.keys() {
+        sync_path(&dir.join(name))?;
+    }
+    sync_path(dir)?;
+    Ok(rows)
+}
+
+/// The data hash of a part: the XXH3-128 of its `data.parquet`.
+pub fn data_hash(checksums: &Checksums) -> Option<Hash128> {
+    checksums.files.get(DATA_FILE).map(|c| c.hash)
+}
