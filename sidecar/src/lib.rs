@@ -4,6 +4,7 @@
 //! plus the part `store`, `rows` codecs and the HTTP `api`.
 
 pub mod api;
+pub mod cleanup;
 pub mod config;
 pub mod exchange;
 pub mod fetcher;

@@ -154,6 +154,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     tokio::spawn(queue::pull::run(replica.clone()));
     tokio::spawn(queue::executor::run(replica.clone()));
     tokio::spawn(rtable_sidecar::merge::assign::run(replica.clone()));
+    tokio::spawn(rtable_sidecar::cleanup::run(replica.clone()));
     let committer = Committer::start(replica.clone());
     let app = api::router(AppState {
         replica: replica.clone(),

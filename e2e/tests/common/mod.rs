@@ -84,11 +84,12 @@ pub async fn tree_snapshot(client: &zk::Client, root: &str) -> BTreeMap<String, 
 
 /// Runs a Python snippet (DuckDB/pyarrow checks) and returns its trimmed stdout.
 pub fn python(script: &str) -> String {
-    let out = std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("run python3 (install it and the packages with scripts/setup.sh)");
+    let out =
+        std::process::Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("run python3 (install it and the packages with scripts/setup.sh)");
     assert!(
         out.status.success(),
         "python failed (missing packages? run scripts/setup.sh):\n{}\n{}",

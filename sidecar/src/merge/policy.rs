@@ -60,7 +60,8 @@ pub fn select(
 ) -> Option<Vec<PartName>> {
     let mut sorted: Vec<&Candidate> = parts.iter().collect();
     sorted.sort_by_key(|c| (c.name.min_block, c.name.max_block));
-    let mut best: Option<(f64, usize, usize)> = None;
+    // (count, total bytes, start, end); more parts per byte wins, then more parts.
+    let mut best: Option<(usize, u64, usize, usize)> = None;
     for start in 0..sorted.len() {
         let mut total = 0u64;
         let mut largest = 0u64;
@@ -95,13 +96,17 @@ pub fn select(
             if (largest as f64) > policy.max_size_ratio * (rest.max(1) as f64) {
                 continue;
             }
-            let score = count as f64 / (total.max(1) as f64);
-            if best.is_none_or(|(s, _, _)| score > s) {
-                best = Some((score, start, end));
+            let better = best.is_none_or(|(c, t, _, _)| {
+                let ours = count as u128 * u128::from(t.max(1));
+                let theirs = c as u128 * u128::from(total.max(1));
+                ours > theirs || (ours == theirs && count > c)
+            });
+            if better {
+                best = Some((count, total, start, end));
             }
         }
     }
-    best.map(|(_, start, end)| sorted[start..=end].iter().map(|c| c.name.clone()).collect())
+    best.map(|(_, _, start, end)| sorted[start..=end].iter().map(|c| c.name.clone()).collect())
 }
 
 #[cfg(test)]

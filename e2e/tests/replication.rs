@@ -1,0 +1,765 @@
+//! Replication with a real 3-node ZooKeeper ensemble and three sidecar processes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{CONVERGE, january_rows, python, rows, tree_snapshot, user_ids};
+use rtable_e2e::client::{json_lines, metric_value};
+use rtable_e2e::poll::{Check, poll_until};
+use rtable_e2e::{Cluster, ClusterOptions, serial};
+
+async fn cluster(opts: ClusterOptions) -> Cluster {
+    Cluster::start(opts).await.expect("cluster starts")
+}
+
+async fn metric_sum(c: &Cluster, name: &str) -> f64 {
+    let mut sum = 0.0;
+    for r in &c.replicas {
+        let text = r.client().metrics().await.expect("metrics");
+        sum += metric_value(&text, name).unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"));
+    }
+    sum
+}
+
+#[tokio::test]
+async fn inserts_spread_over_all_replicas_converge_to_identical_rows() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+
+    // 30 inserts of 5 rows, round-robin over the replicas, 3 at a time.
+    let mut expected = Vec::new();
+    for round in 0..10u64 {
+        let mut pending = Vec::new();
+        for i in 0..3usize {
+            let first = (round * 3 + i as u64) * 5;
+            let batch = rows(first, 5);
+            expected.extend(first..first + 5);
+            let client = c.client(i).clone();
+            pending.push(async move { client.insert_json(&batch).await });
+        }
+        for answer in futures::future::join_all(pending).await {
+            let answer = answer.expect("insert");
+            assert_eq!(answer.rows, 5);
+            assert!(!answer.deduplicated);
+            assert!(!answer.parts.is_empty());
+        }
+    }
+    let lines = c
+        .wait_converged_rows(150, CONVERGE)
+        .await
+        .expect("converged");
+    expected.sort_unstable();
+    assert_eq!(user_ids(&lines), expected);
+
+    // Byte-identical JSONEachRow output (as sorted line sets) and identical status.
+    let mut statuses = Vec::new();
+    for r in &c.replicas {
+        statuses.push(r.client().status().await.expect("status"));
+    }
+    let log_max = statuses[0].log_max_index.expect("log has entries");
+    for s in &statuses {
+        assert_eq!(s.rows, 150, "{}", s.replica_name);
+        assert_eq!(s.queue_size, 0);
+        assert!(!s.is_readonly);
+        assert_eq!(s.total_replicas, Some(3));
+        assert_eq!(s.active_replicas, Some(3));
+        assert_eq!(s.log_max_index, Some(log_max));
+        // ClickHouse's log_pointer is the next entry to copy.
+        assert_eq!(s.log_pointer, Some(log_max + 1), "{}", s.replica_name);
+    }
+    assert_eq!(metric_sum(&c, "rtable_inserts_total").await, 30.0);
+    assert!(metric_sum(&c, "rtable_fetches_total").await > 0.0);
+    assert_eq!(metric_sum(&c, "rtable_failed_fetches_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_replica_killed_with_sigkill_catches_up_after_restart() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions {
+        session_timeout_ms: 3000,
+        ..ClusterOptions::default()
+    })
+    .await;
+    c.client(0).insert_json(&rows(0, 10)).await.expect("insert");
+    c.wait_converged_rows(10, CONVERGE)
+        .await
+        .expect("converged");
+
+    c.replicas[2].kill().expect("SIGKILL events-2");
+    // The others see it go (its is_active vanishes with the session).
+    let survivor = c.client(0).clone();
+    poll_until(
+        "events-2 to be inactive",
+        CONVERGE,
+        Duration::from_millis(200),
+        || {
+            let survivor = survivor.clone();
+            async move {
+                let s = survivor.status().await?;
+                Ok(if s.active_replicas == Some(2) {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("active_replicas {:?}", s.active_replicas))
+                })
+            }
+        },
+    )
+    .await
+    .expect("events-2 inactive");
+
+    for k in 0..10u64 {
+        let i = (k % 2) as usize;
+        c.client(i)
+            .insert_json(&rows(10 + k * 10, 10))
+            .await
+            .expect("insert while events-2 is down");
+    }
+    c.wait_converged_rows(110, CONVERGE)
+        .await
+        .expect("the two live replicas converge");
+
+    c.replicas[2].start_again().expect("restart events-2");
+    c.replicas[2]
+        .wait_ready(CONVERGE)
+        .await
+        .expect("events-2 ready again");
+    let lines = c
+        .wait_converged_rows(110, CONVERGE)
+        .await
+        .expect("events-2 caught up");
+    assert_eq!(user_ids(&lines), (0..110).collect::<Vec<u64>>());
+    let s = c.client(2).status().await.expect("status");
+    assert_eq!(s.rows, 110);
+    assert_eq!(s.active_replicas, Some(3));
+    // Its parts are on its own disk.
+    for part in &s.parts {
+        let file = c.replicas[2]
+            .data_dir()
+            .join("parts")
+            .join(part)
+            .join("data.parquet");
+        assert!(file.exists(), "{} missing", file.display());
+    }
+}
+
+#[tokio::test]
+async fn retried_inserts_are_deduplicated_by_data_and_by_token() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    let body = json_lines(&january_rows(0, 4));
+
+    let first = c
+        .client(0)
+        .insert("JSONEachRow", body.clone(), None)
+        .await
+        .expect("insert");
+    assert!(!first.deduplicated);
+    assert_eq!(first.rows, 4);
+    let log_max = c.client(0).status().await.expect("status").log_max_index;
+
+    // The same data again, on another replica: acknowledged, nothing new in the log.
+    let again = c
+        .client(1)
+        .insert("JSONEachRow", body.clone(), None)
+        .await
+        .expect("retry");
+    assert!(again.deduplicated, "{again:?}");
+    assert_eq!(
+        c.client(1).status().await.expect("status").log_max_index,
+        log_max
+    );
+
+    // A token identifies the insert whatever its bytes.
+    let tokened = c
+        .client(2)
+        .insert(
+            "JSONEachRow",
+            json_lines(&january_rows(100, 3)),
+            Some("batch-7"),
+        )
+        .await
+        .expect("token insert");
+    assert!(!tokened.deduplicated);
+    let log_max = c.client(2).status().await.expect("status").log_max_index;
+    let retried = c
+        .client(0)
+        .insert(
+            "JSONEachRow",
+            json_lines(&january_rows(200, 3)),
+            Some("batch-7"),
+        )
+        .await
+        .expect("token retry with other rows");
+    assert!(retried.deduplicated, "{retried:?}");
+    assert_eq!(
+        c.client(0).status().await.expect("status").log_max_index,
+        log_max
+    );
+
+    let lines = c.wait_converged_rows(7, CONVERGE).await.expect("converged");
+    assert_eq!(user_ids(&lines), [0, 1, 2, 3, 100, 101, 102]);
+    assert_eq!(
+        metric_sum(&c, "rtable_deduplicated_inserts_total").await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn session_expiry_by_sigstop_makes_a_replica_readonly_and_it_recovers_without_restart() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions {
+        session_timeout_ms: 3000,
+        ..ClusterOptions::default()
+    })
+    .await;
+    c.client(0).insert_json(&rows(0, 6)).await.expect("insert");
+    c.wait_converged_rows(6, CONVERGE).await.expect("converged");
+
+    let zk = c.zk_client().await.expect("zk");
+    let is_active = c.paths().replica("events-2").is_active();
+    let owner_before = zk
+        .check_stat(&is_active)
+        .await
+        .expect("stat")
+        .expect("events-2 active")
+        .ephemeral_owner;
+    let pid = c.replicas[2].pid().expect("pid");
+
+    c.replicas[2].stop().expect("SIGSTOP");
+    // ZooKeeper expires the frozen replica's session: its is_active disappears.
+    let zk2 = zk.clone();
+    let path = is_active.clone();
+    let expired = poll_until(
+        "the session to expire",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let zk2 = zk2.clone();
+            let path = path.clone();
+            async move {
+                Ok(match zk2.check_stat(&path).await? {
+                    None => Check::Done(()),
+                    Some(_) => Check::Wait("is_active still there".into()),
+                })
+            }
+        },
+    )
+    .await;
+    // Keep it frozen past the timeout in any case, then let it run on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // An insert sent while frozen is answered once it runs again, on its expired session.
+    let frozen_client = c.client(2).clone();
+    let pending = tokio::spawn(async move {
+        frozen_client
+            .insert_raw(
+                "JSONEachRow",
+                json_lines(&rows(1000, 1)),
+                Some("during-expiry"),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.replicas[2].cont().expect("SIGCONT");
+    expired.expect("session expired while stopped");
+
+    let mut saw_readonly = Vec::new();
+    let answer = pending.await.expect("join").expect("insert answered");
+    if answer.status == 503 {
+        saw_readonly.push(format!("insert 503: {}", answer.text()));
+    } else {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    // It rebuilds its session by itself.
+    let client = c.client(2).clone();
+    let recovered = poll_until(
+        "events-2 to recover",
+        CONVERGE,
+        Duration::from_millis(20),
+        || {
+            let client = client.clone();
+            async move {
+                let s = client.status_json().await?;
+                if s["is_readonly"] == true || s["is_session_expired"] == true {
+                    return Ok(Check::Wait(format!("readonly: {}", s["readonly_reason"])));
+                }
+                Ok(Check::Done(s))
+            }
+        },
+    )
+    .await
+    .expect("recovered");
+    assert_eq!(recovered["is_readonly"], false);
+    let log = rtable_e2e::tail(c.replicas[2].log_path(), 400);
+    if log.to_lowercase().contains("expired") {
+        saw_readonly.push("log mentions the expired session".into());
+    }
+    assert!(
+        !saw_readonly.is_empty(),
+        "the replica never showed it lost its session (no 503, no log line)"
+    );
+    assert_eq!(c.replicas[2].pid(), Some(pid), "same process, no restart");
+    assert!(c.replicas[2].is_running());
+    let owner_after = zk
+        .check_stat(&is_active)
+        .await
+        .expect("stat")
+        .expect("events-2 active again")
+        .ephemeral_owner;
+    assert_ne!(owner_after, owner_before, "a new session owns is_active");
+
+    // Writable again, and the cluster converges including the retried insert.
+    c.replicas[2].wait_ready(CONVERGE).await.expect("ready");
+    let retry = c
+        .client(2)
+        .insert(
+            "JSONEachRow",
+            json_lines(&rows(1000, 1)),
+            Some("during-expiry"),
+        )
+        .await
+        .expect("insert after recovery");
+    assert_eq!(retry.rows, 1);
+    c.client(2)
+        .insert_json(&rows(2000, 2))
+        .await
+        .expect("insert");
+    let lines = c.wait_converged_rows(9, CONVERGE).await.expect("converged");
+    assert_eq!(user_ids(&lines), [0, 1, 2, 3, 4, 5, 1000, 2000, 2001]);
+}
+
+#[tokio::test]
+async fn bad_inputs_get_4xx_naming_line_and_column_and_change_nothing() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions {
+        max_body_bytes: Some(4096),
+        ..ClusterOptions::default()
+    })
+    .await;
+    c.client(0)
+        .insert_json(&january_rows(0, 2))
+        .await
+        .expect("insert");
+    c.wait_converged_rows(2, CONVERGE).await.expect("converged");
+
+    let zk = c.zk_client().await.expect("zk");
+    let tree_before = tree_snapshot(&zk, &c.table_path).await;
+    let status_before = c.client(1).status().await.expect("status");
+    let inserts_before = metric_sum(&c, "rtable_inserts_total").await;
+
+    let good = r#"{"ts":"2025-01-01 00:00:00","user_id":1,"event":"a","value":1.5}"#;
+    let big = format!("{good}\n").repeat(100);
+    // (format, body, expected status, expected line, expected column)
+    let cases: Vec<(&str, String, u16, Option<u64>, Option<&str>)> = vec![
+        (
+            "JSONEachRow",
+            format!("{good}\n{{\"ts\": \n"),
+            400,
+            Some(2),
+            None,
+        ),
+        (
+            "JSONEachRow",
+            format!("{good}\n{good}\n{}", good.replace("\"event\"", "\"nope\"")),
+            400,
+            Some(3),
+            Some("nope"),
+        ),
+        (
+            "JSONEachRow",
+            r#"{"ts":"2025-01-01 00:00:00","event":"a"}"#.to_string(),
+            400,
+            Some(1),
+            Some("user_id"),
+        ),
+        (
+            "JSONEachRow",
+            format!(
+                "{good}\n{}",
+                good.replace("\"user_id\":1", "\"user_id\":\"abc\"")
+            ),
+            400,
+            Some(2),
+            Some("user_id"),
+        ),
+        (
+            "JSONEachRow",
+            good.replace("\"user_id\":1", "\"user_id\":-1"),
+            400,
+            Some(1),
+            Some("user_id"),
+        ),
+        (
+            "JSONEachRow",
+            good.replace("2025-01-01 00:00:00", "yesterday"),
+            400,
+            Some(1),
+            Some("ts"),
+        ),
+        (
+            "CSV",
+            "2025-01-01 00:00:00,1,a,1.5\n2025-01-01 00:00:00,x,a,1.5\n".to_string(),
+            400,
+            Some(2),
+            Some("user_id"),
+        ),
+        ("JSONEachRow", big, 413, None, None),
+        ("TabSeparated", good.to_string(), 400, None, None),
+    ];
+    for (format, body, status, line, column) in cases {
+        let r = c
+            .client(0)
+            .insert_raw(format, body.clone(), None)
+            .await
+            .expect("answered");
+        let what = format!("{format} {:?}", body.chars().take(80).collect::<String>());
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        let json = r
+            .json()
+            .unwrap_or_else(|e| panic!("{what}: error body is JSON: {e:#}"));
+        let error = json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: `error` string in {json}"));
+        assert!(!error.is_empty());
+        if let Some(line) = line {
+            assert_eq!(json["line"].as_u64(), Some(line), "{what}: {json}");
+        }
+        if let Some(column) = column {
+            assert_eq!(json["column"].as_str(), Some(column), "{what}: {json}");
+            assert!(
+                error.contains(column),
+                "{what}: the message names `{column}`: {error}"
+            );
+        }
+    }
+
+    // Nothing was committed anywhere.
+    let tree_after = tree_snapshot(&zk, &c.table_path).await;
+    let changed: Vec<&String> = tree_before
+        .iter()
+        .filter(|(k, v)| tree_after.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .chain(tree_after.keys().filter(|k| !tree_before.contains_key(*k)))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "the ZooKeeper tree changed: {changed:?}"
+    );
+    let status_after = c.client(1).status().await.expect("status");
+    assert_eq!(status_after.log_max_index, status_before.log_max_index);
+    assert_eq!(status_after.parts, status_before.parts);
+    assert_eq!(metric_sum(&c, "rtable_inserts_total").await, inserts_before);
+    let lines = c
+        .wait_converged_rows(2, CONVERGE)
+        .await
+        .expect("still 2 rows");
+    assert_eq!(user_ids(&lines), [0, 1]);
+}
+
+#[tokio::test]
+async fn interserver_requests_need_the_secret_and_a_safe_part_name() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions {
+        interserver_secret: Some("s3cret-for-tests".into()),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let answer = c
+        .client(0)
+        .insert_json(&january_rows(0, 20))
+        .await
+        .expect("insert");
+    assert_eq!(answer.parts.len(), 1);
+    let part = answer.parts[0].clone();
+    // Replication itself works with the secret.
+    c.wait_converged_rows(20, CONVERGE)
+        .await
+        .expect("converged");
+
+    let client = c.client(0);
+    let r = client.get_part(&part, None).await.expect("answered");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = client
+        .get_part(&part, Some("wrong"))
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 401, "{}", r.text());
+
+    let secret = c.secret.clone();
+    let r = client
+        .get_part(&part, secret.as_deref())
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The exchange format: magic line, `name\tsize\thash` lines, empty line, the bytes.
+    let body = r.body;
+    let end = body
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .expect("header terminated by an empty line");
+    let header = std::str::from_utf8(&body[..end]).expect("UTF-8 header");
+    let mut lines = header.lines();
+    assert_eq!(lines.next(), Some("rtable-part-exchange 1"));
+    let mut offset = end + 2;
+    let mut names = BTreeSet::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields.len(), 3, "{line}");
+        let size: usize = fields[1].parse().expect("size");
+        let bytes = &body[offset..offset + size];
+        assert_eq!(
+            rtable_protocol::hash::file_hash(bytes).to_hex(),
+            fields[2],
+            "hash of {}",
+            fields[0]
+        );
+        let on_disk = std::fs::read(
+            c.replicas[0]
+                .data_dir()
+                .join("parts")
+                .join(&part)
+                .join(fields[0]),
+        )
+        .expect("file on disk");
+        assert_eq!(on_disk, bytes, "{} sent as stored", fields[0]);
+        offset += size;
+        names.insert(fields[0].to_string());
+    }
+    assert_eq!(offset, body.len(), "no bytes after the last file");
+    assert!(names.contains("data.parquet"), "{names:?}");
+    assert!(names.contains("checksums.txt"), "{names:?}");
+
+    for unsafe_name in [
+        "..%2Fetc",
+        "a%2Fb",
+        "%2Fetc%2Fpasswd",
+        "..",
+        "202501_1_1_0%2F..%2F..%2Fx",
+    ] {
+        let r = client
+            .get_part(unsafe_name, secret.as_deref())
+            .await
+            .expect("answered");
+        assert_eq!(r.status, 400, "{unsafe_name}: {}", r.text());
+        assert!(r.json().expect("JSON error")["error"].is_string());
+    }
+    let r = client
+        .get_part("202501_999_999_0", secret.as_deref())
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 404, "{}", r.text());
+}
+
+/// A fake peer that serves the real part from `upstream` with one byte flipped.
+async fn start_tampering_peer(upstream: String, hits: Arc<AtomicUsize>) -> u16 {
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the fake peer");
+    let port = listener.local_addr().expect("addr").port();
+    let app = axum::Router::new().route(
+        "/parts/{name}",
+        axum::routing::get(move |Path(name): Path<String>| {
+            let upstream = upstream.clone();
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let real = reqwest::get(format!("{upstream}/parts/{name}"))
+                    .await
+                    .expect("upstream answers");
+                let status = real.status().as_u16();
+                let mut body = real.bytes().await.expect("upstream body").to_vec();
+                if status == 200 {
+                    let start = body
+                        .windows(2)
+                        .position(|w| w == b"\n\n")
+                        .expect("exchange header")
+                        + 2;
+                    // Flip a byte in the middle of the first file's bytes.
+                    let at = start + (body.len() - start) / 3;
+                    body[at] ^= 0x55;
+                }
+                (
+                    StatusCode::from_u16(status).expect("status"),
+                    bytes::Bytes::from(body),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_tampered_with_in_transit_is_rejected_then_fetched_intact() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    c.client(0)
+        .insert_json(&january_rows(0, 5))
+        .await
+        .expect("insert");
+    c.wait_converged_rows(5, CONVERGE).await.expect("converged");
+
+    // events-2 goes down; a new part is written while it is away.
+    c.replicas[2].kill().expect("SIGKILL events-2");
+    let answer = c
+        .client(0)
+        .insert_json(&january_rows(100, 50))
+        .await
+        .expect("insert");
+    let part = answer.parts[0].clone();
+    c.wait_converged_rows(55, CONVERGE)
+        .await
+        .expect("events-0/1 converged");
+
+    // Every holder of the part now advertises the tampering peer.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let fake_port = start_tampering_peer(c.replicas[0].url(), hits.clone()).await;
+    let zk = c.zk_client().await.expect("zk");
+    let mut saved = Vec::new();
+    for name in ["events-0", "events-1"] {
+        let host_path = c.paths().replica(name).host();
+        let (text, _) = zk.get_data(&host_path).await.expect("host");
+        let text = String::from_utf8(text).expect("utf-8");
+        let real_port = c.replicas[if name == "events-0" { 0 } else { 1 }].cfg.port;
+        let fake = text.replace(
+            &format!("port: {real_port}\n"),
+            &format!("port: {fake_port}\n"),
+        );
+        assert_ne!(fake, text, "host node names the port: {text}");
+        zk.set_data(&host_path, fake.as_bytes(), None)
+            .await
+            .expect("rewrite host");
+        saved.push((host_path, text));
+    }
+
+    c.replicas[2].start_again().expect("restart events-2");
+    let client = c.client(2).clone();
+    let part2 = part.clone();
+    let entry = poll_until(
+        "a failed fetch of the tampered part",
+        CONVERGE,
+        Duration::from_millis(100),
+        || {
+            let client = client.clone();
+            let part = part2.clone();
+            async move {
+                let queue = client.queue().await?;
+                let entry = queue.into_iter().find(|e| e.new_part_name == part);
+                Ok(match entry {
+                    Some(e)
+                        if e.num_tries > 0
+                            && e.last_exception.as_deref().is_some_and(|x| !x.is_empty()) =>
+                    {
+                        Check::Done(e)
+                    }
+                    Some(e) => Check::Wait(format!(
+                        "entry tries {} exception {:?}",
+                        e.num_tries, e.last_exception
+                    )),
+                    None => Check::Wait("no queue entry for the part yet".into()),
+                })
+            }
+        },
+    )
+    .await
+    .expect("the fetch failed");
+    let exception = entry
+        .last_exception
+        .clone()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        exception.contains("hash") || exception.contains("checksum"),
+        "the failure names the hash: {exception}"
+    );
+    assert!(
+        hits.load(Ordering::SeqCst) >= 1,
+        "the fake peer served the fetch"
+    );
+    let s = c.client(2).status().await.expect("status");
+    assert!(
+        !s.parts.contains(&part),
+        "{part} must not be active: {:?}",
+        s.parts
+    );
+    assert!(!c.replicas[2].data_dir().join("parts").join(&part).exists());
+    assert!(
+        c.client(2)
+            .metric("rtable_failed_fetches_total")
+            .await
+            .expect("metrics")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // With the real addresses back, the retry fetches the intact part.
+    for (path, text) in saved {
+        zk.set_data(&path, text.as_bytes(), None)
+            .await
+            .expect("restore host");
+    }
+    let lines = c
+        .wait_converged_rows(55, Duration::from_secs(120))
+        .await
+        .expect("converged");
+    assert_eq!(user_ids(&lines).len(), 55);
+    let s = c.client(2).status().await.expect("status");
+    assert!(s.parts.iter().any(|p| p == &part) || s.rows == 55);
+}
+
+#[tokio::test]
+async fn duckdb_reads_part_files_and_the_parquet_export() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    for k in 0..4u64 {
+        c.client(k as usize % 3)
+            .insert_json(&rows(k * 25, 25))
+            .await
+            .expect("insert");
+    }
+    c.wait_converged_rows(100, CONVERGE)
+        .await
+        .expect("converged");
+    let expected_sum: u64 = (0..100).sum();
+
+    // The part files on a replica that fetched them.
+    let parts_glob = c.replicas[1]
+        .data_dir()
+        .join("parts")
+        .join("*")
+        .join("data.parquet");
+    let out = python(&format!(
+        "import duckdb; print(duckdb.sql(\"SELECT count(*), sum(user_id), count(DISTINCT strftime(ts, '%Y%m')) FROM read_parquet('{}')\").fetchone())",
+        parts_glob.display()
+    ));
+    assert_eq!(out, format!("(100, {expected_sum}, 2)"));
+
+    // The export.
+    let export = c.client(2).select("Parquet").await.expect("select Parquet");
+    let file = c.dir().join("export.parquet");
+    std::fs::write(&file, &export).expect("write export");
+    let out = python(&format!(
+        "import duckdb, pyarrow.parquet as pq\n\
+         t = pq.read_table('{f}')\n\
+         print(t.num_rows, t.schema.names, str(t.schema.field('ts').type), t.schema.field('value').nullable)\n\
+         print(duckdb.sql(\"SELECT count(*), sum(user_id), count(*) FILTER (WHERE value IS NULL) FROM read_parquet('{f}')\").fetchone())",
+        f = file.display()
+    ));
+    let nulls = (0..100u64).filter(|id| id % 3 == 0).count();
+    assert_eq!(
+        out,
+        format!(
+            "100 ['ts', 'user_id', 'event', 'value'] timestamp[s, tz=UTC] True\n(100, {expected_sum}, {nulls})"
+        )
+    );
+}
