@@ -625,6 +625,25 @@ pub async fn remove_recursive(client: &zk::Client, path: &str) -> Result<(), Tre
 }
 
 /// Connects to the ensemble, waiting at most `connect_timeout` for the first server.
+/// Like `connect`, with optional `digest` credentials (`user:password`).
+pub async fn connect_with_auth(
+    connect_string: &str,
+    session_timeout: Duration,
+    connect_timeout: Duration,
+    digest: Option<&str>,
+) -> Result<zk::Client, TreeError> {
+    let mut connector = zk::Client::connector()
+        .with_session_timeout(session_timeout)
+        .with_connection_timeout(connect_timeout);
+    if let Some(credentials) = digest {
+        connector = connector.with_auth("digest", credentials.as_bytes());
+    }
+    connector
+        .connect(connect_string)
+        .await
+        .map_err(|e| TreeError::zk("connect", connect_string, e))
+}
+
 pub async fn connect(
     connect_string: &str,
     session_timeout: Duration,

@@ -34,6 +34,9 @@ pub struct Config {
     /// File holding the interserver secret; when set, part fetches without it get 401.
     #[arg(long, env = "RTABLE_INTERSERVER_SECRET_FILE")]
     pub interserver_secret_file: Option<PathBuf>,
+    /// File holding ZooKeeper digest credentials `user:password`.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_AUTH_FILE")]
+    pub zookeeper_auth_file: Option<PathBuf>,
     /// Largest accepted insert body in bytes.
     #[arg(long, env = "RTABLE_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_body_bytes: usize,

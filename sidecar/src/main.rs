@@ -80,6 +80,21 @@ async fn run(cfg: Config) -> Result<(), String> {
         }
         None => None,
     };
+    let zookeeper_auth = match &cfg.zookeeper_auth_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--zookeeper-auth-file {}: {e}", path.display()))?;
+            let credentials = text.trim().to_string();
+            if !credentials.contains(':') {
+                return Err(format!(
+                    "--zookeeper-auth-file {} must hold `user:password`",
+                    path.display()
+                ));
+            }
+            Some(credentials)
+        }
+        None => None,
+    };
     let data_dir = cfg.data_dir.clone();
     let (store, detached) = tokio::task::spawn_blocking(move || PartStore::open(&data_dir))
         .await
@@ -132,6 +147,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         metrics: Metrics::default(),
         host,
         secret,
+        zookeeper_auth,
         http,
         queue_notify: tokio::sync::Notify::new(),
         pull_notify: tokio::sync::Notify::new(),

@@ -31,6 +31,8 @@ pub struct Replica {
     pub metrics: Metrics,
     pub host: HostInfo,
     pub secret: Option<String>,
+    /// ZooKeeper digest credentials (`user:password`).
+    pub zookeeper_auth: Option<String>,
     pub http: reqwest::Client,
     /// Wakes the queue executor (new entries, a finished fetch, a new session).
     pub queue_notify: Notify,

@@ -456,7 +456,7 @@ fn pyarrow_and_duckdb_read_a_part() {
                   t = pq.read_table(sys.argv[1])\n\
                   print(t.num_rows)\n\
                   print(t.schema.field('ts').type, t.schema.field('id').type, t.schema.field('id').nullable)\n\
-                  print(duckdb.connect().execute(\"select count(*), min(id), max(id) from read_parquet(?)\", [sys.argv[1]]).fetchone())\n";
+                  print(duckdb.connect().execute(\"select count(*), min(id), max(id), typeof(min(ts)), epoch(min(ts))::bigint from read_parquet(?)\", [sys.argv[1]]).fetchone())\n";
     let out = Command::new(&python)
         .args(["-c", script])
         .arg(&path)
@@ -470,6 +470,10 @@ fn pyarrow_and_duckdb_read_a_part() {
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "1234");
-    assert_eq!(lines[1], "timestamp[s, tz=UTC] uint64 False");
-    assert_eq!(lines[2], "(1234, 0, 1233)");
+    // DateTime is stored as milliseconds so external readers see timestamps, not integers.
+    assert_eq!(lines[1], "timestamp[ms, tz=UTC] uint64 False");
+    assert_eq!(
+        lines[2],
+        "(1234, 0, 1233, 'TIMESTAMP WITH TIME ZONE', 1714521600)"
+    );
 }

@@ -341,7 +341,8 @@ fn castable(from: &DataType, to: &ColumnType) -> bool {
         ColumnType::String => matches!(from, D::Utf8 | D::LargeUtf8 | D::Utf8View),
         ColumnType::Bool => matches!(from, D::Boolean),
         ColumnType::Date => matches!(from, D::Date32 | D::Date64),
-        ColumnType::DateTime => matches!(from, D::Timestamp(_, _) | D::Date32 | D::Date64),
+        // Integers are unix seconds, as in JSONEachRow and CSV.
+        ColumnType::DateTime => int || matches!(from, D::Timestamp(_, _) | D::Date32 | D::Date64),
         ColumnType::Nullable(_) => false,
     }
 }

@@ -296,14 +296,20 @@ pub struct ParquetOutput<W: Write + Send> {
 }
 
 impl<W: Write + Send> ParquetOutput<W> {
+    /// `schema` is the in-memory schema (e.g. `arrow_schema(table)`); the file stores
+    /// DateTime as milliseconds (see [`super::to_storage`]).
     pub fn new(sink: W, schema: SchemaRef) -> Result<Self, ParquetError> {
         Ok(ParquetOutput {
-            writer: ArrowWriter::try_new(sink, schema, Some(parquet_writer_properties()))?,
+            writer: ArrowWriter::try_new(
+                sink,
+                super::storage_schema(&schema),
+                Some(parquet_writer_properties()),
+            )?,
         })
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), ParquetError> {
-        self.writer.write(batch)
+        self.writer.write(&super::to_storage(batch)?)
     }
 
     /// Ends the current row group so its bytes reach the sink.

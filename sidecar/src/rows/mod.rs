@@ -18,6 +18,13 @@
 //! DateTime carries the `UTC` time zone so external readers (pyarrow, DuckDB, Polars) see
 //! instants, not wall-clock times; ClickHouse stores DateTime as UTC seconds as well.
 //! Build DateTime arrays with `TimestampSecondArray::from(..).with_timezone(DATETIME_TZ)`.
+//!
+//! Parquet has no seconds unit: arrow's writer stores `Timestamp(Second)` as a bare INT64
+//! that pyarrow and DuckDB read as integers. Every Parquet file rtable writes (parts and
+//! `/select`) therefore stores DateTime as `Timestamp(Millisecond, "UTC")`: [`to_storage`]
+//! converts before writing (done by [`ParquetOutput`] and the store's part writer) and
+//! [`from_storage`] converts back after reading (done by the store's part reader), so
+//! record batches in memory always use seconds. Do not hand batches to a bare `ArrowWriter`.
 
 mod decode;
 mod encode;
@@ -28,7 +35,9 @@ mod value;
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
 use rtable_protocol::schema::{ColumnType, TableSchema};
 
 pub use decode::{InputFormat, decode};
@@ -77,6 +86,89 @@ pub fn arrow_schema(schema: &TableSchema) -> SchemaRef {
             .map(|c| Field::new(&c.name, arrow_type(&c.ty), c.ty.is_nullable()))
             .collect::<Vec<_>>(),
     ))
+}
+
+/// The schema of a Parquet file holding these rows: `Timestamp(Second, tz)` fields become
+/// `Timestamp(Millisecond, tz)`; everything else is unchanged.
+pub fn storage_schema(schema: &SchemaRef) -> SchemaRef {
+    if !schema.fields().iter().any(|f| is_seconds(f.data_type())) {
+        return schema.clone();
+    }
+    Arc::new(Schema::new_with_metadata(
+        schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Timestamp(TimeUnit::Second, tz) => f
+                    .as_ref()
+                    .clone()
+                    .with_data_type(DataType::Timestamp(TimeUnit::Millisecond, tz.clone())),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<_>>(),
+        schema.metadata().clone(),
+    ))
+}
+
+fn is_seconds(t: &DataType) -> bool {
+    matches!(t, DataType::Timestamp(TimeUnit::Second, _))
+}
+
+fn is_millis(t: &DataType) -> bool {
+    matches!(t, DataType::Timestamp(TimeUnit::Millisecond, _))
+}
+
+fn convert(
+    batch: &RecordBatch,
+    schema: SchemaRef,
+    from: fn(&DataType) -> bool,
+) -> Result<RecordBatch, ArrowError> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if from(c.data_type()) {
+                arrow::compute::cast(c, f.data_type())
+            } else {
+                Ok(c.clone())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema, columns)
+}
+
+/// Rows as they are stored in Parquet (DateTime in milliseconds); see the module docs.
+pub fn to_storage(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| is_seconds(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    convert(batch, storage_schema(&schema), is_seconds)
+}
+
+/// Rows read from a Parquet file rtable wrote, back to in-memory types (DateTime in
+/// seconds): every `Timestamp(Millisecond, tz)` column becomes `Timestamp(Second, tz)`.
+pub fn from_storage(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| is_millis(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    let memory = Arc::new(Schema::new_with_metadata(
+        schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Timestamp(TimeUnit::Millisecond, tz) => f
+                    .as_ref()
+                    .clone()
+                    .with_data_type(DataType::Timestamp(TimeUnit::Second, tz.clone())),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<_>>(),
+        schema.metadata().clone(),
+    ));
+    convert(batch, memory, is_millis)
 }
 
 /// `YYYY-MM-DD` of a day number (days since 1970-01-01).

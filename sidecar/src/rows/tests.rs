@@ -463,3 +463,41 @@ fn parquet_output_streams_row_groups_and_is_deterministic() {
     assert_eq!(back.num_rows(), 6);
     assert_eq!(parquet_bytes(&b), parquet_bytes(&b));
 }
+
+#[test]
+fn parquet_files_store_datetime_as_milliseconds_and_read_back_as_seconds() {
+    let b = json(ROW1).expect("valid");
+    let bytes = parquet_bytes(&b);
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(bytes.clone()),
+    )
+    .expect("reader");
+    assert_eq!(
+        reader
+            .schema()
+            .field_with_name("ts")
+            .expect("ts")
+            .data_type(),
+        &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()))
+    );
+    let stored: Vec<RecordBatch> = reader
+        .build()
+        .expect("build")
+        .collect::<Result<_, _>>()
+        .expect("read");
+    assert_eq!(from_storage(&stored[0]).expect("convert"), b);
+    assert_eq!(to_storage(&b).expect("convert"), stored[0]);
+
+    // Integer seconds in a client's Parquet file are accepted for DateTime.
+    let s = schema(&[("ts", "DateTime")], &[], "");
+    let file = RecordBatch::try_from_iter(vec![(
+        "ts",
+        Arc::new(UInt64Array::from(vec![86_400u64])) as ArrayRef,
+    )])
+    .expect("batch");
+    let got = decode(InputFormat::Parquet, &parquet_bytes(&file), &s).expect("castable");
+    let ts = got
+        .column(0)
+        .as_primitive::<arrow::datatypes::TimestampSecondType>();
+    assert_eq!(ts.value(0), 86_400);
+}

@@ -685,3 +685,75 @@ impl PartStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> PartName {
+        s.parse().expect("part name")
+    }
+
+    #[test]
+    fn store_and_snapshots_are_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PartStore>();
+        assert_send_sync::<Snapshot>();
+        assert_send_sync::<TempPart>();
+    }
+
+    #[test]
+    fn visibility_hides_covered_parts_only() {
+        let mut active = BTreeMap::new();
+        for n in ["a_1_1_0", "a_2_2_0", "a_1_2_1", "a_3_3_0", "b_1_1_0"] {
+            active.insert(
+                p(n),
+                Arc::new(ActivePart {
+                    name: p(n),
+                    dir: PathBuf::from(n),
+                    rows: 1,
+                    bytes: 1,
+                    checksums: Checksums::default(),
+                }),
+            );
+        }
+        let visible: Vec<String> = active
+            .keys()
+            .filter(|n| is_visible(n, &active))
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(visible, ["a_1_2_1", "a_3_3_0", "b_1_1_0"]);
+    }
+
+    #[test]
+    fn temporary_directories_and_reasons_are_checked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (store, _) = PartStore::open(tmp.path()).expect("open");
+        assert!(store.new_tmp_dir("../x").is_err());
+        assert!(store.new_tmp_dir("a_b").is_err());
+        let a = store.new_tmp_dir("insert").expect("tmp");
+        let b = store.new_tmp_dir("insert").expect("tmp");
+        assert_ne!(a, b);
+        assert!(
+            a.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tmp_insert_"))
+        );
+        assert!(matches!(
+            store.detach(&p("all_1_1_0"), "../x"),
+            Err(StoreError::Refused { .. })
+        ));
+        assert!(matches!(
+            store.detach(&p("all_1_1_0"), "broken"),
+            Err(StoreError::NotActive { .. })
+        ));
+        let err = store
+            .install_fetched(Path::new("/etc"), &p("all_1_1_0"), &Checksums::default())
+            .expect_err("outside parts/");
+        assert!(err.to_string().contains("/etc"), "{err}");
+        let dir = store.fetch_dir(&p("all_1_1_0")).expect("fetch dir");
+        fs::write(dir.join("junk"), "x").expect("write");
+        let again = store.fetch_dir(&p("all_1_1_0")).expect("fetch dir");
+        assert_eq!(dir, again);
+        assert_eq!(fs::read_dir(&again).expect("list").count(), 0);
+    }
+}

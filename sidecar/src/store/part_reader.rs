@@ -7,8 +7,10 @@ use arrow::array::RecordBatch;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::{ActivePart, DATA_FILE, StoreError};
+use crate::rows::from_storage;
 
-/// The batches of one part, read lazily (8192 rows at a time).
+/// The batches of one part, read lazily (8192 rows at a time), with in-memory types
+/// (DateTime in seconds, see `rows::from_storage`).
 pub struct PartBatches {
     path: PathBuf,
     reader: ParquetRecordBatchReader,
@@ -18,9 +20,10 @@ impl Iterator for PartBatches {
     type Item = Result<RecordBatch, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.reader
-            .next()
-            .map(|r| r.map_err(|e| StoreError::arrow("reading", &self.path, e)))
+        self.reader.next().map(|r| {
+            r.and_then(|b| from_storage(&b))
+                .map_err(|e| StoreError::arrow("reading", &self.path, e))
+        })
     }
 }
 

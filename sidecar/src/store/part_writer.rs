@@ -17,7 +17,9 @@ use rtable_protocol::schema::TableSchema;
 
 use super::verify::{sync_path, write_synced};
 use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StoreError};
-use crate::rows::{arrow_schema, parquet_writer_properties, sort_by_key};
+use crate::rows::{
+    arrow_schema, parquet_writer_properties, sort_by_key, storage_schema, to_storage,
+};
 
 /// A written, fsynced, not yet active part. Commit it with [`PartStore::commit_temp`] or
 /// remove it with [`TempPart::discard`]; dropping it leaves the directory, which the next
@@ -104,8 +106,12 @@ impl PartWriter {
             hasher: FileHasher::default(),
             size: 0,
         };
-        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(parquet_writer_properties()))
-            .map_err(|e| StoreError::parquet("starting", &data_path, e))?;
+        let writer = ArrowWriter::try_new(
+            sink,
+            storage_schema(&schema),
+            Some(parquet_writer_properties()),
+        )
+        .map_err(|e| StoreError::parquet("starting", &data_path, e))?;
         Ok(PartWriter {
             dir,
             data_path,
@@ -126,8 +132,11 @@ impl PartWriter {
             RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec()).map_err(|e| {
                 StoreError::arrow("matching rows to the table schema for", &self.data_path, e)
             })?;
+        let stored = to_storage(&batch).map_err(|e| {
+            StoreError::arrow("converting rows to storage types for", &self.data_path, e)
+        })?;
         self.writer
-            .write(&batch)
+            .write(&stored)
             .map_err(|e| StoreError::parquet("writing", &self.data_path, e))?;
         self.rows += batch.num_rows() as u64;
         Ok(())

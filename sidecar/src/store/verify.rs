@@ -239,3 +239,32 @@ pub fn verify_fetched_dir(dir: &Path, expected: &Checksums) -> Result<u64, Store
 pub fn data_hash(checksums: &Checksums) -> Option<Hash128> {
     checksums.files.get(DATA_FILE).map(|c| c.hash)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_strict_decimals() {
+        assert_eq!(parse_count("12\n"), Some(12));
+        assert_eq!(parse_count("12"), Some(12));
+        assert_eq!(parse_count(" 12\n"), None);
+        assert_eq!(parse_count("-1\n"), None);
+        assert_eq!(parse_count(""), None);
+    }
+
+    #[test]
+    fn file_hashes_stream_the_whole_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("f");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).expect("write");
+        let c = hash_file(&path).expect("hash");
+        assert_eq!(c.size, bytes.len() as u64);
+        assert_eq!(c.hash, rtable_protocol::hash::file_hash(&bytes));
+        assert!(matches!(
+            hash_file(&tmp.path().join("missing")),
+            Err(StoreError::Io { .. })
+        ));
+    }
+}
