@@ -1,9 +1,10 @@
 //! Log and queue entries (`log/log-N`, `replicas/<r>/queue/queue-N`) in ClickHouse's text
-//! format version 4. Queue entries are byte copies of log entries, so parsing tolerates
-//! what newer writers add (versions 5-7) and keeps unknown verbs as `Other`.
+//! format. rtable writes version 4; parsing accepts 4..=7 because queue entries are byte
+//! copies of whatever a log writer produced, and keeps verbs it does not execute as `Other`.
 //!
-//! `create_time` is written in the writer's local time zone by ClickHouse; rtable renders
-//! and parses it as UTC (the pods run in UTC), so equal instants give equal bytes.
+//! Known losses on a parse/render round trip, all fields ClickHouse reads as optional:
+//! a merge's `into_uuid:` and `deduplicate_by_columns:` lines (rtable has no part UUIDs
+//! and never deduplicates by columns).
 
 use chrono::{DateTime, NaiveDateTime};
 
@@ -11,6 +12,10 @@ use crate::codec::{CodecError, Lines};
 
 const WHAT: &str = "log entry";
 const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+const MIN_VERSION: u32 = 4;
+/// The first version whose header carries a mandatory `log_entry_id:` line.
+const LOG_ENTRY_ID_VERSION: u32 = 7;
+const MAX_VERSION: u32 = 7;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEntryKind {
@@ -30,40 +35,32 @@ pub enum LogEntryKind {
     Drop {
         range: String,
     },
-    /// A verb rtable does not execute (mutate, alter, ...): kept so the queue can show it.
+    /// A verb rtable does not execute (`detach`, `mutate`, `alter`, `REPLACE_RANGE`, ...).
+    /// The body lines are kept verbatim so the entry renders back byte for byte.
     Other {
         type_line: String,
         body: Vec<String>,
     },
 }
 
+/// One log entry.
+///
+/// `create_time` is unix seconds. ClickHouse renders it in the writer's local time zone;
+/// rtable renders and parses it as UTC, which agrees because rtable pods run in UTC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
     pub format_version: u32,
-    /// Unix seconds.
     pub create_time: i64,
     pub source_replica: String,
     pub block_id: String,
+    /// Version 7+ only; ClickHouse requires the line whenever the version says 7, so it is
+    /// kept to render such an entry back readable.
+    pub log_entry_id: Option<String>,
     pub kind: LogEntryKind,
     /// `part_type: Compact` trailer (ClickHouse writes it only for non-Wide parts).
     pub compact: bool,
     pub quorum: u32,
 }
-
-const VERBS: &[&str] = &[
-    "get",
-    "attach",
-    "merge",
-    "drop",
-    "detach",
-    "mutate",
-    "alter",
-    "clear_column",
-    "clear_index",
-    "replace_range",
-    "sync_pinned_part_uuids",
-    "clone_part_from_shard",
-];
 
 impl LogEntry {
     fn new(
@@ -74,10 +71,11 @@ impl LogEntry {
         create_time: i64,
     ) -> LogEntry {
         LogEntry {
-            format_version: 4,
+            format_version: MIN_VERSION,
             create_time,
             source_replica: source_replica.to_string(),
             block_id: block_id.to_string(),
+            log_entry_id: None,
             kind,
             compact: false,
             quorum,
@@ -163,6 +161,8 @@ impl LogEntry {
     }
 
     pub fn render(&self) -> String {
+        // Only reachable with a create_time hundreds of millennia away; the epoch keeps the
+        // entry parseable instead of making render fallible for every caller.
         let time = DateTime::from_timestamp(self.create_time, 0)
             .map(|t| t.naive_utc().format(TIME_FORMAT).to_string())
             .unwrap_or_else(|| "1970-01-01 00:00:00".to_string());
@@ -170,6 +170,11 @@ impl LogEntry {
             "format version: {}\ncreate_time: {time}\nsource replica: {}\nblock_id: {}\n",
             self.format_version, self.source_replica, self.block_id
         );
+        if self.format_version >= LOG_ENTRY_ID_VERSION {
+            out.push_str("log_entry_id: ");
+            out.push_str(self.log_entry_id.as_deref().unwrap_or_default());
+            out.push('\n');
+        }
         match &self.kind {
             LogEntryKind::Get { part } => out.push_str(&format!("get\n{part}")),
             LogEntryKind::Attach { part, checksum } => {
@@ -216,8 +221,10 @@ impl LogEntry {
     pub fn parse(text: &str) -> Result<LogEntry, CodecError> {
         let mut lines = Lines::new(WHAT, text);
         let format_version: u32 = lines.number("format version: ")?;
-        if !(3..=7).contains(&format_version) {
-            return Err(lines.error(format!("unsupported format version {format_version}")));
+        if !(MIN_VERSION..=MAX_VERSION).contains(&format_version) {
+            return Err(lines.error(format!(
+                "unsupported format version {format_version}, expected {MIN_VERSION}..={MAX_VERSION}"
+            )));
         }
         let time_text = lines.field("create_time: ")?;
         let create_time = NaiveDateTime::parse_from_str(time_text, TIME_FORMAT)
@@ -230,91 +237,88 @@ impl LogEntry {
             .timestamp();
         let source_replica = lines.field("source replica: ")?.to_string();
         let block_id = lines.field("block_id: ")?.to_string();
-        // Newer writers add header fields (e.g. `log_entry_id: `) before the verb.
-        let verb = loop {
-            let line = lines.next_line("an entry type")?;
-            if VERBS.contains(&line) {
-                break line;
-            }
-            if !line.contains(": ") {
-                return Err(lines.error(format!("unknown entry type `{line}`")));
-            }
+        let log_entry_id = if format_version >= LOG_ENTRY_ID_VERSION {
+            Some(lines.field("log_entry_id: ")?.to_string())
+        } else {
+            None
+        };
+        let verb = lines.next_line("an entry type")?;
+        let body_start = lines.line() + 1;
+        let mut body = lines.rest();
+        // The body is followed by `\n` and then only the optional trailer lines, so peel
+        // them off the end; what remains is exactly the verb's body.
+        if body.last() == Some(&"") {
+            body.pop();
+        } else {
+            return Err(CodecError::new(
+                WHAT,
+                body_start + body.len().saturating_sub(1),
+                "missing the newline that ends an entry",
+            ));
+        }
+        let mut quorum = 0;
+        if let Some(q) = body.last().and_then(|l| l.strip_prefix("quorum: ")) {
+            let at = body_start + body.len() - 1;
+            quorum = q
+                .parse()
+                .map_err(|_| CodecError::new(WHAT, at, format!("bad quorum `{q}`")))?;
+            body.pop();
+        }
+        let mut compact = false;
+        if let Some(t) = body.last().and_then(|l| l.strip_prefix("part_type: ")) {
+            compact = t == "Compact";
+            body.pop();
+        }
+        let body = Body {
+            lines: body,
+            first_line: body_start,
         };
         let kind = match verb {
-            "get" => LogEntryKind::Get {
-                part: non_empty(&mut lines, "a part name")?,
-            },
+            "get" => {
+                let [part] = body.exact(["a part name"])?;
+                LogEntryKind::Get {
+                    part: body.non_empty(0, part)?,
+                }
+            }
             "attach" => {
-                let part = non_empty(&mut lines, "a part name")?;
-                let checksum = lines.field("part_checksum: ")?.to_string();
-                LogEntryKind::Attach { part, checksum }
-            }
-            "merge" => {
-                let mut sources = Vec::new();
-                loop {
-                    let line = lines.next_line("a source part or `into`")?;
-                    if line == "into" {
-                        break;
-                    }
-                    if line.is_empty() {
-                        return Err(lines.error("empty source part name"));
-                    }
-                    sources.push(line.to_string());
-                }
-                let into = non_empty(&mut lines, "the merged part name")?;
-                let deduplicate = match lines.peek() {
-                    Some(l) if l.starts_with("deduplicate: ") => {
-                        lines.field("deduplicate: ")? == "1"
-                    }
-                    _ => false,
-                };
-                let merge_type = match lines.peek() {
-                    Some(l) if l.starts_with("merge_type: ") => Some(lines.number("merge_type: ")?),
-                    _ => None,
-                };
-                if sources.is_empty() {
-                    return Err(lines.error("merge without source parts"));
-                }
-                LogEntryKind::Merge {
-                    sources,
-                    into,
-                    deduplicate,
-                    merge_type,
+                let [part, checksum] = body.exact(["a part name", "`part_checksum: `"])?;
+                LogEntryKind::Attach {
+                    part: body.non_empty(0, part)?,
+                    checksum: body.field(1, checksum, "part_checksum: ")?,
                 }
             }
-            "drop" => LogEntryKind::Drop {
-                range: non_empty(&mut lines, "a part range")?,
+            "drop" => {
+                let [range] = body.exact(["a part range"])?;
+                LogEntryKind::Drop {
+                    range: body.non_empty(0, range)?,
+                }
+            }
+            "merge" => parse_merge(&body)?,
+            "" => {
+                return Err(CodecError::new(
+                    WHAT,
+                    body_start - 1,
+                    "expected an entry type, got an empty line",
+                ));
+            }
+            other if other.contains(' ') => {
+                return Err(CodecError::new(
+                    WHAT,
+                    body_start - 1,
+                    format!("expected an entry type, got `{other}`"),
+                ));
+            }
+            other => LogEntryKind::Other {
+                type_line: other.to_string(),
+                body: body.lines.iter().map(|l| l.to_string()).collect(),
             },
-            other => {
-                let type_line = other.to_string();
-                let mut body = Vec::new();
-                while let Some(l) = lines.peek() {
-                    if l.is_empty() || l.starts_with("part_type: ") || l.starts_with("quorum: ") {
-                        break;
-                    }
-                    body.push(lines.next_line("body")?.to_string());
-                }
-                LogEntryKind::Other { type_line, body }
-            }
         };
-        let mut compact = false;
-        let mut quorum = 0;
-        let trailer_start = lines.line();
-        for (i, line) in lines.rest().into_iter().enumerate() {
-            if let Some(t) = line.strip_prefix("part_type: ") {
-                compact = t == "Compact";
-            } else if let Some(q) = line.strip_prefix("quorum: ") {
-                quorum = q.parse().map_err(|_| {
-                    CodecError::new(WHAT, trailer_start + i + 1, format!("bad quorum `{q}`"))
-                })?;
-            }
-            // Other trailers (part uuid, ...) are tolerated: the queue keeps the raw bytes.
-        }
         Ok(LogEntry {
             format_version,
             create_time,
             source_replica,
             block_id,
+            log_entry_id,
             kind,
             compact,
             quorum,
@@ -322,12 +326,98 @@ impl LogEntry {
     }
 }
 
-fn non_empty(lines: &mut Lines<'_>, what: &str) -> Result<String, CodecError> {
-    let line = lines.next_line(what)?;
-    if line.is_empty() {
-        return Err(lines.error(format!("expected {what}, got an empty line")));
+/// The lines between an entry's verb and its trailer, with their position in the input.
+struct Body<'a> {
+    lines: Vec<&'a str>,
+    first_line: usize,
+}
+
+impl<'a> Body<'a> {
+    fn error(&self, index: usize, message: impl Into<String>) -> CodecError {
+        CodecError::new(WHAT, self.first_line + index, message)
     }
-    Ok(line.to_string())
+
+    /// Exactly `N` lines, or an error naming the first missing or extra one.
+    fn exact<const N: usize>(&self, expected: [&str; N]) -> Result<[&'a str; N], CodecError> {
+        if let Some(missing) = expected.get(self.lines.len()) {
+            return Err(self.error(
+                self.lines.len(),
+                format!("unexpected end, expected {missing}"),
+            ));
+        }
+        if let Some(extra) = self.lines.get(N) {
+            return Err(self.error(N, format!("unexpected line `{extra}`")));
+        }
+        let mut out = [""; N];
+        out.copy_from_slice(&self.lines[..N]);
+        Ok(out)
+    }
+
+    fn non_empty(&self, index: usize, line: &str) -> Result<String, CodecError> {
+        if line.is_empty() {
+            return Err(self.error(index, "expected a part name, got an empty line"));
+        }
+        Ok(line.to_string())
+    }
+
+    fn field(&self, index: usize, line: &str, prefix: &str) -> Result<String, CodecError> {
+        line.strip_prefix(prefix)
+            .map(str::to_string)
+            .ok_or_else(|| self.error(index, format!("expected `{prefix}`, got `{line}`")))
+    }
+}
+
+fn parse_merge(body: &Body<'_>) -> Result<LogEntryKind, CodecError> {
+    let into_at = body
+        .lines
+        .iter()
+        .position(|l| *l == "into")
+        .ok_or_else(|| body.error(body.lines.len(), "merge without an `into` line"))?;
+    if into_at == 0 {
+        return Err(body.error(0, "merge without source parts"));
+    }
+    let mut sources = Vec::with_capacity(into_at);
+    for (i, s) in body.lines[..into_at].iter().enumerate() {
+        sources.push(body.non_empty(i, s)?);
+    }
+    let into_line = body
+        .lines
+        .get(into_at + 1)
+        .ok_or_else(|| body.error(into_at + 1, "unexpected end, expected the merged part"))?;
+    let into = body.non_empty(into_at + 1, into_line)?;
+    let dedup_at = into_at + 2;
+    let dedup = body
+        .lines
+        .get(dedup_at)
+        .ok_or_else(|| body.error(dedup_at, "unexpected end, expected `deduplicate: `"))?;
+    let deduplicate = match body.field(dedup_at, dedup, "deduplicate: ")?.as_str() {
+        "0" => false,
+        "1" => true,
+        v => {
+            return Err(body.error(
+                dedup_at,
+                format!("`deduplicate: ` must be 0 or 1, got `{v}`"),
+            ));
+        }
+    };
+    let mut merge_type = None;
+    for (i, line) in body.lines.iter().enumerate().skip(dedup_at + 1) {
+        if let Some(t) = line.strip_prefix("merge_type: ") {
+            merge_type = Some(
+                t.parse()
+                    .map_err(|_| body.error(i, format!("bad merge_type `{t}`")))?,
+            );
+        } else if !(line.starts_with("into_uuid: ") || line.starts_with("deduplicate_by_columns: "))
+        {
+            return Err(body.error(i, format!("unexpected line `{line}` in a merge")));
+        }
+    }
+    Ok(LogEntryKind::Merge {
+        sources,
+        into,
+        deduplicate,
+        merge_type,
+    })
 }
 
 #[cfg(test)]
@@ -399,22 +489,106 @@ mod tests {
         let v7 = "format version: 7\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nlog_entry_id: log-0000000001\nget\nall_1_1_0\n";
         let e = LogEntry::parse(v7).expect("v7");
         assert_eq!(e.new_part_name().as_deref(), Some("all_1_1_0"));
-        let mutate = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nmutate\nall_1_1_0\nto\nall_1_1_0_2\n";
+        assert_eq!(e.log_entry_id.as_deref(), Some("log-0000000001"));
+        assert_eq!(e.render(), v7);
+
+        let mutate = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nmutate\nall_1_1_0\nto\nall_1_1_0_2\npart_type: Compact\n";
         let e = LogEntry::parse(mutate).expect("mutate");
         assert_eq!(e.type_name(), "UNKNOWN");
+        assert!(e.compact);
+        assert_eq!(e.new_part_name(), None);
         assert_eq!(e.render(), mutate);
+
+        // An alter body embeds texts that end in `\n`, so it contains blank lines.
+        let alter = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nalter\nalter_version\n1\nhave_mutation\n0\ncolumns_str_size:\n44\ncolumns format version: 1\n1 columns:\n`a` UInt8\n\nmetadata_str_size:\n3\nx: \n\n";
+        let e = LogEntry::parse(alter).expect("alter");
+        assert_eq!(e.render(), alter);
+
+        let replace = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nREPLACE_RANGE\ndrop_range_name: all_0_5_999999999\nfrom_database: db\nfrom_table: t\nsource_parts: ['all_1_1_0']\nnew_parts: ['all_6_6_0']\npart_checksums: ['00']\ncolumns_version: -1\n";
+        let e = LogEntry::parse(replace).expect("replace range");
+        assert_eq!(
+            e.kind,
+            LogEntryKind::Other {
+                type_line: "REPLACE_RANGE".into(),
+                body: replace.lines().skip(5).map(str::to_string).collect()
+            }
+        );
+        assert_eq!(e.render(), replace);
+
+        let sync = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nsync_pinned_part_uuids\n";
+        assert_eq!(LogEntry::parse(sync).expect("sync").render(), sync);
+    }
+
+    #[test]
+    fn reads_merge_extensions() {
+        let v5 = MERGE
+            .replace("format version: 4", "format version: 5")
+            .replace(
+                "deduplicate: 0\n",
+                "deduplicate: 1\nmerge_type: 2\ninto_uuid: 0f0e0d0c-0b0a-0908-0706-050403020100\n",
+            );
+        let e = LogEntry::parse(&v5).expect("v5 merge");
+        assert_eq!(
+            e.kind,
+            LogEntryKind::Merge {
+                sources: vec![
+                    "202405_15_15_0".into(),
+                    "202405_16_16_0".into(),
+                    "202405_17_17_0".into()
+                ],
+                into: "202405_15_17_1".into(),
+                deduplicate: true,
+                merge_type: Some(2),
+            }
+        );
+        let rendered = e.render();
+        assert!(rendered.ends_with("deduplicate: 1\nmerge_type: 2\n"));
+        assert_eq!(LogEntry::parse(&rendered).expect("re-parse"), e);
     }
 
     #[test]
     fn rejects_malformed() {
         assert!(LogEntry::parse("").is_err());
         assert!(LogEntry::parse("format version: 9\n").is_err());
+        let v3 = GET.replace("format version: 4", "format version: 3");
+        assert_eq!(LogEntry::parse(&v3).expect_err("v3").line, 1);
         let bad_time = GET.replace("2024-05-01 12:00:00", "yesterday");
         assert_eq!(LogEntry::parse(&bad_time).expect_err("time").line, 2);
         let no_source = GET.replace("source replica: r1\n", "");
-        assert!(LogEntry::parse(&no_source).is_err());
-        assert!(LogEntry::parse(&GET.replace("get\n", "fly\n")).is_err());
-        assert!(LogEntry::parse(&GET.replace("quorum: 2", "quorum: two")).is_err());
-        assert!(LogEntry::parse("format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r\nblock_id: \nmerge\ninto\nx\n").is_err());
+        assert_eq!(LogEntry::parse(&no_source).expect_err("source").line, 3);
+        let no_id = GET.replace("format version: 4", "format version: 7");
+        let e = LogEntry::parse(&no_id).expect_err("v7 needs log_entry_id");
+        assert!(e.to_string().contains("log_entry_id"), "{e}");
+        assert!(LogEntry::parse(&GET.replace("get\n", "fly away\n")).is_err());
+        assert!(LogEntry::parse(&GET.replace("get\n", "\n")).is_err());
+        let e = LogEntry::parse(&GET.replace("quorum: 2", "quorum: two")).expect_err("quorum");
+        assert_eq!(e.line, 8);
+        assert!(LogEntry::parse(GET.trim_end()).is_err());
+        let e = LogEntry::parse(&GET.replace("202405_17_17_0\n", "202405_17_17_0\nextra\n"))
+            .expect_err("extra line");
+        assert_eq!(e.line, 7);
+        assert!(LogEntry::parse(&GET.replace("get\n202405_17_17_0\n", "get\n\n")).is_err());
+        let base =
+            "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r\nblock_id: \n";
+        for body in [
+            "merge\ninto\nx\ndeduplicate: 0\n",
+            "merge\na\nb\n",
+            "merge\na\ninto\nb\n",
+            "merge\na\ninto\nb\ndeduplicate: 2\n",
+            "merge\na\ninto\nb\ndeduplicate: 0\nmerge_type: x\n",
+            "merge\na\ninto\nb\ndeduplicate: 0\nsurprise\n",
+            "attach\nall_1_1_0\n",
+            "attach\nall_1_1_0\nchecksum: 00\n",
+            "drop\n",
+        ] {
+            assert!(
+                LogEntry::parse(&format!("{base}{body}")).is_err(),
+                "{body:?} must be refused"
+            );
+        }
+        let attach = format!("{base}attach\nall_1_1_0\npart_checksum: 00ff\n");
+        let e = LogEntry::parse(&attach).expect("attach");
+        assert_eq!(e.type_name(), "ATTACH_PART");
+        assert_eq!(e.render(), attach);
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::{CodecError, Lines};
+use crate::part_name::PartName;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuorumEntry {
@@ -90,10 +91,16 @@ impl LastPart {
             return Ok(LastPart::default());
         }
         if !text.starts_with("version: ") {
-            let name = text.trim();
-            let partition = name.split('_').next().unwrap_or_default();
+            let name = text.trim_end_matches('\n');
+            let part = PartName::parse(name).map_err(|e| {
+                CodecError::new(
+                    "quorum last_part",
+                    1,
+                    format!("version 1 holds one part name, but `{name}` is not one: {e}"),
+                )
+            })?;
             return Ok(LastPart {
-                parts: BTreeMap::from([(partition.to_string(), name.to_string())]),
+                parts: BTreeMap::from([(part.partition_id, name.to_string())]),
             });
         }
         let mut lines = Lines::new("quorum last_part", text);
@@ -164,5 +171,7 @@ mod tests {
         assert!(QuorumEntry::parse("version: 1\npart_name: p\nrequired_number_of_replicas: 2\nactual_number_of_replicas: 2\nreplicas:\nr1\n").is_err());
         assert!(LastPart::parse("version: 2\nparts count: 1\nno-tab\n").is_err());
         assert!(LastPart::parse("version: 3\n").is_err());
+        assert!(LastPart::parse("not a part").is_err());
+        assert!(LastPart::parse("version: 2\nparts count: 2\na\ta_1_1_0\n").is_err());
     }
 }

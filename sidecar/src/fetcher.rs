@@ -15,8 +15,8 @@ use rtable_protocol::hash::{FileHasher, Hash128};
 use rtable_protocol::part_header::Checksums;
 
 use crate::exchange::{self, FileEntry};
-use crate::parts::{ActivePart, CHECKSUMS_FILE, StoreError};
 use crate::replica::{Replica, SECRET_HEADER};
+use crate::store::{ActivePart, CHECKSUMS_FILE, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -57,7 +57,7 @@ pub enum FetchError {
 }
 
 pub struct Fetched {
-    pub part: ActivePart,
+    pub part: std::sync::Arc<ActivePart>,
     pub bytes: u64,
     pub seconds: f64,
 }

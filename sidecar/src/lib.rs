@@ -10,7 +10,6 @@ pub mod exchange;
 pub mod fetcher;
 pub mod merge;
 pub mod metrics;
-pub mod parts;
 pub mod queue;
 pub mod quorum;
 pub mod recovery;

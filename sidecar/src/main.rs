@@ -14,11 +14,11 @@ use rtable_protocol::manifest::ValidatedTable;
 use rtable_sidecar::api::{self, AppState};
 use rtable_sidecar::config::Config;
 use rtable_sidecar::metrics::Metrics;
-use rtable_sidecar::parts::PartStore;
 use rtable_sidecar::queue::{self, QueueState};
 use rtable_sidecar::replica::Replica;
 use rtable_sidecar::session::{self, Sessions};
 use rtable_sidecar::sink::Committer;
+use rtable_sidecar::store::PartStore;
 
 fn main() -> ExitCode {
     let cfg = Config::parse();

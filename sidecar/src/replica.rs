@@ -13,9 +13,9 @@ use rtable_protocol::manifest::ValidatedTable;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::parts::PartStore;
 use crate::queue::QueueState;
 use crate::session::Sessions;
+use crate::store::PartStore;
 
 /// The header peers must send on interserver requests when a secret is configured.
 pub const SECRET_HEADER: &str = "x-rtable-secret";

@@ -8,15 +8,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::parts::part_reader;
 use crate::replica::Replica;
 use crate::rows::{self, OutputFormat};
+use crate::store::part_reader;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -82,7 +79,7 @@ fn produce(
     tx: &mpsc::Sender<Chunk>,
 ) -> Result<(), String> {
     let snapshot = replica.store.snapshot();
-    let shown = |p: &&crate::parts::ActivePart| match visible {
+    let shown = |p: &&std::sync::Arc<crate::store::ActivePart>| match visible {
         None => true,
         Some(map) => map
             .get(&p.name.partition_id)
@@ -95,24 +92,21 @@ fn produce(
     match format {
         OutputFormat::Parquet => {
             let schema = rows::arrow_schema(&replica.table.schema);
-            let props = WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::default()))
-                .build();
             let mut writer =
-                ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(|e| e.to_string())?;
-            for part in snapshot.parts().filter(shown) {
+                rows::ParquetOutput::new(&mut out, schema).map_err(|e| e.to_string())?;
+            for part in snapshot.parts().iter().filter(shown) {
                 for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
                     writer
                         .write(&batch.map_err(|e| e.to_string())?)
                         .map_err(|e| e.to_string())?;
                 }
             }
-            writer.close().map_err(|e| e.to_string())?;
+            writer.finish().map_err(|e| e.to_string())?;
         }
         text => {
             let mut first = true;
             let mut buf = Vec::with_capacity(CHUNK);
-            for part in snapshot.parts().filter(shown) {
+            for part in snapshot.parts().iter().filter(shown) {
                 for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
                     rows::encode_text(text, &batch.map_err(|e| e.to_string())?, &mut buf, first)
                         .map_err(|e| e.to_string())?;

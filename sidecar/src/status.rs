@@ -54,8 +54,10 @@ pub fn absolute_delay(replica: &Replica) -> u64 {
 
 pub async fn collect(replica: &Replica) -> ReplicaStatus {
     let view = replica.sessions.view();
-    let parts = replica.store.snapshot_names();
-    let (rows, bytes) = replica.store.totals();
+    let snapshot = replica.store.snapshot();
+    let parts = snapshot.names();
+    let (rows, bytes) = (snapshot.rows(), snapshot.bytes());
+    drop(snapshot);
     let (queue_size, inserts_in_queue, last_queue_update, last_queue_update_exception) = {
         let q = replica.queue.lock();
         (

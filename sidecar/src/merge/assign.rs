@@ -62,62 +62,55 @@ pub async fn assign_once(
     client: &zk::Client,
     policy: &MergePolicy,
 ) -> Result<Option<String>, TreeError> {
-    let (busy, queued_merges) = busy_parts(replica);
-    if queued_merges >= MAX_QUEUED_MERGES {
+    // Cheap local pre-check: is there anything worth a look at all?
+    if !has_candidate(replica, policy, &[]) {
         return Ok(None);
     }
-    let mut by_partition: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
-    for part in replica.store.snapshot().parts() {
-        by_partition
-            .entry(part.name.partition_id.clone())
-            .or_default()
-            .push(Candidate {
-                busy: busy.contains(&part.name.to_string()),
-                name: part.name.clone(),
-                bytes: part.bytes,
-            });
-    }
-    for (partition, parts) in by_partition {
-        if parts.iter().filter(|c| !c.busy).count() < policy.min_parts {
-            continue;
-        }
-        // Cheap local pre-check before any ZooKeeper read.
-        if policy::select(policy, &parts, &[]).is_none() {
-            continue;
-        }
-        let (_, log_stat) = client
-            .get_data(&replica.paths.log())
-            .await
-            .map_err(|e| TreeError::zk("get", replica.paths.log(), e))?;
+    // Order matters (ClickHouse's merge predicate):
+    // 1. the log version, so a merge another leader publishes meanwhile voids ours;
+    // 2. the block-number locks, so a block allocated before this point is either still
+    //    locked (a barrier) or committed and therefore in the log;
+    // 3. the log, pulled into the queue, so every committed block is a known part.
+    //    Blocks allocated later get higher numbers than any part chosen now.
+    let (_, log_stat) = client
+        .get_data(&replica.paths.log())
+        .await
+        .map_err(|e| TreeError::zk("get", replica.paths.log(), e))?;
+    let mut locked: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for partition in partitions(replica) {
         let locks_path = replica.paths.block_numbers_partition(&partition);
-        let locked: Vec<u64> = match client.list_children(&locks_path).await {
+        let numbers = match client.list_children(&locks_path).await {
             Ok(children) => children.iter().filter_map(|c| sequence_of(c)).collect(),
             Err(zk::Error::NoNode) => Vec::new(),
             Err(e) => return Err(TreeError::zk("list", locks_path, e)),
         };
-        let Some(sources) = policy::select(policy, &parts, &locked) else {
+        locked.insert(partition, numbers);
+    }
+    crate::queue::pull::pull_all(replica, client).await?;
+    let (busy, queued_merges, known) = queue_view(replica);
+    if queued_merges >= MAX_QUEUED_MERGES {
+        return Ok(None);
+    }
+    for (partition, parts) in candidates(replica, &busy) {
+        if parts.iter().filter(|c| !c.busy).count() < policy.min_parts {
+            continue;
+        }
+        let mut barriers: Vec<(u64, u64)> = locked
+            .get(&partition)
+            .map(|v| v.iter().map(|n| (*n, *n)).collect())
+            .unwrap_or_default();
+        barriers.extend(
+            known
+                .iter()
+                .filter(|p| p.partition_id == partition && !parts.iter().any(|c| c.name == **p))
+                .map(|p| (p.min_block, p.max_block)),
+        );
+        let Some(sources) = policy::select(policy, &parts, &barriers) else {
             continue;
         };
         let Some(into) = policy::merged_name(&sources) else {
             continue;
         };
-        // Every source must be registered somewhere in ZooKeeper under this replica:
-        // merging a part the tree does not know would publish an unfetchable result.
-        let rp = replica.paths.replica(&replica.name);
-        let mut all_known = true;
-        for s in &sources {
-            if client
-                .check_stat(&rp.part(&s.to_string()))
-                .await
-                .map_err(|e| TreeError::zk("exists", rp.part(&s.to_string()), e))?
-                .is_none()
-            {
-                all_known = false;
-            }
-        }
-        if !all_known {
-            continue;
-        }
         let entry = LogEntry::merge(
             &replica.name,
             sources.iter().map(PartName::to_string).collect(),
@@ -150,4 +143,52 @@ pub async fn assign_once(
         }
     }
     Ok(None)
+}
+
+/// Busy part names, the number of queued merges, and every part the queue will produce.
+fn queue_view(replica: &Replica) -> (HashSet<String>, usize, Vec<PartName>) {
+    let (busy, merges) = busy_parts(replica);
+    let known = replica
+        .queue
+        .lock()
+        .items()
+        .filter_map(|i| i.entry.new_part_name())
+        .filter_map(|n| PartName::parse(&n).ok())
+        .collect();
+    (busy, merges, known)
+}
+
+fn partitions(replica: &Replica) -> Vec<String> {
+    let mut ids: Vec<String> = replica
+        .store
+        .snapshot()
+        .parts()
+        .iter()
+        .map(|p| p.name.partition_id.clone())
+        .collect();
+    ids.dedup();
+    ids
+}
+
+fn candidates(replica: &Replica, busy: &HashSet<String>) -> BTreeMap<String, Vec<Candidate>> {
+    let mut by_partition: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+    for part in replica.store.snapshot().parts() {
+        by_partition
+            .entry(part.name.partition_id.clone())
+            .or_default()
+            .push(Candidate {
+                busy: busy.contains(&part.name.to_string()),
+                name: part.name.clone(),
+                bytes: part.bytes,
+            });
+    }
+    by_partition
+}
+
+fn has_candidate(replica: &Replica, policy: &MergePolicy, barriers: &[(u64, u64)]) -> bool {
+    let (busy, merges) = busy_parts(replica);
+    merges < MAX_QUEUED_MERGES
+        && candidates(replica, &busy)
+            .values()
+            .any(|parts| policy::select(policy, parts, barriers).is_some())
 }

@@ -3,15 +3,17 @@
 //! result independent of which replica merges, so every replica that merges locally
 //! writes the same bytes as one that fetched the merged part.
 
-use arrow::compute::concat_batches;
-use arrow::compute::{SortColumn, SortOptions, lexsort_to_indices, take_record_batch};
+use std::sync::Arc;
+
+use arrow::compute::{
+    SortColumn, SortOptions, concat_batches, lexsort_to_indices, take_record_batch,
+};
+use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
 use rtable_protocol::schema::TableSchema;
 
-use crate::parts::part_reader::read_part;
-use crate::parts::part_writer::{TempPart, write_temp};
-use crate::parts::{ActivePart, PartStore, StoreError};
+use crate::store::{ActivePart, PartStore, PartWriter, StoreError, TempPart, read_part};
 
 /// Sort keys: the ORDER BY, then the remaining columns in table order.
 fn merge_key(schema: &TableSchema) -> Vec<String> {
@@ -24,9 +26,31 @@ fn merge_key(schema: &TableSchema) -> Vec<String> {
     key
 }
 
+fn sort_all(all: &RecordBatch, schema: &TableSchema) -> Result<RecordBatch, ArrowError> {
+    if all.num_rows() < 2 {
+        return Ok(all.clone());
+    }
+    let mut columns = Vec::new();
+    for name in merge_key(schema) {
+        let values = all
+            .column_by_name(&name)
+            .ok_or_else(|| ArrowError::SchemaError(format!("column {name} missing in a part")))?
+            .clone();
+        columns.push(SortColumn {
+            values,
+            options: Some(SortOptions {
+                descending: false,
+                nulls_first: true,
+            }),
+        });
+    }
+    let indices = lexsort_to_indices(&columns, None)?;
+    take_record_batch(all, &indices)
+}
+
 pub fn merge_parts(
     store: &PartStore,
-    sources: &[ActivePart],
+    sources: &[Arc<ActivePart>],
     schema: &TableSchema,
 ) -> Result<TempPart, StoreError> {
     let mut batches: Vec<RecordBatch> = Vec::new();
@@ -34,28 +58,17 @@ pub fn merge_parts(
         batches.extend(read_part(part)?);
     }
     let arrow_schema = crate::rows::arrow_schema(schema);
-    let all = concat_batches(&arrow_schema, &batches)
-        .map_err(|e| StoreError::Invariant(e.to_string()))?;
-    let sorted = if all.num_rows() < 2 {
-        all
-    } else {
-        let mut columns = Vec::new();
-        for name in merge_key(schema) {
-            let values = all
-                .column_by_name(&name)
-                .ok_or_else(|| StoreError::Invariant(format!("column {name} missing in a part")))?
-                .clone();
-            columns.push(SortColumn {
-                values,
-                options: Some(SortOptions {
-                    descending: false,
-                    nulls_first: true,
-                }),
-            });
-        }
-        let indices =
-            lexsort_to_indices(&columns, None).map_err(|e| StoreError::Invariant(e.to_string()))?;
-        take_record_batch(&all, &indices).map_err(|e| StoreError::Invariant(e.to_string()))?
-    };
-    write_temp(store, &sorted, schema)
+    let merged = concat_batches(&arrow_schema, &batches)
+        .and_then(|all| sort_all(&all, schema))
+        .map_err(|e| StoreError::Arrow {
+            op: "merging parts in",
+            path: store.parts_dir().to_path_buf(),
+            source: e,
+        })?;
+    let mut writer = PartWriter::create(store, schema, "merge")?;
+    if let Err(e) = writer.write(&merged) {
+        let _ignored = writer.abort();
+        return Err(e);
+    }
+    writer.finish()
 }

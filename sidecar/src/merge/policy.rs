@@ -53,10 +53,14 @@ pub fn merged_name(sources: &[PartName]) -> Option<PartName> {
 }
 
 /// Picks the best run to merge from one partition's parts, or `None`.
+///
+/// `barriers` are block ranges a merge must not span: numbers still locked by inserts in
+/// flight, and parts this replica knows of (queued fetches and merges) but does not hold.
+/// A gap between two chosen parts is only crossed when nothing known lies in it.
 pub fn select(
     policy: &MergePolicy,
     parts: &[Candidate],
-    locked_blocks: &[u64],
+    barriers: &[(u64, u64)],
 ) -> Option<Vec<PartName>> {
     let mut sorted: Vec<&Candidate> = parts.iter().collect();
     sorted.sort_by_key(|c| (c.name.min_block, c.name.max_block));
@@ -76,9 +80,11 @@ pub fn select(
                 if c.name.min_block <= prev.name.max_block {
                     break;
                 }
-                if locked_blocks
-                    .iter()
-                    .any(|b| *b > prev.name.max_block && *b < c.name.min_block)
+                let (gap_lo, gap_hi) = (prev.name.max_block + 1, c.name.min_block);
+                if gap_lo < gap_hi
+                    && barriers
+                        .iter()
+                        .any(|(lo, hi)| *lo < gap_hi && *hi >= gap_lo)
                 {
                     break;
                 }
@@ -154,9 +160,12 @@ mod tests {
             part(5, 5, 0, 100),
             part(6, 6, 0, 100),
         ];
-        let run = select(&MergePolicy::default(), &parts, &[3]).expect("a merge");
+        let run = select(&MergePolicy::default(), &parts, &[(3, 3)]).expect("a merge");
         assert_eq!(names(&run), ["all_4_4_0", "all_5_5_0", "all_6_6_0"]);
-        // A skipped (not locked) number is not a barrier.
+        // A part known but not held in the gap is a barrier too.
+        let run = select(&MergePolicy::default(), &parts, &[(2, 3)]).expect("a merge");
+        assert_eq!(names(&run), ["all_4_4_0", "all_5_5_0", "all_6_6_0"]);
+        // A skipped (not locked, unknown) number is not a barrier.
         let run = select(&MergePolicy::default(), &parts, &[]).expect("a merge");
         assert_eq!(run.len(), 5);
     }

@@ -136,7 +136,7 @@ async fn execute_get(
     let (source, address, header_hash) =
         match find_source(replica, client, &item.entry.source_replica, &name).await {
             Ok(found) => found,
-            Err(ExecuteError::NoSource(p)) => {
+            Err(ExecuteError::NoSource(p)) if item.entry.type_name() == "GET_PART" => {
                 return no_source(replica, client, item, &name, p).await;
             }
             Err(e) => return Err(e),
@@ -265,8 +265,14 @@ async fn execute_merge(
         }
     }
     if local.len() < sources.len() {
-        // Some source never reached us (or was merged away): the result is what we need.
-        return execute_get(replica, client, item, into).await;
+        // Some source is not here: fetch the result if a replica has it, otherwise wait
+        // (the sources are on their way, or a peer is merging). Never "lost" from here.
+        return match execute_get(replica, client, item, into).await {
+            Err(ExecuteError::NoSource(_)) => Err(ExecuteError::Postponed(format!(
+                "not every source of {into} is here and no replica has the merged part yet"
+            ))),
+            other => other,
+        };
     }
     let started = Instant::now();
     let store = replica.store.clone();
@@ -325,7 +331,7 @@ async fn retire_covered(
             Ok(()) | Err(zk::Error::NoNode) => {}
             Err(e) => return Err(TreeError::zk("delete", rp.part(&part.to_string()), e).into()),
         }
-        replica.store.retire(part);
+        replica.store.retire_covered(part);
     }
     replica.merge_notify.notify_one();
     Ok(())

@@ -118,7 +118,7 @@ impl QueueState {
     /// Picks up to `max` runnable entries and marks them executing. Not FIFO: an entry in
     /// backoff is passed over, and one whose part is being produced by another is postponed.
     pub fn select_runnable(&mut self, max: usize, now: Instant) -> Vec<QueueItem> {
-        let executing: Vec<String> = self
+        let mut executing: Vec<String> = self
             .items
             .values()
             .filter(|i| i.is_currently_executing)
@@ -133,6 +133,16 @@ impl QueueState {
             if item.is_currently_executing || item.not_before.is_some_and(|t| t > now) {
                 continue;
             }
+            if let Some(source) = item
+                .entry
+                .source_parts()
+                .iter()
+                .find(|s| executing.contains(s))
+            {
+                item.num_postponed += 1;
+                item.postpone_reason = Some(format!("source part {source} is being fetched"));
+                continue;
+            }
             if let Some(part) = item.entry.new_part_name()
                 && executing.contains(&part)
             {
@@ -142,6 +152,9 @@ impl QueueState {
                 continue;
             }
             item.is_currently_executing = true;
+            if let Some(part) = item.entry.new_part_name() {
+                executing.push(part);
+            }
             chosen.push(item.clone());
             room -= 1;
         }

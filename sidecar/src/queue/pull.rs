@@ -72,7 +72,7 @@ async fn pull_and_watch(
 
 /// Copies at most one batch of entries at or past `log_pointer`; returns how many.
 pub async fn pull_once(
-    replica: &Arc<Replica>,
+    replica: &Replica,
     client: &zk::Client,
     children: &[String],
 ) -> Result<usize, TreeError> {
@@ -232,4 +232,18 @@ pub async fn load_queue(replica: &Arc<Replica>, client: &zk::Client) -> Result<u
     }
     queue.loaded = true;
     Ok(n)
+}
+
+/// Pulls everything in the log right now (merge selection needs an up-to-date queue).
+pub async fn pull_all(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
+    loop {
+        let log_path = replica.paths.log();
+        let children = client
+            .list_children(&log_path)
+            .await
+            .map_err(|e| TreeError::zk("list", log_path.clone(), e))?;
+        if pull_once(replica, client, &children).await? < MAX_BATCH {
+            return Ok(());
+        }
+    }
 }

@@ -337,7 +337,7 @@ fn partition_ids_follow_clickhouse() {
     assert_eq!(ids(&by("ts")), ["0", "1714557600"]);
     assert_eq!(ids(&by("ok")), ["0", "1"]);
     let names = by("name");
-    let mut want = vec![sip128(b"a").to_hex(), sip128(b"b\"q").to_hex()];
+    let mut want = [sip128(b"a").to_hex(), sip128(b"b\"q").to_hex()];
     want.sort();
     assert_eq!(
         ids(&names),

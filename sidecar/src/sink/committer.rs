@@ -19,9 +19,9 @@ use rtable_protocol::tree::{self, TreeError};
 use rtable_protocol::{LogEntry, PartName};
 
 use crate::metrics::Metrics;
-use crate::parts::StagedPart;
 use crate::replica::Replica;
 use crate::sink::{Block, BlockOutcome, InsertError};
+use crate::store::StagedPart;
 
 /// Ops per block: log entry, lock removal, blocks node, parts node. 100 blocks keep a
 /// multi far below ZooKeeper's 1 MB packet limit.
@@ -93,7 +93,7 @@ struct Pending {
 }
 
 enum PendingState {
-    Temp(crate::parts::TempPart),
+    Temp(crate::store::TempPart),
     Staged(StagedPart),
     Done(BlockOutcome),
     /// Same dedup id as an earlier block of this group: its outcome is that block's.
@@ -341,10 +341,11 @@ async fn commit_pending(
     }
 }
 
-fn unreachable_state() -> Result<StagedPart, crate::parts::StoreError> {
-    Err(crate::parts::StoreError::Invariant(
-        "block in an unexpected state".to_string(),
-    ))
+fn unreachable_state() -> Result<StagedPart, crate::store::StoreError> {
+    Err(crate::store::StoreError::Refused {
+        op: "staging a block",
+        reason: "block in an unexpected state".to_string(),
+    })
 }
 
 fn activate(replica: &Replica, p: &mut Pending) {

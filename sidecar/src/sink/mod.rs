@@ -16,10 +16,10 @@ use rtable_protocol::hash::{self, Hash128};
 use rtable_protocol::manifest::InsertQuorum;
 
 use crate::metrics::Metrics;
-use crate::parts::{StoreError, TempPart};
 use crate::quorum;
 use crate::replica::Replica;
 use crate::rows::{self, InputError, InputFormat};
+use crate::store::{StoreError, TempPart};
 
 pub use committer::Committer;
 
@@ -201,12 +201,18 @@ fn prepare_blocks(
     let schema = &replica.table.schema;
     let batch = rows::decode(request.format, &request.body, schema)?;
     let partitions = rows::partition_split(&batch, schema)?;
-    let mut blocks = Vec::with_capacity(partitions.len());
+    let mut blocks: Vec<Block> = Vec::with_capacity(partitions.len());
     for (index, (partition_id, part_batch)) in partitions.into_iter().enumerate() {
-        let sorted = rows::sort_by_key(&part_batch, &schema.order_by).map_err(|e| {
-            InsertError::Internal(format!("sorting by {}: {e}", schema.order_by_expr()))
-        })?;
-        let temp = crate::parts::part_writer::write_temp(&replica.store, &sorted, schema)?;
+        // write_temp sorts by the ORDER BY itself.
+        let temp = match crate::store::write_temp(&replica.store, &part_batch, schema) {
+            Ok(t) => t,
+            Err(e) => {
+                for b in blocks {
+                    replica.store.discard_temp(b.temp);
+                }
+                return Err(e.into());
+            }
+        };
         let hash: Hash128 = match &request.dedup_token {
             Some(token) => hash::token_hash(token, index),
             None => temp.data_hash(),
@@ -214,7 +220,7 @@ fn prepare_blocks(
         blocks.push(Block {
             block_id: hash::block_id(&partition_id, hash),
             partition_id,
-            rows: sorted.num_rows() as u64,
+            rows: part_batch.num_rows() as u64,
             temp,
             quorum,
             quorum_mode,

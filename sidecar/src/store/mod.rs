@@ -39,6 +39,9 @@ pub const COUNT_FILE: &str = "count.txt";
 pub const TMP_PREFIX: &str = "tmp";
 pub const TMP_FETCH_PREFIX: &str = "tmp-fetch_";
 pub const DELETING_PREFIX: &str = "deleting_";
+/// An insert written under its final name whose ZooKeeper commit is in flight or unknown.
+/// `open` leaves these alone: recovery activates or discards them by asking ZooKeeper.
+pub const STAGED_PREFIX: &str = "staged_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -246,6 +249,7 @@ impl PartStore {
                 Some(t) if t.starts_with(TMP_PREFIX) => {
                     Err(("tmp", "temporary directory left by a stop".to_string()))
                 }
+                Some(t) if t.starts_with(STAGED_PREFIX) => continue,
                 Some(t) if t.starts_with(DELETING_PREFIX) => {
                     Err(("deleting", "deletion interrupted by a stop".to_string()))
                 }
@@ -682,6 +686,118 @@ impl PartStore {
         match first_error {
             Some(e) => Err(e),
             None => Ok(done),
+        }
+    }
+}
+
+/// An insert renamed to its part name (as `staged_<part>`), not yet visible to reads.
+#[derive(Debug)]
+pub struct StagedPart {
+    pub name: PartName,
+    pub dir: PathBuf,
+    pub rows: u64,
+    pub checksums: Checksums,
+}
+
+/// Staging: the insert path names a part before its ZooKeeper commit (so a crash leaves a
+/// directory whose fate recovery can decide) and makes it visible only after.
+impl PartStore {
+    /// Drops an insert that will never be committed.
+    pub fn discard_temp(&self, temp: TempPart) {
+        let dir = temp.dir.clone();
+        if let Err(e) = temp.discard() {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a discarded insert");
+        }
+    }
+
+    fn staged_dir(&self, name: &PartName) -> PathBuf {
+        self.inner.parts_dir.join(format!("{STAGED_PREFIX}{name}"))
+    }
+
+    /// Renames a written insert to `staged_<name>`.
+    pub fn stage(&self, temp: TempPart, name: &PartName) -> Result<StagedPart, StoreError> {
+        Self::check_name(name, "staging a part")?;
+        self.check_in_parts_dir(&temp.dir, "staging a part")?;
+        let dir = self.staged_dir(name);
+        if fs::symlink_metadata(&dir).is_ok() {
+            return Err(StoreError::AlreadyExists {
+                name: name.to_string(),
+                path: dir,
+            });
+        }
+        fs::rename(&temp.dir, &dir).map_err(|e| StoreError::io("staging", &temp.dir, e))?;
+        verify::sync_path(&self.inner.parts_dir)?;
+        Ok(StagedPart {
+            name: name.clone(),
+            dir,
+            rows: temp.rows,
+            checksums: temp.checksums,
+        })
+    }
+
+    /// Renames a staged insert that must be committed under a new block number.
+    pub fn restage(&self, staged: StagedPart, name: &PartName) -> Result<StagedPart, StoreError> {
+        let dir = self.staged_dir(name);
+        fs::rename(&staged.dir, &dir).map_err(|e| StoreError::io("restaging", &staged.dir, e))?;
+        verify::sync_path(&self.inner.parts_dir)?;
+        Ok(StagedPart {
+            name: name.clone(),
+            dir,
+            ..staged
+        })
+    }
+
+    /// Makes a committed insert visible under its part name.
+    pub fn activate_staged(&self, staged: StagedPart) -> Result<Arc<ActivePart>, StoreError> {
+        self.activate(&staged.dir, &staged.name, staged.checksums, staged.rows)
+    }
+
+    /// Removes a staged insert whose commit did not happen (it was never acknowledged).
+    pub fn discard_staged(&self, staged: StagedPart) {
+        if let Err(e) = fs::remove_dir_all(&staged.dir) {
+            tracing::warn!(dir = %staged.dir.display(), error = %e, "cannot remove a discarded insert");
+        }
+    }
+
+    /// Staged inserts a previous process left, verified; broken ones go to `detached/`.
+    pub fn staged_on_disk(&self) -> Vec<StagedPart> {
+        let Ok(entries) = fs::read_dir(&self.inner.parts_dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.filter_map(|e| e.ok()) {
+            let os = entry.file_name();
+            let Some(part) = os.to_str().and_then(|t| t.strip_prefix(STAGED_PREFIX)) else {
+                continue;
+            };
+            let path = entry.path();
+            match (part.parse::<PartName>(), verify::verify_part_dir(&path)) {
+                (Ok(name), Ok((checksums, rows))) => out.push(StagedPart {
+                    name,
+                    dir: path,
+                    rows,
+                    checksums,
+                }),
+                _ => {
+                    let mut state = self.lock();
+                    if let Err(e) = self.move_to_detached(&mut state, &os, "broken") {
+                        tracing::warn!(dir = %path.display(), error = %e, "cannot detach a broken staged insert");
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Retires a part that another active part covers (after a merge or a fetch of a
+    /// covering part); its files go once no reader holds it. False when refused.
+    pub fn retire_covered(&self, name: &PartName) -> bool {
+        match self.remove_part(name) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(part = %name, error = %e, "cannot retire part");
+                false
+            }
         }
     }
 }
