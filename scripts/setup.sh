@@ -35,9 +35,9 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
   echo "setup: $PYTHON is missing; install Python 3 (the tests read parts with DuckDB and pyarrow)" >&2
   exit 1
 fi
-if ! "$PYTHON" -c "import duckdb, pyarrow, kazoo, kubernetes_validate" >/dev/null 2>&1; then
-  echo "setup: installing Python packages (duckdb pyarrow kazoo kubernetes-validate)"
-  PKGS=(duckdb pyarrow kazoo kubernetes-validate)
+if ! "$PYTHON" -c "import duckdb, pyarrow, pytz, kazoo, kubernetes_validate" >/dev/null 2>&1; then
+  echo "setup: installing Python packages (duckdb pyarrow pytz kazoo kubernetes-validate)"
+  PKGS=(duckdb pyarrow pytz kazoo kubernetes-validate)
   PIP_LOG="$(mktemp)"
   if ! "$PYTHON" -m pip install --quiet "${PKGS[@]}" 2>"$PIP_LOG"; then
     if grep -q "externally-managed-environment" "$PIP_LOG"; then
@@ -49,7 +49,7 @@ if ! "$PYTHON" -c "import duckdb, pyarrow, kazoo, kubernetes_validate" >/dev/nul
     fi
   fi
   rm -f "$PIP_LOG"
-  "$PYTHON" -c "import duckdb, pyarrow, kazoo, kubernetes_validate"
+  "$PYTHON" -c "import duckdb, pyarrow, pytz, kazoo, kubernetes_validate"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

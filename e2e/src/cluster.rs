@@ -53,6 +53,8 @@ pub struct Cluster {
     pub secret: Option<String>,
     root: PathBuf,
     dir: Option<tempfile::TempDir>,
+    /// Keep the directory and print logs on drop (set when start-up fails).
+    keep: bool,
 }
 
 impl Cluster {
@@ -91,6 +93,7 @@ impl Cluster {
             secret: opts.interserver_secret.clone(),
             root: root.clone(),
             dir: Some(dir),
+            keep: false,
             zk,
         };
         let name = table.manifest.metadata.name.clone();
@@ -110,8 +113,11 @@ impl Cluster {
             };
             cluster.replicas.push(SidecarProc::spawn(cfg)?);
         }
-        for r in &mut cluster.replicas {
-            r.wait_ready(opts.ready_timeout).await?;
+        for i in 0..cluster.replicas.len() {
+            if let Err(e) = cluster.replicas[i].wait_ready(opts.ready_timeout).await {
+                cluster.keep = true;
+                return Err(e);
+            }
         }
         Ok(cluster)
     }
@@ -231,7 +237,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let failed = std::thread::panicking();
+        let failed = std::thread::panicking() || self.keep;
         if failed {
             self.dump_logs(60);
         }

@@ -102,6 +102,8 @@ pub struct SidecarProc {
     binary: PathBuf,
     child: Option<Child>,
     client: ReplicaClient,
+    /// Flags appended to `cfg.args()` on every (re)start (see `set_extra_args`).
+    extra_args: Vec<String>,
 }
 
 impl SidecarProc {
@@ -116,6 +118,7 @@ impl SidecarProc {
             binary,
             child: None,
             client,
+            extra_args: Vec::new(),
         };
         proc.start()?;
         Ok(proc)
@@ -140,6 +143,7 @@ impl SidecarProc {
         crate::process::die_with_parent(&mut command);
         command
             .args(self.cfg.args())
+            .args(&self.extra_args)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log)
@@ -251,6 +255,41 @@ impl SidecarProc {
             let _ = c.wait();
         }
         self.start()
+    }
+
+    /// Extra sidecar flags (`--max-logs-to-keep 20`, ...) used from the next (re)start on.
+    pub fn set_extra_args(&mut self, args: Vec<String>) {
+        self.extra_args = args;
+    }
+
+    pub fn extra_args(&self) -> &[String] {
+        &self.extra_args
+    }
+
+    /// SIGKILL, delete the data directory (an empty one is left) and start again: the
+    /// replica comes back with a blank disk.
+    pub fn kill_wipe_restart(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        self.wipe_data_dir()?;
+        self.start()
+    }
+
+    /// Removes everything in the data directory (the process must not be running).
+    pub fn wipe_data_dir(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.is_running(),
+            "replica {} is running; kill it before wiping its disk",
+            self.cfg.replica
+        );
+        match std::fs::remove_dir_all(&self.cfg.data_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", self.cfg.data_dir.display()));
+            }
+        }
+        std::fs::create_dir_all(&self.cfg.data_dir)
+            .with_context(|| format!("creating {}", self.cfg.data_dir.display()))
     }
 
     /// Polls `GET /readyz` until it answers 200 (active and writable).

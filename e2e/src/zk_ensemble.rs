@@ -365,6 +365,33 @@ impl ZkEnsemble {
         self.wait_serving(Duration::from_secs(60))
     }
 
+    /// SIGKILLs every node (the ensemble is down until `start_stopped`).
+    pub fn kill_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.kill(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts every node that is not running (keeping its data directory) and waits until
+    /// the ensemble serves with one leader.
+    pub fn start_stopped(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            if !self.is_running(i) {
+                if let Some(mut child) = self.nodes[i].child.take() {
+                    let _ = child.wait();
+                }
+                self.spawn(i)?;
+            }
+        }
+        self.wait_serving(timeout)
+    }
+
+    /// Whether node `i` has a process (running or not yet reaped).
+    pub fn is_started(&self, i: usize) -> bool {
+        self.nodes.get(i).is_some_and(|n| n.child.is_some())
+    }
+
     /// Stops every node with SIGTERM (SIGKILL after a grace period).
     pub fn shutdown(&mut self) {
         for node in &mut self.nodes {

@@ -536,11 +536,11 @@ async fn interserver_requests_need_the_secret_and_a_safe_part_name() {
     assert!(names.contains("data.parquet"), "{names:?}");
     assert!(names.contains("checksums.txt"), "{names:?}");
 
+    // (`..` alone, even as `%2E%2E`, cannot be sent: URL parsers resolve dot segments.)
     for unsafe_name in [
         "..%2Fetc",
         "a%2Fb",
         "%2Fetc%2Fpasswd",
-        "..",
         "202501_1_1_0%2F..%2F..%2Fx",
     ] {
         let r = client

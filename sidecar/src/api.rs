@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/insert", post(insert))
         .route("/select", get(select_rows))
+        .route("/drop_partition", post(drop_partition))
         .route("/status", get(get_status))
         .route("/queue", get(get_queue))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -163,6 +164,27 @@ async fn insert(
             }
             error(status, e.to_string())
         }
+    }
+}
+
+async fn drop_partition(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(partition) = params.get("partition") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`partition` is required: POST /drop_partition?partition=<id> (ids are the first field of part names)",
+        );
+    };
+    match crate::drop::drop_partition(&state.replica, partition).await {
+        Ok(range) => {
+            axum::Json(json!({ "partition": partition, "drop_range": range })).into_response()
+        }
+        Err(e @ crate::drop::DropError::BadPartition(_)) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cleanup;
 pub mod config;
+pub mod drop;
 pub mod exchange;
 pub mod fetcher;
 pub mod merge;

@@ -48,6 +48,15 @@ fn busy_parts(replica: &Replica) -> (HashSet<String>, usize) {
         if let Some(p) = item.entry.new_part_name() {
             busy.insert(p);
         }
+        if let rtable_protocol::LogEntryKind::Drop { range } = &item.entry.kind
+            && let Ok(range) = PartName::parse(range)
+        {
+            for part in replica.store.parts() {
+                if range.contains(&part.name) {
+                    busy.insert(part.name.to_string());
+                }
+            }
+        }
         let sources = item.entry.source_parts();
         if !sources.is_empty() {
             merges += 1;

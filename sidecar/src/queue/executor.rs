@@ -102,6 +102,7 @@ async fn execute(
     match &item.entry.kind {
         LogEntryKind::Get { part } => execute_get(replica, client, item, part).await,
         LogEntryKind::Attach { part, .. } => execute_get(replica, client, item, part).await,
+        LogEntryKind::Drop { range } => execute_drop(replica, client, item, range).await,
         LogEntryKind::Merge { sources, into, .. } => {
             execute_merge(replica, client, item, sources, into).await
         }
@@ -305,6 +306,76 @@ async fn execute_merge(
         "merged parts"
     );
     retire_covered(replica, client, &into_name).await?;
+    Ok(())
+}
+
+/// DROP_RANGE: cancel queued work inside the range, then remove the covered parts from
+/// ZooKeeper and disk.
+async fn execute_drop(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    item: &QueueItem,
+    range: &str,
+) -> Result<(), ExecuteError> {
+    let range_name =
+        PartName::parse(range).map_err(|_| ExecuteError::BadPart(range.to_string()))?;
+    let rp = replica.paths.replica(&replica.name);
+    let (cancel, busy): (Vec<String>, usize) = {
+        let q = replica.queue.lock();
+        let inside: Vec<&crate::queue::QueueItem> = q
+            .items()
+            .filter(|i| i.node_name != item.node_name && i.node_name < item.node_name)
+            .filter(|i| {
+                i.entry
+                    .new_part_name()
+                    .and_then(|n| PartName::parse(&n).ok())
+                    .is_some_and(|n| !n.is_drop_range() && range_name.contains(&n))
+            })
+            .collect();
+        (
+            inside
+                .iter()
+                .filter(|i| !i.is_currently_executing)
+                .map(|i| i.node_name.clone())
+                .collect(),
+            inside.iter().filter(|i| i.is_currently_executing).count(),
+        )
+    };
+    if busy > 0 {
+        return Err(ExecuteError::Postponed(format!(
+            "waiting for {busy} running entries inside {range} to finish"
+        )));
+    }
+    for node in &cancel {
+        drop_entry(replica, client, node).await?;
+        replica.queue.lock().remove(node);
+    }
+    let covered: Vec<PartName> = replica
+        .store
+        .parts()
+        .iter()
+        .filter(|p| range_name.contains(&p.name))
+        .map(|p| p.name.clone())
+        .collect();
+    for part in &covered {
+        match client.delete(&rp.part(&part.to_string()), None).await {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("delete", rp.part(&part.to_string()), e).into()),
+        }
+    }
+    let store = replica.store.clone();
+    let dropped = tokio::task::spawn_blocking(move || store.drop_range(&range_name))
+        .await
+        .map_err(|e| ExecuteError::Postponed(format!("drop task failed: {e}")))?
+        .map_err(|e| ExecuteError::Postponed(format!("dropping parts: {e}")))?;
+    drop_entry(replica, client, &item.node_name).await?;
+    info!(
+        replica = %replica.name,
+        %range,
+        parts = dropped.len(),
+        cancelled = cancel.len(),
+        "dropped range"
+    );
     Ok(())
 }
 
