@@ -19,7 +19,7 @@ pub use sidecar_proc::{SidecarConfig, SidecarProc};
 pub use zk_ensemble::ZkEnsemble;
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The repository root (the workspace directory).
 pub fn repo_root() -> PathBuf {
@@ -35,14 +35,31 @@ pub fn example_manifest() -> PathBuf {
     repo_root().join("examples").join("events.yaml")
 }
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: AtomicBool = AtomicBool::new(false);
+
+/// Held for a whole test: tests that start processes run one at a time. Released on drop,
+/// also when the test panics.
+///
+/// It deliberately lives across `.await`s (it is a flag, not a lock guard): the async tests
+/// each own their runtime and thread, so waiting for it never stalls another test.
+pub struct SerialGuard(());
+
+impl Drop for SerialGuard {
+    fn drop(&mut self) {
+        SERIAL.store(false, Ordering::Release);
+    }
+}
 
 /// Serializes tests that start processes inside one test binary (cargo runs test
 /// binaries one after another already). Hold the guard for the whole test.
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+pub fn serial() -> SerialGuard {
+    while SERIAL
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    SerialGuard(())
 }
 
 /// Whether the harness should keep its temp directories (`RTABLE_E2E_KEEP=1`).

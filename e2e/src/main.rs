@@ -270,16 +270,16 @@ fn sample_rows(table: &rtable_protocol::ValidatedTable, batch: usize, n: usize) 
                     T::UInt8 | T::UInt16 | T::UInt32 | T::UInt64 => json!(seq % 100),
                     T::Int8 | T::Int16 | T::Int32 | T::Int64 => json!((seq % 100) as i64 - 50),
                     T::Float32 | T::Float64 => {
-                        if c.ty.is_nullable() && seq % 5 == 0 {
+                        if c.ty.is_nullable() && seq.is_multiple_of(5) {
                             Value::Null
                         } else {
                             json!(seq as f64 * 1.5)
                         }
                     }
                     T::String => json!(EVENTS[seq as usize % EVENTS.len()]),
-                    T::Bool => json!(seq % 2 == 0),
+                    T::Bool => json!(seq.is_multiple_of(2)),
                     // Two months, so `toYYYYMM` tables get two partitions.
-                    T::Date => json!(if seq % 2 == 0 {
+                    T::Date => json!(if seq.is_multiple_of(2) {
                         "2025-01-15"
                     } else {
                         "2025-02-15"
@@ -385,8 +385,8 @@ async fn print_status(clients: &[(String, ReplicaClient)], table: &str, path: &s
         log_max.map_or("-".to_string(), |m| m.to_string())
     );
     println!(
-        "{:<14} {:<7} {:<12} {:<8} {:<6} {:<6} {:<6} {:<8} {}",
-        "REPLICA", "ACTIVE", "LOG_POINTER", "LOG_MAX", "QUEUE", "DELAY", "PARTS", "ROWS", "REASON"
+        "{:<14} {:<7} {:<12} {:<8} {:<6} {:<6} {:<6} {:<8} REASON",
+        "REPLICA", "ACTIVE", "LOG_POINTER", "LOG_MAX", "QUEUE", "DELAY", "PARTS", "ROWS"
     );
     for l in lines {
         println!("{l}");

@@ -353,7 +353,8 @@ async fn bad_inputs_get_4xx_naming_line_and_column_and_change_nothing() {
     let good = r#"{"ts":"2025-01-01 00:00:00","user_id":1,"event":"a","value":1.5}"#;
     let big = format!("{good}\n").repeat(100);
     // (format, body, expected status, expected line, expected column)
-    let cases: Vec<(&str, String, u16, Option<u64>, Option<&str>)> = vec![
+    type Case<'a> = (&'a str, String, u16, Option<u64>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             "JSONEachRow",
             format!("{good}\n{{\"ts\": \n"),

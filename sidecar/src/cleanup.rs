@@ -32,6 +32,11 @@ pub async fn run(replica: Arc<Replica>) {
     loop {
         let jitter = rand::rng().random_range(0..=period.as_millis() as u64 / 2);
         tokio::time::sleep(period + Duration::from_millis(jitter)).await;
+        // Files of replaced parts go once the last reader let go of them.
+        let store = replica.store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.collect_garbage()).await {
+            warn!(replica = %replica.name, error = %e, "removing replaced parts failed");
+        }
         let Ok((client, _)) = replica.sessions.active() else {
             continue;
         };
