@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+# The e2e harness keeps cluster directories of failed tests; a private TMPDIR keeps them
+# away from system tmp cleaners and from other users of /tmp.
+export TMPDIR="$PWD/target/e2e-tmp"
+mkdir -p "$TMPDIR"
 cargo build --workspace --all-targets
 # Unit tests run in parallel; the e2e tests start processes and run one at a time.
-cargo test --workspace --exclude rtable-e2e
-cargo test -p rtable-e2e -- --test-threads=1
+cargo test --workspace --exclude rtable-e2e --no-fail-fast
+cargo test -p rtable-e2e --no-fail-fast -- --test-threads=1
 if [ -x scripts/check-chart.sh ]; then
   scripts/check-chart.sh
 fi

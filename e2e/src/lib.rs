@@ -4,8 +4,10 @@
 //! Every process writes its log to a file under the cluster's directory; when a test
 //! panics, the cluster keeps that directory and prints the tail of every log.
 
+pub mod checker;
 pub mod client;
 pub mod cluster;
+pub mod driver;
 pub mod poll;
 pub mod ports;
 pub mod process;

@@ -1,6 +1,8 @@
 //! `rtable-e2e`: the local playground (a real ZooKeeper ensemble and N sidecar replicas of
 //! a ReplicatedTable manifest on this machine).
 
+mod bench;
+
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +33,9 @@ enum Command {
     /// Start a 3-node ZooKeeper ensemble and the table's replicas on 127.0.0.1, insert sample
     /// rows and show each replica's status until Ctrl-C.
     Playground(PlaygroundArgs),
+    /// Run the benchmark table (3-node ZooKeeper, 3 release sidecars) and write
+    /// BENCHMARKS.md. Build first: `cargo build --release -p rtable-sidecar`.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,6 +69,12 @@ struct PlaygroundArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Bench(_))
+        && let Err(e) = bench::use_release_sidecar()
+    {
+        eprintln!("rtable-e2e: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -77,6 +88,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Playground(args) => runtime.block_on(playground(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

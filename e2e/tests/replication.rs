@@ -421,13 +421,9 @@ async fn bad_inputs_get_4xx_naming_line_and_column_and_change_nothing() {
         let json = r
             .json()
             .unwrap_or_else(|e| panic!("{what}: error body is JSON: {e:#}"));
-        let error = json[if std::env::var("TMP_MSG").is_ok() {
-            "message"
-        } else {
-            "error"
-        }]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: `error` string in {json}"));
+        let error = json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: `error` string in {json}"));
         assert!(!error.is_empty());
         if let Some(line) = line {
             assert_eq!(json["line"].as_u64(), Some(line), "{what}: {json}");
@@ -732,39 +728,80 @@ async fn duckdb_reads_part_files_and_the_parquet_export() {
             .await
             .expect("insert");
     }
-    c.wait_converged_rows(100, CONVERGE)
+    // A Parquet body written by pyarrow and a CSVWithNames body are accepted too.
+    let upload = c.dir().join("upload.parquet");
+    python(&format!(
+        "import pyarrow as pa, pyarrow.parquet as pq, datetime as dt\n\
+         utc = dt.timezone.utc\n\
+         t = pa.table({{'ts': pa.array([dt.datetime(2025, 1, 5, 9, 0, i, tzinfo=utc) for i in range(10)], pa.timestamp('s', tz='UTC')),\n\
+         'user_id': pa.array(range(100, 110), pa.uint64()),\n\
+         'event': ['parquet'] * 10,\n\
+         'value': pa.array([None if i % 3 == 0 else i / 4 for i in range(100, 110)], pa.float64())}})\n\
+         pq.write_table(t, '{}')",
+        upload.display()
+    ));
+    let body = std::fs::read(&upload).expect("read the pyarrow file");
+    let answer = c
+        .client(1)
+        .insert("Parquet", body, None)
+        .await
+        .expect("Parquet insert");
+    assert_eq!(answer.rows, 10);
+    let csv = "ts,user_id,event,value\n2025-02-03 04:05:06,110,csv,\\N\n2025-02-03 04:05:07,111,csv,0.5\n";
+    let answer = c
+        .client(2)
+        .insert("CSVWithNames", csv, None)
+        .await
+        .expect("CSVWithNames insert");
+    assert_eq!(answer.rows, 2);
+    c.wait_converged_rows(112, CONVERGE)
         .await
         .expect("converged");
-    let expected_sum: u64 = (0..100).sum();
+    let expected_sum: u64 = (0..112).sum();
 
-    // The part files on a replica that fetched them.
-    let parts_glob = c.replicas[1]
-        .data_dir()
-        .join("parts")
-        .join("*")
-        .join("data.parquet");
+    // The active part files on a replica that fetched them.
+    let parts = c.client(1).status().await.expect("status").parts;
+    assert!(!parts.is_empty());
+    let files: Vec<String> = parts
+        .iter()
+        .map(|p| {
+            let f = c.replicas[1]
+                .data_dir()
+                .join("parts")
+                .join(p)
+                .join("data.parquet");
+            format!("'{}'", f.display())
+        })
+        .collect();
     let out = python(&format!(
-        "import duckdb; print(duckdb.sql(\"SELECT count(*), sum(user_id), count(DISTINCT strftime(ts, '%Y%m')) FROM read_parquet('{}')\").fetchone())",
-        parts_glob.display()
+        "import duckdb; print(duckdb.sql(\"SELECT count(*), sum(user_id), count(DISTINCT strftime(ts, '%Y%m')) FROM read_parquet([{}])\").fetchall()[0])",
+        files.join(", ")
     ));
-    assert_eq!(out, format!("(100, {expected_sum}, 2)"));
+    assert_eq!(out, format!("(112, {expected_sum}, 2)"));
 
     // The export.
     let export = c.client(2).select("Parquet").await.expect("select Parquet");
     let file = c.dir().join("export.parquet");
     std::fs::write(&file, &export).expect("write export");
     let out = python(&format!(
-        "import duckdb, pyarrow.parquet as pq\n\
+        "import duckdb, pyarrow as pa, pyarrow.parquet as pq\n\
          t = pq.read_table('{f}')\n\
-         print(t.num_rows, t.schema.names, str(t.schema.field('ts').type), t.schema.field('value').nullable)\n\
-         print(duckdb.sql(\"SELECT count(*), sum(user_id), count(*) FILTER (WHERE value IS NULL) FROM read_parquet('{f}')\").fetchone())",
+         ts = t.schema.field('ts').type\n\
+         print(t.num_rows, t.schema.names, pa.types.is_timestamp(ts), ts.tz, t.schema.field('value').nullable)\n\
+         print(duckdb.sql(\"SELECT count(*), sum(user_id), count(*) FILTER (WHERE value IS NULL), \
+         CAST(epoch(min(ts)) AS BIGINT), CAST(epoch(max(ts)) AS BIGINT) \
+         FROM read_parquet('{f}')\").fetchall()[0])",
         f = file.display()
     ));
-    let nulls = (0..100u64).filter(|id| id % 3 == 0).count();
+    // rows(): ids divisible by 3; the pyarrow rows 102, 105, 108; the CSV row 110.
+    let nulls = (0..100u64).filter(|id| id % 3 == 0).count() + 3 + 1;
+    // DateTime is UTC seconds: the first and last `ts` of `rows()` come back unchanged
+    // (2025-01-01 10:00:00 and 2025-02-28 10:55:00 UTC).
     assert_eq!(
         out,
         format!(
-            "100 ['ts', 'user_id', 'event', 'value'] timestamp[s, tz=UTC] True\n(100, {expected_sum}, {nulls})"
+            "112 ['ts', 'user_id', 'event', 'value'] True UTC True\n\
+             (112, {expected_sum}, {nulls}, 1735725600, 1740740100)"
         )
     );
 }

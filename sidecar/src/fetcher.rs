@@ -54,6 +54,31 @@ pub enum FetchError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("part {0} is already being fetched by another queue entry")]
+    InFlight(String),
+}
+
+/// Holds a part's slot in `Replica::fetching` for the duration of one download.
+struct InFlight<'a> {
+    replica: &'a Replica,
+    part: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn claim(replica: &'a Replica, part: &PartName) -> Option<Self> {
+        let part = part.to_string();
+        replica
+            .fetching
+            .lock()
+            .insert(part.clone())
+            .then_some(InFlight { replica, part })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.replica.fetching.lock().remove(&self.part);
+    }
 }
 
 pub struct Fetched {
@@ -72,6 +97,9 @@ pub async fn fetch_part(
 ) -> Result<Fetched, FetchError> {
     let span = info_span!("fetch", replica = %replica.name, part = %part, from = %address);
     async move {
+        let Some(_slot) = InFlight::claim(replica, part) else {
+            return Err(FetchError::InFlight(part.to_string()));
+        };
         let started = Instant::now();
         let store = replica.store.clone();
         let name = part.clone();

@@ -157,6 +157,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         merge_notify: tokio::sync::Notify::new(),
         merge_policy: rtable_sidecar::merge::policy::MergePolicy::default(),
         lost_part_count: std::sync::atomic::AtomicU64::new(0),
+        fetching: Default::default(),
         cfg,
     });
     info!(

@@ -49,6 +49,10 @@ pub struct Replica {
     pub merge_policy: crate::merge::policy::MergePolicy,
     /// Parts declared lost since start (system.replicas lost_part_count).
     pub lost_part_count: std::sync::atomic::AtomicU64,
+    /// Parts being downloaded right now. Two entries can resolve to the same covering part
+    /// (two GET_PARTs answered by one merged part, a MERGE fetched while a GET finds it);
+    /// the second waits instead of reusing the first one's temp directory.
+    pub fetching: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Replica {

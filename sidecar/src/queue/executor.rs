@@ -63,12 +63,13 @@ pub async fn run(replica: Arc<Replica>) {
                             replica.sessions.report_expired(generation);
                         }
                         let postpone = match &e {
-                            ExecuteError::NoSource(_) | ExecuteError::Postponed(_) => {
-                                Some(e.to_string())
-                            }
+                            ExecuteError::NoSource(_)
+                            | ExecuteError::Postponed(_)
+                            | ExecuteError::Fetch(FetchError::InFlight(_)) => Some(e.to_string()),
                             _ => None,
                         };
-                        if matches!(e, ExecuteError::Fetch(_)) {
+                        if matches!(&e, ExecuteError::Fetch(f) if !matches!(f, FetchError::InFlight(_)))
+                        {
                             Metrics::inc(&replica.metrics.failed_fetches);
                         }
                         warn!(replica = %replica.name, entry = %node, error = %e, "queue entry failed; will retry");

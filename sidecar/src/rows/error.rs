@@ -5,13 +5,15 @@ use std::fmt;
 use serde::Serialize;
 
 /// A rejected insert body (or format name). Serialized as the JSON body of the HTTP 400:
-/// `{"line": 3, "column": "x", "message": "..."}`; `message` is complete on its own.
+/// `{"error": "...", "line": 3, "column": "x"}`, the same shape as every other error answer;
+/// `error` is complete on its own, `line` and `column` let a client point at the input.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InputError {
     /// 1-based line of the body (JSONEachRow, CSV); `None` for Parquet and whole-body errors.
     pub line: Option<usize>,
     /// The column the error is about, when there is one.
     pub column: Option<String>,
+    #[serde(rename = "error")]
     pub message: String,
 }
 

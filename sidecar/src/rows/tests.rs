@@ -231,7 +231,7 @@ fn format_names_parse_and_list_alternatives() {
     assert!(OutputFormat::Parquet.content_type().contains("parquet"));
     let json = serde_json::to_value(&e).expect("serializes");
     assert_eq!(json["line"], serde_json::Value::Null);
-    assert!(json["message"].as_str().is_some_and(|m| m.contains("TSV")));
+    assert!(json["error"].as_str().is_some_and(|m| m.contains("TSV")));
 }
 
 fn parquet_bytes(batch: &RecordBatch) -> Vec<u8> {

@@ -1,0 +1,813 @@
+//! Fault scenarios (issue 5): each starts its own cluster (a real 3-node ZooKeeper
+//! ensemble and three sidecars), runs client load through `rtable_e2e::driver`, injects
+//! its faults, and ends with the one checker (`rtable_e2e::checker`).
+//!
+//! Run one at a time: `cargo test -p rtable-e2e --test faults -- --test-threads=1 <name>`.
+//! The nemesis soak lasts `RTABLE_NEMESIS_SECS` (150 by default) and replays from
+//! `RTABLE_NEMESIS_SEED` (printed at its start).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rtable_e2e::checker::{Attempt, Checker, InsertPlan, Report};
+use rtable_e2e::client::metric_value;
+use rtable_e2e::driver::{Driver, DriverConfig, Rng, Target, targets, wait_acks, wait_more_acks};
+use rtable_e2e::poll::{Check, poll_until};
+use rtable_e2e::{Cluster, ClusterOptions, serial};
+
+const READY: Duration = Duration::from_secs(60);
+const PROGRESS: Duration = Duration::from_secs(60);
+
+/// Session timeout of every scenario's sidecars (`--session-timeout-ms`).
+const SESSION_MS: u64 = 3000;
+
+/// Flags that make log cleanup mark a stopped replica lost quickly.
+fn lost_quickly_args() -> Vec<String> {
+    [
+        "--max-logs-to-keep",
+        "30",
+        "--min-logs-to-keep",
+        "5",
+        "--cleanup-period-seconds",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn start_cluster() -> Cluster {
+    Cluster::start(ClusterOptions {
+        session_timeout_ms: SESSION_MS,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts")
+}
+
+/// Restarts every replica with `args` appended to its flags (data kept).
+async fn restart_all_with_args(c: &mut Cluster, args: Vec<String>) {
+    for r in &mut c.replicas {
+        r.set_extra_args(args.clone());
+        r.kill().expect("SIGKILL");
+        r.start_again().expect("start");
+    }
+    for r in &mut c.replicas {
+        r.wait_ready(READY).await.expect("ready with the new flags");
+    }
+}
+
+async fn restart_replica(c: &mut Cluster, i: usize) {
+    c.replicas[i].start_again().expect("restart replica");
+    c.replicas[i]
+        .wait_ready(READY)
+        .await
+        .expect("replica ready again");
+}
+
+/// Blocking harness calls (ZooKeeper restarts poll with std sleeps) off the async workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Waits until replica `observer` sees `n` active replicas.
+async fn wait_active(c: &Cluster, observer: usize, n: u64) {
+    let client = c.client(observer).clone();
+    poll_until(
+        &format!("{n} active replicas"),
+        READY,
+        Duration::from_millis(100),
+        || {
+            let client = client.clone();
+            async move {
+                let s = client.status().await?;
+                Ok(if s.active_replicas == Some(n) {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("active_replicas {:?}", s.active_replicas))
+                })
+            }
+        },
+    )
+    .await
+    .expect("active replica count");
+}
+
+fn seed_from_env(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{var}={v} is not a u64: {e}")),
+        _ => Rng::random_seed(),
+    }
+}
+
+fn report_line(name: &str, started: Instant, report: &Report) {
+    println!(
+        "scenario {name}: {:.1}s, {} acked inserts ({} rows) on {} replicas",
+        started.elapsed().as_secs_f64(),
+        report.acked,
+        report.acked_rows,
+        report.live_replicas
+    );
+}
+
+/// An HTTP client for one-off big inserts.
+fn big_http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
+}
+
+/// A big insert into its own partition (`month`), so its part is recognisable on disk.
+fn big_plan(checker: &Checker, prefix: &str, month: u32) -> InsertPlan {
+    let mut plan = checker.plan(prefix, 12_000, 400, false);
+    plan.month = month;
+    plan
+}
+
+/// Retries `plan` with its token on the given targets until acknowledged.
+async fn retry_until_acked(checker: &Checker, plan: &InsertPlan, targets: &[Target]) {
+    let http = big_http();
+    let body = plan.body();
+    let deadline = Instant::now() + PROGRESS;
+    let mut k = 0;
+    loop {
+        let t = &targets[k % targets.len()];
+        let a = checker
+            .try_insert(&http, &t.url, &t.name, plan, &body, None)
+            .await;
+        if matches!(a, Attempt::Acked { .. }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "insert {} never acknowledged; last try {a:?}",
+            plan.token
+        );
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls `dir` (a replica's `parts` directory) until an entry starting with `prefix`
+/// exists; `false` when `done_prefix` shows up first (the moment passed) or at timeout.
+fn wait_for_entry(dir: &Path, prefix: &str, done_prefix: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            let mut done = false;
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(prefix) {
+                    return true;
+                }
+                if name.starts_with(done_prefix) {
+                    done = true;
+                }
+            }
+            if done {
+                return false;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+fn leftover_entries(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sidecar bug (intermittent, ~1 run in 3): two queue entries fetch the same covering part concurrently into one parts/tmp-fetch_<part> dir; store.fetch_dir removes the other download, which then installs an empty dir as an active part, so /select fails forever (data.parquet missing)"]
+async fn sigkill_of_a_replica_mid_insert_and_mid_fetch() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    let all = targets(&c);
+    let driver = Driver::start(
+        all.clone(),
+        checker.clone(),
+        DriverConfig {
+            clients: 2,
+            prefix: "bg".into(),
+            seed: 11,
+            ..DriverConfig::default()
+        },
+    );
+    wait_acks(&checker, 5, PROGRESS).await.unwrap();
+    let http = big_http();
+
+    // Mid-insert, twice: killed while the big body is being written (on a timer), then
+    // while its commit is in flight (its `staged_` part is on disk). The client retries
+    // the same token on another replica.
+    for round in 0..2usize {
+        let victim = round;
+        let month = 6 + round as u32;
+        let plan = big_plan(&checker, &format!("mid-insert-{round}"), month);
+        let body = plan.body();
+        let t = all[victim].clone();
+        let send = {
+            let checker = checker.clone();
+            let http = http.clone();
+            let plan = plan.clone();
+            tokio::spawn(async move {
+                checker
+                    .try_insert(&http, &t.url, &t.name, &plan, &body, None)
+                    .await
+            })
+        };
+        let parts_dir = c.replicas[victim].data_dir().join("parts");
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        } else {
+            let staged = blocking(|| {
+                wait_for_entry(
+                    &parts_dir,
+                    &format!("staged_2025{month:02}_"),
+                    &format!("2025{month:02}_"),
+                    Duration::from_secs(30),
+                )
+            });
+            println!("mid-insert round {round}: staged part seen before the kill: {staged}");
+        }
+        c.replicas[victim].kill().expect("SIGKILL mid-insert");
+        let attempt = send.await.expect("insert task");
+        println!("mid-insert round {round}: the killed try ended as {attempt:?}");
+        restart_replica(&mut c, victim).await;
+        let others: Vec<Target> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, t)| t.clone())
+            .collect();
+        retry_until_acked(&checker, &plan, &others).await;
+    }
+
+    // Mid-fetch, at least twice and until one kill lands mid-fetch: a big part is inserted
+    // on events-0; a peer is killed while its `tmp-fetch_` directory for that part
+    // exists, then restarted.
+    let mut mid_fetch_kills = 0;
+    for round in 0..4usize {
+        if round >= 2 && mid_fetch_kills > 0 {
+            break;
+        }
+        let fetcher = 2 - round % 2;
+        let month = 8 + round as u32;
+        let plan = big_plan(&checker, &format!("mid-fetch-{round}"), month);
+        let body = plan.body();
+        let parts_dir = c.replicas[fetcher].data_dir().join("parts");
+        let send = {
+            let checker = checker.clone();
+            let http = http.clone();
+            let plan = plan.clone();
+            let t = all[0].clone();
+            tokio::spawn(async move {
+                checker
+                    .try_insert(&http, &t.url, &t.name, &plan, &body, None)
+                    .await
+            })
+        };
+        let fetching = blocking(|| {
+            wait_for_entry(
+                &parts_dir,
+                &format!("tmp-fetch_2025{month:02}_"),
+                &format!("2025{month:02}_"),
+                Duration::from_secs(60),
+            )
+        });
+        c.replicas[fetcher].kill().expect("SIGKILL mid-fetch");
+        if fetching {
+            mid_fetch_kills += 1;
+        }
+        println!("mid-fetch round {round}: killed events-{fetcher} mid-fetch: {fetching}");
+        let attempt = send.await.expect("insert task");
+        assert!(
+            matches!(attempt, Attempt::Acked { .. }),
+            "the big insert on events-0 failed: {attempt:?}"
+        );
+        restart_replica(&mut c, fetcher).await;
+    }
+    assert!(
+        mid_fetch_kills > 0,
+        "no kill landed while a fetch was in progress"
+    );
+    wait_more_acks(&checker, 5, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    for r in &c.replicas {
+        let dir = r.data_dir().join("parts");
+        let left = leftover_entries(&dir, "tmp-fetch_");
+        assert!(left.is_empty(), "{}: leftover downloads {left:?}", r.name());
+    }
+    assert!(report.acked >= 10);
+    report_line("sigkill_mid_insert_and_mid_fetch", started, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_zookeeper_leader_under_load() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    // No retries: inserts cut off by the leader's death stay unknown (at most once).
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            retry: false,
+            seed: 21,
+            ..DriverConfig::default()
+        },
+    );
+    for round in 0..2 {
+        wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
+        let leader = blocking(|| c.zk.leader_index()).expect("a leader");
+        println!(
+            "round {round}: SIGKILL ZooKeeper leader node {}",
+            leader + 1
+        );
+        blocking(|| c.zk.kill(leader)).expect("kill the leader");
+        // Inserts resume under the new leader while the old one is down.
+        wait_more_acks(&checker, 20, PROGRESS)
+            .await
+            .expect("inserts resume without the old leader");
+        blocking(|| c.zk.restart(leader)).expect("restart the old leader");
+    }
+    wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 60);
+    report_line("zookeeper_leader_sigkill", started, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sidecar bug: after session expiry by SIGSTOP a part is declared lost on every replica (lost_part_count 1-2) and an active part on another replica has no data.parquet (same tmp-fetch race), so /select fails"]
+async fn session_expiry_by_sigstop_past_the_session_timeout() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            attempt_timeout: Duration::from_secs(2),
+            seed: 31,
+            ..DriverConfig::default()
+        },
+    );
+    for victim in [1usize, 0] {
+        let observer = (victim + 1) % 3;
+        wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+        let frozen = Instant::now();
+        c.replicas[victim].stop().expect("SIGSTOP");
+        // Its session expires: the others see its is_active node vanish.
+        wait_active(&c, observer, 2).await;
+        let expired_after = frozen.elapsed();
+        assert!(
+            expired_after >= Duration::from_millis(SESSION_MS / 2),
+            "is_active vanished after {expired_after:?}, before the session could expire"
+        );
+        wait_more_acks(&checker, 10, PROGRESS)
+            .await
+            .expect("inserts go on while a replica is frozen");
+        c.replicas[victim].cont().expect("SIGCONT");
+        println!(
+            "{} frozen {:.1}s (session expired after {:.1}s)",
+            c.replicas[victim].name(),
+            frozen.elapsed().as_secs_f64(),
+            expired_after.as_secs_f64()
+        );
+        // It notices the expiry, opens a new session and is writable again, no restart.
+        c.replicas[victim]
+            .wait_ready(READY)
+            .await
+            .expect("ready after SIGCONT");
+        wait_active(&c, observer, 3).await;
+    }
+    wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 50);
+    report_line("session_expiry_sigstop", started, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restart_of_every_process_under_load() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            attempt_timeout: Duration::from_secs(3),
+            retry_deadline: Duration::from_secs(90),
+            seed: 41,
+            ..DriverConfig::default()
+        },
+    );
+    for round in 0..2 {
+        wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
+        println!("round {round}: SIGKILL every sidecar and every ZooKeeper node");
+        for r in &mut c.replicas {
+            r.kill().expect("SIGKILL sidecar");
+        }
+        blocking(|| c.zk.kill_all()).expect("SIGKILL ZooKeeper");
+        blocking(|| c.zk.start_stopped(Duration::from_secs(60))).expect("ensemble back");
+        for r in &mut c.replicas {
+            r.start_again().expect("start sidecar");
+        }
+        for r in &mut c.replicas {
+            r.wait_ready(READY).await.expect("sidecar ready");
+        }
+    }
+    wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 60);
+    assert!(report.acked_after_retry > 0 || report.unknown_present + report.unknown_absent > 0);
+    report_line("full_restart", started, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sidecar bug: a retry of an insert_quorum=2 insert is acknowledged as deduplicated although the original part never reached its quorum (it lived only on the replica that was then killed and wiped): an acknowledged insert is lost"]
+async fn one_replica_disk_wiped() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    // Quorum 2: an acknowledged part is on two disks, so wiping one loses nothing.
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            quorum: Some(2),
+            rows: 20,
+            pad: 64,
+            seed: 51,
+            ..DriverConfig::default()
+        },
+    );
+    for victim in [2usize, 0] {
+        wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
+        let before = c.client((victim + 1) % 3).status().await.expect("status");
+        println!(
+            "wiping {} ({} rows in {} parts cluster-wide)",
+            c.replicas[victim].name(),
+            before.rows,
+            before.parts.len()
+        );
+        c.replicas[victim].kill().expect("SIGKILL");
+        c.replicas[victim].wipe_data_dir().expect("rm -rf data dir");
+        restart_replica(&mut c, victim).await;
+    }
+    wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 60);
+    report_line("disk_wiped", started, &report);
+}
+
+async fn is_lost(c: &Cluster, zk: &zookeeper_client::Client, replica: &str) -> Option<String> {
+    rtable_protocol::tree::get_string(zk, &c.paths().replica(replica).is_lost())
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn wait_is_lost(c: &Cluster, replica: &str, want: &str, timeout: Duration) {
+    let zk = c.zk_client().await.expect("zk client");
+    let path = c.paths().replica(replica).is_lost();
+    poll_until(
+        &format!("{path} to be {want}"),
+        timeout,
+        Duration::from_millis(200),
+        || {
+            let zk = zk.clone();
+            let path = path.clone();
+            async move {
+                let v = rtable_protocol::tree::get_string(&zk, &path).await?;
+                Ok(if v.as_deref().map(str::trim) == Some(want) {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("is_lost {v:?}"))
+                })
+            }
+        },
+    )
+    .await
+    .expect("is_lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sidecar bug: the replica that cloned after being marked lost publishes a MERGE_PARTS over a part no replica has (stuck queue on all replicas) and every replica ends with overlapping active parts (202501_0_4_2 and 202501_3_29_13)"]
+async fn a_replica_down_long_enough_is_marked_lost_and_recovers() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    restart_all_with_args(&mut c, lost_quickly_args()).await;
+    let checker = Arc::new(Checker::new());
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            quorum: Some(2),
+            seed: 61,
+            ..DriverConfig::default()
+        },
+    );
+    wait_acks(&checker, 10, PROGRESS).await.unwrap();
+    let victim = 2;
+    let name = c.replicas[victim].name().to_string();
+    c.replicas[victim].kill().expect("SIGKILL");
+    let zk = c.zk_client().await.expect("zk");
+    assert_eq!(is_lost(&c, &zk, &name).await.as_deref(), Some("0"));
+    // Inserts go on until cleanup drops the log entries it still needs and marks it lost.
+    wait_is_lost(&c, &name, "1", Duration::from_secs(90)).await;
+    let mut marked = 0.0;
+    for r in &c.replicas[..2] {
+        let text = r.client().metrics().await.expect("metrics");
+        marked += metric_value(&text, "rtable_replicas_marked_lost_total").unwrap_or(0.0);
+    }
+    assert!(
+        marked >= 1.0,
+        "is_lost=1 but no replica counts rtable_replicas_marked_lost_total"
+    );
+    let log_max = c.client(0).status().await.expect("status").log_max_index;
+    println!("{name} marked lost (log_max_index {log_max:?}, marked by metrics: {marked})");
+    wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+    restart_replica(&mut c, victim).await;
+    // It clones from a healthy replica and clears its flag.
+    wait_is_lost(&c, &name, "0", READY).await;
+    wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 40);
+    report_line("marked_lost", started, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_retry_every_unacknowledged_insert_with_its_token() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    // Short tries (timeouts become unknown outcomes), one insert in four sent to two
+    // replicas at once, one in twenty-five malformed.
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 6,
+            rows: 20,
+            pad: 32,
+            attempt_timeout: Duration::from_millis(1500),
+            hedge_every: 4,
+            poison_every: 25,
+            seed: 71,
+            ..DriverConfig::default()
+        },
+    );
+    let mut rng = Rng::new(71);
+    for round in 0..4 {
+        wait_more_acks(&checker, 15, PROGRESS).await.unwrap();
+        let victim = rng.below(3) as usize;
+        println!("round {round}: SIGKILL {}", c.replicas[victim].name());
+        c.replicas[victim].kill().expect("SIGKILL");
+        wait_more_acks(&checker, 10, PROGRESS)
+            .await
+            .expect("retries land on the other replicas");
+        restart_replica(&mut c, victim).await;
+    }
+    wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 60);
+    assert!(
+        report.hedged > 0 && report.acks_deduplicated > 0,
+        "{report}"
+    );
+    assert!(report.acked_after_retry > 0, "{report}");
+    assert!(report.poison > 0, "{report}");
+    assert_eq!(
+        report.unknown_present + report.unknown_absent,
+        0,
+        "with retries every insert ends acknowledged: {report}"
+    );
+    report_line("clients_retry_with_token", started, &report);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillReplica,
+    KillReplicaDuringBigInsert,
+    SigStop,
+    KillZkLeader,
+    FullRestart,
+    WipeDisk,
+    DownUntilLost,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::KillReplica,
+    Fault::KillReplicaDuringBigInsert,
+    Fault::SigStop,
+    Fault::KillZkLeader,
+    Fault::FullRestart,
+    Fault::WipeDisk,
+    Fault::DownUntilLost,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "mixes the faults whose scenarios are ignored for sidecar bugs; run with --ignored"]
+async fn nemesis_soak() {
+    let _serial = serial();
+    let seed = seed_from_env("RTABLE_NEMESIS_SEED");
+    let secs: u64 = std::env::var("RTABLE_NEMESIS_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(150);
+    println!("nemesis: seed {seed}, {secs}s (replay with RTABLE_NEMESIS_SEED={seed})");
+    eprintln!("nemesis: seed {seed}, {secs}s (replay with RTABLE_NEMESIS_SEED={seed})");
+    let started = Instant::now();
+    let mut rng = Rng::new(seed);
+    let mut c = start_cluster().await;
+    restart_all_with_args(&mut c, lost_quickly_args()).await;
+    let checker = Arc::new(Checker::new());
+    let all = targets(&c);
+    // Quorum 2 so that a wiped disk or a cloned lost replica never holds the only copy
+    // of an acknowledged part.
+    let driver = Driver::start(
+        all.clone(),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            quorum: Some(2),
+            rows: 10,
+            pad: 32,
+            attempt_timeout: Duration::from_secs(3),
+            retry_deadline: Duration::from_secs(90),
+            hedge_every: 10,
+            poison_every: 40,
+            seed,
+            prefix: "n".into(),
+            ..DriverConfig::default()
+        },
+    );
+    let http = big_http();
+    let soak = Duration::from_secs(secs);
+    let mut applied = Vec::new();
+    wait_acks(&checker, 5, PROGRESS).await.unwrap();
+    while started.elapsed() < soak {
+        let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
+        let victim = rng.below(3) as usize;
+        let name = c.replicas[victim].name().to_string();
+        println!(
+            "nemesis {:>6.1}s: {fault:?} on {name}",
+            started.elapsed().as_secs_f64()
+        );
+        match fault {
+            Fault::KillReplica => {
+                c.replicas[victim].kill().expect("SIGKILL");
+                tokio::time::sleep(
+                    rng.duration(Duration::from_millis(100), Duration::from_secs(3)),
+                )
+                .await;
+                restart_replica(&mut c, victim).await;
+            }
+            Fault::KillReplicaDuringBigInsert => {
+                let mut plan = checker.plan("nbig", 4000, 200, false);
+                plan.month = 6;
+                let body = plan.body();
+                let source = (victim + 1 + rng.below(2) as usize) % 3;
+                let t = all[if rng.below(2) == 0 { victim } else { source }].clone();
+                let send = {
+                    let (checker, http, plan) = (checker.clone(), http.clone(), plan.clone());
+                    tokio::spawn(async move {
+                        checker
+                            .try_insert(&http, &t.url, &t.name, &plan, &body, Some(2))
+                            .await
+                    })
+                };
+                tokio::time::sleep(
+                    rng.duration(Duration::from_millis(20), Duration::from_millis(1500)),
+                )
+                .await;
+                c.replicas[victim].kill().expect("SIGKILL");
+                let attempt = send.await.expect("insert task");
+                restart_replica(&mut c, victim).await;
+                if !matches!(attempt, Attempt::Acked { .. }) {
+                    retry_until_acked_quorum(&checker, &plan, &all).await;
+                }
+            }
+            Fault::SigStop => {
+                c.replicas[victim].stop().expect("SIGSTOP");
+                tokio::time::sleep(
+                    rng.duration(Duration::from_millis(500), Duration::from_secs(6)),
+                )
+                .await;
+                c.replicas[victim].cont().expect("SIGCONT");
+                c.replicas[victim]
+                    .wait_ready(READY)
+                    .await
+                    .expect("ready after SIGCONT");
+            }
+            Fault::KillZkLeader => {
+                let leader = blocking(|| c.zk.leader_index()).expect("a leader");
+                blocking(|| c.zk.kill(leader)).expect("kill leader");
+                tokio::time::sleep(
+                    rng.duration(Duration::from_millis(300), Duration::from_secs(4)),
+                )
+                .await;
+                blocking(|| c.zk.restart(leader)).expect("restart leader");
+            }
+            Fault::FullRestart => {
+                for r in &mut c.replicas {
+                    r.kill().expect("SIGKILL");
+                }
+                blocking(|| c.zk.kill_all()).expect("kill ZooKeeper");
+                blocking(|| c.zk.start_stopped(Duration::from_secs(60))).expect("ensemble");
+                for r in &mut c.replicas {
+                    r.start_again().expect("start");
+                }
+                for r in &mut c.replicas {
+                    r.wait_ready(READY).await.expect("ready");
+                }
+            }
+            Fault::WipeDisk => {
+                c.replicas[victim].kill().expect("SIGKILL");
+                c.replicas[victim].wipe_data_dir().expect("wipe");
+                restart_replica(&mut c, victim).await;
+            }
+            Fault::DownUntilLost => {
+                c.replicas[victim].kill().expect("SIGKILL");
+                wait_is_lost(&c, &name, "1", Duration::from_secs(90)).await;
+                restart_replica(&mut c, victim).await;
+                wait_is_lost(&c, &name, "0", READY).await;
+            }
+        }
+        applied.push(fault);
+        // Liveness: the cluster takes inserts again after every fault.
+        wait_more_acks(&checker, 5, PROGRESS)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("no progress after {fault:?} on {name} (seed {seed}): {e:#}")
+            });
+        tokio::time::sleep(rng.duration(Duration::from_millis(200), Duration::from_secs(2))).await;
+    }
+    driver.stop().await;
+    let report = checker
+        .verify(&c)
+        .await
+        .unwrap_or_else(|e| panic!("nemesis seed {seed}: {e:#}"));
+    println!("nemesis seed {seed}: {} faults: {applied:?}", applied.len());
+    assert!(report.acked >= 50);
+    report_line("nemesis", started, &report);
+}
+
+/// Like `retry_until_acked`, with `insert_quorum=2`.
+async fn retry_until_acked_quorum(checker: &Checker, plan: &InsertPlan, targets: &[Target]) {
+    let http = big_http();
+    let body = plan.body();
+    let deadline = Instant::now() + PROGRESS;
+    let mut k = 0;
+    loop {
+        let t = &targets[k % targets.len()];
+        let a = checker
+            .try_insert(&http, &t.url, &t.name, plan, &body, Some(2))
+            .await;
+        if matches!(a, Attempt::Acked { .. }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "insert {} never acknowledged; last try {a:?}",
+            plan.token
+        );
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
