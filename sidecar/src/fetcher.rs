@@ -67,11 +67,13 @@ struct InFlight<'a> {
 impl<'a> InFlight<'a> {
     fn claim(replica: &'a Replica, part: &PartName) -> Option<Self> {
         let part = part.to_string();
-        replica
-            .fetching
-            .lock()
-            .insert(part.clone())
-            .then_some(InFlight { replica, part })
+        // Decide under the lock, build the guard after it: dropping a guard re-locks.
+        let claimed = replica.fetching.lock().insert(part.clone());
+        if claimed {
+            Some(InFlight { replica, part })
+        } else {
+            None
+        }
     }
 }
 
