@@ -193,7 +193,6 @@ fn leftover_entries(dir: &Path, prefix: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sidecar bug (intermittent, ~1 run in 3): two queue entries fetch the same covering part concurrently into one parts/tmp-fetch_<part> dir; store.fetch_dir removes the other download, which then installs an empty dir as an active part, so /select fails forever (data.parquet missing)"]
 async fn sigkill_of_a_replica_mid_insert_and_mid_fetch() {
     let _serial = serial();
     let started = Instant::now();
@@ -358,7 +357,6 @@ async fn sigkill_of_the_zookeeper_leader_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sidecar bug: after session expiry by SIGSTOP a part is declared lost on every replica (lost_part_count 1-2) and an active part on another replica has no data.parquet (same tmp-fetch race), so /select fails"]
 async fn session_expiry_by_sigstop_past_the_session_timeout() {
     let _serial = serial();
     let started = Instant::now();
@@ -451,7 +449,7 @@ async fn full_restart_of_every_process_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sidecar bug: a retry of an insert_quorum=2 insert is acknowledged as deduplicated although the original part never reached its quorum (it lived only on the replica that was then killed and wiped): an acknowledged insert is lost"]
+
 async fn one_replica_disk_wiped() {
     let _serial = serial();
     let started = Instant::now();
@@ -522,7 +520,6 @@ async fn wait_is_lost(c: &Cluster, replica: &str, want: &str, timeout: Duration)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sidecar bug: the replica that cloned after being marked lost publishes a MERGE_PARTS over a part no replica has (stuck queue on all replicas) and every replica ends with overlapping active parts (202501_0_4_2 and 202501_3_29_13)"]
 async fn a_replica_down_long_enough_is_marked_lost_and_recovers() {
     let _serial = serial();
     let started = Instant::now();

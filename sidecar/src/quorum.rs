@@ -127,6 +127,63 @@ pub async fn wait(replica: &Replica, mode: Mode, part: &str, timeout: Duration) 
     }
 }
 
+/// Waits for the quorum of a part an earlier attempt of this insert committed (a retry
+/// answered as duplicate). The retry may only be acknowledged once that part is really on
+/// `required` replicas: the first attempt's part may still be waiting for its quorum, have
+/// failed it, or never have had one (the first attempt asked for no quorum).
+pub async fn wait_existing(
+    replica: &Replica,
+    mode: Mode,
+    part: &str,
+    required: u32,
+    timeout: Duration,
+) -> WaitOutcome {
+    match wait(replica, mode, part, timeout).await {
+        WaitOutcome::Reached => {}
+        other => return other,
+    }
+    let Ok((client, _)) = replica.sessions.active() else {
+        return WaitOutcome::Unknown(
+            "the replica lost its ZooKeeper session while checking the quorum".into(),
+        );
+    };
+    let Ok(name) = PartName::parse(part) else {
+        return WaitOutcome::Unknown(format!("unparsable part name {part}"));
+    };
+    match holders(replica, &client, &name).await {
+        Ok(n) if n >= required => WaitOutcome::Reached,
+        Ok(n) => WaitOutcome::Unknown(format!(
+            "the first attempt's part {part} is on {n} of the {required} replicas insert_quorum needs; retry later"
+        )),
+        Err(e) => WaitOutcome::Unknown(format!("cannot count the replicas holding {part}: {e}")),
+    }
+}
+
+/// Replicas whose `parts` list `part` or a part covering it.
+pub async fn holders(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<u32, TreeError> {
+    let mut n = 0;
+    for name in tree::list_replicas(client, &replica.paths).await? {
+        let parts_path = replica.paths.replica(&name).parts();
+        let children = match client.list_children(&parts_path).await {
+            Ok(c) => c,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(TreeError::zk("list", parts_path, e)),
+        };
+        if children
+            .iter()
+            .filter_map(|c| PartName::parse(c).ok())
+            .any(|c| c.contains(part))
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Adds this replica to the quorum of `part` (and, for a merged part, of every part it
 /// covers), completing it when the count is reached.
 pub async fn acknowledge(

@@ -228,22 +228,7 @@ async fn anyone_has(
     client: &zk::Client,
     part: &PartName,
 ) -> Result<bool, ExecuteError> {
-    for name in tree::list_replicas(client, &replica.paths).await? {
-        let parts_path = replica.paths.replica(&name).parts();
-        let children = match client.list_children(&parts_path).await {
-            Ok(c) => c,
-            Err(zk::Error::NoNode) => continue,
-            Err(e) => return Err(TreeError::zk("list", parts_path, e).into()),
-        };
-        if children
-            .iter()
-            .filter_map(|c| PartName::parse(c).ok())
-            .any(|c| c.contains(part))
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(quorum::holders(replica, client, part).await? > 0)
 }
 
 /// MERGE_PARTS: merge locally when every source is here, else fetch the merged part.

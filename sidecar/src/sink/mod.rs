@@ -157,7 +157,7 @@ pub async fn insert(
             }
         };
         if required > 1 {
-            wait_for_quorum(replica, &outcomes, mode).await?;
+            wait_for_quorum(replica, &outcomes, mode, required).await?;
         }
         let mut answer = InsertAnswer {
             parts: Vec::with_capacity(outcomes.len()),
@@ -234,14 +234,22 @@ async fn wait_for_quorum(
     replica: &Replica,
     outcomes: &[BlockOutcome],
     mode: quorum::Mode,
+    required: u32,
 ) -> Result<(), InsertError> {
     let timeout = replica.cfg.insert_quorum_timeout();
     let started = std::time::Instant::now();
     for o in outcomes {
-        let BlockOutcome::Committed { part } = o else {
-            continue;
+        let outcome = match o {
+            BlockOutcome::Committed { part } => quorum::wait(replica, mode, part, timeout).await,
+            // A retry is acknowledged on the same terms as the first attempt would have been.
+            BlockOutcome::Duplicate { part } => {
+                quorum::wait_existing(replica, mode, part, required, timeout).await
+            }
         };
-        match quorum::wait(replica, mode, part, timeout).await {
+        let part = match o {
+            BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part } => part,
+        };
+        match outcome {
             quorum::WaitOutcome::Reached => {}
             quorum::WaitOutcome::Failed => {
                 Metrics::inc(&replica.metrics.quorum_failed_inserts);
