@@ -158,6 +158,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         merge_policy: rtable_sidecar::merge::policy::MergePolicy::default(),
         lost_part_count: std::sync::atomic::AtomicU64::new(0),
         fetching: Default::default(),
+        pull_lock: tokio::sync::Mutex::new(()),
         cfg,
     });
     info!(

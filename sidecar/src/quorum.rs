@@ -8,6 +8,7 @@
 //! failed: one multi removes the node, records `failed_parts/<part>` and frees the block
 //! id so the client's retry is accepted.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -159,13 +160,40 @@ pub async fn wait_existing(
     }
 }
 
+/// Parts whose quorum is still being collected (parallel nodes and `quorum/status`).
+pub async fn parts_in_progress(
+    replica: &Replica,
+    client: &zk::Client,
+) -> Result<HashSet<String>, TreeError> {
+    let parallel = replica.paths.quorum_parallel();
+    let mut parts: HashSet<String> = match client.list_children(&parallel).await {
+        Ok(c) => c.into_iter().collect(),
+        Err(zk::Error::NoNode) => HashSet::new(),
+        Err(e) => return Err(TreeError::zk("list", parallel, e)),
+    };
+    let status = replica.paths.quorum_status();
+    match client.get_data(&status).await {
+        Ok((data, _)) => {
+            if let Some(entry) = std::str::from_utf8(&data)
+                .ok()
+                .and_then(|t| QuorumEntry::parse(t).ok())
+            {
+                parts.insert(entry.part_name);
+            }
+        }
+        Err(zk::Error::NoNode) => {}
+        Err(e) => return Err(TreeError::zk("get", status, e)),
+    }
+    Ok(parts)
+}
+
 /// Replicas whose `parts` list `part` or a part covering it.
-pub async fn holders(
+async fn holder_names(
     replica: &Replica,
     client: &zk::Client,
     part: &PartName,
-) -> Result<u32, TreeError> {
-    let mut n = 0;
+) -> Result<Vec<String>, TreeError> {
+    let mut holders = Vec::new();
     for name in tree::list_replicas(client, &replica.paths).await? {
         let parts_path = replica.paths.replica(&name).parts();
         let children = match client.list_children(&parts_path).await {
@@ -178,10 +206,19 @@ pub async fn holders(
             .filter_map(|c| PartName::parse(c).ok())
             .any(|c| c.contains(part))
         {
-            n += 1;
+            holders.push(name);
         }
     }
-    Ok(n)
+    Ok(holders)
+}
+
+/// How many replicas list `part` or a part covering it.
+pub async fn holders(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<u32, TreeError> {
+    Ok(holder_names(replica, client, part).await?.len() as u32)
 }
 
 /// Adds this replica to the quorum of `part` (and, for a merged part, of every part it
@@ -293,9 +330,11 @@ async fn add_self(
 pub async fn fail(
     replica: &Replica,
     client: &zk::Client,
-    part: &str,
+    part_name: &PartName,
     block_id: &str,
 ) -> Result<bool, TreeError> {
+    let part_string = part_name.to_string();
+    let part = part_string.as_str();
     for mode in [Mode::Parallel, Mode::Sequential] {
         let path = node_path(replica, mode, part);
         let (data, stat) = match client.get_data(&path).await {
@@ -317,6 +356,19 @@ pub async fn fail(
         multi
             .add_create(&failed_path(replica, part), b"", &tree::persistent())
             .map_err(|e| TreeError::zk("create", failed_path(replica, part), e))?;
+        // Atomic with the failure: every replica holding the part is still inactive. A
+        // create and delete of its `is_active` in the same multi fails if the node exists,
+        // so a holder that came back meanwhile voids the failure (its part is fetched
+        // instead), and one that comes back later finds `failed_parts` and detaches it.
+        for holder in holder_names(replica, client, part_name).await? {
+            let active = replica.paths.replica(&holder).is_active();
+            multi
+                .add_create(&active, b"", &tree::persistent())
+                .map_err(|e| TreeError::zk("create", active.clone(), e))?;
+            multi
+                .add_delete(&active, None)
+                .map_err(|e| TreeError::zk("delete", active.clone(), e))?;
+        }
         let block = replica.paths.block(block_id);
         let block_exists = !block_id.is_empty()
             && client

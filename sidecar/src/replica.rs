@@ -53,6 +53,9 @@ pub struct Replica {
     /// (two GET_PARTs answered by one merged part, a MERGE fetched while a GET finds it);
     /// the second waits instead of reusing the first one's temp directory.
     pub fetching: Mutex<std::collections::HashSet<String>>,
+    /// One log pull at a time: merge assignment pulls too, and must not see `log_pointer`
+    /// already moved by the pull task before that task put the entries into `queue`.
+    pub pull_lock: tokio::sync::Mutex<()>,
 }
 
 impl Replica {

@@ -100,7 +100,19 @@ pub async fn assign_once(
     if queued_merges >= MAX_QUEUED_MERGES {
         return Ok(None);
     }
-    for (partition, parts) in candidates(replica, &busy) {
+    let mut by_partition = candidates(replica, &busy);
+    // Read after the snapshot: a part in it was committed together with its quorum node,
+    // so a quorum still in progress shows here. Such a part may yet fail its quorum and be
+    // inserted again by the client's retry; merged, it would come back as a duplicate.
+    let in_quorum = crate::quorum::parts_in_progress(replica, client).await?;
+    for parts in by_partition.values_mut() {
+        for c in parts.iter_mut() {
+            if in_quorum.contains(&c.name.to_string()) {
+                c.busy = true;
+            }
+        }
+    }
+    for (partition, parts) in by_partition {
         if parts.iter().filter(|c| !c.busy).count() < policy.min_parts {
             continue;
         }

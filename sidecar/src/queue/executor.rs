@@ -185,7 +185,7 @@ async fn no_source(
     message: String,
 ) -> Result<(), ExecuteError> {
     let name = part.to_string();
-    if item.entry.quorum > 0 && quorum::fail(replica, client, &name, &item.entry.block_id).await? {
+    if item.entry.quorum > 0 && quorum::fail(replica, client, part, &item.entry.block_id).await? {
         drop_entry(replica, client, &item.node_name).await?;
         return Ok(());
     }

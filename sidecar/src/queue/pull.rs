@@ -76,6 +76,9 @@ pub async fn pull_once(
     client: &zk::Client,
     children: &[String],
 ) -> Result<usize, TreeError> {
+    // Held until the entries are in memory: a concurrent puller would otherwise see the
+    // moved pointer, find nothing new, and believe the queue complete.
+    let _pulling = replica.pull_lock.lock().await;
     let rp = replica.paths.replica(&replica.name);
     let (pointer_data, pointer_stat) = client
         .get_data(&rp.log_pointer())
