@@ -639,7 +639,6 @@ const FAULTS: [Fault; 7] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "mixes the faults whose scenarios are ignored for sidecar bugs; run with --ignored"]
 async fn nemesis_soak() {
     let _serial = serial();
     let seed = seed_from_env("RTABLE_NEMESIS_SEED");

@@ -182,8 +182,33 @@ async fn run(cfg: Config) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("HTTP server failed: {e}"))?;
+    deactivate(&replica).await;
     info!(replica = %replica.name, "shut down");
     Ok(())
+}
+
+/// Removes this replica's `is_active` on a clean stop, so the others see it leave at once
+/// and its next start does not wait for this session to time out. The owner check leaves
+/// alone a node a newer process created after our session expired.
+async fn deactivate(replica: &Replica) {
+    let Ok((client, _)) = replica.sessions.active() else {
+        return;
+    };
+    let path = replica.paths.replica(&replica.name).is_active();
+    let delete = async {
+        let (_, stat) = client.get_data(&path).await?;
+        if stat.ephemeral_owner == client.session_id().0 {
+            client.delete(&path, Some(stat.version)).await?;
+        }
+        Ok::<(), zookeeper_client::Error>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), delete).await {
+        Ok(Ok(())) => info!(replica = %replica.name, "deactivated"),
+        Ok(Err(e)) => {
+            warn!(replica = %replica.name, error = %e, "cannot remove is_active on shutdown")
+        }
+        Err(_) => warn!(replica = %replica.name, "removing is_active on shutdown timed out"),
+    }
 }
 
 async fn shutdown_signal() {
