@@ -69,6 +69,18 @@ pub struct Config {
     /// Seconds between cleanup passes (jittered by up to 50%).
     #[arg(long, default_value_t = 30)]
     pub cleanup_period_seconds: u64,
+    /// Merges take at least this many adjacent parts (see merge::policy).
+    #[arg(long, default_value_t = 3)]
+    pub merge_min_parts: usize,
+    /// Merges take at most this many parts.
+    #[arg(long, default_value_t = 10)]
+    pub merge_max_parts: usize,
+    /// Merges produce parts of at most this many bytes (sum of the sources).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub merge_max_bytes: u64,
+    /// A merge's largest source may be at most this many times the others together.
+    #[arg(long, default_value_t = 4.0)]
+    pub merge_max_size_ratio: f64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "RTABLE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -155,7 +155,12 @@ async fn run(cfg: Config) -> Result<(), String> {
         startup_recovery_done: AtomicBool::new(false),
         started_at: std::time::Instant::now(),
         merge_notify: tokio::sync::Notify::new(),
-        merge_policy: rtable_sidecar::merge::policy::MergePolicy::default(),
+        merge_policy: rtable_sidecar::merge::policy::MergePolicy {
+            min_parts: cfg.merge_min_parts.max(2),
+            max_parts: cfg.merge_max_parts.max(2),
+            max_bytes: cfg.merge_max_bytes,
+            max_size_ratio: cfg.merge_max_size_ratio,
+        },
         lost_part_count: std::sync::atomic::AtomicU64::new(0),
         fetching: Default::default(),
         pull_lock: tokio::sync::Mutex::new(()),

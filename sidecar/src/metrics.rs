@@ -24,6 +24,7 @@ pub struct Metrics {
     pub lost_parts: AtomicU64,
     pub cleanup_runs: AtomicU64,
     pub replicas_marked_lost: AtomicU64,
+    pub merged_part_fetches: AtomicU64,
 }
 
 impl Metrics {
@@ -37,7 +38,7 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 18] = [
+        let counters: [(&str, &str, &AtomicU64); 19] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -128,6 +129,11 @@ impl Metrics {
                 "Replicas this leader marked is_lost=1 during log cleanup",
                 &self.replicas_marked_lost,
             ),
+            (
+                "rtable_merged_part_fetches_total",
+                "Merged parts fetched instead of merged here (ReplicatedPartFetchesOfMerged)",
+                &self.merged_part_fetches,
+            ),
         ];
         let mut out = String::new();
         for (name, help, value) in counters {
@@ -143,5 +149,42 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{replica=\"{replica}\"}} {value}");
         }
         out
+    }
+}
+
+/// The counters `/status` repeats, so one request shows what the replica has been doing.
+#[derive(Debug, serde::Serialize)]
+pub struct Counters {
+    pub inserts: u64,
+    pub deduplicated_inserts: u64,
+    pub quorum_inserts: u64,
+    pub quorum_failed_inserts: u64,
+    pub quorum_wait_ms: u64,
+    pub fetches: u64,
+    pub failed_fetches: u64,
+    pub merges: u64,
+    pub merged_part_fetches: u64,
+    pub lost_parts: u64,
+    pub cleanup_runs: u64,
+    pub replicas_marked_lost: u64,
+}
+
+impl Metrics {
+    pub fn counters(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            inserts: get(&self.inserts),
+            deduplicated_inserts: get(&self.deduplicated_inserts),
+            quorum_inserts: get(&self.quorum_inserts),
+            quorum_failed_inserts: get(&self.quorum_failed_inserts),
+            quorum_wait_ms: get(&self.quorum_wait_micros) / 1000,
+            fetches: get(&self.fetches),
+            failed_fetches: get(&self.failed_fetches),
+            merges: get(&self.merges),
+            merged_part_fetches: get(&self.merged_part_fetches),
+            lost_parts: get(&self.lost_parts),
+            cleanup_runs: get(&self.cleanup_runs),
+            replicas_marked_lost: get(&self.replicas_marked_lost),
+        }
     }
 }

@@ -65,7 +65,7 @@ pub async fn before_activation(
         }
         if replica.store.contains(&part) {
             warn!(replica = %replica.name, part = %failed, "part failed its quorum; detaching it");
-            if let Err(e) = replica.store.detach(&part, "failed_quorum") {
+            if let Err(e) = replica.store.detach(&part, "noquorum") {
                 warn!(replica = %replica.name, part = %failed, error = %e, "cannot detach failed-quorum part");
             }
         }

@@ -32,6 +32,10 @@ pub struct ReplicaStatus {
     pub parts: Vec<String>,
     pub rows: u64,
     pub bytes: u64,
+    /// Entries in the queue that are merges, and those postponed at least once.
+    pub merges_in_queue: usize,
+    pub postponed_in_queue: usize,
+    pub counters: crate::metrics::Counters,
 }
 
 /// system.replicas' absolute_delay: how far behind the newest data this replica is, in
@@ -67,6 +71,15 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
             q.last_queue_update_exception.clone(),
         )
     };
+    let (merges_in_queue, postponed_in_queue) = {
+        let q = replica.queue.lock();
+        (
+            q.items()
+                .filter(|i| i.entry.type_name() == "MERGE_PARTS")
+                .count(),
+            q.items().filter(|i| i.postpone_reason.is_some()).count(),
+        )
+    };
     let mut status = ReplicaStatus {
         replica_name: replica.name.clone(),
         table_path: replica.paths.root().to_string(),
@@ -92,6 +105,9 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
         parts,
         rows,
         bytes,
+        merges_in_queue,
+        postponed_in_queue,
+        counters: replica.metrics.counters(),
     };
     if let Some(client) = &view.client
         && let Err(e) = read_tree(replica, client, &mut status).await

@@ -1,0 +1,623 @@
+//! The rest of the replication protocol on a real 3-node ZooKeeper ensemble and three
+//! sidecar processes: quorum inserts (both modes, failure and retry), sequential
+//! consistency, merges under a steady stream, merge versus fetch of the merged part, drop
+//! partition, and a part no replica holds any more.
+//!
+//! Log cleanup with a replica marked lost and a wiped replica's recovery run in
+//! `faults.rs` (`a_replica_down_long_enough_is_marked_lost_and_recovers`,
+//! `one_replica_disk_wiped`), under load and with the checker.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use zookeeper_client as zk;
+
+use common::{CONVERGE, january_rows, rows, user_ids};
+use rtable_e2e::client::json_lines;
+use rtable_e2e::poll::{Check, poll_until};
+use rtable_e2e::{Cluster, ClusterOptions, serial};
+use rtable_protocol::PartName;
+use rtable_protocol::quorum::LastPart;
+
+async fn cluster(opts: ClusterOptions) -> Cluster {
+    Cluster::start(opts).await.expect("cluster starts")
+}
+
+/// Short sessions: the failure scenarios wait for a dead replica's session to expire.
+fn quick_sessions() -> ClusterOptions {
+    ClusterOptions {
+        session_timeout_ms: 3_000,
+        ..ClusterOptions::default()
+    }
+}
+
+/// `POST /insert` with query parameters beyond the format; returns (status, JSON body).
+async fn insert_with(c: &Cluster, replica: usize, query: &str, body: String) -> (u16, Value) {
+    let url = format!(
+        "{}/insert?format=JSONEachRow&{query}",
+        c.client(replica).base()
+    );
+    let answer = reqwest::Client::new()
+        .post(url)
+        .body(body)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("insert answered");
+    let status = answer.status().as_u16();
+    let text = answer.text().await.expect("insert body");
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("JSON answer {text}: {e}"));
+    (status, json)
+}
+
+fn parts_of(answer: &Value) -> Vec<String> {
+    answer["parts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("`parts` in {answer}"))
+        .iter()
+        .map(|p| p.as_str().expect("part name").to_string())
+        .collect()
+}
+
+/// Replicas whose `parts` in ZooKeeper list `part` or a part covering it.
+async fn zk_holders(c: &Cluster, zk: &zk::Client, part: &str) -> Vec<String> {
+    let part = PartName::parse(part).expect("part name");
+    let mut holders = Vec::new();
+    for r in &c.replicas {
+        let children = zk
+            .list_children(&c.paths().replica(r.name()).parts())
+            .await
+            .expect("list parts");
+        if children
+            .iter()
+            .filter_map(|n| PartName::parse(n).ok())
+            .any(|n| n.contains(&part))
+        {
+            holders.push(r.name().to_string());
+        }
+    }
+    holders
+}
+
+async fn exists(zk: &zk::Client, path: &str) -> bool {
+    zk.check_stat(path).await.expect("exists").is_some()
+}
+
+async fn select_lines(c: &Cluster, replica: usize, query: &str) -> (u16, Vec<String>) {
+    let r = c
+        .client(replica)
+        .get(&format!("/select?format=JSONEachRow{query}"))
+        .await
+        .expect("select answered");
+    let mut lines: Vec<String> = r.text().lines().map(str::to_string).collect();
+    lines.sort();
+    (r.status, lines)
+}
+
+async fn status_json(c: &Cluster, replica: usize) -> Value {
+    c.client(replica).status_json().await.expect("status")
+}
+
+#[tokio::test]
+async fn quorum_2_and_3_in_parallel_and_sequential_mode() {
+    let _serial = serial();
+    let mut c = cluster(quick_sessions()).await;
+    let zk = c.zk_client().await.expect("zk");
+    let mut total = 0u64;
+    for (i, (quorum, parallel)) in [(2, 1), (2, 0), (3, 1), (3, 0)].into_iter().enumerate() {
+        let first = i as u64 * 10;
+        let (status, answer) = insert_with(
+            &c,
+            i % 3,
+            &format!("insert_quorum={quorum}&insert_quorum_parallel={parallel}"),
+            json_lines(&january_rows(first, 10)),
+        )
+        .await;
+        assert_eq!(status, 200, "quorum {quorum} parallel {parallel}: {answer}");
+        total += 10;
+        for part in parts_of(&answer) {
+            // Acknowledged means: already on `quorum` replicas, quorum bookkeeping done.
+            let holders = zk_holders(&c, &zk, &part).await;
+            assert!(
+                holders.len() >= quorum,
+                "quorum {quorum} parallel {parallel}: {part} acknowledged but held by {holders:?}"
+            );
+            assert!(!exists(&zk, &format!("{}/{part}", c.paths().quorum_parallel())).await);
+            if parallel == 0 {
+                let (data, _) = zk
+                    .get_data(&c.paths().quorum_last_part())
+                    .await
+                    .expect("quorum/last_part");
+                let last = LastPart::parse(std::str::from_utf8(&data).expect("utf-8"))
+                    .expect("last_part parses");
+                let recorded = last.parts.get("202501").expect("202501 in last_part");
+                assert!(
+                    PartName::parse(recorded)
+                        .expect("name")
+                        .contains(&PartName::parse(&part).expect("name"))
+                        || recorded == &part,
+                    "last_part {recorded} vs {part}"
+                );
+            }
+        }
+    }
+    let lines = c
+        .wait_converged_rows(total as usize, CONVERGE)
+        .await
+        .expect("converged");
+    assert_eq!(user_ids(&lines), (0..total).collect::<Vec<u64>>());
+    let quorum_inserts: u64 = {
+        let mut n = 0;
+        for i in 0..3 {
+            n += status_json(&c, i).await["counters"]["quorum_inserts"]
+                .as_u64()
+                .expect("counters.quorum_inserts");
+        }
+        n
+    };
+    assert_eq!(quorum_inserts, 4);
+
+    // Too few live replicas: fails fast with a message naming the setting; `auto` (the
+    // majority, 2 of 3) still works.
+    c.replicas[2].kill().expect("SIGKILL events-2");
+    let survivor = c.client(0).clone();
+    poll_until(
+        "events-2 inactive",
+        CONVERGE,
+        Duration::from_millis(200),
+        || {
+            let survivor = survivor.clone();
+            async move {
+                let s = survivor.status().await?;
+                Ok(if s.active_replicas == Some(2) {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("{:?}", s.active_replicas))
+                })
+            }
+        },
+    )
+    .await
+    .expect("inactive");
+    let started = std::time::Instant::now();
+    let (status, answer) =
+        insert_with(&c, 0, "insert_quorum=3", json_lines(&january_rows(100, 1))).await;
+    assert_eq!(status, 503, "{answer}");
+    let error = answer["error"].as_str().expect("error");
+    assert!(error.contains("insert_quorum"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "fails fast");
+    let (status, answer) = insert_with(
+        &c,
+        1,
+        "insert_quorum=auto",
+        json_lines(&january_rows(100, 1)),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn a_failed_quorum_frees_the_block_and_the_retry_lands_once() {
+    let _serial = serial();
+    let mut c = cluster(quick_sessions()).await;
+    let zk = c.zk_client().await.expect("zk");
+    c.client(0)
+        .insert_json(&january_rows(0, 5))
+        .await
+        .expect("warm-up insert");
+    c.wait_converged_rows(5, CONVERGE).await.expect("converged");
+
+    // events-1 and events-2 freeze (still active for a moment), the insert lands on
+    // events-0 alone and waits for a second copy that cannot come.
+    c.replicas[1].stop().expect("SIGSTOP events-1");
+    c.replicas[2].stop().expect("SIGSTOP events-2");
+    let body = json_lines(&january_rows(1000, 7));
+    let base = c.client(0).base().to_string();
+    let pending = tokio::spawn({
+        let body = body.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!(
+                    "{base}/insert?format=JSONEachRow&dedup_token=q-1&insert_quorum=2"
+                ))
+                .body(body)
+                .send()
+                .await
+        }
+    });
+    let quorum_dir = c.paths().quorum_parallel();
+    let part = poll_until(
+        "the quorum insert to commit",
+        CONVERGE,
+        Duration::from_millis(20),
+        || {
+            let zk = zk.clone();
+            let quorum_dir = quorum_dir.clone();
+            async move {
+                let children = zk.list_children(&quorum_dir).await?;
+                Ok(match children.into_iter().next() {
+                    Some(p) => Check::Done(p),
+                    None => Check::Wait("no quorum node yet".into()),
+                })
+            }
+        },
+    )
+    .await
+    .expect("quorum node");
+    // The only holder dies before anyone copied the part.
+    c.replicas[0].kill().expect("SIGKILL events-0");
+    let outcome = pending.await.expect("task");
+    assert!(
+        outcome.is_err() || outcome.as_ref().is_ok_and(|r| r.status() != 200),
+        "the inserter died, the client must not see success"
+    );
+    c.replicas[1].cont().expect("SIGCONT events-1");
+    c.replicas[2].cont().expect("SIGCONT events-2");
+
+    let failed = format!("{}/{part}", c.paths().quorum_failed_parts());
+    poll_until(
+        "the quorum to fail",
+        CONVERGE,
+        Duration::from_millis(200),
+        || {
+            let zk = zk.clone();
+            let failed = failed.clone();
+            async move {
+                Ok(if zk.check_stat(&failed).await?.is_some() {
+                    Check::Done(())
+                } else {
+                    Check::Wait("no failed_parts node".into())
+                })
+            }
+        },
+    )
+    .await
+    .expect("failed_parts");
+    assert!(!exists(&zk, &format!("{quorum_dir}/{part}")).await);
+
+    // The client's retry with the same token is a new insert, not a duplicate. (Until
+    // events-2 is active again after its freeze, too few replicas answer fast.)
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let (status, answer) = loop {
+        let (status, answer) =
+            insert_with(&c, 1, "dedup_token=q-1&insert_quorum=2", body.clone()).await;
+        let too_few = status == 503
+            && answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("active replicas"));
+        if too_few && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        break (status, answer);
+    };
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["deduplicated"], false, "{answer}");
+
+    // The old holder comes back and sets the failed part aside instead of serving it.
+    c.replicas[0].start_again().expect("restart events-0");
+    c.replicas[0].wait_ready(CONVERGE).await.expect("ready");
+    let lines = c
+        .wait_converged_rows(12, CONVERGE)
+        .await
+        .expect("converged");
+    let mut expected: Vec<u64> = (0..5).collect();
+    expected.extend(1000..1007);
+    assert_eq!(
+        user_ids(&lines),
+        expected,
+        "the retried rows are there once"
+    );
+    let detached: Vec<String> = std::fs::read_dir(c.replicas[0].data_dir().join("detached"))
+        .expect("detached dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        detached
+            .iter()
+            .any(|d| d.starts_with("noquorum_") && d.contains(&part)),
+        "events-0 detached {part}: {detached:?}"
+    );
+}
+
+#[tokio::test]
+async fn sequential_consistency_refuses_a_lagging_replica_and_hides_unconfirmed_parts() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions {
+        interserver_secret: Some("right-secret".into()),
+        ..quick_sessions()
+    })
+    .await;
+    // events-2 restarts with a secret its peers refuse: it cannot fetch anything.
+    c.replicas[2].kill().expect("SIGKILL events-2");
+    let secret_file = c.dir().join("interserver-secret");
+    std::fs::write(&secret_file, "wrong-secret\n").expect("write secret");
+    c.replicas[2].start_again().expect("restart events-2");
+    c.replicas[2].wait_ready(CONVERGE).await.expect("ready");
+    std::fs::write(&secret_file, "right-secret\n").expect("restore secret");
+
+    let (status, answer) = insert_with(
+        &c,
+        0,
+        "insert_quorum=2&insert_quorum_parallel=0",
+        json_lines(&january_rows(0, 10)),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The lagging replica refuses a sequentially consistent read, plain reads still work.
+    let (status, _) = select_lines(&c, 2, "&sequential_consistency=1").await;
+    assert_eq!(status, 503, "events-2 lacks the last quorum part");
+    let (status, lines) = select_lines(&c, 2, "").await;
+    assert_eq!(status, 200);
+    assert!(lines.is_empty());
+
+    // A part without quorum lies above the high-water mark: hidden from consistent reads.
+    let (status, answer) =
+        insert_with(&c, 0, "insert_quorum=1", json_lines(&january_rows(100, 3))).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, consistent) = select_lines(&c, 0, "&sequential_consistency=1").await;
+    assert_eq!(status, 200);
+    assert_eq!(user_ids(&consistent), (0..10).collect::<Vec<u64>>());
+    let (_, all) = select_lines(&c, 0, "").await;
+    assert_eq!(all.len(), 13);
+    let (status, _) = select_lines(&c, 0, "&sequential_consistency=2").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_steady_stream_of_small_inserts_keeps_the_part_count_bounded() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    let mut max_parts = 0usize;
+    for k in 0..240u64 {
+        c.client((k % 3) as usize)
+            .insert_json(&january_rows(k, 1))
+            .await
+            .expect("insert");
+        if k % 20 == 19 {
+            let s = c.client(0).status().await.expect("status");
+            max_parts = max_parts.max(s.parts.len());
+        }
+    }
+    let lines = c
+        .wait_converged_rows(240, CONVERGE)
+        .await
+        .expect("converged");
+    assert_eq!(user_ids(&lines), (0..240).collect::<Vec<u64>>());
+    // Merges keep up: 240 one-row parts never pile up.
+    assert!(max_parts <= 40, "up to {max_parts} parts during the stream");
+    let merges = poll_until(
+        "merges to settle",
+        CONVERGE,
+        Duration::from_millis(500),
+        || {
+            let clients: Vec<_> = c.replicas.iter().map(|r| r.client().clone()).collect();
+            async move {
+                let mut parts = Vec::new();
+                for cl in &clients {
+                    let s = cl.status().await?;
+                    if s.queue_size > 0 {
+                        return Ok(Check::Wait(format!(
+                            "{} queue {}",
+                            s.replica_name, s.queue_size
+                        )));
+                    }
+                    parts.push(s.parts);
+                }
+                Ok(
+                    if parts.iter().all(|p| *p == parts[0]) && parts[0].len() <= 12 {
+                        Check::Done(parts[0].len())
+                    } else {
+                        Check::Wait(format!("parts {parts:?}"))
+                    },
+                )
+            }
+        },
+    )
+    .await
+    .expect("identical, few parts");
+    println!("steady stream: max {max_parts} parts during, {merges} after");
+    let mut merged = 0;
+    for i in 0..3 {
+        merged += status_json(&c, i).await["counters"]["merges"]
+            .as_u64()
+            .expect("merges counter");
+    }
+    assert!(merged > 0);
+}
+
+#[tokio::test]
+async fn a_replica_without_the_sources_fetches_the_merged_part() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    // events-2 is away while the others insert and merge.
+    c.replicas[2].kill().expect("SIGKILL events-2");
+    for k in 0..12u64 {
+        c.client((k % 2) as usize)
+            .insert_json(&january_rows(k * 5, 5))
+            .await
+            .expect("insert");
+    }
+    let merged_name = poll_until(
+        "events-0 and events-1 to merge",
+        CONVERGE,
+        Duration::from_millis(200),
+        || {
+            let a = c.client(0).clone();
+            let b = c.client(1).clone();
+            async move {
+                let (sa, sb) = (a.status().await?, b.status().await?);
+                let merged = sa
+                    .parts
+                    .iter()
+                    .find(|p| PartName::parse(p).is_ok_and(|n| n.level > 0));
+                Ok(match merged {
+                    Some(m) if sa.parts == sb.parts && sa.queue_size == 0 => Check::Done(m.clone()),
+                    _ => Check::Wait(format!("{:?} / {:?}", sa.parts, sb.parts)),
+                })
+            }
+        },
+    )
+    .await
+    .expect("a merged part");
+    let mut merges_here = 0;
+    for i in 0..2 {
+        merges_here += status_json(&c, i).await["counters"]["merges"]
+            .as_u64()
+            .expect("merges");
+    }
+    assert!(merges_here >= 2, "both live replicas merged locally");
+
+    c.replicas[2].start_again().expect("restart events-2");
+    c.replicas[2].wait_ready(CONVERGE).await.expect("ready");
+    let lines = c
+        .wait_converged_rows(60, CONVERGE)
+        .await
+        .expect("converged");
+    assert_eq!(user_ids(&lines), (0..60).collect::<Vec<u64>>());
+    let s = status_json(&c, 2).await;
+    assert!(
+        s["counters"]["merged_part_fetches"]
+            .as_u64()
+            .expect("counter")
+            >= 1,
+        "events-2 fetched {merged_name} or a later merge instead of its sources: {s}"
+    );
+    // Same row set, byte for byte, whichever way a replica got the merged part.
+    let (_, merged_locally) = select_lines(&c, 0, "").await;
+    let (_, fetched) = select_lines(&c, 2, "").await;
+    assert_eq!(merged_locally, fetched);
+}
+
+#[tokio::test]
+async fn drop_partition_removes_it_on_every_replica() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    for k in 0..6u64 {
+        c.client((k % 3) as usize)
+            .insert_json(&rows(k * 10, 10))
+            .await
+            .expect("insert");
+    }
+    c.wait_converged_rows(60, CONVERGE)
+        .await
+        .expect("converged");
+    let r = c
+        .client(1)
+        .get("/select?format=JSONEachRow")
+        .await
+        .expect("select");
+    assert_eq!(r.status, 200);
+    let drop = reqwest::Client::new()
+        .post(format!(
+            "{}/drop_partition?partition=202501",
+            c.client(1).base()
+        ))
+        .send()
+        .await
+        .expect("drop answered");
+    assert_eq!(drop.status().as_u16(), 200);
+    let answer: Value = drop.json().await.expect("JSON");
+    let range = PartName::parse(answer["drop_range"].as_str().expect("drop_range")).expect("name");
+    assert_eq!(range.partition_id, "202501");
+    // rows(): even ids are January, odd ids February.
+    let lines = c
+        .wait_converged_rows(30, CONVERGE)
+        .await
+        .expect("converged after the drop");
+    assert_eq!(
+        user_ids(&lines),
+        (0..60).filter(|id| id % 2 == 1).collect::<Vec<u64>>()
+    );
+    for r in &c.replicas {
+        let s = r.client().status().await.expect("status");
+        assert!(
+            s.parts.iter().all(|p| !p.starts_with("202501_")),
+            "{}: {:?}",
+            s.replica_name,
+            s.parts
+        );
+    }
+    // A bad partition id is refused with a message, nothing published.
+    let bad = reqwest::Client::new()
+        .post(format!(
+            "{}/drop_partition?partition=../x",
+            c.client(0).base()
+        ))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(bad.status().as_u16(), 400);
+}
+
+#[tokio::test]
+async fn a_part_no_replica_holds_is_declared_lost_and_counted() {
+    let _serial = serial();
+    let mut c = cluster(quick_sessions()).await;
+    c.client(0)
+        .insert_json(&january_rows(0, 5))
+        .await
+        .expect("insert");
+    c.wait_converged_rows(5, CONVERGE).await.expect("converged");
+    // Only events-0 ever holds the next part, then its disk is wiped.
+    c.replicas[1].stop().expect("SIGSTOP events-1");
+    c.replicas[2].stop().expect("SIGSTOP events-2");
+    let answer = c
+        .client(0)
+        .insert_json(&january_rows(500, 4))
+        .await
+        .expect("insert on events-0 alone");
+    c.replicas[0].kill().expect("SIGKILL events-0");
+    c.replicas[0].wipe_data_dir().expect("wipe");
+    c.replicas[1].cont().expect("SIGCONT events-1");
+    c.replicas[2].cont().expect("SIGCONT events-2");
+    c.replicas[0].start_again().expect("restart events-0");
+    c.replicas[0].wait_ready(CONVERGE).await.expect("ready");
+
+    let clients: Vec<_> = c.replicas.iter().map(|r| r.client().clone()).collect();
+    let counted = poll_until(
+        "the part to be declared lost and no queue to wait for it",
+        CONVERGE,
+        Duration::from_millis(200),
+        || {
+            let clients = clients.clone();
+            async move {
+                let mut lost = 0;
+                for cl in &clients {
+                    let s = cl.status_json().await?;
+                    if s["queue_size"] != 0 {
+                        return Ok(Check::Wait(format!(
+                            "{} queue {}",
+                            s["replica_name"], s["queue_size"]
+                        )));
+                    }
+                    lost += s["lost_part_count"].as_u64().unwrap_or(0);
+                }
+                Ok(if lost >= 1 {
+                    Check::Done(lost)
+                } else {
+                    Check::Wait("no lost part counted yet".into())
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{:?} never declared lost: {e:#}", answer.parts));
+    assert!(counted >= 1);
+    let lines = c
+        .wait_converged_rows(5, CONVERGE)
+        .await
+        .expect("converged without the lost part");
+    assert_eq!(user_ids(&lines), (0..5).collect::<Vec<u64>>());
+    let mut metric = 0.0;
+    for cl in &clients {
+        let text = cl.metrics().await.expect("metrics");
+        metric += rtable_e2e::client::metric_value(&text, "rtable_lost_parts_total")
+            .expect("rtable_lost_parts_total");
+    }
+    assert!(metric >= 1.0, "rtable_lost_parts_total {metric}");
+}
