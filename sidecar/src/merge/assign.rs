@@ -23,11 +23,17 @@ const MAX_QUEUED_MERGES: usize = 4;
 
 pub async fn run(replica: Arc<Replica>) {
     let policy = replica.merge_policy.clone();
+    let stagger = stagger(&replica.name);
     loop {
         tokio::select! {
             _ = replica.merge_notify.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+        // Every replica sees the same parts at about the same time. Staggering the leaders
+        // lets the first one publish and the others find its entry in their queue (a
+        // local check) instead of all paying the ZooKeeper reads and losing the version
+        // check; it also batches a burst of inserts into one look.
+        tokio::time::sleep(stagger).await;
         let Ok((client, _)) = replica.sessions.active() else {
             continue;
         };
@@ -37,6 +43,15 @@ pub async fn run(replica: Arc<Replica>) {
             Err(e) => warn!(replica = %replica.name, error = %e, "merge assignment failed"),
         }
     }
+}
+
+/// 50 ms plus 0-3 steps of 200 ms, fixed per replica name.
+fn stagger(name: &str) -> Duration {
+    let step = name
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+        % 4;
+    Duration::from_millis(50 + 200 * step)
 }
 
 /// Parts currently produced or consumed by queued entries: not mergeable now.

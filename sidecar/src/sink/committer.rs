@@ -245,6 +245,7 @@ async fn commit_pending(
             .active()
             .map_err(|e| InsertError::ReadOnly(e.reason))?;
         ensure_partitions(replica, &client, known_partitions, pending, &open).await?;
+        let t0 = std::time::Instant::now();
         let numbers = match allocate(replica, &client, pending, &open).await {
             Ok(Some(numbers)) => numbers,
             // A duplicate was found and answered; allocate the rest again. Duplicates are
@@ -287,12 +288,22 @@ async fn commit_pending(
                 }
             }
         }
-        match commit(replica, &client, pending, &open).await {
+        let t1 = std::time::Instant::now();
+        let committed = commit(replica, &client, pending, &open).await;
+        let t2 = std::time::Instant::now();
+        match committed {
             CommitResult::Committed => {
                 Metrics::inc(&replica.metrics.insert_commits);
                 for &i in &open {
                     activate(replica, &mut pending[i]);
                 }
+                debug!(
+                    blocks = open.len(),
+                    allocate_and_stage_us = (t1 - t0).as_micros() as u64,
+                    commit_us = (t2 - t1).as_micros() as u64,
+                    activate_us = t2.elapsed().as_micros() as u64,
+                    "group commit timing"
+                );
                 replica.pull_notify.notify_one();
                 replica.merge_notify.notify_one();
                 return Ok(());

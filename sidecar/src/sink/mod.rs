@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug, info_span};
 
 use rtable_protocol::hash::{self, Hash128};
 
@@ -113,6 +113,7 @@ pub async fn insert(
 ) -> Result<InsertAnswer, InsertError> {
     let span = info_span!("insert", replica = %replica.name, bytes = request.body.len());
     async move {
+        let started = std::time::Instant::now();
         // Refuse early: a read-only replica should not even write temporary parts.
         let (client, _) = replica
             .sessions
@@ -148,7 +149,13 @@ pub async fn insert(
                 .map_err(|e| InsertError::Internal(e.to_string()))??
         };
         let rows: u64 = blocks.iter().map(|b| b.rows).sum();
+        let prepared = started.elapsed();
         let outcomes = committer.commit(blocks).await;
+        debug!(
+            prepare_us = prepared.as_micros() as u64,
+            commit_us = (started.elapsed() - prepared).as_micros() as u64,
+            "insert timing"
+        );
         let outcomes = match outcomes {
             Ok(o) => o,
             Err(e) => {
