@@ -133,6 +133,11 @@ pub async fn pull_once(
             _ => {}
         }
     }
+    // A GET for a part this replica already holds (its own insert) needs no queue node:
+    // a held part is in `parts/` already, or its own entry is still queued (a fetch
+    // records the part and drops its entry in one multi), so nothing is lost by skipping
+    // it, and every insert saves the queue node's create and delete.
+    entries.retain(|(_, data)| !already_held(replica, data));
     let mut multi = client.new_multi_writer();
     let prefix = rp.queue_entry_prefix();
     for (_, data) in &entries {
@@ -175,6 +180,22 @@ pub async fn pull_once(
     debug!(replica = %replica.name, pulled = entries.len(), log_pointer = last + 1, "pulled log entries");
     replica.queue_notify.notify_one();
     Ok(batch.len())
+}
+
+fn already_held(replica: &Replica, data: &[u8]) -> bool {
+    let Some(entry) = std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| LogEntry::parse(t).ok())
+    else {
+        return false;
+    };
+    match &entry.kind {
+        rtable_protocol::LogEntryKind::Get { part } if entry.quorum == 0 => {
+            rtable_protocol::PartName::parse(part)
+                .is_ok_and(|name| replica.store.covering(&name).is_some())
+        }
+        _ => false,
+    }
 }
 
 async fn set_pointer(
