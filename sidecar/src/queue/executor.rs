@@ -145,6 +145,9 @@ async fn execute_get(
         };
     let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
     Metrics::inc(&replica.metrics.fetches);
+    if source.level > 0 {
+        Metrics::inc(&replica.metrics.merged_part_fetches);
+    }
     Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
     let header = PartHeader::new(
         &replica.columns_text,
@@ -171,6 +174,7 @@ async fn execute_get(
         quorum::acknowledge(replica, client, &source).await?;
     }
     retire_covered(replica, client, &source).await?;
+    retire_if_covered(replica, client, &source).await?;
     Ok(())
 }
 
@@ -292,7 +296,21 @@ async fn execute_merge(
         "merged parts"
     );
     retire_covered(replica, client, &into_name).await?;
+    retire_if_covered(replica, client, &into_name).await?;
     Ok(())
+}
+
+/// A part that arrived after a wider one covering it (a fetch racing a merge) is retired
+/// at once, from ZooKeeper too: otherwise `parts/` would list a part no read ever sees.
+async fn retire_if_covered(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<(), ExecuteError> {
+    match replica.store.covering(part) {
+        Some(cover) if &cover != part => retire_covered(replica, client, &cover).await,
+        _ => Ok(()),
+    }
 }
 
 /// DROP_RANGE: cancel queued work inside the range, then remove the covered parts from
