@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// (the example manifest's `sessionTimeoutSeconds: 30` by default).
     #[arg(long, default_value_t = 30_000)]
     pub session_timeout_ms: u64,
+    /// Run only these figures (`lag`, `fetch`; repeatable) instead of the whole table, to
+    /// iterate on one figure; the report then holds only those rows.
+    #[arg(long, value_parser = ["lag", "fetch"])]
+    pub only: Vec<String>,
 }
 
 /// Makes the harness start `target/release/rtable-sidecar` (unless `RTABLE_SIDECAR_BIN`
@@ -235,7 +239,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         acked_rows: 0,
         failed_inserts: 0,
     };
-    let result = bench.run_all().await;
+    let result = if args.only.is_empty() {
+        bench.run_all().await
+    } else {
+        bench.run_only(&args.only).await
+    };
     if let Err(e) = &result {
         eprintln!("bench: failed: {e:#}");
         bench.cluster.dump_logs(40);
@@ -288,6 +296,22 @@ impl Bench {
             "Sidecar RSS at idle after the whole run (parts: thousands of small ones, one big one): {}.",
             rss_list(&after)
         ));
+        Ok(())
+    }
+
+    /// The figures named by `--only`, in table order, on a fresh cluster.
+    async fn run_only(&mut self, only: &[String]) -> anyhow::Result<()> {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if only.iter().any(|o| o == "lag") {
+            let base =
+                zkbase::session(&self.cluster.zk.connect_string(), self.session_timeout).await?;
+            let watcher =
+                zkbase::session(&self.cluster.zk.connect_string(), self.session_timeout).await?;
+            self.replication_lag(&base, &watcher).await?;
+        }
+        if only.iter().any(|o| o == "fetch") {
+            self.fetch().await?;
+        }
         Ok(())
     }
 

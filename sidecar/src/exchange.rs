@@ -11,11 +11,21 @@
 //!
 //! Every hash is verified by the receiver before the part becomes visible.
 
-use rtable_protocol::hash::Hash128;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Seek};
+use std::path::Path;
+
+use rtable_protocol::hash::{FileHasher, Hash128};
+use rtable_protocol::part_header::Checksums;
 
 pub const MAGIC: &str = "rtable-part-exchange 1";
 /// A part directory holds a handful of files; a header beyond this is not a peer talking.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The unit a part is read, sent and written in. At 1 MiB the per-chunk costs (a
+/// blocking-pool hop, a syscall, a channel message) disappear next to copying the bytes;
+/// 4 KiB reads made a 256 MiB transfer run at a small fraction of a plain file copy.
+pub const CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileEntry {
@@ -113,6 +123,127 @@ pub fn header_end(buf: &[u8]) -> Option<(usize, usize)> {
         .map(|p| (p + 1, p + 2))
 }
 
+/// A part's files opened for sending: the exchange header, then every file's bytes.
+/// The files stay open, so a part retired while it streams is still sent whole.
+pub struct OutgoingPart {
+    header: Option<Vec<u8>>,
+    /// Each file with exactly its listed size left to read.
+    files: VecDeque<(String, std::io::Take<File>)>,
+    content_length: u64,
+}
+
+impl OutgoingPart {
+    /// Opens the regular files of a part directory in name order. Sizes and hashes come
+    /// from the part's verified checksums, so the data is read once; the files they do
+    /// not list (`checksums.txt`, `count.txt`, a few bytes each) are hashed here.
+    pub fn open(dir: &Path, known: &Checksums) -> std::io::Result<OutgoingPart> {
+        let mut names: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            if let Ok(name) = entry.file_name().into_string()
+                && is_safe_file_name(&name)
+            {
+                names.push(name);
+            }
+        }
+        names.sort();
+        let mut entries = Vec::with_capacity(names.len());
+        let mut files = VecDeque::with_capacity(names.len());
+        for name in names {
+            let mut file = File::open(dir.join(&name))?;
+            let on_disk = file.metadata()?.len();
+            let (size, hash) = match known.files.get(&name) {
+                Some(c) => {
+                    // The framing is the listed size: a file that differs must not go out
+                    // as if it were the part (the peer would misread every later file).
+                    if on_disk != c.size {
+                        return Err(std::io::Error::new(
+                            ErrorKind::InvalidData,
+                            format!(
+                                "`{name}` has {on_disk} bytes on disk, its checksums say {}",
+                                c.size
+                            ),
+                        ));
+                    }
+                    (c.size, c.hash)
+                }
+                None => {
+                    let mut hasher = FileHasher::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut size = 0u64;
+                    loop {
+                        let n = match file.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e),
+                        };
+                        hasher.update(&buf[..n]);
+                        size += n as u64;
+                    }
+                    file.rewind()?;
+                    (size, hasher.finish())
+                }
+            };
+            entries.push(FileEntry {
+                name: name.clone(),
+                size,
+                hash,
+            });
+            files.push_back((name, file.take(size)));
+        }
+        let header = render_header(&entries).into_bytes();
+        let content_length = header.len() as u64 + entries.iter().map(|f| f.size).sum::<u64>();
+        Ok(OutgoingPart {
+            header: Some(header),
+            files,
+            content_length,
+        })
+    }
+
+    /// Bytes of the whole exchange body (header included).
+    pub fn content_length(&self) -> u64 {
+        self.content_length
+    }
+
+    /// The next up to `max` bytes of the body (the header leads the first chunk, so a
+    /// small part is one chunk); `None` once everything was returned.
+    pub fn next_chunk(&mut self, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+        let mut buf = Vec::with_capacity(max.max(1));
+        if let Some(header) = self.header.take() {
+            buf.extend_from_slice(&header);
+        }
+        while buf.len() < max {
+            let Some((name, reader)) = self.files.front_mut() else {
+                break;
+            };
+            let left = reader.limit();
+            if left == 0 {
+                self.files.pop_front();
+                continue;
+            }
+            let start = buf.len();
+            let want = (max - start).min(usize::try_from(left).unwrap_or(usize::MAX));
+            buf.resize(start + want, 0);
+            match reader.read(&mut buf[start..]) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        format!("`{name}` ended {left} bytes before its listed size"),
+                    ));
+                }
+                Ok(n) => buf.truncate(start + n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => buf.truncate(start),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(if buf.is_empty() { None } else { Some(buf) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +282,54 @@ mod tests {
         let bad_hash = format!("{MAGIC}\ndata.parquet\t1\txyz\n");
         assert!(parse_header(&bad_hash).is_err());
         assert!(parse_header(&format!("{MAGIC}\n")).is_err());
+    }
+
+    #[test]
+    fn outgoing_part_frames_every_file_in_chunks() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(tmp.path().join("data.parquet"), &data).expect("write data");
+        std::fs::write(tmp.path().join("count.txt"), b"7\n").expect("write count");
+        std::fs::create_dir(tmp.path().join("subdir")).expect("mkdir");
+        let mut known = Checksums::default();
+        known.files.insert(
+            "data.parquet".to_string(),
+            rtable_protocol::part_header::FileChecksum {
+                size: data.len() as u64,
+                hash: rtable_protocol::hash::file_hash(&data),
+            },
+        );
+        let mut part = OutgoingPart::open(tmp.path(), &known).expect("open");
+        let mut body = Vec::new();
+        let mut chunks = 0;
+        while let Some(chunk) = part.next_chunk(64 * 1024).expect("chunk") {
+            assert!(chunk.len() <= 64 * 1024);
+            body.extend_from_slice(&chunk);
+            chunks += 1;
+        }
+        assert!(chunks > 4);
+        assert_eq!(body.len() as u64, part.content_length());
+        let (len, start) = header_end(&body).expect("header");
+        let files = parse_header(std::str::from_utf8(&body[..len]).expect("utf8")).expect("parses");
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["count.txt", "data.parquet"]);
+        assert_eq!(files[0].hash, rtable_protocol::hash::file_hash(b"7\n"));
+        assert_eq!(&body[start..start + 2], b"7\n");
+        assert_eq!(&body[start + 2..], &data[..]);
+    }
+
+    #[test]
+    fn outgoing_part_refuses_a_file_that_differs_from_its_checksums() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("data.parquet"), b"short").expect("write");
+        let mut known = Checksums::default();
+        known.files.insert(
+            "data.parquet".to_string(),
+            rtable_protocol::part_header::FileChecksum {
+                size: 100,
+                hash: rtable_protocol::hash::file_hash(b"short"),
+            },
+        );
+        assert!(OutgoingPart::open(tmp.path(), &known).is_err());
     }
 }

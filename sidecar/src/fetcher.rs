@@ -3,20 +3,21 @@
 //! part's checksums against the header the source published in ZooKeeper, and only then
 //! installs the directory under its final name.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
 use tracing::{Instrument, debug, info_span};
 
 use rtable_protocol::PartName;
 use rtable_protocol::hash::{FileHasher, Hash128};
-use rtable_protocol::part_header::Checksums;
+use rtable_protocol::part_header::{Checksums, FileChecksum};
 
 use crate::exchange::{self, FileEntry};
 use crate::replica::{Replica, SECRET_HEADER};
-use crate::store::{ActivePart, CHECKSUMS_FILE, StoreError};
+use crate::store::{ActivePart, CHECKSUMS_FILE, PartStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -91,6 +92,10 @@ pub struct Fetched {
 
 /// Fetches `part` from the peer at `address` (host:port). `expected_checksums_hash` is the
 /// `checksums hash` of the source's `parts/<part>` header when known.
+///
+/// The async side only receives; one blocking thread prepares `tmp-fetch_<part>`, hashes
+/// and writes the files as the bytes come, verifies and installs them. One thread for all
+/// the disk work keeps a small fetch (every insert's part) to a single hop off the runtime.
 pub async fn fetch_part(
     replica: &Replica,
     address: &str,
@@ -103,41 +108,47 @@ pub async fn fetch_part(
             return Err(FetchError::InFlight(part.to_string()));
         };
         let started = Instant::now();
-        let store = replica.store.clone();
-        let name = part.clone();
-        let dir = tokio::task::spawn_blocking(move || store.fetch_dir(&name))
-            .await
-            .map_err(|e| io_error(Path::new("tmp-fetch"), std::io::Error::other(e)))??;
-        let result = download(replica, address, part, &dir).await;
-        let (files, bytes) = match result {
-            Ok(ok) => ok,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                return Err(e);
-            }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let receiver = Receiver {
+            store: replica.store.clone(),
+            part: part.clone(),
+            address: address.to_string(),
+            expected_checksums_hash,
         };
-        let checksums =
-            match read_checksums(&dir, &files, address, part, expected_checksums_hash).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tokio::fs::remove_dir_all(&dir).await;
-                    return Err(e);
+        // Started before the request, so preparing the directory overlaps the round trip.
+        // The fetch span follows the disk work onto its thread, for its log lines.
+        let span = tracing::Span::current();
+        let writer = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            receiver.run(rx)
+        });
+        let received: Result<(), FetchError> = async {
+            let mut stream = request(replica, address, part).await?.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|source| FetchError::Http {
+                    address: address.to_string(),
+                    part: part.to_string(),
+                    source,
+                })?;
+                // A failed send means the writer stopped early; its own error says why.
+                if tx.send(chunk).await.is_err() {
+                    break;
                 }
-            };
-        let store = replica.store.clone();
-        let name = part.clone();
-        let install_dir = dir.clone();
-        let installed = tokio::task::spawn_blocking(move || {
-            store.install_fetched(&install_dir, &name, &checksums)
-        })
-        .await
-        .map_err(|e| io_error(&dir, std::io::Error::other(e)))?;
-        let part = match installed {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                return Err(e.into());
             }
+            Ok(())
+        }
+        .await;
+        // The end of the body, for the writer: every listed byte must have come by now.
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| io_error(Path::new("tmp-fetch"), std::io::Error::other(e)))?;
+        let (part, bytes) = match (written, received) {
+            // Every listed byte arrived and verified: an error after them changes nothing.
+            (Ok(done), _) => done,
+            // A refused request or a cut connection also leaves the writer short of
+            // bytes; the HTTP error is the cause worth reporting.
+            (Err(_), Err(e)) | (Err(e), Ok(())) => return Err(e),
         };
         let seconds = started.elapsed().as_secs_f64();
         debug!(bytes, seconds, "fetched part");
@@ -149,6 +160,35 @@ pub async fn fetch_part(
     }
     .instrument(span)
     .await
+}
+
+/// Sends `GET /parts/<part>`; a non-success status becomes `FetchError::Status`.
+async fn request(
+    replica: &Replica,
+    address: &str,
+    part: &PartName,
+) -> Result<reqwest::Response, FetchError> {
+    let url = format!("http://{address}/parts/{part}");
+    let mut request = replica.http.get(&url);
+    if let Some(secret) = &replica.secret {
+        request = request.header(SECRET_HEADER, secret);
+    }
+    let response = request.send().await.map_err(|source| FetchError::Http {
+        address: address.to_string(),
+        part: part.to_string(),
+        source,
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(FetchError::Status {
+            address: address.to_string(),
+            part: part.to_string(),
+            status: status.as_u16(),
+            body: body.chars().take(500).collect(),
+        });
+    }
+    Ok(response)
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> FetchError {
@@ -166,144 +206,165 @@ fn corrupt(address: &str, part: &PartName, message: impl Into<String>) -> FetchE
     }
 }
 
-/// Streams the response into `dir`, hashing as it writes; returns the listed files and
-/// the byte count.
-async fn download(
-    replica: &Replica,
-    address: &str,
-    part: &PartName,
-    dir: &Path,
-) -> Result<(Vec<FileEntry>, u64), FetchError> {
-    let url = format!("http://{address}/parts/{part}");
-    let mut request = replica.http.get(&url);
-    if let Some(secret) = &replica.secret {
-        request = request.header(SECRET_HEADER, secret);
+/// Chunks of the response waiting for the writer thread: bounded, so a fetch holds a few
+/// MiB at most however big the part is and however slow the disk.
+const WRITE_QUEUE: usize = 16;
+
+/// The blocking half of a fetch: everything that touches the disk.
+struct Receiver {
+    store: PartStore,
+    part: PartName,
+    address: String,
+    expected_checksums_hash: Option<Hash128>,
+}
+
+impl Receiver {
+    /// Writes the body's files into a fresh `tmp-fetch_<part>`, verifies and installs them;
+    /// on any failure the directory is removed. Returns the part and the bytes received.
+    fn run(
+        self,
+        rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
+        let dir = self.store.fetch_dir(&self.part)?;
+        let result = self.write_and_install(&dir, rx);
+        if result.is_err() {
+            let _ignored = std::fs::remove_dir_all(&dir);
+        }
+        result
     }
-    let http_error = |source| FetchError::Http {
-        address: address.to_string(),
-        part: part.to_string(),
-        source,
-    };
-    let response = request.send().await.map_err(http_error)?;
-    let status = response.status();
-    if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
-        return Err(FetchError::Status {
-            address: address.to_string(),
-            part: part.to_string(),
-            status: status.as_u16(),
-            body: body.chars().take(500).collect(),
-        });
+
+    fn write_and_install(
+        &self,
+        dir: &Path,
+        mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
+        let (files, rest) = self.read_header(&mut rx)?;
+        let bytes = self.write_files(dir, &files, rest, rx)?;
+        let checksums = self.read_checksums(dir, &files)?;
+        // Every file was hashed as it was written and matched the exchange header, so
+        // installing checks them against `checksums` without reading them back.
+        let streamed = Checksums {
+            files: files
+                .iter()
+                .map(|f| {
+                    let checksum = FileChecksum {
+                        size: f.size,
+                        hash: f.hash,
+                    };
+                    (f.name.clone(), checksum)
+                })
+                .collect(),
+        };
+        let part = self
+            .store
+            .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
+        Ok((part, bytes))
     }
-    let mut stream = response.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    // Header first.
-    let (files, mut rest) = loop {
-        if let Some((len, start)) = exchange::header_end(&buf) {
-            let text = std::str::from_utf8(&buf[..len])
-                .map_err(|_| corrupt(address, part, "header is not UTF-8"))?;
-            let files = exchange::parse_header(text).map_err(|source| FetchError::Header {
-                address: address.to_string(),
-                source,
-            })?;
-            break (files, buf.split_off(start));
-        }
-        if buf.len() > exchange::MAX_HEADER_BYTES {
-            return Err(corrupt(address, part, "header too long"));
-        }
-        match stream.next().await {
-            Some(chunk) => buf.extend_from_slice(&chunk.map_err(http_error)?),
-            None => return Err(corrupt(address, part, "stream ended inside the header")),
-        }
-    };
-    let mut total = 0u64;
-    for file in &files {
-        let path = dir.join(&file.name);
-        let mut out = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| io_error(&path, e))?;
-        let mut hasher = FileHasher::new();
-        let mut remaining = file.size;
+
+    fn corrupt(&self, message: impl Into<String>) -> FetchError {
+        corrupt(&self.address, &self.part, message)
+    }
+
+    /// The exchange header, and the body bytes that came after it in the same chunk.
+    fn read_header(
+        &self,
+        rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<(Vec<FileEntry>, Bytes), FetchError> {
+        let mut buf: Vec<u8> = Vec::new();
         loop {
-            if remaining > 0 && rest.is_empty() {
-                match stream.next().await {
-                    Some(chunk) => rest = chunk.map_err(http_error)?.to_vec(),
-                    None => {
-                        return Err(corrupt(
-                            address,
-                            part,
-                            format!(
-                                "stream ended with {remaining} bytes of {} missing",
-                                file.name
-                            ),
-                        ));
-                    }
-                }
+            if let Some((len, start)) = exchange::header_end(&buf) {
+                let text = std::str::from_utf8(&buf[..len])
+                    .map_err(|_| self.corrupt("header is not UTF-8"))?;
+                let files = exchange::parse_header(text).map_err(|source| FetchError::Header {
+                    address: self.address.clone(),
+                    source,
+                })?;
+                return Ok((files, Bytes::from(buf.split_off(start))));
             }
-            let take = (remaining as usize).min(rest.len());
-            let tail = rest.split_off(take);
-            hasher.update(&rest);
-            out.write_all(&rest).await.map_err(|e| io_error(&path, e))?;
-            remaining -= take as u64;
-            rest = tail;
-            if remaining == 0 {
-                break;
+            if buf.len() > exchange::MAX_HEADER_BYTES {
+                return Err(self.corrupt("header too long"));
+            }
+            match rx.blocking_recv() {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None => return Err(self.corrupt("stream ended inside the header")),
             }
         }
-        out.sync_all().await.map_err(|e| io_error(&path, e))?;
-        let actual = hasher.finish();
-        if actual != file.hash {
-            return Err(corrupt(
-                address,
-                part,
-                format!(
+    }
+
+    /// Splits the body into the listed files, hashing and writing each in large buffered
+    /// writes, and checks each hash as soon as its file ends. Nothing is fsynced here:
+    /// installing fsyncs every file once.
+    fn write_files(
+        &self,
+        dir: &Path,
+        files: &[FileEntry],
+        mut chunk: Bytes,
+        mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<u64, FetchError> {
+        let mut total = 0u64;
+        for file in files {
+            let path = dir.join(&file.name);
+            let created = std::fs::File::create(&path).map_err(|e| io_error(&path, e))?;
+            let mut out = std::io::BufWriter::with_capacity(exchange::CHUNK_BYTES, created);
+            let mut hasher = FileHasher::new();
+            let mut remaining = file.size;
+            while remaining > 0 {
+                if chunk.is_empty() {
+                    chunk = rx.blocking_recv().ok_or_else(|| {
+                        self.corrupt(format!(
+                            "stream ended with {remaining} bytes of {} missing",
+                            file.name
+                        ))
+                    })?;
+                    continue;
+                }
+                let take = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk.len());
+                let piece = chunk.split_to(take);
+                hasher.update(&piece);
+                out.write_all(&piece).map_err(|e| io_error(&path, e))?;
+                remaining -= take as u64;
+            }
+            out.flush().map_err(|e| io_error(&path, e))?;
+            let actual = hasher.finish();
+            if actual != file.hash {
+                return Err(self.corrupt(format!(
                     "hash mismatch in {}: header says {}, bytes hash to {}",
                     file.name,
                     file.hash.to_hex(),
                     actual.to_hex()
-                ),
-            ));
+                )));
+            }
+            total += file.size;
         }
-        total += file.size;
+        while chunk.is_empty() {
+            match rx.blocking_recv() {
+                Some(next) => chunk = next,
+                None => return Ok(total),
+            }
+        }
+        Err(self.corrupt("unexpected bytes after the last file"))
     }
-    if !rest.is_empty() || stream.next().await.is_some() {
-        return Err(corrupt(
-            address,
-            part,
-            "unexpected bytes after the last file",
-        ));
-    }
-    Ok((files, total))
-}
 
-async fn read_checksums(
-    dir: &Path,
-    files: &[FileEntry],
-    address: &str,
-    part: &PartName,
-    expected_hash: Option<Hash128>,
-) -> Result<Checksums, FetchError> {
-    if !files.iter().any(|f| f.name == CHECKSUMS_FILE) {
-        return Err(corrupt(address, part, format!("no {CHECKSUMS_FILE} sent")));
-    }
-    let path = dir.join(CHECKSUMS_FILE);
-    let text = tokio::fs::read_to_string(&path)
-        .await
-        .map_err(|e| io_error(&path, e))?;
-    let checksums = Checksums::parse(&text).map_err(|e| corrupt(address, part, e.to_string()))?;
-    if let Some(expected) = expected_hash {
-        let actual = checksums.total_hash();
-        if actual != expected {
-            return Err(corrupt(
-                address,
-                part,
-                format!(
+    /// The part's checksums as sent, checked against the source's header in ZooKeeper.
+    fn read_checksums(&self, dir: &Path, files: &[FileEntry]) -> Result<Checksums, FetchError> {
+        if !files.iter().any(|f| f.name == CHECKSUMS_FILE) {
+            return Err(self.corrupt(format!("no {CHECKSUMS_FILE} sent")));
+        }
+        let path = dir.join(CHECKSUMS_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
+        let checksums = Checksums::parse(&text).map_err(|e| self.corrupt(e.to_string()))?;
+        if let Some(expected) = self.expected_checksums_hash {
+            let actual = checksums.total_hash();
+            if actual != expected {
+                return Err(self.corrupt(format!(
                     "checksums differ from the part header in ZooKeeper ({} vs {})",
                     actual.to_hex(),
                     expected.to_hex()
-                ),
-            ));
+                )));
+            }
         }
+        Ok(checksums)
     }
-    Ok(checksums)
 }

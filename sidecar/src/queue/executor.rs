@@ -471,67 +471,127 @@ async fn commit_outcome(
 
 /// The replica to fetch from: the entry's source when it is active and has the part (or
 /// a covering part), else any active replica that does, in random order so load spreads.
+/// The entry's source nearly always has the part: it is asked first with one multi-read,
+/// without listing the replicas, so the common case costs a single round trip.
 async fn find_source(
     replica: &Replica,
     client: &zk::Client,
     preferred: &str,
     part: &PartName,
 ) -> Result<(PartName, String, Option<Hash128>), ExecuteError> {
+    let mut asked = Vec::new();
+    if !preferred.is_empty() && preferred != replica.name {
+        asked.push(preferred.to_string());
+        if let Some(found) = probe_sources(replica, client, &asked, part).await? {
+            return Ok(found);
+        }
+    }
     let mut candidates = tree::list_replicas(client, &replica.paths).await?;
-    candidates.retain(|r| r != &replica.name);
+    candidates.retain(|r| r != &replica.name && !asked.contains(r));
     candidates.shuffle(&mut rand::rng());
-    if let Some(pos) = candidates.iter().position(|r| r == preferred) {
-        let p = candidates.remove(pos);
-        candidates.insert(0, p);
+    if candidates.is_empty() {
+        return Err(ExecuteError::NoSource(part.to_string()));
     }
+    match probe_sources(replica, client, &candidates, part).await? {
+        Some(found) => Ok(found),
+        None => Err(ExecuteError::NoSource(part.to_string())),
+    }
+}
+
+/// One multi-read of every candidate's `is_active`, `host` and `parts/<part>`; the first
+/// active candidate (in the given order) holding the part wins. When none holds the part
+/// itself, the active candidates' part lists are searched for a covering part, one
+/// candidate at a time in the same order (a list can be long; it is read only then).
+async fn probe_sources(
+    replica: &Replica,
+    client: &zk::Client,
+    candidates: &[String],
+    part: &PartName,
+) -> Result<Option<(PartName, String, Option<Hash128>)>, ExecuteError> {
+    let part_text = part.to_string();
+    let mut reader = client.new_multi_reader();
+    let mut paths = Vec::with_capacity(candidates.len() * 3);
     for candidate in candidates {
-        let rp = replica.paths.replica(&candidate);
-        if client
-            .check_stat(&rp.is_active())
-            .await
-            .map_err(|e| TreeError::zk("exists", rp.is_active(), e))?
-            .is_none()
-        {
-            continue;
-        }
-        let Some(host_text) = tree::get_string(client, &rp.host()).await? else {
-            continue;
-        };
-        let Ok(host) = HostInfo::parse(&host_text) else {
-            continue;
-        };
-        let have = match client.get_data(&rp.part(&part.to_string())).await {
-            Ok((data, _)) => Some((part.clone(), data)),
-            Err(zk::Error::NoNode) => {
-                let children = client
-                    .list_children(&rp.parts())
-                    .await
-                    .map_err(|e| TreeError::zk("list", rp.parts(), e))?;
-                let covering = children
-                    .iter()
-                    .filter_map(|c| PartName::parse(c).ok())
-                    .filter(|c| c.contains(part))
-                    .max_by_key(|c| (c.level, c.max_block - c.min_block));
-                match covering {
-                    Some(c) => match client.get_data(&rp.part(&c.to_string())).await {
-                        Ok((data, _)) => Some((c, data)),
-                        Err(zk::Error::NoNode) => None,
-                        Err(e) => {
-                            return Err(TreeError::zk("get", rp.part(&c.to_string()), e).into());
-                        }
-                    },
-                    None => None,
-                }
-            }
-            Err(e) => return Err(TreeError::zk("get", rp.part(&part.to_string()), e).into()),
-        };
-        if let Some((name, data)) = have {
-            let hash = std::str::from_utf8(&data)
-                .ok()
-                .and_then(|t| PartHeader::parse(t).ok())
-                .map(|h| h.checksums_hash);
-            return Ok((name, host.address(), hash));
+        let rp = replica.paths.replica(candidate);
+        for path in [rp.is_active(), rp.host(), rp.part(&part_text)] {
+            reader
+                .add_get_data(&path)
+                .map_err(|e| TreeError::zk("get", path.clone(), e))?;
+            paths.push(path);
         }
     }
-    Err(ExecuteError::NoSource(part.to_string()))
+    let results = reader
+        .commit()
+        .await
+        .map_err(|e| TreeError::zk("multi-get", replica.paths.replicas(), e))?;
+    // Per path: its data, or None when the node does not exist.
+    let mut data: Vec<Option<Vec<u8>>> = Vec::with_capacity(paths.len());
+    for (path, result) in paths.iter().zip(results) {
+        match result {
+            zk::MultiReadResult::Data { data: d, .. } => data.push(Some(d)),
+            zk::MultiReadResult::Error {
+                err: zk::Error::NoNode,
+            } => data.push(None),
+            zk::MultiReadResult::Error { err } => {
+                return Err(TreeError::zk("get", path.clone(), err).into());
+            }
+            // A get_data answers with data or an error; nothing else can come back.
+            _ => data.push(None),
+        }
+    }
+    // (candidate, address, its `parts/<part>` header when it has the part itself)
+    let mut active: Vec<(&String, String, Option<&Vec<u8>>)> = Vec::new();
+    for (candidate, fields) in candidates.iter().zip(data.chunks(3)) {
+        let [is_active, host, header] = fields else {
+            continue;
+        };
+        if is_active.is_none() {
+            continue;
+        }
+        let Some(host) = host
+            .as_ref()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| HostInfo::parse(h).ok())
+        else {
+            continue;
+        };
+        active.push((candidate, host.address(), header.as_ref()));
+    }
+    if let Some((_, address, Some(header))) = active.iter().find(|(_, _, h)| h.is_some()) {
+        return Ok(Some((part.clone(), address.clone(), header_hash(header))));
+    }
+    for (candidate, address, _) in active {
+        let rp = replica.paths.replica(candidate);
+        let children = match client.list_children(&rp.parts()).await {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(TreeError::zk("list", rp.parts(), e).into()),
+        };
+        let covering = children
+            .iter()
+            .filter_map(|c| PartName::parse(c).ok())
+            .filter(|c| c.contains(part))
+            .max_by_key(|c| (c.level, c.max_block - c.min_block));
+        let Some(covering) = covering else {
+            continue;
+        };
+        match client.get_data(&rp.part(&covering.to_string())).await {
+            Ok((header, _)) => {
+                return Ok(Some((covering, address, header_hash(&header))));
+            }
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => {
+                return Err(TreeError::zk("get", rp.part(&covering.to_string()), e).into());
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The checksums hash in a `parts/<part>` header, when it parses.
+fn header_hash(data: &[u8]) -> Option<Hash128> {
+    std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| PartHeader::parse(t).ok())
+        .map(|h| h.checksums_hash)
 }

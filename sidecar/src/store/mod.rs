@@ -474,9 +474,21 @@ impl PartStore {
         name: &PartName,
         expected: &Checksums,
     ) -> Result<Arc<ActivePart>, StoreError> {
+        self.install_fetched_streamed(tmp_dir, name, expected, &Checksums::default())
+    }
+
+    /// `install_fetched` for a download that hashed its files as it wrote them
+    /// (`streamed`): those files are checked against `expected` without reading them back.
+    pub fn install_fetched_streamed(
+        &self,
+        tmp_dir: &Path,
+        name: &PartName,
+        expected: &Checksums,
+        streamed: &Checksums,
+    ) -> Result<Arc<ActivePart>, StoreError> {
         Self::check_name(name, "installing a fetched part")?;
         self.check_in_parts_dir(tmp_dir, "installing a fetched part")?;
-        let rows = match verify::verify_fetched_dir(tmp_dir, expected) {
+        let rows = match verify::verify_fetched_dir(tmp_dir, expected, streamed) {
             Ok(rows) => rows,
             Err(e) => {
                 let _ignored = fs::remove_dir_all(tmp_dir);

@@ -103,8 +103,10 @@ fn check_entries(dir: &Path, listed: &Checksums, optional: &[&str]) -> Result<()
     Ok(())
 }
 
-/// Checks every listed file's size and hash.
-fn check_files(dir: &Path, listed: &Checksums) -> Result<(), StoreError> {
+/// Checks every listed file's size and hash. A file in `streamed` was hashed from its
+/// bytes as they were written into this directory; it is not read back (for a big
+/// fetched part that second read cost as much as the download itself).
+fn check_files(dir: &Path, listed: &Checksums, streamed: &Checksums) -> Result<(), StoreError> {
     if !listed.files.contains_key(DATA_FILE) {
         return Err(StoreError::corrupt(
             dir,
@@ -136,7 +138,10 @@ fn check_files(dir: &Path, listed: &Checksums) -> Result<(), StoreError> {
                 ),
             ));
         }
-        let got = hash_file(&path)?;
+        let got = match streamed.files.get(name) {
+            Some(known) => *known,
+            None => hash_file(&path)?,
+        };
         if got.size != want.size || got.hash != want.hash {
             return Err(StoreError::corrupt(
                 dir,
@@ -186,7 +191,7 @@ pub fn verify_part_dir(dir: &Path) -> Result<(Checksums, u64), StoreError> {
     let checksums = Checksums::parse(&text)
         .map_err(|e| StoreError::corrupt(dir, format!("{CHECKSUMS_FILE} is malformed: {e}")))?;
     check_entries(dir, &checksums, &[CHECKSUMS_FILE, COUNT_FILE])?;
-    check_files(dir, &checksums)?;
+    check_files(dir, &checksums, &Checksums::default())?;
     let count = read_text(&dir.join(COUNT_FILE), dir)?
         .ok_or_else(|| StoreError::corrupt(dir, format!("{COUNT_FILE} is missing")))?;
     let rows = check_count(dir, &count)?;
@@ -196,9 +201,15 @@ pub fn verify_part_dir(dir: &Path) -> Result<(Checksums, u64), StoreError> {
 /// Verifies a downloaded directory against the checksums the part's owner published and
 /// completes it: `checksums.txt` and `count.txt` are written when the download lacks them
 /// and must match when it has them. Everything written is fsynced, the directory too.
-pub fn verify_fetched_dir(dir: &Path, expected: &Checksums) -> Result<u64, StoreError> {
+/// `streamed` holds the sizes and hashes the download computed while writing (empty
+/// when unknown): those files are not read again.
+pub fn verify_fetched_dir(
+    dir: &Path,
+    expected: &Checksums,
+    streamed: &Checksums,
+) -> Result<u64, StoreError> {
     check_entries(dir, expected, &[CHECKSUMS_FILE, COUNT_FILE])?;
-    check_files(dir, expected)?;
+    check_files(dir, expected, streamed)?;
     let checksums_path = dir.join(CHECKSUMS_FILE);
     match read_text(&checksums_path, dir)? {
         Some(text) => {
