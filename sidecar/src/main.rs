@@ -183,6 +183,12 @@ async fn run(cfg: Config) -> Result<(), String> {
         replica: replica.clone(),
         committer,
     });
+    // Small answers (part headers, insert acks) must not wait for a delayed ACK (Nagle).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
