@@ -308,7 +308,20 @@ async fn retire_if_covered(
     part: &PartName,
 ) -> Result<(), ExecuteError> {
     match replica.store.covering(part) {
-        Some(cover) if &cover != part => retire_covered(replica, client, &cover).await,
+        Some(cover) if &cover != part => {
+            // The wider part's own retirement may have run before our node existed (a
+            // merge used this part as a source while its fetch was being recorded): remove
+            // our node by name, not through the store.
+            let path = replica.paths.replica(&replica.name).part(&part.to_string());
+            match client.delete(&path, None).await {
+                Ok(()) | Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(TreeError::zk("delete", path, e).into()),
+            }
+            if replica.store.contains(part) {
+                replica.store.retire_covered(part);
+            }
+            retire_covered(replica, client, &cover).await
+        }
         _ => Ok(()),
     }
 }
