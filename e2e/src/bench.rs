@@ -39,9 +39,9 @@ pub struct BenchArgs {
     /// (the example manifest's `sessionTimeoutSeconds: 30` by default).
     #[arg(long, default_value_t = 30_000)]
     pub session_timeout_ms: u64,
-    /// Run only these figures (`lag`, `fetch`; repeatable) instead of the whole table, to
+    /// Run only these figures (`lag`, `fetch`, `latency`, `throughput`; repeatable) instead of the whole table, to
     /// iterate on one figure; the report then holds only those rows.
-    #[arg(long, value_parser = ["lag", "fetch"])]
+    #[arg(long, value_parser = ["lag", "fetch", "latency", "throughput"])]
     pub only: Vec<String>,
 }
 
@@ -311,6 +311,17 @@ impl Bench {
         }
         if only.iter().any(|o| o == "fetch") {
             self.fetch().await?;
+        }
+        if only.iter().any(|o| o == "latency" || o == "throughput") {
+            let base =
+                zkbase::session(&self.cluster.zk.connect_string(), self.session_timeout).await?;
+            let sequential_zk = self.zk_per_insert().await?;
+            if only.iter().any(|o| o == "latency") {
+                self.commit_latency(&base).await?;
+            }
+            if only.iter().any(|o| o == "throughput") {
+                self.throughput(&base, sequential_zk).await?;
+            }
         }
         Ok(())
     }
