@@ -11,6 +11,7 @@ pub mod driver;
 pub mod poll;
 pub mod ports;
 pub mod process;
+pub mod rendered;
 pub mod sidecar_proc;
 pub mod zk_ensemble;
 

@@ -191,22 +191,40 @@ async fn run(
     replica_ports: &[u16],
     table: &rtable_protocol::ValidatedTable,
 ) -> anyhow::Result<()> {
-    for (i, port) in replica_ports.iter().enumerate() {
-        let replica = format!("{name}-{i}");
+    // The pods exactly as the operator renders them, but for the listed substitutions.
+    let rendering = rtable_e2e::rendered::render(
+        &args.manifest,
+        replica_ports.len() as u32,
+        replica_ports,
+        &pg.zk.connect_string(),
+        &args.dir,
+    )?;
+    println!(
+        "rendered StatefulSet {name} through the operator's builders: {} pods; local substitutions:",
+        rendering.pods.len()
+    );
+    for s in &rendering.substitutions {
+        println!("  {s}");
+    }
+    for pod in rendering.pods {
         let cfg = SidecarConfig {
             table: manifest.to_path_buf(),
-            data_dir: args.dir.join("replicas").join(&replica),
-            log: args.dir.join(format!("{replica}.log")),
-            replica,
-            port: *port,
+            data_dir: pod.data_dir.clone(),
+            log: args.dir.join(format!("{}.log", pod.name)),
+            replica: pod.name.clone(),
+            port: pod.port,
             zookeeper: pg.zk.connect_string(),
             session_timeout_ms: args.session_timeout_ms,
             interserver_secret_file: None,
             max_body_bytes: None,
-            env: Vec::new(),
+            env: pod.env.clone(),
         };
-        println!("starting replica {} on {}", cfg.replica, cfg.listen());
-        pg.replicas.push(SidecarProc::spawn(cfg)?);
+        let cmdline = args.dir.join(format!("{}.cmdline", pod.name));
+        std::fs::write(&cmdline, pod.args.join("\n"))
+            .with_context(|| format!("writing {}", cmdline.display()))?;
+        println!("starting pod {} on 127.0.0.1:{}", pod.name, pod.port);
+        pg.replicas
+            .push(SidecarProc::spawn_with_args(cfg, pod.args)?);
     }
     for r in &mut pg.replicas {
         r.wait_ready(Duration::from_secs(60)).await?;

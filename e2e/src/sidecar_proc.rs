@@ -104,11 +104,26 @@ pub struct SidecarProc {
     client: ReplicaClient,
     /// Flags appended to `cfg.args()` on every (re)start (see `set_extra_args`).
     extra_args: Vec<String>,
+    /// The whole argument list instead of `cfg.args()` (a pod rendered by the operator).
+    exact_args: Option<Vec<String>>,
 }
 
 impl SidecarProc {
     /// Spawns the process (does not wait for readiness: see `wait_ready`).
     pub fn spawn(cfg: SidecarConfig) -> anyhow::Result<SidecarProc> {
+        Self::spawn_inner(cfg, None)
+    }
+
+    /// Spawns the process with exactly `args` (after the binary); `cfg` still names the
+    /// replica, its port, data directory, log and extra environment.
+    pub fn spawn_with_args(cfg: SidecarConfig, args: Vec<String>) -> anyhow::Result<SidecarProc> {
+        Self::spawn_inner(cfg, Some(args))
+    }
+
+    fn spawn_inner(
+        cfg: SidecarConfig,
+        exact_args: Option<Vec<String>>,
+    ) -> anyhow::Result<SidecarProc> {
         let binary = sidecar_binary()?;
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -119,6 +134,7 @@ impl SidecarProc {
             child: None,
             client,
             extra_args: Vec::new(),
+            exact_args,
         };
         proc.start()?;
         Ok(proc)
@@ -141,8 +157,12 @@ impl SidecarProc {
             .with_context(|| format!("duplicating {}", self.cfg.log.display()))?;
         let mut command = Command::new(&self.binary);
         crate::process::die_with_parent(&mut command);
+        let args = match &self.exact_args {
+            Some(args) => args.clone(),
+            None => self.cfg.args(),
+        };
         command
-            .args(self.cfg.args())
+            .args(args)
             .args(&self.extra_args)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())

@@ -58,6 +58,38 @@ async fn restart_all_with_args(c: &mut Cluster, args: Vec<String>) {
     }
 }
 
+/// Waits (bounded) until replica `i` has no GET_PART queued before `since` (Unix seconds).
+async fn wait_resynced(c: &Cluster, i: usize, since: i64) {
+    let client = c.client(i).clone();
+    let name = c.replicas[i].name().to_string();
+    let outcome = poll_until(
+        &format!("{name} to copy back its parts"),
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        || {
+            let client = client.clone();
+            async move {
+                let response = client.get("/queue").await?;
+                let rows: Vec<serde_json::Value> = serde_json::from_slice(&response.body)?;
+                let old = rows
+                    .iter()
+                    .filter(|r| r["type"] == "GET_PART")
+                    .filter(|r| r["create_time"].as_i64().is_some_and(|t| t <= since + 1))
+                    .count();
+                Ok(if old == 0 {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("{old} GET_PART entries from before the wipe"))
+                })
+            }
+        },
+    )
+    .await;
+    if let Err(e) = outcome {
+        println!("nemesis: {e:#}");
+    }
+}
+
 async fn restart_replica(c: &mut Cluster, i: usize) {
     c.replicas[i].start_again().expect("restart replica");
     c.replicas[i]
@@ -756,7 +788,12 @@ async fn nemesis_soak() {
             Fault::WipeDisk => {
                 c.replicas[victim].kill().expect("SIGKILL");
                 c.replicas[victim].wipe_data_dir().expect("wipe");
+                let wiped_at = chrono::Utc::now().timestamp();
                 restart_replica(&mut c, victim).await;
+                // Quorum 2 survives one lost disk, not two: like an operator replacing
+                // a disk, the nemesis lets the replica copy back what it lost (the GETs
+                // its recovery queued) before it may break another disk.
+                wait_resynced(&c, victim, wiped_at).await;
             }
             Fault::DownUntilLost => {
                 c.replicas[victim].kill().expect("SIGKILL");

@@ -41,6 +41,37 @@ fn playground_once_prints_every_replica_converged() {
         assert_eq!(fields[4], "0", "queue empty: {line}");
         assert_eq!(fields[7], "30", "all rows on every replica: {line}");
     }
+    // Each process ran the operator's rendered pod command: same flags in the same order,
+    // values equal except the substituted mount paths and addresses.
+    assert!(
+        stdout.contains("through the operator's builders"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(rtable_e2e::example_manifest()).expect("manifest");
+    let rt: rtable_operator::crd::ReplicatedTable = serde_yaml::from_str(&text).expect("parses");
+    let sts = rtable_operator::build::stateful_set(&rt, &Default::default());
+    for i in 0..3u32 {
+        let (pod_argv, _) = rtable_operator::build::sidecar_command(&sts, i).expect("rendered");
+        let ran = std::fs::read_to_string(dir.path().join(format!("events-{i}.cmdline")))
+            .expect("cmdline written");
+        let ran: Vec<&str> = ran.lines().collect();
+        let pod: Vec<&str> = pod_argv.iter().skip(1).map(String::as_str).collect();
+        assert_eq!(ran.len(), pod.len(), "{ran:?} vs {pod:?}");
+        let substituted = [
+            "--table",
+            "--data-dir",
+            "--listen",
+            "--advertise",
+            "--interserver-secret-file",
+        ];
+        for (k, (r, p)) in ran.iter().zip(&pod).enumerate() {
+            let flag = if k > 0 { pod[k - 1] } else { "" };
+            if !substituted.contains(&flag) {
+                assert_eq!(r, p, "argument {k} of events-{i}");
+            }
+        }
+        assert!(ran.contains(&"--replica") && ran.contains(&format!("events-{i}").as_str()));
+    }
     // The ZooKeeper and sidecar logs were written where asked, and nothing is left running.
     assert!(dir.path().join("events-0.log").exists());
     assert!(

@@ -257,11 +257,26 @@ async fn execute_merge(
     }
     if local.len() < sources.len() {
         // Some source is not here: fetch the result if a replica has it, otherwise wait
-        // (the sources are on their way, or a peer is merging). Never "lost" from here.
+        // (the sources are on their way, or a peer is merging) unless a missing source is
+        // on no replica at all: then the merge can never run anywhere, and every replica
+        // drops it by the same rule (the parts that exist stay, and merge again later).
         return match execute_get(replica, client, item, into).await {
-            Err(ExecuteError::NoSource(_)) => Err(ExecuteError::Postponed(format!(
-                "not every source of {into} is here and no replica has the merged part yet"
-            ))),
+            Err(ExecuteError::NoSource(_)) => {
+                for source in sources {
+                    let name = PartName::parse(source)
+                        .map_err(|_| ExecuteError::BadPart(source.clone()))?;
+                    if replica.store.covering(&name).is_none()
+                        && !anyone_has(replica, client, &name).await?
+                    {
+                        warn!(replica = %replica.name, part = %into, lost = %source, "a source of the merge is on no replica; dropping the merge");
+                        drop_entry(replica, client, &item.node_name).await?;
+                        return Ok(());
+                    }
+                }
+                Err(ExecuteError::Postponed(format!(
+                    "not every source of {into} is here and no replica has the merged part yet"
+                )))
+            }
             other => other,
         };
     }
