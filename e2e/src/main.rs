@@ -244,8 +244,11 @@ async fn run(
     let interactive = std::io::stdout().is_terminal() && !args.once;
     if args.once {
         // Give replication a moment to settle so the smoke output is meaningful.
+        // Settled = every replica has every row and an empty queue for 1.5 s in a row:
+        // merges are assigned a moment after the parts they merge arrive.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
+        let mut stable_polls = 0;
+        while std::time::Instant::now() < deadline && stable_polls < 8 {
             let mut settled = true;
             for (_, c) in &clients {
                 match c.status().await {
@@ -253,9 +256,7 @@ async fn run(
                     _ => settled = false,
                 }
             }
-            if settled {
-                break;
-            }
+            stable_polls = if settled { stable_polls + 1 } else { 0 };
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         print_status(&clients, name, &table.table_path).await;
