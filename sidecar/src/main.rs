@@ -164,6 +164,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         lost_part_count: std::sync::atomic::AtomicU64::new(0),
         fetching: Default::default(),
         pull_lock: tokio::sync::Mutex::new(()),
+        queue_unsure: AtomicBool::new(false),
         cfg,
     });
     info!(

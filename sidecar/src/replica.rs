@@ -56,6 +56,9 @@ pub struct Replica {
     /// One log pull at a time: merge assignment pulls too, and must not see `log_pointer`
     /// already moved by the pull task before that task put the entries into `queue`.
     pub pull_lock: tokio::sync::Mutex<()>,
+    /// A pull's multi failed without a known outcome: it may have queued entries in
+    /// ZooKeeper that memory lacks. The next pull reads the queue back first.
+    pub queue_unsure: AtomicBool,
 }
 
 impl Replica {

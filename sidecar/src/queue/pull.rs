@@ -79,6 +79,15 @@ pub async fn pull_once(
     // Held until the entries are in memory: a concurrent puller would otherwise see the
     // moved pointer, find nothing new, and believe the queue complete.
     let _pulling = replica.pull_lock.lock().await;
+    if replica
+        .queue_unsure
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        read_back_queue(replica, client).await?;
+        replica
+            .queue_unsure
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
     let rp = replica.paths.replica(&replica.name);
     let (pointer_data, pointer_stat) = client
         .get_data(&rp.log_pointer())
@@ -155,10 +164,30 @@ pub async fn pull_once(
             Some(pointer_stat.version),
         )
         .map_err(|e| TreeError::zk("set", rp.log_pointer(), e))?;
-    let results = multi
-        .commit()
-        .await
-        .map_err(|e| tree::multi_error("pull log", &[prefix.clone(), rp.log_pointer()], e))?;
+    let results = match multi.commit().await {
+        Ok(results) => results,
+        Err(e) => {
+            // A lost connection leaves the outcome unknown: the entries may be queued and
+            // the pointer moved. Memory must learn them before anyone trusts the queue
+            // (merge selection treats it as complete).
+            if !matches!(
+                e,
+                zk::MultiWriteError::OperationFailed {
+                    source: zk::Error::BadVersion,
+                    ..
+                }
+            ) {
+                replica
+                    .queue_unsure
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            return Err(tree::multi_error(
+                "pull log",
+                &[prefix.clone(), rp.log_pointer()],
+                e,
+            ));
+        }
+    };
     let mut queue = replica.queue.lock();
     for ((index, data), result) in entries.iter().zip(results) {
         let zk::MultiWriteResult::Create { path, .. } = result else {
@@ -211,6 +240,42 @@ async fn set_pointer(
         Ok(_) | Err(zk::Error::BadVersion) => Ok(()),
         Err(e) => Err(TreeError::zk("set", path, e)),
     }
+}
+
+/// Adds to memory every entry of `replicas/<me>/queue` it lacks (after a pull whose
+/// outcome was unknown). Entries already in memory keep their execution state.
+async fn read_back_queue(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let names = client
+        .list_children(&rp.queue())
+        .await
+        .map_err(|e| TreeError::zk("list", rp.queue(), e))?;
+    let missing: Vec<String> = {
+        let q = replica.queue.lock();
+        let known: std::collections::HashSet<&str> =
+            q.items().map(|i| i.node_name.as_str()).collect();
+        names
+            .into_iter()
+            .filter(|n| !known.contains(n.as_str()))
+            .collect()
+    };
+    for name in missing {
+        match client.get_data(&rp.queue_entry(&name)).await {
+            Ok((data, _)) => {
+                if let Some(entry) = std::str::from_utf8(&data)
+                    .ok()
+                    .and_then(|t| LogEntry::parse(t).ok())
+                {
+                    replica.queue.lock().insert(name, entry);
+                }
+            }
+            // Executed and removed meanwhile.
+            Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("get", rp.queue_entry(&name), e)),
+        }
+    }
+    replica.queue_notify.notify_one();
+    Ok(())
 }
 
 /// Loads `replicas/<me>/queue` into memory at activation (entries queued by an earlier
