@@ -149,6 +149,23 @@ impl Cluster {
     /// Waits until every running replica has an empty queue and all of them return the
     /// same (sorted) rows; returns those rows.
     pub async fn wait_converged(&mut self, timeout: Duration) -> anyhow::Result<Vec<String>> {
+        // Merges are assigned a moment after the parts they merge arrive (leaders are
+        // staggered by up to 650 ms), so a converged state must hold across a second.
+        let started = std::time::Instant::now();
+        loop {
+            let remaining = timeout.saturating_sub(started.elapsed());
+            let rows = self.converged_now(remaining).await?;
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            match self.converged_now(Duration::ZERO).await {
+                Ok(again) if again == rows => return Ok(rows),
+                Ok(_) | Err(_) if started.elapsed() < timeout => continue,
+                Ok(_) => anyhow::bail!("replicas kept changing after converging"),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn converged_now(&mut self, timeout: Duration) -> anyhow::Result<Vec<String>> {
         let mut clients = Vec::new();
         for r in &mut self.replicas {
             if r.is_running() {
