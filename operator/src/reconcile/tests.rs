@@ -22,6 +22,10 @@ type Respond = Box<dyn Fn(&Value) -> (u16, Value) + Send>;
 struct Step {
     method: &'static str,
     path: String,
+    /// Exact `Content-Type` of the request, when it has a body that matters.
+    content_type: Option<&'static str>,
+    /// `key=value` pairs the query string must hold.
+    query: Vec<&'static str>,
     check: Check,
     respond: Respond,
 }
@@ -30,9 +34,42 @@ fn step(method: &'static str, path: &str) -> Step {
     Step {
         method,
         path: path.to_string(),
+        content_type: None,
+        query: vec![],
         check: Box::new(|_| {}),
         respond: Box::new(|body| (200, body.clone())),
     }
+}
+
+/// A server-side apply: PATCH with the apply content type, our field manager, forced.
+fn ssa_step(path: &str) -> Step {
+    let mut s = step("PATCH", path);
+    s.content_type = Some("application/apply-patch+yaml");
+    s.query = vec!["fieldManager=rtable-operator", "force=true"];
+    s
+}
+
+/// A JSON patch (what kube's finalizer helper sends).
+fn json_patch_step(path: &str) -> Step {
+    let mut s = step("PATCH", path);
+    s.content_type = Some("application/json-patch+json");
+    s
+}
+
+/// The body must equal `expected` exactly.
+fn exactly(expected: Value) -> impl Fn(&Value) + Send + 'static {
+    move |body| {
+        assert!(
+            body == &expected,
+            "request body differs\n--- sent ---\n{}\n--- expected ---\n{}",
+            serde_json::to_string_pretty(body).unwrap_or_default(),
+            serde_json::to_string_pretty(&expected).unwrap_or_default()
+        );
+    }
+}
+
+fn to_json<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).expect("serializes")
 }
 
 impl Step {
@@ -65,6 +102,8 @@ struct FakeBackend {
     down: Mutex<bool>,
     mismatch: Mutex<bool>,
     replicas: Mutex<Vec<ReplicaState>>,
+    /// `/status` answers by replica name; the others answer a healthy default.
+    sidecars: Mutex<Vec<(String, SidecarStatus)>>,
     calls: Mutex<Vec<String>>,
 }
 
@@ -166,6 +205,16 @@ impl Backend for FakeBackend {
     fn sidecar_status<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Option<SidecarStatus>> {
         Box::pin(async move {
             self.log(format!("status {url}"));
+            let host = url.trim_start_matches("http://");
+            if let Some((_, s)) = self
+                .sidecars
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|(name, _)| host.starts_with(&format!("{name}.")))
+            {
+                return Some(s.clone());
+            }
             Some(SidecarStatus {
                 absolute_delay: 0,
                 parts: 2,
@@ -198,6 +247,21 @@ async fn run(
                 (s.method, s.path.as_str()),
                 "step {i} ({uri})"
             );
+            if let Some(want) = s.content_type {
+                let got = request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                assert_eq!(got, want, "step {i} ({method} {uri}): content type");
+            }
+            let query: Vec<&str> = uri
+                .split_once('?')
+                .map(|(_, q)| q.split('&').collect())
+                .unwrap_or_default();
+            for pair in &s.query {
+                assert!(query.contains(pair), "step {i} ({method} {uri}): no {pair}");
+            }
             let bytes = request
                 .into_body()
                 .collect_bytes()
@@ -262,12 +326,21 @@ fn sts_with_status(replicas: i32) -> impl Fn(&Value) -> (u16, Value) + Send {
     }
 }
 
-/// The apply steps every reconcile of a valid table makes, in order.
+/// The apply steps every reconcile of a valid table makes, in order. Every body must be
+/// exactly what the builders make of `rt`; `sts_check` adds the scenario's own assertions.
 fn apply_steps(
+    rt: &ReplicatedTable,
     secret_exists: bool,
     sts_replicas: i32,
     sts_check: impl Fn(&Value) + Send + 'static,
 ) -> Vec<Step> {
+    let manifest = crate::validate::manifest(rt).expect("valid manifest");
+    let config_map = to_json(&build::config_map(rt, &manifest).expect("renders"));
+    let headless = to_json(&build::headless_service(rt));
+    let client = to_json(&build::client_service(rt));
+    let sts = to_json(&build::stateful_set(rt, &BuildConfig::default()));
+    let pdb = to_json(&build::pod_disruption_budget(rt));
+    let owner = rt.clone();
     let mut steps = vec![];
     if secret_exists {
         steps.push(
@@ -276,44 +349,63 @@ fn apply_steps(
         );
     } else {
         steps.push(step("GET", &format!("/api/v1{NS}/secrets/events-interserver")).not_found());
-        steps.push(step("POST", &format!("/api/v1{NS}/secrets")).check(|b| {
-            assert_eq!(b["metadata"]["name"], "events-interserver");
-            let v = b["data"]["interserver"].as_str().expect("secret value");
-            assert!(v.len() >= 64, "a real random value, base64: {v}");
-        }));
+        steps.push(
+            step("POST", &format!("/api/v1{NS}/secrets")).check(move |b| {
+                // The value is random: read it back, then the rest must be the builder's Secret.
+                let sent: Secret = serde_json::from_value(b.clone()).expect("a Secret");
+                let value = sent
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(build::INTERSERVER_KEY))
+                    .map(|v| String::from_utf8(v.0.clone()).expect("UTF-8"))
+                    .expect("secret value");
+                assert_eq!(value.len(), 64, "32 random bytes as hex: {value}");
+                assert!(value.chars().all(|c| c.is_ascii_hexdigit()), "{value}");
+                exactly(to_json(&build::interserver_secret(&owner, &value)))(b);
+            }),
+        );
     }
+    steps
+        .push(ssa_step(&format!("/api/v1{NS}/configmaps/events-table")).check(exactly(config_map)));
     steps.push(
-        step("PATCH", &format!("/api/v1{NS}/configmaps/events-table")).check(|b| {
-            let text = b["data"]["table.yaml"].as_str().expect("manifest");
-            assert!(text.contains("kind: ReplicatedTable"));
+        ssa_step(&format!("/api/v1{NS}/services/events-replicas")).check(move |b| {
+            assert_eq!(b["spec"]["clusterIP"], "None");
+            exactly(headless.clone())(b);
         }),
     );
     steps.push(
-        step("PATCH", &format!("/api/v1{NS}/services/events-replicas"))
-            .check(|b| assert_eq!(b["spec"]["clusterIP"], "None")),
+        ssa_step(&format!("/api/v1{NS}/services/events")).check(move |b| {
+            assert_eq!(b["spec"]["type"], "ClusterIP");
+            exactly(client.clone())(b);
+        }),
     );
     steps.push(
-        step("PATCH", &format!("/api/v1{NS}/services/events"))
-            .check(|b| assert_eq!(b["spec"]["type"], "ClusterIP")),
-    );
-    steps.push(
-        step("PATCH", &format!("/apis/apps/v1{NS}/statefulsets/events"))
-            .check(sts_check)
+        ssa_step(&format!("/apis/apps/v1{NS}/statefulsets/events"))
+            .check(move |b| {
+                sts_check(b);
+                exactly(sts.clone())(b);
+            })
             .respond(sts_with_status(sts_replicas)),
     );
     steps.push(
-        step(
-            "PATCH",
-            &format!("/apis/policy/v1{NS}/poddisruptionbudgets/events"),
-        )
-        .check(|b| assert!(b["spec"]["maxUnavailable"].is_number())),
+        ssa_step(&format!("/apis/policy/v1{NS}/poddisruptionbudgets/events")).check(exactly(pdb)),
     );
     steps
 }
 
 fn status_step(check: impl Fn(&Value) + Send + 'static) -> Step {
-    step("PATCH", &format!("{}/status", rt_path()))
-        .check(move |b| check(&b["status"]))
+    ssa_step(&format!("{}/status", rt_path()))
+        .check(move |b| {
+            assert_eq!(b["apiVersion"], "rtable.io/v1alpha1");
+            assert_eq!(b["kind"], "ReplicatedTable");
+            let keys: Vec<&String> = b.as_object().expect("object").keys().collect();
+            assert_eq!(
+                keys,
+                ["apiVersion", "kind", "status"],
+                "only the status is applied"
+            );
+            check(&b["status"])
+        })
         .respond(|_| (200, serde_json::to_value(table()).expect("json")))
 }
 
@@ -336,7 +428,11 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 }
 
 fn pods_step(names: &'static [&'static str]) -> Step {
-    step("GET", &format!("/api/v1{NS}/pods")).respond(move |_| {
+    let mut s = step("GET", &format!("/api/v1{NS}/pods"));
+    s.query = vec![
+        "labelSelector=app.kubernetes.io%2Finstance%3Devents%2Capp.kubernetes.io%2Fname%3Drtable",
+    ];
+    s.respond(move |_| {
         let items: Vec<Value> = names.iter().map(|n| json!({"metadata": {"name": n}})).collect();
         (200, json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": items}))
     })
@@ -350,14 +446,11 @@ async fn first_create_adds_the_finalizer_then_builds_everything() {
         fresh,
         backend.clone(),
         vec![
-            step("PATCH", &rt_path())
-                .check(|b| {
-                    let text = b.to_string();
-                    assert!(
-                        text.contains("/metadata/finalizers") && text.contains(FINALIZER),
-                        "{text}"
-                    );
-                })
+            json_patch_step(&rt_path())
+                .check(exactly(json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": null},
+                    {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+                ])))
                 .respond(|_| (200, serde_json::to_value(table()).expect("json"))),
         ],
     )
@@ -369,7 +462,7 @@ async fn first_create_adds_the_finalizer_then_builds_everything() {
         "nothing touches ZooKeeper before the finalizer is in place"
     );
 
-    let mut steps = apply_steps(false, 3, |b| {
+    let mut steps = apply_steps(&table(), false, 3, |b| {
         assert_eq!(b["spec"]["replicas"], 3);
         assert_eq!(
             b["metadata"]["ownerReferences"][0]["kind"],
@@ -438,13 +531,107 @@ async fn settled(backend: Arc<FakeBackend>) -> ReplicatedTable {
     rt
 }
 
+/// The status update: replica state from ZooKeeper and the sidecars' `/status` lands in
+/// `replicaStatuses`, the counters and the conditions, and each transition is an Event.
+#[tokio::test]
+async fn status_update_reports_every_replica_and_publishes_transitions() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let rt = settled(backend.clone()).await;
+    {
+        let mut replicas = backend.replicas.lock().expect("lock");
+        replicas[2].is_active = false;
+        replicas[2].queue_size = 3;
+        replicas[1].log_pointer = Some(4);
+    }
+    backend.sidecars.lock().expect("lock").push((
+        "events-1".into(),
+        SidecarStatus {
+            queue_size: 7,
+            inserts_in_queue: 2,
+            absolute_delay: 900,
+            parts: 5,
+            ..SidecarStatus::default()
+        },
+    ));
+    let mut steps = apply_steps(&rt, true, 3, |_| {});
+    steps.push(status_step(|s| {
+        assert_eq!(
+            s["replicaStatuses"],
+            json!([
+                {"name": "events-0", "active": true, "lost": false, "logPointer": 5, "queueSize": 0,
+                 "insertsInQueue": 0, "absoluteDelaySeconds": 0, "parts": 2},
+                {"name": "events-1", "active": true, "lost": false, "logPointer": 4, "queueSize": 7,
+                 "insertsInQueue": 2, "absoluteDelaySeconds": 900, "parts": 5},
+                {"name": "events-2", "active": false, "lost": false, "logPointer": 5, "queueSize": 3,
+                 "insertsInQueue": 0, "parts": 2}
+            ])
+        );
+        assert_eq!(
+            (
+                &s["replicas"],
+                &s["readyReplicas"],
+                &s["activeReplicas"],
+                &s["quorum"],
+                &s["maxDelaySeconds"],
+                &s["observedGeneration"]
+            ),
+            (&json!(3), &json!(3), &json!(2), &json!(2), &json!(900), &json!(1))
+        );
+        for (type_, status, reason) in [
+            ("Ready", "False", "ReplicaInactive"),
+            ("Available", "True", "QuorumActive"),
+            ("Progressing", "False", "Stable"),
+            ("Degraded", "True", "ReplicaInactive"),
+        ] {
+            let c = condition(s, type_);
+            assert_eq!((&c["status"], &c["reason"]), (&json!(status), &json!(reason)), "{c}");
+            assert_eq!(c["observedGeneration"], 1, "{c}");
+            assert!(c["lastTransitionTime"].is_string(), "{c}");
+        }
+        assert!(
+            condition(s, "Ready")["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("events-2")
+        );
+    }));
+    // Only the two conditions that changed become Events, as Warnings naming the replica.
+    for _ in 0..2 {
+        steps.push(event_step("ReplicaInactive", "Warning").check(|b| {
+            assert_eq!(b["reason"], "ReplicaInactive");
+            assert_eq!(b["type"], "Warning");
+            assert_eq!(b["action"], "Reconcile");
+            assert_eq!(b["regarding"]["kind"], "ReplicatedTable");
+            assert_eq!(b["reportingController"], "rtable-operator");
+            let note = b["note"].as_str().unwrap_or_default();
+            assert!(note.contains("events-2"), "{note}");
+        }));
+    }
+    let action = run(rt, backend.clone(), steps).await.expect("ok");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(10)),
+        "a table that is not Ready is looked at again soon"
+    );
+    let statuses: Vec<_> = backend
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("status"))
+        .collect();
+    assert_eq!(
+        statuses.len(),
+        2,
+        "only active replicas are asked for /status: {statuses:?}"
+    );
+}
+
 #[tokio::test]
 async fn spec_change_reapplies_without_regenerating_the_secret() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
     let mut rt = settled(backend.clone()).await;
     rt.metadata.generation = Some(2);
     rt.spec.image = Some("rtable-sidecar:dev".into());
-    let mut steps = apply_steps(true, 3, |b| {
+    let mut steps = apply_steps(&rt, true, 3, |b| {
         assert_eq!(
             b["spec"]["template"]["spec"]["containers"][0]["image"],
             "rtable-sidecar:dev"
@@ -464,7 +651,7 @@ async fn scale_down_drops_a_replica_only_after_its_session_is_gone() {
     rt.spec.replicas = 2;
 
     // Round 1: the pod is gone but its session still holds is_active: refused, retried.
-    let mut steps = apply_steps(true, 2, |b| assert_eq!(b["spec"]["replicas"], 2));
+    let mut steps = apply_steps(&rt, true, 2, |b| assert_eq!(b["spec"]["replicas"], 2));
     steps.push(pods_step(&["events-0", "events-1"]));
     steps.push(status_step(|s| {
         assert_eq!(condition(s, "Progressing")["reason"], "ScalingDown");
@@ -496,7 +683,7 @@ async fn scale_down_drops_a_replica_only_after_its_session_is_gone() {
         .iter()
         .filter(|c| c.starts_with("drop"))
         .count();
-    let mut steps = apply_steps(true, 2, |_| {});
+    let mut steps = apply_steps(&rt, true, 2, |_| {});
     steps.push(pods_step(&["events-0", "events-1", "events-2"]));
     steps.push(status_step(|s| {
         assert_eq!(condition(s, "Progressing")["reason"], "ScalingDown")
@@ -515,7 +702,7 @@ async fn scale_down_drops_a_replica_only_after_its_session_is_gone() {
 
     // Round 3: the session expired: dropped, with an Event.
     backend.replicas.lock().expect("lock")[2].is_active = false;
-    let mut steps = apply_steps(true, 2, |_| {});
+    let mut steps = apply_steps(&rt, true, 2, |_| {});
     steps.push(pods_step(&["events-0", "events-1"]));
     steps.push(event_step("ReplicaDropped", "Normal"));
     steps.push(status_step(|s| {
@@ -539,7 +726,7 @@ async fn zookeeper_down_and_schema_mismatch_are_written_to_status() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
     let rt = settled(backend.clone()).await;
     *backend.down.lock().expect("lock") = true;
-    let mut steps = apply_steps(true, 3, |_| {});
+    let mut steps = apply_steps(&rt, true, 3, |_| {});
     steps.push(status_step(|s| {
         assert_eq!(condition(s, "Ready")["reason"], "ZooKeeperUnavailable");
         assert_eq!(condition(s, "Available")["status"], "Unknown");
@@ -557,7 +744,7 @@ async fn zookeeper_down_and_schema_mismatch_are_written_to_status() {
 
     *backend.down.lock().expect("lock") = false;
     *backend.mismatch.lock().expect("lock") = true;
-    let mut steps = apply_steps(true, 3, |_| {});
+    let mut steps = apply_steps(&rt, true, 3, |_| {});
     steps.push(status_step(|s| {
         assert_eq!(condition(s, "Degraded")["reason"], "SchemaMismatch");
         assert!(
@@ -585,14 +772,11 @@ fn deleting(policy: DeletionPolicy) -> ReplicatedTable {
 }
 
 fn finalizer_removal() -> Step {
-    step("PATCH", &rt_path())
-        .check(|b| {
-            let text = b.to_string();
-            assert!(
-                text.contains("remove") && text.contains("/metadata/finalizers/0"),
-                "{text}"
-            );
-        })
+    json_patch_step(&rt_path())
+        .check(exactly(json!([
+            {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+            {"op": "remove", "path": "/metadata/finalizers/0"}
+        ])))
         .respond(|_| (200, serde_json::to_value(table()).expect("json")))
 }
 
@@ -600,12 +784,14 @@ fn finalizer_removal() -> Step {
 async fn delete_waits_for_pods_then_removes_the_tree_and_the_finalizer() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
     let sts_delete = || {
-        step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events")).respond(|_| {
-            (
-                200,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
-            )
-        })
+        step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events"))
+            .check(|b| assert_eq!(b["propagationPolicy"], "Background", "{b}"))
+            .respond(|_| {
+                (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+                )
+            })
     };
     let err = run(
         deleting(DeletionPolicy::Delete),
@@ -652,8 +838,11 @@ async fn delete_with_retain_keeps_the_tree() {
 async fn delete_with_zookeeper_unreachable_lets_go_after_the_grace_period() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
     *backend.down.lock().expect("lock") = true;
-    let sts_delete =
-        || step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events")).not_found();
+    let sts_delete = || {
+        step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events"))
+            .check(|b| assert_eq!(b["propagationPolicy"], "Background", "{b}"))
+            .not_found()
+    };
 
     // First failure: remembered in status, finalizer kept.
     let err = run(
