@@ -4,8 +4,11 @@
 pub mod backend;
 pub mod build;
 pub mod crd;
+pub mod install;
 pub mod leader;
 pub mod metrics;
+#[cfg(test)]
+pub(crate) mod mock;
 pub mod reconcile;
 pub mod status;
 pub mod validate;

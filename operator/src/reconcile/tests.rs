@@ -1,12 +1,9 @@
-//! Scripted mock-API-server scenarios: `reconcile()` runs against a tower-test mock that
-//! expects an exact sequence of requests; each step asserts method, path and body and
-//! answers with canned JSON. A missing or extra request fails the test.
+//! Scripted mock-API-server scenarios (see [`crate::mock`]): `reconcile()` runs against an
+//! exact sequence of requests, each asserted on method, path, content type and body.
 
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
-use http::{Request, Response};
-use kube::client::Body;
 use rtable_protocol::schema::TableSchema;
 use rtable_protocol::tree::ReplicaState;
 use serde_json::{Value, json};
@@ -14,82 +11,8 @@ use zookeeper_client as zk;
 
 use super::*;
 use crate::build::fixtures;
+use crate::mock::{self, Step, exactly, json_patch_step, ssa_step, step, to_json};
 use crate::status::SidecarStatus;
-
-type Check = Box<dyn Fn(&Value) + Send>;
-type Respond = Box<dyn Fn(&Value) -> (u16, Value) + Send>;
-
-struct Step {
-    method: &'static str,
-    path: String,
-    /// Exact `Content-Type` of the request, when it has a body that matters.
-    content_type: Option<&'static str>,
-    /// `key=value` pairs the query string must hold.
-    query: Vec<&'static str>,
-    check: Check,
-    respond: Respond,
-}
-
-fn step(method: &'static str, path: &str) -> Step {
-    Step {
-        method,
-        path: path.to_string(),
-        content_type: None,
-        query: vec![],
-        check: Box::new(|_| {}),
-        respond: Box::new(|body| (200, body.clone())),
-    }
-}
-
-/// A server-side apply: PATCH with the apply content type, our field manager, forced.
-fn ssa_step(path: &str) -> Step {
-    let mut s = step("PATCH", path);
-    s.content_type = Some("application/apply-patch+yaml");
-    s.query = vec!["fieldManager=rtable-operator", "force=true"];
-    s
-}
-
-/// A JSON patch (what kube's finalizer helper sends).
-fn json_patch_step(path: &str) -> Step {
-    let mut s = step("PATCH", path);
-    s.content_type = Some("application/json-patch+json");
-    s
-}
-
-/// The body must equal `expected` exactly.
-fn exactly(expected: Value) -> impl Fn(&Value) + Send + 'static {
-    move |body| {
-        assert!(
-            body == &expected,
-            "request body differs\n--- sent ---\n{}\n--- expected ---\n{}",
-            serde_json::to_string_pretty(body).unwrap_or_default(),
-            serde_json::to_string_pretty(&expected).unwrap_or_default()
-        );
-    }
-}
-
-fn to_json<T: serde::Serialize>(object: &T) -> Value {
-    serde_json::to_value(object).expect("serializes")
-}
-
-impl Step {
-    fn check(mut self, f: impl Fn(&Value) + Send + 'static) -> Self {
-        self.check = Box::new(f);
-        self
-    }
-    fn respond(mut self, f: impl Fn(&Value) -> (u16, Value) + Send + 'static) -> Self {
-        self.respond = Box::new(f);
-        self
-    }
-    fn not_found(self) -> Self {
-        self.respond(|_| {
-            (
-                404,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-            )
-        })
-    }
-}
 
 const NS: &str = "/namespaces/analytics";
 fn rt_path() -> String {
@@ -230,66 +153,9 @@ async fn run(
     backend: Arc<FakeBackend>,
     steps: Vec<Step>,
 ) -> Result<Action, Error> {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let verifier = tokio::spawn(async move {
-        for (i, s) in steps.into_iter().enumerate() {
-            let (request, send) = handle.next_request().await.unwrap_or_else(|| {
-                panic!(
-                    "step {i}: expected {} {}, but no more requests came",
-                    s.method, s.path
-                )
-            });
-            let method = request.method().to_string();
-            let uri = request.uri().to_string();
-            let path = uri.split('?').next().unwrap_or_default().to_string();
-            assert_eq!(
-                (method.as_str(), path.as_str()),
-                (s.method, s.path.as_str()),
-                "step {i} ({uri})"
-            );
-            if let Some(want) = s.content_type {
-                let got = request
-                    .headers()
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                assert_eq!(got, want, "step {i} ({method} {uri}): content type");
-            }
-            let query: Vec<&str> = uri
-                .split_once('?')
-                .map(|(_, q)| q.split('&').collect())
-                .unwrap_or_default();
-            for pair in &s.query {
-                assert!(query.contains(pair), "step {i} ({method} {uri}): no {pair}");
-            }
-            let bytes = request
-                .into_body()
-                .collect_bytes()
-                .await
-                .expect("request body");
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).expect("JSON body")
-            };
-            (s.check)(&body);
-            let (code, answer) = (s.respond)(&body);
-            let response = Response::builder()
-                .status(code)
-                .body(Body::from(serde_json::to_vec(&answer).expect("json")))
-                .expect("response");
-            send.send_response(response);
-        }
-        if let Some((request, _)) = handle.next_request().await {
-            panic!(
-                "unexpected extra request {} {}",
-                request.method(),
-                request.uri()
-            );
-        }
-    });
+    let (client, verifier) = mock::server(steps);
     let ctx = Arc::new(Context {
-        client: Client::new(service, "default"),
+        client,
         backend,
         build: BuildConfig::default(),
         metrics: Metrics::default(),
@@ -305,10 +171,7 @@ async fn run(
         .expect("reconcile finished in time");
     // Dropping the context drops the client, which closes the mock, so the verifier's
     // check for extra requests ends.
-    tokio::time::timeout(Duration::from_secs(5), verifier)
-        .await
-        .expect("verifier finished")
-        .expect("every request matched its step");
+    mock::finish(verifier).await;
     result
 }
 
