@@ -91,6 +91,29 @@ impl LeaderElector {
         }
     }
 
+    /// Gives the lease up on a clean shutdown, so the other replica takes over at once
+    /// instead of waiting for it to expire. `Ok(false)` when it was not ours (any more).
+    pub async fn release(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Waits until this process holds the lease.
     pub async fn acquire(&self) {
         loop {
@@ -125,5 +148,170 @@ impl LeaderElector {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{self, Step, step};
+    use serde_json::{Value, json};
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/rtable-system/leases";
+
+    fn lease_path() -> String {
+        format!("{LEASES}/rtable-operator")
+    }
+
+    fn lease(holder: Option<&str>, renewed: &str, transitions: i32) -> Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "rtable-operator", "namespace": "rtable-system", "resourceVersion": "41"},
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": 15,
+                "acquireTime": "2000-01-01T00:00:00.000000Z",
+                "renewTime": renewed,
+                "leaseTransitions": transitions
+            }
+        })
+    }
+
+    fn get(answer: Value) -> Step {
+        step("GET", &lease_path()).respond(move |_| (200, answer.clone()))
+    }
+
+    fn now() -> String {
+        Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string()
+    }
+
+    const LONG_AGO: &str = "2000-01-01T00:00:00.000000Z";
+
+    async fn round(steps: Vec<Step>) -> Result<bool, kube::Error> {
+        let (client, verifier) = mock::server(steps);
+        let elector = LeaderElector::new(
+            client,
+            "rtable-system",
+            "rtable-operator",
+            "op-a",
+            Duration::from_secs(15),
+        );
+        let result = elector.try_acquire_or_renew().await;
+        drop(elector);
+        mock::finish(verifier).await;
+        result
+    }
+
+    #[tokio::test]
+    async fn a_missing_lease_is_created_and_held() {
+        let won = round(vec![
+            step("GET", &lease_path()).not_found(),
+            step("POST", LEASES).check(|b| {
+                assert_eq!(b["metadata"]["name"], "rtable-operator");
+                assert_eq!(b["spec"]["holderIdentity"], "op-a");
+                assert_eq!(b["spec"]["leaseDurationSeconds"], 15);
+                assert_eq!(b["spec"]["leaseTransitions"], 0);
+                assert!(b["spec"]["renewTime"].is_string(), "{b}");
+            }),
+        ])
+        .await
+        .expect("round");
+        assert!(won);
+    }
+
+    #[tokio::test]
+    async fn a_lease_created_by_someone_else_first_is_lost() {
+        let won = round(vec![
+            step("GET", &lease_path()).not_found(),
+            step("POST", LEASES).respond(|_| {
+                (
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                )
+            }),
+        ])
+        .await
+        .expect("round");
+        assert!(!won);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_lease_of_another_operator_is_left_alone() {
+        // No write at all: the mock fails on any request beyond the GET.
+        let won = round(vec![get(lease(Some("op-b"), &now(), 3))])
+            .await
+            .expect("round");
+        assert!(!won);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_with_the_read_resource_version() {
+        let won = round(vec![
+            get(lease(Some("op-b"), LONG_AGO, 3)),
+            step("PUT", &lease_path()).check(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "41", "optimistic lock");
+                assert_eq!(b["spec"]["holderIdentity"], "op-a");
+                assert_eq!(b["spec"]["leaseTransitions"], 4);
+                assert_ne!(b["spec"]["acquireTime"], LONG_AGO);
+                assert_ne!(b["spec"]["renewTime"], LONG_AGO);
+            }),
+        ])
+        .await
+        .expect("round");
+        assert!(won);
+    }
+
+    #[tokio::test]
+    async fn our_own_lease_is_renewed_without_a_transition() {
+        let won = round(vec![
+            get(lease(Some("op-a"), LONG_AGO, 2)),
+            step("PUT", &lease_path()).check(|b| {
+                assert_eq!(b["spec"]["holderIdentity"], "op-a");
+                assert_eq!(b["spec"]["leaseTransitions"], 2);
+                assert_eq!(b["spec"]["acquireTime"], LONG_AGO, "still the same term");
+                assert_ne!(b["spec"]["renewTime"], LONG_AGO);
+            }),
+        ])
+        .await
+        .expect("round");
+        assert!(won);
+    }
+
+    #[tokio::test]
+    async fn losing_the_write_race_means_not_leading() {
+        let won = round(vec![
+            get(lease(Some("op-b"), LONG_AGO, 3)),
+            step("PUT", &lease_path()).conflict(),
+        ])
+        .await
+        .expect("round");
+        assert!(!won);
+    }
+
+    #[tokio::test]
+    async fn release_clears_the_holder_only_when_it_is_ours() {
+        let (client, verifier) = mock::server(vec![
+            get(lease(Some("op-a"), &now(), 2)),
+            step("PUT", &lease_path()).check(|b| {
+                assert!(b["spec"].get("holderIdentity").is_none(), "{b}");
+                assert!(b["spec"].get("renewTime").is_none(), "{b}");
+                assert_eq!(b["metadata"]["resourceVersion"], "41");
+            }),
+            get(lease(Some("op-b"), &now(), 3)),
+        ]);
+        let elector = LeaderElector::new(
+            client,
+            "rtable-system",
+            "rtable-operator",
+            "op-a",
+            Duration::from_secs(15),
+        );
+        assert!(elector.release().await.expect("released"));
+        assert!(!elector.release().await.expect("not ours"));
+        drop(elector);
+        mock::finish(verifier).await;
     }
 }

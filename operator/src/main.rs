@@ -5,24 +5,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::routing::get;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::events::Reporter;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use prometheus_client::registry::Registry;
 use rtable_operator::backend::ZooKeeperBackend;
 use rtable_operator::build::BuildConfig;
 use rtable_operator::crd::{ReplicatedTable, crd_yaml};
 use rtable_operator::metrics::Metrics;
-use rtable_operator::reconcile::{Context, FIELD_MANAGER, error_policy, reconcile};
+use rtable_operator::reconcile::{Context, error_policy, reconcile};
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +86,30 @@ fn init_tracing(format: &str) {
     }
 }
 
+/// SIGTERM (what the kubelet sends) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        r = tokio::signal::ctrl_c() => {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -111,42 +131,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let registry = Arc::new(registry);
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (axum::http::StatusCode::OK, text),
-                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                    }
-                }
-            }),
-        );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = axum::serve(
+            listener,
+            rtable_operator::metrics::router(Arc::new(registry)),
+        )
+        .await
+        {
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
 
     if args.install_crd {
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        let crd = ReplicatedTable::crd();
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .with_context(|| format!("apply CRD {name}"))?;
+        let name = rtable_operator::install::apply_crd(&client).await?;
         tracing::info!(crd = %name, "CRD applied");
     }
 
@@ -161,8 +161,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     if let Some(e) = &elector {
         tracing::info!(identity = %args.identity, "waiting for leadership");
-        e.acquire().await;
-        tracing::info!(identity = %args.identity, "leading");
+        tokio::select! {
+            () = e.acquire() => tracing::info!(identity = %args.identity, "leading"),
+            () = shutdown_signal() => {
+                tracing::info!("shutdown requested while following; exiting");
+                return Ok(());
+            }
+        }
     }
 
     let ctx = Arc::new(Context {
@@ -200,7 +205,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     match &elector {
         Some(e) => {
             tokio::select! {
-                () = controller => tracing::info!("controller stopped; shutting down"),
+                () = controller => {
+                    // Reconciles in flight have finished: hand over at once instead of
+                    // making the other replica wait for the lease to expire.
+                    tracing::info!("controller stopped; releasing the lease");
+                    match e.release().await {
+                        Ok(true) => tracing::info!("lease released"),
+                        Ok(false) => tracing::info!("lease was no longer ours"),
+                        Err(err) => tracing::warn!(error = %err, "cannot release the lease; it expires on its own"),
+                    }
+                }
                 () = e.hold() => {
                     // Another operator may already be reconciling: stop at once and let
                     // the Deployment restart this pod as a follower.
