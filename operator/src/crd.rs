@@ -648,6 +648,92 @@ mod tests {
         }
     }
 
+    #[test]
+    fn cel_rechecks_the_quorum_when_replicas_shrink() {
+        // `kubectl scale rt/events --replicas=1` below insertQuorum 2 is refused on update.
+        let old = table(base_spec());
+        let mut s = base_spec();
+        s["replicas"] = json!(1);
+        let errs = cel(&table(s), Some(&old));
+        assert!(
+            errs.iter().any(|e| e.contains("at most spec.replicas")),
+            "{errs:?}"
+        );
+        // With `auto` the quorum follows the replica count, so any count is fine.
+        let mut s = base_spec();
+        s["replicas"] = json!(1);
+        s["insertQuorum"] = json!("auto");
+        assert_eq!(cel(&table(s), Some(&old)), Vec::<String>::new());
+        // A quorum of 0 is not a quorum.
+        let mut s = base_spec();
+        s["insertQuorum"] = json!(0);
+        assert!(!cel(&table(s), None).is_empty());
+    }
+
+    #[test]
+    fn cel_refuses_removing_a_set_table_path() {
+        let mut with_path = base_spec();
+        with_path["tablePath"] = json!("/tables/{name}");
+        let old = table(with_path.clone());
+        assert_eq!(cel(&table(with_path), Some(&old)), Vec::<String>::new());
+        let errs = cel(&table(base_spec()), Some(&old));
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("spec.tablePath is immutable")),
+            "{errs:?}"
+        );
+    }
+
+    /// What a newcomer applies first, and the builder fixtures, pass the same rules.
+    #[test]
+    fn cel_accepts_the_example_and_the_fixtures() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        for path in [
+            format!("{dir}/../examples/events.yaml"),
+            format!("{dir}/fixtures/table.yaml"),
+            format!("{dir}/fixtures/table-full.yaml"),
+        ] {
+            let text = std::fs::read_to_string(&path).expect("readable");
+            let object: Value = serde_yaml::from_str(&text).expect("YAML");
+            assert_eq!(cel(&object, None), Vec::<String>::new(), "{path}");
+            assert_eq!(cel(&object, Some(&object)), Vec::<String>::new(), "{path}");
+        }
+    }
+
+    /// Every printer column (and the scale subresource) points at a field the schema has,
+    /// so `kubectl get rt` and `-o wide` never show an always-empty column.
+    #[test]
+    fn printer_columns_point_at_schema_fields() {
+        let s = schema();
+        let field = |path: &str| {
+            let mut node = &s;
+            for part in path.trim_start_matches('.').split('.') {
+                node = &node["properties"][part];
+            }
+            node.clone()
+        };
+        let crd = ReplicatedTable::crd();
+        let v = &crd.spec.versions[0];
+        for c in v.additional_printer_columns.iter().flatten() {
+            let path = c.json_path.split('[').next().unwrap_or_default();
+            if path == ".metadata.creationTimestamp" {
+                continue;
+            }
+            let node = field(path);
+            assert!(
+                node.is_object(),
+                "{} -> {path} is not in the schema",
+                c.name
+            );
+            if !c.json_path.contains('[') {
+                assert_eq!(node["type"], json!(c.type_), "{}", c.name);
+            }
+        }
+        assert_eq!(field(".status.replicas")["type"], "integer");
+        assert_eq!(field(".status.selector")["type"], "string");
+        assert_eq!(field(".status.conditions")["type"], "array");
+    }
+
     /// Every rule must stay within the API server's cost budget, or the CRD is refused at
     /// install time; this walks the schema and runs kube-cel's static estimate on each rule.
     #[test]

@@ -52,7 +52,8 @@ mod tests {
     /// healthy replicas, and evicting one more would not.
     #[test]
     fn pdb_maths_for_every_replicas_quorum_pair() {
-        for replicas in 1..=9u32 {
+        // Every count the CRD allows (1..=64) with every explicit quorum and `auto`.
+        for replicas in 1..=64u32 {
             let mut quorums: Vec<InsertQuorum> =
                 (1..=replicas).map(InsertQuorum::Replicas).collect();
             quorums.push(InsertQuorum::Auto(AutoQuorum::Auto));
