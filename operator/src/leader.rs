@@ -128,8 +128,8 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the lease until it is lost (or cannot be renewed within its duration), then
-    /// returns: the caller must stop reconciling at once.
+    /// Renews the lease until it is lost (or cannot be renewed within two thirds of its
+    /// duration), then returns: the caller must stop reconciling at once.
     pub async fn hold(&self) {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
@@ -142,7 +142,9 @@ impl LeaderElector {
                 }
                 Err(e) => {
                     tracing::warn!(lease = %self.name, error = %e, "cannot renew the lease");
-                    if last_renewal.elapsed() >= self.lease_duration {
+                    // Give up well before the lease can expire (client-go's renew deadline):
+                    // once it has, another replica may lead, and two must never reconcile.
+                    if last_renewal.elapsed() >= self.lease_duration * 2 / 3 {
                         return;
                     }
                 }
