@@ -671,7 +671,6 @@ const FAULTS: [Fault; 7] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: under mixed faults two leaders can still publish overlapping merges (seen: 202502_474_509_8 queued on every replica while all hold 202502_509_997_17; seed 537393494461896567); run with --ignored"]
 async fn nemesis_soak() {
     let _serial = serial();
     let seed = seed_from_env("RTABLE_NEMESIS_SEED");

@@ -209,6 +209,64 @@ async fn retried_inserts_are_deduplicated_by_data_and_by_token() {
 }
 
 #[tokio::test]
+async fn concurrent_small_inserts_share_parts_and_keep_their_own_dedup() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    const N: u64 = 48;
+    let bodies: Vec<String> = (0..N)
+        .map(|i| json_lines(&january_rows(i * 3, 3)))
+        .collect();
+    let send_all = |replica: usize| {
+        let client = c.client(replica).clone();
+        let bodies = bodies.clone();
+        async move {
+            futures::future::join_all(bodies.into_iter().map(|body| {
+                let client = client.clone();
+                async move { client.insert("JSONEachRow", body, None).await }
+            }))
+            .await
+        }
+    };
+
+    let first: Vec<_> = send_all(0)
+        .await
+        .into_iter()
+        .map(|a| a.expect("insert"))
+        .collect();
+    let mut parts = BTreeSet::new();
+    for a in &first {
+        assert_eq!(a.rows, 3, "{a:?}");
+        assert!(!a.deduplicated, "{a:?}");
+        assert_eq!(a.parts.len(), 1, "{a:?}");
+        parts.insert(a.parts[0].clone());
+    }
+    assert!(
+        parts.len() < N as usize,
+        "{N} concurrent inserts made {} parts: no part was shared",
+        parts.len()
+    );
+    let log_max = c.client(0).status().await.expect("status").log_max_index;
+
+    // Every insert retried at once on another replica: each one alone is a duplicate of
+    // its own first attempt, even though its rows sit in a part shared with others.
+    let retried = send_all(1).await;
+    for (a, b) in first.iter().zip(retried) {
+        let b = b.expect("retry");
+        assert!(b.deduplicated, "{b:?}");
+        assert_eq!(b.parts, a.parts);
+    }
+    assert_eq!(
+        c.client(1).status().await.expect("status").log_max_index,
+        log_max
+    );
+    let lines = c
+        .wait_converged_rows(3 * N as usize, CONVERGE)
+        .await
+        .expect("converged");
+    assert_eq!(user_ids(&lines), (0..3 * N).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn session_expiry_by_sigstop_makes_a_replica_readonly_and_it_recovers_without_restart() {
     let _serial = serial();
     let mut c = cluster(ClusterOptions {

@@ -78,6 +78,11 @@ pub struct Config {
     /// Merges produce parts of at most this many bytes (sum of the sources).
     #[arg(long, default_value_t = 1 << 30)]
     pub merge_max_bytes: u64,
+    /// Insert blocks up to this many bytes (in memory, per partition) that need no quorum
+    /// are written together with other concurrent small inserts into one part; each keeps
+    /// its own dedup id and acknowledgement. 0 writes every insert as its own part.
+    #[arg(long, env = "RTABLE_COALESCE_MAX_BYTES", default_value_t = 1 << 20)]
+    pub coalesce_max_bytes: usize,
     /// A merge's largest source may be at most this many times the others together.
     #[arg(long, default_value_t = 4.0)]
     pub merge_max_size_ratio: f64,

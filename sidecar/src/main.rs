@@ -165,6 +165,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         fetching: Default::default(),
         pull_lock: tokio::sync::Mutex::new(()),
         queue_unsure: AtomicBool::new(false),
+        log_pointer_cache: parking_lot::Mutex::new(None),
         cfg,
     });
     info!(

@@ -51,24 +51,9 @@ pub async fn before_activation(
         }
     }
 
-    // Parts whose quorum failed were never acknowledged: set them aside (never deleted).
     let mut zk_parts = zk_parts;
-    for failed in crate::quorum::failed_parts(replica, client).await? {
-        let Ok(part) = PartName::parse(&failed) else {
-            continue;
-        };
-        if zk_parts.remove(&failed) {
-            match client.delete(&rp.part(&failed), None).await {
-                Ok(()) | Err(zk::Error::NoNode) => {}
-                Err(e) => return Err(TreeError::zk("delete", rp.part(&failed), e)),
-            }
-        }
-        if replica.store.contains(&part) {
-            warn!(replica = %replica.name, part = %failed, "part failed its quorum; detaching it");
-            if let Err(e) = replica.store.detach(&part, "noquorum") {
-                warn!(replica = %replica.name, part = %failed, error = %e, "cannot detach failed-quorum part");
-            }
-        }
+    for failed in set_aside_failed_quorum_parts(replica, client).await? {
+        zk_parts.remove(&failed);
     }
 
     let local: BTreeSet<String> = replica
@@ -120,10 +105,40 @@ pub async fn before_activation(
     Ok(())
 }
 
+/// Parts whose quorum failed were never acknowledged: forget them in ZooKeeper and set
+/// them aside on disk (never deleted). Returns the failed part names.
+async fn set_aside_failed_quorum_parts(
+    replica: &Replica,
+    client: &zk::Client,
+) -> Result<Vec<String>, TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let failed_parts = crate::quorum::failed_parts(replica, client).await?;
+    for failed in &failed_parts {
+        let Ok(part) = PartName::parse(failed) else {
+            continue;
+        };
+        match client.delete(&rp.part(failed), None).await {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("delete", rp.part(failed), e)),
+        }
+        if replica.store.contains(&part) {
+            warn!(replica = %replica.name, part = %failed, "part failed its quorum; detaching it");
+            if let Err(e) = replica.store.detach(&part, "noquorum") {
+                warn!(replica = %replica.name, part = %failed, error = %e, "cannot detach failed-quorum part");
+            }
+        }
+    }
+    Ok(failed_parts)
+}
+
 pub async fn after_activation(
     replica: &Arc<Replica>,
     client: &zk::Client,
 ) -> Result<(), TreeError> {
+    // Again now that `is_active` exists: while this replica was inactive, a peer may have
+    // failed the quorum of a part only this replica held (the check before activation
+    // can't see that), and the client's retry has committed the rows anew since.
+    set_aside_failed_quorum_parts(replica, client).await?;
     let rp = replica.paths.replica(&replica.name);
     if tree::get_string(client, &rp.is_lost()).await?.as_deref() == Some("1") {
         clone_replica(replica, client).await?;
@@ -254,6 +269,7 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
             );
         }
     }
+    replica.log_pointer_cache.lock().take();
     let mut multi = client.new_multi_writer();
     multi
         .add_check_version(&src.log_pointer(), pointer_stat.version)

@@ -36,7 +36,8 @@ pub struct Replica {
     pub http: reqwest::Client,
     /// Wakes the queue executor (new entries, a finished fetch, a new session).
     pub queue_notify: Notify,
-    /// Wakes the log puller ahead of its watch (used after an insert on this replica).
+    /// Wakes the log puller ahead of its watch (after this replica published an entry
+    /// it must see at once, such as a merge or a drop).
     pub pull_notify: Notify,
     pub session_timeout: Duration,
     /// `columns` text of the table, whose hash goes into every part header.
@@ -59,6 +60,10 @@ pub struct Replica {
     /// A pull's multi failed without a known outcome: it may have queued entries in
     /// ZooKeeper that memory lacks. The next pull reads the queue back first.
     pub queue_unsure: AtomicBool,
+    /// `log_pointer` as this process last wrote it: (session id, value, znode version).
+    /// Only this replica writes its pointer, under `pull_lock`, with a version check, so
+    /// a pull need not read it back; any failed write or other writer clears it.
+    pub log_pointer_cache: Mutex<Option<(i64, Vec<u8>, i32)>>,
 }
 
 impl Replica {

@@ -116,6 +116,19 @@ pub async fn assign_once(
         return Ok(None);
     }
     let mut by_partition = candidates(replica, &busy);
+    // A part the queue will produce (a fetch of a merged part, say after a clone) that
+    // overlaps a local part makes that part unmergeable: a merge of it would publish a
+    // range intersecting the coming one, and no replica could ever hold both.
+    for parts in by_partition.values_mut() {
+        for c in parts.iter_mut() {
+            if known
+                .iter()
+                .any(|k| *k != c.name && !k.is_disjoint(&c.name))
+            {
+                c.busy = true;
+            }
+        }
+    }
     // Read after the snapshot: a part in it was committed together with its quorum node,
     // so a quorum still in progress shows here. Such a part may yet fail its quorum and be
     // inserted again by the client's retry; merged, it would come back as a duplicate.

@@ -460,17 +460,11 @@ async fn commit_outcome(
     let rp = replica.paths.replica(&replica.name);
     let part_path = rp.part(part);
     let queue_path = rp.queue_entry(queue_node);
-    let exists = client
-        .check_stat(&part_path)
-        .await
-        .map_err(|e| TreeError::zk("exists", part_path.clone(), e))?
-        .is_some();
+    // Optimistic: nearly always neither is done yet, so no read first.
     let mut multi = client.new_multi_writer();
-    if !exists {
-        multi
-            .add_create(&part_path, header.as_bytes(), &tree::persistent())
-            .map_err(|e| TreeError::zk("create", part_path.clone(), e))?;
-    }
+    multi
+        .add_create(&part_path, header.as_bytes(), &tree::persistent())
+        .map_err(|e| TreeError::zk("create", part_path.clone(), e))?;
     multi
         .add_delete(&queue_path, None)
         .map_err(|e| TreeError::zk("delete", queue_path.clone(), e))?;

@@ -89,10 +89,22 @@ pub async fn pull_once(
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
     let rp = replica.paths.replica(&replica.name);
-    let (pointer_data, pointer_stat) = client
-        .get_data(&rp.log_pointer())
-        .await
-        .map_err(|e| TreeError::zk("get", rp.log_pointer(), e))?;
+    let session = client.session_id().0;
+    let cached = replica
+        .log_pointer_cache
+        .lock()
+        .clone()
+        .filter(|(s, _, _)| *s == session);
+    let (pointer_data, pointer_version) = match cached {
+        Some((_, data, version)) => (data, version),
+        None => {
+            let (data, stat) = client
+                .get_data(&rp.log_pointer())
+                .await
+                .map_err(|e| TreeError::zk("get", rp.log_pointer(), e))?;
+            (data, stat.version)
+        }
+    };
     let mut indexes: Vec<u64> = children.iter().filter_map(|c| sequence_of(c)).collect();
     indexes.sort_unstable();
     // An empty pointer (a new replica) starts at the oldest entry still in the log.
@@ -110,7 +122,8 @@ pub async fn pull_once(
         .collect();
     let Some(&last) = batch.last() else {
         if pointer_data.is_empty() {
-            set_pointer(client, &rp.log_pointer(), pointer, pointer_stat.version).await?;
+            replica.log_pointer_cache.lock().take();
+            set_pointer(client, &rp.log_pointer(), pointer, pointer_version).await?;
         }
         return Ok(0);
     };
@@ -158,15 +171,12 @@ pub async fn pull_once(
     // session has not expired yet) fail rather than queue the entries twice.
     let next = (last + 1).to_string();
     multi
-        .add_set_data(
-            &rp.log_pointer(),
-            next.as_bytes(),
-            Some(pointer_stat.version),
-        )
+        .add_set_data(&rp.log_pointer(), next.as_bytes(), Some(pointer_version))
         .map_err(|e| TreeError::zk("set", rp.log_pointer(), e))?;
     let results = match multi.commit().await {
         Ok(results) => results,
         Err(e) => {
+            replica.log_pointer_cache.lock().take();
             // A lost connection leaves the outcome unknown: the entries may be queued and
             // the pointer moved. Memory must learn them before anyone trusts the queue
             // (merge selection treats it as complete).
@@ -188,6 +198,7 @@ pub async fn pull_once(
             ));
         }
     };
+    *replica.log_pointer_cache.lock() = Some((session, next.into_bytes(), pointer_version + 1));
     let mut queue = replica.queue.lock();
     for ((index, data), result) in entries.iter().zip(results) {
         let zk::MultiWriteResult::Create { path, .. } = result else {

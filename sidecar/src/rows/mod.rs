@@ -29,6 +29,7 @@
 mod decode;
 mod encode;
 mod error;
+mod fingerprint;
 mod partition;
 mod sort;
 mod value;
@@ -43,6 +44,7 @@ use rtable_protocol::schema::{ColumnType, TableSchema};
 pub use decode::{InputFormat, decode};
 pub use encode::{OutputFormat, ParquetOutput, encode_text, parquet_writer_properties};
 pub use error::InputError;
+pub use fingerprint::rows_hash;
 pub use partition::partition_split;
 pub use sort::sort_by_key;
 

@@ -1,13 +1,17 @@
 //! Group commit. Concurrent inserts queue their blocks here; one task takes everything
-//! waiting, allocates all block numbers in one multi and commits all blocks in another, so
-//! N concurrent inserts cost two ZooKeeper round trips instead of 2N. Every block keeps
-//! its own dedup id, log entry and part, so atomicity and dedup stay per insert: a
-//! duplicate found in the group is answered as such and the rest is retried without it.
+//! waiting, allocates all block numbers in one multi and commits them in another, so N
+//! concurrent inserts cost two ZooKeeper round trips instead of 2N. Small blocks of the
+//! same partition share one part (ClickHouse's async inserts do the same): one block
+//! number, one log entry, one part to fetch, merge and clean up instead of N. Every block
+//! keeps its own `blocks/<id>` node and answer, so dedup and acknowledgement stay per
+//! insert: a duplicate found in the group is answered as such, and the shared part is
+//! written again without it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use zookeeper_client as zk;
@@ -20,11 +24,11 @@ use rtable_protocol::{LogEntry, PartName};
 
 use crate::metrics::Metrics;
 use crate::replica::Replica;
-use crate::sink::{Block, BlockOutcome, InsertError};
-use crate::store::StagedPart;
+use crate::sink::{Block, BlockOutcome, InsertError, Payload};
+use crate::store::{StagedPart, StoreError, TempPart};
 
-/// Ops per block: log entry, lock removal, blocks node, parts node. 100 blocks keep a
-/// multi far below ZooKeeper's 1 MB packet limit.
+/// At most a log entry, lock removal, blocks node and parts node per block: 100 blocks
+/// keep a multi far below ZooKeeper's 1 MB packet limit.
 const MAX_GROUP_BLOCKS: usize = 100;
 const MAX_ATTEMPTS: usize = 5;
 
@@ -79,25 +83,149 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// A block on its way through the group, remembering which job it belongs to.
-struct Pending {
+/// One insert's block inside the group.
+struct Member {
     job: usize,
     slot: usize,
     block_id: String,
-    partition_id: String,
-    /// This attempt's `block_numbers/<partition>/block-N` lock.
-    lock: Option<String>,
-    quorum: u32,
-    quorum_mode: crate::quorum::Mode,
-    state: PendingState,
+    /// The rows of a block in a shared part, kept until the commit so the part can be
+    /// written again without a block that turned out to be a duplicate.
+    rows: Option<RecordBatch>,
+    outcome: Option<BlockOutcome>,
+    /// Same dedup id as an earlier member of this group: answered as its duplicate.
+    same_as: Option<usize>,
 }
 
-enum PendingState {
-    Temp(crate::store::TempPart),
+/// One part to commit: the shared part of a partition's small blocks, or the own part of
+/// a large or quorum block.
+struct Unit {
+    partition_id: String,
+    quorum: u32,
+    quorum_mode: crate::quorum::Mode,
+    /// Members not yet answered.
+    members: Vec<usize>,
+    /// This attempt's `block_numbers/<partition>/block-N` lock.
+    lock: Option<String>,
+    state: UnitState,
+}
+
+enum UnitState {
+    /// Shared rows not (or no longer) written.
+    Unwritten,
+    Temp(TempPart),
     Staged(StagedPart),
-    Done(BlockOutcome),
-    /// Same dedup id as an earlier block of this group: its outcome is that block's.
-    SameAs(usize),
+    Done,
+}
+
+impl Unit {
+    fn is_open(&self) -> bool {
+        !self.members.is_empty() && !matches!(self.state, UnitState::Done)
+    }
+
+    /// Drops what was written (after a member left, or the group failed).
+    fn discard(&mut self, replica: &Replica) {
+        match std::mem::replace(&mut self.state, UnitState::Unwritten) {
+            UnitState::Temp(t) => replica.store.discard_temp(t),
+            UnitState::Staged(s) => replica.store.discard_staged(s),
+            UnitState::Unwritten => {}
+            UnitState::Done => self.state = UnitState::Done,
+        }
+    }
+}
+
+struct Group {
+    members: Vec<Member>,
+    units: Vec<Unit>,
+}
+
+impl Group {
+    fn build(replica: &Replica, jobs: Vec<Job>) -> (Group, Vec<Reply>) {
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut group = Group {
+            members: Vec::new(),
+            units: Vec::new(),
+        };
+        let mut first_by_id: HashMap<String, usize> = HashMap::new();
+        let mut shared_unit: HashMap<String, usize> = HashMap::new();
+        for (job_index, job) in jobs.into_iter().enumerate() {
+            replies.push(job.reply);
+            for (slot, block) in job.blocks.into_iter().enumerate() {
+                let m = group.members.len();
+                let mut member = Member {
+                    job: job_index,
+                    slot,
+                    block_id: block.block_id.clone(),
+                    rows: None,
+                    outcome: None,
+                    same_as: None,
+                };
+                if let Some(&first) = first_by_id.get(&block.block_id) {
+                    block.payload.discard(replica);
+                    member.same_as = Some(first);
+                    group.members.push(member);
+                    continue;
+                }
+                first_by_id.insert(block.block_id.clone(), m);
+                match block.payload {
+                    Payload::Rows(rows) => {
+                        member.rows = Some(rows);
+                        let u = *shared_unit
+                            .entry(block.partition_id.clone())
+                            .or_insert_with(|| {
+                                group.units.push(Unit {
+                                    partition_id: block.partition_id.clone(),
+                                    quorum: 0,
+                                    quorum_mode: block.quorum_mode,
+                                    members: Vec::new(),
+                                    lock: None,
+                                    state: UnitState::Unwritten,
+                                });
+                                group.units.len() - 1
+                            });
+                        group.units[u].members.push(m);
+                    }
+                    Payload::Written(temp) => group.units.push(Unit {
+                        partition_id: block.partition_id.clone(),
+                        quorum: block.quorum,
+                        quorum_mode: block.quorum_mode,
+                        members: vec![m],
+                        lock: None,
+                        state: UnitState::Temp(temp),
+                    }),
+                }
+                group.members.push(member);
+            }
+        }
+        (group, replies)
+    }
+
+    /// Answers a member as a duplicate of `part` and takes it out of its unit, whose
+    /// shared part must then be written again without it.
+    fn duplicate(&mut self, replica: &Replica, u: usize, m: usize, part: String) {
+        self.members[m].outcome = Some(BlockOutcome::Duplicate { part });
+        self.members[m].rows = None;
+        let unit = &mut self.units[u];
+        unit.members.retain(|&x| x != m);
+        unit.discard(replica);
+    }
+
+    fn open(&self) -> Vec<usize> {
+        (0..self.units.len())
+            .filter(|&u| self.units[u].is_open())
+            .collect()
+    }
+
+    /// Every member's answer, `None` where the group did not reach one.
+    fn outcome(&self, m: usize) -> Option<BlockOutcome> {
+        match self.members[m].same_as {
+            Some(first) => match self.members[first].outcome.as_ref()? {
+                BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part } => {
+                    Some(BlockOutcome::Duplicate { part: part.clone() })
+                }
+            },
+            None => self.members[m].outcome.clone(),
+        }
+    }
 }
 
 async fn commit_group(
@@ -105,98 +233,46 @@ async fn commit_group(
     known_partitions: &mut HashSet<String>,
     jobs: Vec<Job>,
 ) {
-    let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut first_by_id: HashMap<String, usize> = HashMap::new();
-    let mut failed_jobs: HashMap<usize, InsertError> = HashMap::new();
-    for (job_index, job) in jobs.into_iter().enumerate() {
-        replies.push(job.reply);
-        for (slot, block) in job.blocks.into_iter().enumerate() {
-            let index = pending.len();
-            let state = match first_by_id.get(&block.block_id) {
-                Some(&first) => {
-                    replica.store.discard_temp(block.temp);
-                    PendingState::SameAs(first)
-                }
-                None => {
-                    first_by_id.insert(block.block_id.clone(), index);
-                    PendingState::Temp(block.temp)
-                }
-            };
-            pending.push(Pending {
-                job: job_index,
-                slot,
-                block_id: block.block_id,
-                partition_id: block.partition_id,
-                lock: None,
-                quorum: block.quorum,
-                quorum_mode: block.quorum_mode,
-                state,
-            });
-        }
-    }
-    let result = commit_pending(replica, known_partitions, &mut pending).await;
+    let (mut group, replies) = Group::build(replica, jobs);
+    let result = commit_pending(replica, known_partitions, &mut group).await;
     if let Err(e) = &result {
         // Whatever did not reach a known outcome is discarded (never acknowledged), except
         // staged parts whose commit may have happened: those wait for a resolver.
         let mut unresolved: Vec<StagedPart> = Vec::new();
-        for p in pending.iter_mut() {
-            match std::mem::replace(&mut p.state, PendingState::SameAs(usize::MAX)) {
-                PendingState::Temp(t) => replica.store.discard_temp(t),
-                PendingState::Staged(s) => unresolved.push(s),
-                other => p.state = other,
-            }
-            if !matches!(p.state, PendingState::Done(_)) {
-                failed_jobs.entry(p.job).or_insert_with(|| clone_error(e));
+        for unit in group.units.iter_mut() {
+            match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
+                UnitState::Staged(s) if !unit.members.is_empty() => unresolved.push(s),
+                other => {
+                    unit.state = other;
+                    unit.discard(replica);
+                }
             }
         }
         if !unresolved.is_empty() {
             tokio::spawn(resolve_later(replica.clone(), unresolved));
         }
+        debug!(replica = %replica.name, error = %e, "group commit failed");
     }
-    // Assemble every job's answer in its own block order.
-    let outcomes: Vec<Option<BlockOutcome>> = (0..pending.len())
-        .map(|i| {
-            let mut at = i;
-            for _ in 0..2 {
-                match &pending[at].state {
-                    PendingState::Done(o) => {
-                        return Some(match (o, at == i) {
-                            (o, true) => o.clone(),
-                            // A later copy of a block committed in this very group is a duplicate of it.
-                            (
-                                BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part },
-                                false,
-                            ) => BlockOutcome::Duplicate { part: part.clone() },
-                        });
-                    }
-                    PendingState::SameAs(first) if *first < pending.len() => at = *first,
-                    _ => return None,
-                }
-            }
-            None
-        })
-        .collect();
-    let mut per_job: Vec<Vec<(usize, BlockOutcome)>> =
-        (0..replies.len()).map(|_| Vec::new()).collect();
-    for (p, outcome) in pending.iter().zip(outcomes) {
-        match outcome {
-            Some(o) => per_job[p.job].push((p.slot, o)),
-            None => {
-                failed_jobs.entry(p.job).or_insert_with(|| {
-                    InsertError::Internal("block left without outcome".to_string())
-                });
+    let mut per_job: Vec<Result<Vec<(usize, BlockOutcome)>, InsertError>> =
+        (0..replies.len()).map(|_| Ok(Vec::new())).collect();
+    for m in 0..group.members.len() {
+        let job = group.members[m].job;
+        match (group.outcome(m), &mut per_job[job]) {
+            (Some(o), Ok(outcomes)) => outcomes.push((group.members[m].slot, o)),
+            (Some(_), Err(_)) => {}
+            (None, answer) => {
+                *answer = Err(match &result {
+                    Err(e) => clone_error(e),
+                    Ok(()) => InsertError::Internal("block left without outcome".to_string()),
+                })
             }
         }
     }
-    for (job, (reply, mut outcomes)) in replies.into_iter().zip(per_job).enumerate() {
-        let answer = match failed_jobs.remove(&job) {
-            Some(e) => Err(e),
-            None => {
-                outcomes.sort_by_key(|(slot, _)| *slot);
-                Ok(outcomes.into_iter().map(|(_, o)| o).collect())
-            }
-        };
+    for (reply, answer) in replies.into_iter().zip(per_job) {
+        let answer = answer.map(|mut outcomes| {
+            outcomes.sort_by_key(|(slot, _)| *slot);
+            outcomes.into_iter().map(|(_, o)| o).collect()
+        });
         let _ = reply.send(answer);
     }
 }
@@ -214,24 +290,17 @@ fn is_connection_error(e: &zk::Error) -> bool {
     tree::is_transient(e)
 }
 
-/// Allocates and commits every block still open; returns an error only for blocks whose
-/// fate is not known (those stay open in `pending`).
+/// Allocates and commits every unit still open; returns an error only for members whose
+/// fate is not known (their units stay open in `group`).
 async fn commit_pending(
     replica: &Arc<Replica>,
     known_partitions: &mut HashSet<String>,
-    pending: &mut [Pending],
+    group: &mut Group,
 ) -> Result<(), InsertError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let open: Vec<usize> = (0..pending.len())
-            .filter(|&i| {
-                matches!(
-                    pending[i].state,
-                    PendingState::Temp(_) | PendingState::Staged(_)
-                )
-            })
-            .collect();
+        let open = group.open();
         if open.is_empty() {
             return Ok(());
         }
@@ -244,9 +313,10 @@ async fn commit_pending(
             .sessions
             .active()
             .map_err(|e| InsertError::ReadOnly(e.reason))?;
-        ensure_partitions(replica, &client, known_partitions, pending, &open).await?;
+        ensure_partitions(replica, &client, known_partitions, group, &open).await?;
+        write_shared_units(replica, group, &open).await?;
         let t0 = std::time::Instant::now();
-        let numbers = match allocate(replica, &client, pending, &open).await {
+        let numbers = match allocate(replica, &client, group, &open).await {
             Ok(Some(numbers)) => numbers,
             // A duplicate was found and answered; allocate the rest again. Duplicates are
             // progress, not failed attempts.
@@ -268,77 +338,64 @@ async fn commit_pending(
                 return Err(InsertError::Unavailable(e.to_string()));
             }
         };
-        // Name every block by its number; a staged part from an earlier attempt is renamed.
-        for (&i, (number, lock)) in open.iter().zip(&numbers) {
-            let name = PartName::new_insert(&pending[i].partition_id, *number);
-            let state = std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX));
-            let staged = match state {
-                PendingState::Temp(t) => replica.store.stage(t, &name),
-                PendingState::Staged(s) => replica.store.restage(s, &name),
-                _ => unreachable_state(),
+        // Name every unit by its number; a staged part from an earlier attempt is renamed.
+        for (&u, (number, lock)) in open.iter().zip(numbers) {
+            let unit = &mut group.units[u];
+            let name = PartName::new_insert(&unit.partition_id, number);
+            unit.lock = Some(lock);
+            let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
+                UnitState::Temp(t) => replica.store.stage(t, &name),
+                UnitState::Staged(s) => replica.store.restage(s, &name),
+                UnitState::Unwritten | UnitState::Done => Err(StoreError::Refused {
+                    op: "staging a block",
+                    reason: "block in an unexpected state".to_string(),
+                }),
             };
-            match staged {
-                Ok(s) => {
-                    pending[i].lock = Some(lock.clone());
-                    pending[i].state = PendingState::Staged(s);
-                }
-                Err(e) => {
-                    // The part is gone with the failed rename; the insert fails as a whole.
-                    return Err(InsertError::Store(e));
-                }
-            }
+            // A failed rename loses the part; the inserts fail as a whole.
+            unit.state = UnitState::Staged(staged?);
         }
         let t1 = std::time::Instant::now();
-        let committed = commit(replica, &client, pending, &open).await;
+        let committed = commit(replica, &client, group, &open).await;
         let t2 = std::time::Instant::now();
         match committed {
             CommitResult::Committed => {
                 Metrics::inc(&replica.metrics.insert_commits);
-                for &i in &open {
-                    activate(replica, &mut pending[i]);
-                }
+                activate_all(replica, group, &open);
                 debug!(
-                    blocks = open.len(),
+                    parts = open.len(),
+                    blocks = open
+                        .iter()
+                        .map(|&u| group.units[u].members.len())
+                        .sum::<usize>(),
                     allocate_and_stage_us = (t1 - t0).as_micros() as u64,
                     commit_us = (t2 - t1).as_micros() as u64,
                     activate_us = t2.elapsed().as_micros() as u64,
                     "group commit timing"
                 );
-                replica.pull_notify.notify_one();
                 replica.merge_notify.notify_one();
                 return Ok(());
             }
-            CommitResult::Duplicate(i) => {
+            CommitResult::Duplicate(u, m) => {
                 // Someone committed the same block between our allocation and commit.
-                let existing = existing_part(&client, replica, &pending[i].block_id).await;
-                release_lock(&client, pending[i].lock.take()).await;
-                if let PendingState::Staged(s) =
-                    std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX))
-                {
-                    replica.store.discard_staged(s);
-                }
-                pending[i].state = PendingState::Done(BlockOutcome::Duplicate { part: existing });
+                let existing = existing_part(&client, replica, &group.members[m].block_id).await;
+                release_all_locks(&client, group, &open).await;
+                group.duplicate(replica, u, m, existing);
                 attempt -= 1;
-                // Locks of the others are still ours: allocate anew (simplest; the old
-                // numbers are released by the next attempt's session or skipped).
-                release_all_locks(&client, pending, &open).await;
             }
             CommitResult::Retry(reason) => {
                 debug!(replica = %replica.name, %reason, "commit not applied; retrying");
-                release_all_locks(&client, pending, &open).await;
+                release_all_locks(&client, group, &open).await;
             }
             CommitResult::Refused(reason) => {
-                release_all_locks(&client, pending, &open).await;
+                release_all_locks(&client, group, &open).await;
                 return Err(InsertError::Unavailable(reason));
             }
             CommitResult::Unknown(reason) => {
                 // Resolve by checking our parts node, on whatever session comes back.
-                match resolve(replica, pending, &open).await {
+                match resolve(replica, group, &open).await {
                     Some(true) => {
                         Metrics::inc(&replica.metrics.insert_commits);
-                        for &i in &open {
-                            activate(replica, &mut pending[i]);
-                        }
+                        activate_all(replica, group, &open);
                         return Ok(());
                     }
                     Some(false) => {
@@ -352,25 +409,71 @@ async fn commit_pending(
     }
 }
 
-fn unreachable_state() -> Result<StagedPart, crate::store::StoreError> {
-    Err(crate::store::StoreError::Refused {
-        op: "staging a block",
-        reason: "block in an unexpected state".to_string(),
+/// Writes the shared part of every open unit that has none (yet, or any more). Parts are
+/// written off the async runtime; all of a group's in one blocking task.
+async fn write_shared_units(
+    replica: &Arc<Replica>,
+    group: &mut Group,
+    open: &[usize],
+) -> Result<(), InsertError> {
+    let todo: Vec<(usize, Vec<RecordBatch>)> = open
+        .iter()
+        .filter(|&&u| matches!(group.units[u].state, UnitState::Unwritten))
+        .map(|&u| {
+            let rows = group.units[u]
+                .members
+                .iter()
+                .filter_map(|&m| group.members[m].rows.clone())
+                .collect();
+            (u, rows)
+        })
+        .collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let r = replica.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        todo.into_iter()
+            .map(|(u, rows)| {
+                let refs: Vec<&RecordBatch> = rows.iter().collect();
+                (
+                    u,
+                    crate::store::write_shared(&r.store, &refs, &r.table.schema),
+                )
+            })
+            .collect::<Vec<_>>()
     })
+    .await
+    .map_err(|e| InsertError::Internal(format!("writing shared parts: {e}")))?;
+    let mut failure = None;
+    for (u, result) in written {
+        match result {
+            Ok(temp) => group.units[u].state = UnitState::Temp(temp),
+            Err(e) => failure = Some(e),
+        }
+    }
+    match failure {
+        Some(e) => Err(InsertError::Store(e)),
+        None => Ok(()),
+    }
 }
 
-fn activate(replica: &Replica, p: &mut Pending) {
-    let state = std::mem::replace(&mut p.state, PendingState::SameAs(usize::MAX));
-    if let PendingState::Staged(s) = state {
+fn activate_all(replica: &Replica, group: &mut Group, open: &[usize]) {
+    for &u in open {
+        let unit = &mut group.units[u];
+        let UnitState::Staged(s) = std::mem::replace(&mut unit.state, UnitState::Done) else {
+            continue;
+        };
         let part = s.name.to_string();
         if let Err(e) = replica.store.activate_staged(s) {
             // Committed in ZooKeeper but not renamed: the next start finds the staged
             // directory and activates it; peers can't fetch it until then.
             warn!(replica = %replica.name, %part, error = %e, "committed part could not be activated");
         }
-        p.state = PendingState::Done(BlockOutcome::Committed { part });
-    } else {
-        p.state = state;
+        for &m in &unit.members {
+            group.members[m].outcome = Some(BlockOutcome::Committed { part: part.clone() });
+            group.members[m].rows = None;
+        }
     }
 }
 
@@ -378,11 +481,11 @@ async fn ensure_partitions(
     replica: &Replica,
     client: &zk::Client,
     known: &mut HashSet<String>,
-    pending: &[Pending],
+    group: &Group,
     open: &[usize],
 ) -> Result<(), InsertError> {
-    for &i in open {
-        let pid = &pending[i].partition_id;
+    for &u in open {
+        let pid = &group.units[u].partition_id;
         if known.contains(pid) {
             continue;
         }
@@ -401,75 +504,85 @@ async fn ensure_partitions(
     Ok(())
 }
 
-/// One multi: for each block, `blocks/<id>` must not exist (create + delete, ClickHouse's
-/// trick, since multi has no "absent" check) and an ephemeral sequential lock under
-/// `block_numbers/<partition>` gives the block number. `Ok(None)`: a duplicate was found
-/// and recorded; call again for the rest.
+/// What each op of the allocation multi is, to map a failed op index back to its member.
+#[derive(Clone, Copy)]
+enum AllocOp {
+    Absent { unit: usize, member: usize },
+    Delete,
+    Lock,
+}
+
+/// One multi: for each member, `blocks/<id>` must not exist (create + delete, ClickHouse's
+/// trick, since multi has no "absent" check), and for each unit an ephemeral sequential
+/// lock under `block_numbers/<partition>` gives the block number. `Ok(None)`: a duplicate
+/// was found and answered; call again for the rest.
 async fn allocate(
     replica: &Replica,
     client: &zk::Client,
-    pending: &mut [Pending],
+    group: &mut Group,
     open: &[usize],
 ) -> Result<Option<Vec<(u64, String)>>, TreeError> {
     let mut multi = client.new_multi_writer();
-    for &i in open {
-        let block = replica.paths.block(&pending[i].block_id);
+    let mut ops: Vec<AllocOp> = Vec::new();
+    for &u in open {
+        for &m in &group.units[u].members {
+            let block = replica.paths.block(&group.members[m].block_id);
+            multi
+                .add_create(&block, b"", &tree::persistent())
+                .map_err(|e| TreeError::zk("create", block.clone(), e))?;
+            multi
+                .add_delete(&block, None)
+                .map_err(|e| TreeError::zk("delete", block.clone(), e))?;
+            ops.extend([AllocOp::Absent { unit: u, member: m }, AllocOp::Delete]);
+        }
         let lock = replica
             .paths
-            .block_number_lock_prefix(&pending[i].partition_id);
-        multi
-            .add_create(&block, b"", &tree::persistent())
-            .map_err(|e| TreeError::zk("create", block.clone(), e))?;
-        multi
-            .add_delete(&block, None)
-            .map_err(|e| TreeError::zk("delete", block.clone(), e))?;
+            .block_number_lock_prefix(&group.units[u].partition_id);
         multi
             .add_create(&lock, b"", &tree::ephemeral_sequential())
             .map_err(|e| TreeError::zk("create", lock.clone(), e))?;
+        ops.push(AllocOp::Lock);
     }
     match multi.commit().await {
         Ok(results) => {
             let mut numbers = Vec::with_capacity(open.len());
-            for (k, _) in open.iter().enumerate() {
-                match results.get(k * 3 + 2) {
-                    Some(zk::MultiWriteResult::Create { path, .. }) => {
-                        let n = path
-                            .rsplit('/')
-                            .next()
-                            .and_then(sequence_of)
-                            .ok_or_else(|| TreeError::Corrupt {
-                                path: path.clone(),
-                                message: "lock node without a sequence number".to_string(),
-                            })?;
-                        numbers.push((n, path.clone()));
-                    }
-                    _ => {
-                        return Err(TreeError::Corrupt {
-                            path: replica.paths.block_numbers(),
-                            message: "allocation multi returned an unexpected result".to_string(),
-                        });
-                    }
+            for (op, result) in ops.iter().zip(&results) {
+                if !matches!(op, AllocOp::Lock) {
+                    continue;
                 }
+                let zk::MultiWriteResult::Create { path, .. } = result else {
+                    return Err(TreeError::Corrupt {
+                        path: replica.paths.block_numbers(),
+                        message: "allocation multi returned an unexpected result".to_string(),
+                    });
+                };
+                let n = path
+                    .rsplit('/')
+                    .next()
+                    .and_then(sequence_of)
+                    .ok_or_else(|| TreeError::Corrupt {
+                        path: path.clone(),
+                        message: "lock node without a sequence number".to_string(),
+                    })?;
+                numbers.push((n, path.clone()));
+            }
+            if numbers.len() != open.len() {
+                return Err(TreeError::Corrupt {
+                    path: replica.paths.block_numbers(),
+                    message: "allocation multi returned too few locks".to_string(),
+                });
             }
             Ok(Some(numbers))
         }
         Err(zk::MultiWriteError::OperationFailed {
             index,
             source: zk::Error::NodeExists,
-        }) if index % 3 == 0 => {
-            let i = open[index / 3];
-            let existing = existing_part(client, replica, &pending[i].block_id).await;
-            if let PendingState::Temp(t) =
-                std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX))
-            {
-                replica.store.discard_temp(t);
-            }
-            if let PendingState::Staged(s) =
-                std::mem::replace(&mut pending[i].state, PendingState::SameAs(usize::MAX))
-            {
-                replica.store.discard_staged(s);
-            }
-            pending[i].state = PendingState::Done(BlockOutcome::Duplicate { part: existing });
+        }) if matches!(ops.get(index), Some(AllocOp::Absent { .. })) => {
+            let Some(AllocOp::Absent { unit, member }) = ops.get(index).copied() else {
+                return Ok(None);
+            };
+            let existing = existing_part(client, replica, &group.members[member].block_id).await;
+            group.duplicate(replica, unit, member, existing);
             Ok(None)
         }
         Err(e) => Err(tree::multi_error(
@@ -490,8 +603,8 @@ async fn existing_part(client: &zk::Client, replica: &Replica, block_id: &str) -
 
 enum CommitResult {
     Committed,
-    /// The block at this index of `pending` is a duplicate.
-    Duplicate(usize),
+    /// This member of this unit is a duplicate.
+    Duplicate(usize, usize),
     /// Definitely not applied.
     Retry(String),
     /// Definitely not applied, and retrying cannot help.
@@ -505,36 +618,45 @@ enum CommitResult {
 enum Op {
     Log,
     Unlock,
-    Block,
+    Block { unit: usize, member: usize },
     Part,
     Quorum,
 }
 
-/// ONE multi for the whole group: per block the GET_PART log entry, the lock removal,
-/// `blocks/<id>`, `replicas/<me>/parts/<part>` and, for quorum inserts, the quorum node.
+/// ONE multi for the whole group: per unit the GET_PART log entry, the lock removal,
+/// `blocks/<id>` of every member, `replicas/<me>/parts/<part>` and, for quorum inserts,
+/// the quorum node. The log entry names the first member's block id (a quorum unit has
+/// only one, which a failed quorum removes).
 async fn commit(
     replica: &Replica,
     client: &zk::Client,
-    pending: &[Pending],
+    group: &Group,
     open: &[usize],
 ) -> CommitResult {
     let rp = replica.paths.replica(&replica.name);
     let now = chrono::Utc::now().timestamp();
     let mut multi = client.new_multi_writer();
-    let mut ops: Vec<(Op, usize)> = Vec::with_capacity(open.len() * 5);
-    for &i in open {
-        let PendingState::Staged(s) = &pending[i].state else {
+    let mut ops: Vec<Op> = Vec::with_capacity(open.len() * 5);
+    for &u in open {
+        let unit = &group.units[u];
+        let UnitState::Staged(s) = &unit.state else {
             return CommitResult::Retry("block not staged".to_string());
         };
-        let part = s.name.to_string();
-        let quorum = if pending[i].quorum > 1 {
-            pending[i].quorum
-        } else {
-            0
+        let Some(&first) = unit.members.first() else {
+            return CommitResult::Retry("unit without blocks".to_string());
         };
-        let entry = LogEntry::get(&replica.name, &pending[i].block_id, &part, quorum, now).render();
+        let part = s.name.to_string();
+        let quorum = if unit.quorum > 1 { unit.quorum } else { 0 };
+        let entry = LogEntry::get(
+            &replica.name,
+            &group.members[first].block_id,
+            &part,
+            quorum,
+            now,
+        )
+        .render();
         let header = PartHeader::new(&replica.columns_text, s.rows, &s.checksums).render();
-        let lock = pending[i].lock.clone().unwrap_or_default();
+        let lock = unit.lock.clone().unwrap_or_default();
         let mut results = vec![
             multi.add_create(
                 &replica.paths.log_entry_prefix(),
@@ -542,19 +664,23 @@ async fn commit(
                 &tree::persistent_sequential(),
             ),
             multi.add_delete(&lock, None),
-            multi.add_create(
-                &replica.paths.block(&pending[i].block_id),
+        ];
+        ops.extend([Op::Log, Op::Unlock]);
+        for &m in &unit.members {
+            results.push(multi.add_create(
+                &replica.paths.block(&group.members[m].block_id),
                 part.as_bytes(),
                 &tree::persistent(),
-            ),
-            multi.add_create(&rp.part(&part), header.as_bytes(), &tree::persistent()),
-        ];
-        ops.extend([(Op::Log, i), (Op::Unlock, i), (Op::Block, i), (Op::Part, i)]);
+            ));
+            ops.push(Op::Block { unit: u, member: m });
+        }
+        results.push(multi.add_create(&rp.part(&part), header.as_bytes(), &tree::persistent()));
+        ops.push(Op::Part);
         if quorum > 0 {
-            let node = crate::quorum::node_path(replica, pending[i].quorum_mode, &part);
+            let node = crate::quorum::node_path(replica, unit.quorum_mode, &part);
             let value = QuorumEntry::new(&part, quorum, &replica.name).render();
             results.push(multi.add_create(&node, value.as_bytes(), &tree::persistent()));
-            ops.push((Op::Quorum, i));
+            ops.push(Op::Quorum);
         }
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             return CommitResult::Retry(format!("building the commit: {e}"));
@@ -563,8 +689,10 @@ async fn commit(
     match multi.commit().await {
         Ok(_) => CommitResult::Committed,
         Err(zk::MultiWriteError::OperationFailed { index, source }) => match (ops.get(index), source) {
-            (Some((Op::Block, i)), zk::Error::NodeExists) => CommitResult::Duplicate(*i),
-            (Some((Op::Quorum, _)), zk::Error::NodeExists) => CommitResult::Refused(
+            (Some(Op::Block { unit, member }), zk::Error::NodeExists) => {
+                CommitResult::Duplicate(*unit, *member)
+            }
+            (Some(Op::Quorum), zk::Error::NodeExists) => CommitResult::Refused(
                 "a previous sequential quorum insert has not reached its quorum yet (UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE); retry later or use insert_quorum_parallel=1".to_string(),
             ),
             (_, source) => CommitResult::Retry(format!("op {index} of the commit failed: {source}")),
@@ -578,24 +706,20 @@ async fn commit(
     }
 }
 
-async fn release_lock(client: &zk::Client, lock: Option<String>) {
-    if let Some(lock) = lock {
-        let _ = client.delete(&lock, None).await;
+async fn release_all_locks(client: &zk::Client, group: &mut Group, open: &[usize]) {
+    for &u in open {
+        if let Some(lock) = group.units[u].lock.take() {
+            let _ = client.delete(&lock, None).await;
+        }
     }
 }
 
-async fn release_all_locks(client: &zk::Client, pending: &mut [Pending], open: &[usize]) {
-    for &i in open {
-        release_lock(client, pending[i].lock.take()).await;
-    }
-}
-
-/// Did the commit of these blocks happen? All blocks of one multi share the answer, so
-/// checking the first block's `parts` node settles it. `None`: ZooKeeper stayed
+/// Did the commit of these units happen? All units of one multi share the answer, so
+/// checking the first one's `parts` node settles it. `None`: ZooKeeper stayed
 /// unreachable for longer than a session timeout.
-async fn resolve(replica: &Replica, pending: &[Pending], open: &[usize]) -> Option<bool> {
-    let first = open.iter().find_map(|&i| match &pending[i].state {
-        PendingState::Staged(s) => Some(s.name.to_string()),
+async fn resolve(replica: &Replica, group: &Group, open: &[usize]) -> Option<bool> {
+    let first = open.iter().find_map(|&u| match &group.units[u].state {
+        UnitState::Staged(s) => Some(s.name.to_string()),
         _ => None,
     })?;
     check_committed(

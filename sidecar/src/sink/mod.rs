@@ -23,15 +23,32 @@ use crate::store::{StoreError, TempPart};
 
 pub use committer::Committer;
 
-/// One partition's share of an insert, written to a temporary part.
+/// One partition's share of an insert.
 pub struct Block {
     pub partition_id: String,
     pub block_id: String,
     pub rows: u64,
-    pub temp: TempPart,
+    pub payload: Payload,
     /// Replicas that must hold the part before the insert is acknowledged (<= 1: none).
     pub quorum: u32,
     pub quorum_mode: quorum::Mode,
+}
+
+/// A block's rows, either kept for the committer to write together with other small
+/// blocks of the same partition (one part for many concurrent inserts, like ClickHouse's
+/// async inserts) or, when large, already written as a part of its own.
+pub enum Payload {
+    /// Sorted by ORDER BY and checked against the table's Arrow schema.
+    Rows(arrow::array::RecordBatch),
+    Written(TempPart),
+}
+
+impl Payload {
+    pub fn discard(self, replica: &Replica) {
+        if let Payload::Written(t) = self {
+            replica.store.discard_temp(t);
+        }
+    }
 }
 
 /// What happened to one block.
@@ -197,8 +214,8 @@ pub async fn insert(
     .await
 }
 
-/// Decode, split by partition, sort, write temporary parts. Nothing here touches
-/// ZooKeeper, so bad input never changes the tree.
+/// Decode, split by partition, sort, and write the large blocks as temporary parts.
+/// Nothing here touches ZooKeeper, so bad input never changes the tree.
 fn prepare_blocks(
     replica: &Replica,
     request: InsertRequest,
@@ -210,30 +227,55 @@ fn prepare_blocks(
     let partitions = rows::partition_split(&batch, schema)?;
     let mut blocks: Vec<Block> = Vec::with_capacity(partitions.len());
     for (index, (partition_id, part_batch)) in partitions.into_iter().enumerate() {
-        // write_temp sorts by the ORDER BY itself.
-        let temp = match crate::store::write_temp(&replica.store, &part_batch, schema) {
-            Ok(t) => t,
+        match prepare_block(replica, &request, index, &part_batch, quorum) {
+            Ok((hash, payload)) => blocks.push(Block {
+                block_id: hash::block_id(&partition_id, hash),
+                partition_id,
+                rows: part_batch.num_rows() as u64,
+                payload,
+                quorum,
+                quorum_mode,
+            }),
             Err(e) => {
                 for b in blocks {
-                    replica.store.discard_temp(b.temp);
+                    b.payload.discard(replica);
                 }
-                return Err(e.into());
+                return Err(e);
             }
-        };
-        let hash: Hash128 = match &request.dedup_token {
+        }
+    }
+    Ok(blocks)
+}
+
+/// The dedup hash and payload of one partition's rows. A block is shared with other
+/// inserts only when it is small and needs no quorum (a quorum is tracked per part and
+/// its failure removes the part's one block id). Which way a block goes depends on its
+/// data and the flags alone, so a retry gets the same block id.
+fn prepare_block(
+    replica: &Replica,
+    request: &InsertRequest,
+    index: usize,
+    batch: &arrow::array::RecordBatch,
+    quorum: u32,
+) -> Result<(Hash128, Payload), InsertError> {
+    let schema = &replica.table.schema;
+    let shared = quorum <= 1 && batch.get_array_memory_size() <= replica.cfg.coalesce_max_bytes;
+    if !shared {
+        // write_temp sorts by the ORDER BY itself.
+        let temp = crate::store::write_temp(&replica.store, batch, schema)?;
+        let hash = match &request.dedup_token {
             Some(token) => hash::token_hash(token, index),
             None => temp.data_hash(),
         };
-        blocks.push(Block {
-            block_id: hash::block_id(&partition_id, hash),
-            partition_id,
-            rows: part_batch.num_rows() as u64,
-            temp,
-            quorum,
-            quorum_mode,
-        });
+        return Ok((hash, Payload::Written(temp)));
     }
-    Ok(blocks)
+    let sorted = crate::store::conform(&replica.store, batch, schema)?;
+    let hash = match &request.dedup_token {
+        Some(token) => hash::token_hash(token, index),
+        None => rows::rows_hash(&sorted)
+            .map_err(|e| InsertError::Internal(format!("hashing the rows: {e}")))?,
+    };
+    Ok((hash, Payload::Rows(sorted)))
 }
 
 /// Acknowledges a quorum insert only once every new part reached its quorum.

@@ -213,3 +213,35 @@ pub fn write_temp(
     }
     writer.finish()
 }
+
+/// Sorts one block by ORDER BY and labels it with the table's Arrow schema, which checks
+/// column types and that non-Nullable columns hold no null: what [`write_temp`] would
+/// refuse is refused here, before the block is shared with other inserts.
+pub fn conform(
+    store: &PartStore,
+    batch: &RecordBatch,
+    schema: &TableSchema,
+) -> Result<RecordBatch, StoreError> {
+    let sorted = sort_by_key(batch, &schema.order_by)
+        .map_err(|e| StoreError::arrow("sorting rows for", store.parts_dir(), e))?;
+    RecordBatch::try_new(arrow_schema(schema), sorted.columns().to_vec()).map_err(|e| {
+        StoreError::arrow(
+            "matching rows to the table schema for",
+            store.parts_dir(),
+            e,
+        )
+    })
+}
+
+/// Writes conformed blocks of several inserts as one temporary part, sorted by ORDER BY
+/// (stable, so rows with equal keys keep the blocks' order).
+pub fn write_shared(
+    store: &PartStore,
+    blocks: &[&RecordBatch],
+    schema: &TableSchema,
+) -> Result<TempPart, StoreError> {
+    let table = arrow_schema(schema);
+    let combined = arrow::compute::concat_batches(&table, blocks.iter().copied())
+        .map_err(|e| StoreError::arrow("combining inserts for", store.parts_dir(), e))?;
+    write_temp(store, &combined, schema)
+}
