@@ -511,7 +511,11 @@ async fn one_replica_disk_wiped() {
         );
         c.replicas[victim].kill().expect("SIGKILL");
         c.replicas[victim].wipe_data_dir().expect("rm -rf data dir");
+        let wiped_at = chrono::Utc::now().timestamp();
         restart_replica(&mut c, victim).await;
+        // Quorum 2 keeps every acknowledged part on two disks only once the wiped replica
+        // has its copies back; wiping the next one before that could lose the only copy.
+        wait_resynced(&c, victim, wiped_at).await;
     }
     wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
     driver.stop().await;

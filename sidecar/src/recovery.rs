@@ -299,6 +299,19 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
             ));
         }
     }
+    // 3. The active set is the source's parts plus what its queue will produce; a local
+    //    part nothing in it covers is history this replica missed the end of (merged or
+    //    dropped elsewhere): set it aside, and out of our `parts/`, before anything can
+    //    merge or serve it.
+    let mut active_set: Vec<PartName> = src_parts
+        .iter()
+        .filter_map(|n| PartName::parse(n).ok())
+        .collect();
+    active_set.extend(entries.iter().filter_map(|data| {
+        let entry = LogEntry::parse(std::str::from_utf8(data).ok()?).ok()?;
+        PartName::parse(&entry.new_part_name()?).ok()
+    }));
+    detach_uncovered(replica, client, &active_set).await?;
     for chunk in entries.chunks(BATCH) {
         let mut multi = client.new_multi_writer();
         for data in chunk {
@@ -316,5 +329,39 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
             .map_err(|e| tree::multi_error("copy queue", &[me.queue()], e))?;
     }
     info!(replica = %replica.name, source = %source.name, queued = entries.len(), "cloned replica state");
+    Ok(())
+}
+
+/// Detaches every local part no part of `active_set` covers, dropping its `parts/` node.
+async fn detach_uncovered(
+    replica: &Replica,
+    client: &zk::Client,
+    active_set: &[PartName],
+) -> Result<(), TreeError> {
+    let me = replica.paths.replica(&replica.name);
+    for part in replica.store.parts() {
+        if active_set.iter().any(|a| a.contains(&part.name)) {
+            continue;
+        }
+        // Newer than anything the source knows of in its partition (its log entry lies
+        // past the copied pointer): nothing merged or dropped it, and the log brings it.
+        let newest_known = active_set
+            .iter()
+            .filter(|a| a.partition_id == part.name.partition_id)
+            .map(|a| a.max_block)
+            .max();
+        if newest_known.is_some_and(|max| part.name.min_block > max) {
+            continue;
+        }
+        let name = part.name.to_string();
+        match client.delete(&me.part(&name), None).await {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("delete", me.part(&name), e)),
+        }
+        warn!(replica = %replica.name, part = %name, "cloned replica: no part of the source covers this one; detaching it");
+        if let Err(e) = replica.store.detach(&part.name, "clone") {
+            warn!(replica = %replica.name, part = %name, error = %e, "cannot detach uncovered part");
+        }
+    }
     Ok(())
 }
