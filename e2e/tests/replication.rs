@@ -267,6 +267,57 @@ async fn concurrent_small_inserts_share_parts_and_keep_their_own_dedup() {
 }
 
 #[tokio::test]
+async fn with_zookeeper_down_inserts_get_503_and_the_retry_lands_once() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions {
+        session_timeout_ms: 4000,
+        ..ClusterOptions::default()
+    })
+    .await;
+    c.client(0).insert_json(&rows(0, 3)).await.expect("insert");
+    c.wait_converged_rows(3, CONVERGE).await.expect("converged");
+
+    c.zk.kill_all().expect("kill the ensemble");
+    let body = json_lines(&rows(500, 2));
+    let started = std::time::Instant::now();
+    let answer = c
+        .client(0)
+        .insert_raw("JSONEachRow", body.clone(), Some("zk-down"))
+        .await
+        .expect("answered");
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    let text = answer.text();
+    assert!(
+        text.contains("retry") && (text.contains("ZooKeeper") || text.contains("read-only")),
+        "the 503 says why and what to do: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    let (status, reason) = c.client(0).readyz().await.expect("readyz");
+    assert_eq!(status, 503, "not ready without ZooKeeper: {reason}");
+
+    // The ensemble comes back: the replica re-activates by itself and the retry (same
+    // token) lands exactly once whether or not the first attempt was committed.
+    c.zk.start_stopped(Duration::from_secs(60))
+        .expect("ensemble back");
+    c.replicas[0]
+        .wait_ready(CONVERGE)
+        .await
+        .expect("ready again");
+    let retry = c
+        .client(0)
+        .insert("JSONEachRow", body, Some("zk-down"))
+        .await
+        .expect("retry");
+    assert_eq!(retry.rows, 2);
+    let lines = c.wait_converged_rows(5, CONVERGE).await.expect("converged");
+    assert_eq!(user_ids(&lines), [0, 1, 2, 500, 501]);
+}
+
+#[tokio::test]
 async fn session_expiry_by_sigstop_makes_a_replica_readonly_and_it_recovers_without_restart() {
     let _serial = serial();
     let mut c = cluster(ClusterOptions {
