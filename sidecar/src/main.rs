@@ -166,6 +166,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         pull_lock: tokio::sync::Mutex::new(()),
         queue_unsure: AtomicBool::new(false),
         log_pointer_cache: parking_lot::Mutex::new(None),
+        peer_addresses: Default::default(),
         cfg,
     });
     info!(

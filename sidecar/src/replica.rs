@@ -64,6 +64,10 @@ pub struct Replica {
     /// Only this replica writes its pointer, under `pull_lock`, with a version check, so
     /// a pull need not read it back; any failed write or other writer clears it.
     pub log_pointer_cache: Mutex<Option<(i64, Vec<u8>, i32)>>,
+    /// Interserver address of each peer, from its `host` node as last read. A GET is
+    /// first fetched straight from its entry's source at this address (the inserter holds
+    /// its part); any failure forgets the address and falls back to reading ZooKeeper.
+    pub peer_addresses: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Replica {

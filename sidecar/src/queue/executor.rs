@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zookeeper_client as zk;
 
 use rtable_protocol::PartName;
@@ -135,15 +135,21 @@ async fn execute_get(
         }
         return Ok(());
     }
-    let (source, address, header_hash) =
-        match find_source(replica, client, &item.entry.source_replica, &name).await {
-            Ok(found) => found,
-            Err(ExecuteError::NoSource(p)) if item.entry.type_name() == "GET_PART" => {
-                return no_source(replica, client, item, &name, p).await;
-            }
-            Err(e) => return Err(e),
-        };
-    let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
+    let (source, fetched) = match fetch_from_entry_source(replica, item, &name).await {
+        Some(fetched) => (name.clone(), fetched),
+        None => {
+            let (source, address, header_hash) =
+                match find_source(replica, client, &item.entry.source_replica, &name).await {
+                    Ok(found) => found,
+                    Err(ExecuteError::NoSource(p)) if item.entry.type_name() == "GET_PART" => {
+                        return no_source(replica, client, item, &name, p).await;
+                    }
+                    Err(e) => return Err(e),
+                };
+            let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
+            (source, fetched)
+        }
+    };
     Metrics::inc(&replica.metrics.fetches);
     if source.level > 0 {
         Metrics::inc(&replica.metrics.merged_part_fetches);
@@ -176,6 +182,31 @@ async fn execute_get(
     retire_covered(replica, client, &source).await?;
     retire_if_covered(replica, client, &source).await?;
     Ok(())
+}
+
+/// The common case in one hop: the entry's source inserted the part and still holds it,
+/// at the address its `host` node had when last read. The fetch verifies every file's
+/// hash as always; only the check against the source's `parts/` header is left out.
+/// `None` (no address known, the source gone, the part merged away...): the caller asks
+/// ZooKeeper who holds what.
+async fn fetch_from_entry_source(
+    replica: &Replica,
+    item: &QueueItem,
+    part: &PartName,
+) -> Option<fetcher::Fetched> {
+    let source = &item.entry.source_replica;
+    if source == &replica.name || item.num_tries > 0 {
+        return None;
+    }
+    let address = replica.peer_addresses.lock().get(source).cloned()?;
+    match fetcher::fetch_part(replica, &address, part, None).await {
+        Ok(fetched) => Some(fetched),
+        Err(e) => {
+            debug!(replica = %replica.name, %part, %source, error = %e, "direct fetch from the entry's source failed; asking ZooKeeper");
+            replica.peer_addresses.lock().remove(source);
+            None
+        }
+    }
 }
 
 /// No active replica has the part. A quorum insert's part fails its quorum (the client
@@ -577,6 +608,10 @@ async fn probe_sources(
         else {
             continue;
         };
+        replica
+            .peer_addresses
+            .lock()
+            .insert(candidate.clone(), host.address());
         active.push((candidate, host.address(), header.as_ref()));
     }
     if let Some((_, address, Some(header))) = active.iter().find(|(_, _, h)| h.is_some()) {

@@ -288,11 +288,13 @@ async fn wait_for_quorum(
     let timeout = replica.cfg.insert_quorum_timeout();
     let started = std::time::Instant::now();
     for o in outcomes {
+        // One insert_quorum_timeout for the whole insert, however many parts it made.
+        let left = timeout.saturating_sub(started.elapsed());
         let outcome = match o {
-            BlockOutcome::Committed { part } => quorum::wait(replica, mode, part, timeout).await,
+            BlockOutcome::Committed { part } => quorum::wait(replica, mode, part, left).await,
             // A retry is acknowledged on the same terms as the first attempt would have been.
             BlockOutcome::Duplicate { part } => {
-                quorum::wait_existing(replica, mode, part, required, timeout).await
+                quorum::wait_existing(replica, mode, part, required, left).await
             }
         };
         let part = match o {
