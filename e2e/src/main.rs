@@ -2,6 +2,7 @@
 //! a ReplicatedTable manifest on this machine).
 
 mod bench;
+mod playground_view;
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ use rtable_e2e::sidecar_proc::{SidecarConfig, SidecarProc};
 use rtable_e2e::zk_ensemble::{NodePorts, ZkEnsemble};
 use rtable_e2e::{ReplicaClient, ports};
 use rtable_protocol::ReplicatedTableManifest;
+
+use crate::playground_view::StatusView;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -199,6 +202,8 @@ async fn run(
         &pg.zk.connect_string(),
         &args.dir,
     )?;
+    // The table as the operator would report it, from the same observations; "applied" now.
+    let mut view = StatusView::new(&args.manifest, replica_ports.len(), &pg.zk.connect_string())?;
     println!(
         "rendered StatefulSet {name} through the operator's builders: {} pods; local substitutions:",
         rendering.pods.len()
@@ -259,16 +264,19 @@ async fn run(
             stable_polls = if settled { stable_polls + 1 } else { 0 };
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        print_status(&clients, name, &table.table_path).await;
+        print!("\n{}", view.observe(&clients).await.render());
         return Ok(());
     }
     println!("\nPress Ctrl-C to stop.\n");
     loop {
+        let snapshot = view.observe(&clients).await;
         if interactive {
             print!("\x1b[2J\x1b[H");
         }
-        print_status(&clients, name, &table.table_path).await;
-        if interactive {
+        print!("{}", snapshot.render());
+        if !interactive {
+            println!();
+        } else {
             println!("\n(refreshing every {}s; Ctrl-C to stop)", args.interval);
         }
         tokio::select! {
@@ -373,53 +381,4 @@ fn print_curl_examples(
         b = first.base(),
         o = other,
     );
-}
-
-async fn print_status(clients: &[(String, ReplicaClient)], table: &str, path: &str) {
-    let mut lines = Vec::new();
-    let mut active = 0;
-    let mut log_max = None;
-    for (name, c) in clients {
-        match c.status_json().await {
-            Ok(s) => {
-                let readonly = s["is_readonly"].as_bool().unwrap_or(true);
-                if !readonly {
-                    active += 1;
-                }
-                if let Some(m) = s["log_max_index"].as_u64() {
-                    log_max = Some(log_max.map_or(m, |x: u64| x.max(m)));
-                }
-                let field = |k: &str| match &s[k] {
-                    Value::Null => "-".to_string(),
-                    Value::Array(a) => a.len().to_string(),
-                    v => v.to_string(),
-                };
-                lines.push(format!(
-                    "{:<14} {:<7} {:<12} {:<8} {:<6} {:<6} {:<6} {:<8} {}",
-                    name,
-                    if readonly { "false" } else { "true" },
-                    field("log_pointer"),
-                    field("log_max_index"),
-                    field("queue_size"),
-                    field("absolute_delay"),
-                    field("parts"),
-                    field("rows"),
-                    s["readonly_reason"].as_str().unwrap_or(""),
-                ));
-            }
-            Err(e) => lines.push(format!("{name:<14} {:<7} ({e:#})", "down")),
-        }
-    }
-    println!(
-        "ReplicatedTable {table} ({path}): {active}/{} replicas active, log_max_index {}",
-        clients.len(),
-        log_max.map_or("-".to_string(), |m| m.to_string())
-    );
-    println!(
-        "{:<14} {:<7} {:<12} {:<8} {:<6} {:<6} {:<6} {:<8} REASON",
-        "REPLICA", "ACTIVE", "LOG_POINTER", "LOG_MAX", "QUEUE", "DELAY", "PARTS", "ROWS"
-    );
-    for l in lines {
-        println!("{l}");
-    }
 }
