@@ -225,36 +225,22 @@ impl StatusView {
             log_pointer: s.log_pointer,
             queue_size: s.queue_size,
             parts: s.parts_count,
-            sidecar: json.map(sidecar_status),
+            sidecar: json.and_then(sidecar_status),
             name: s.name,
         }
     }
 }
 
-/// The operator's input from a sidecar's `/status` JSON (system.replicas' field names).
-fn sidecar_status(v: &Value) -> SidecarStatus {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let small = |k: &str| u32::try_from(n(k)).unwrap_or(u32::MAX);
-    SidecarStatus {
-        replica_name: v["replica_name"].as_str().unwrap_or_default().to_string(),
-        is_readonly: v["is_readonly"].as_bool().unwrap_or(true),
-        is_session_expired: v["is_session_expired"].as_bool().unwrap_or(false),
-        readonly_reason: v["readonly_reason"].as_str().map(str::to_string),
-        queue_size: small("queue_size"),
-        inserts_in_queue: small("inserts_in_queue"),
-        log_max_index: n("log_max_index"),
-        log_pointer: n("log_pointer"),
-        absolute_delay: n("absolute_delay"),
-        total_replicas: small("total_replicas"),
-        active_replicas: small("active_replicas"),
-        // `parts` is the list of names; `parts_count` its length.
-        parts: match &v["parts_count"] {
-            Value::Number(_) => small("parts_count"),
-            _ => v["parts"]
-                .as_array()
-                .map_or(0, |a| u32::try_from(a.len()).unwrap_or(u32::MAX)),
-        },
-        rows: n("rows"),
+/// The operator's input from a sidecar's `/status` JSON, parsed by the operator's own
+/// type (what its backend does), so the playground shows a contract break instead of
+/// papering over it.
+fn sidecar_status(v: &Value) -> Option<SidecarStatus> {
+    match serde_json::from_value(v.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("playground: the operator cannot read this /status reply: {e}");
+            None
+        }
     }
 }
 
@@ -565,7 +551,8 @@ mod tests {
             "replica_name": "events-1", "is_readonly": false, "readonly_reason": null,
             "queue_size": 2, "inserts_in_queue": 1, "log_max_index": null, "log_pointer": 4,
             "absolute_delay": 3, "parts_count": 2, "parts": ["a", "b"], "rows": 30
-        }));
+        }))
+        .expect("parses");
         assert_eq!(
             (
                 s.queue_size,
@@ -573,7 +560,7 @@ mod tests {
                 s.log_pointer,
                 s.log_max_index
             ),
-            (2, 1, 4, 0)
+            (2, 1, Some(4), None)
         );
         assert_eq!((s.absolute_delay, s.parts, s.rows), (3, 2, 30));
         assert!(!s.is_readonly);

@@ -71,6 +71,21 @@ async fn inserts_spread_over_all_replicas_converge_to_identical_rows() {
         // ClickHouse's log_pointer is the next entry to copy.
         assert_eq!(s.log_pointer, Some(log_max + 1), "{}", s.replica_name);
     }
+    // The operator reads the same replies into its own type (its status input).
+    for r in &c.replicas {
+        let raw = r.client().status_json().await.expect("status json");
+        let seen: rtable_operator::status::SidecarStatus =
+            serde_json::from_value(raw.clone()).expect("the operator parses a real /status");
+        assert_eq!(seen.rows, 150);
+        assert_eq!(seen.queue_size, 0);
+        assert_eq!(
+            u64::from(seen.parts),
+            raw["parts_count"].as_u64().expect("count")
+        );
+        assert!(seen.parts > 0);
+        assert_eq!(seen.log_pointer, Some(log_max + 1));
+        assert_eq!(seen.active_replicas, Some(3));
+    }
     assert_eq!(metric_sum(&c, "rtable_inserts_total").await, 30.0);
     assert!(metric_sum(&c, "rtable_fetches_total").await > 0.0);
     assert_eq!(metric_sum(&c, "rtable_failed_fetches_total").await, 0.0);

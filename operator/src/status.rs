@@ -25,11 +25,14 @@ pub struct SidecarStatus {
     pub readonly_reason: Option<String>,
     pub queue_size: u32,
     pub inserts_in_queue: u32,
-    pub log_max_index: u64,
-    pub log_pointer: u64,
+    /// `None` while the sidecar has no ZooKeeper answer for it.
+    pub log_max_index: Option<u64>,
+    pub log_pointer: Option<u64>,
     pub absolute_delay: u64,
-    pub total_replicas: u32,
-    pub active_replicas: u32,
+    pub total_replicas: Option<u32>,
+    pub active_replicas: Option<u32>,
+    /// The sidecar sends the count as `parts_count` (its `parts` is the list of names).
+    #[serde(rename = "parts_count")]
     pub parts: u32,
     pub rows: u64,
 }
@@ -391,8 +394,8 @@ mod tests {
             sidecar: Some(SidecarStatus {
                 replica_name: format!("events-{i}"),
                 parts: 4,
-                log_pointer: 10,
-                log_max_index: 9,
+                log_pointer: Some(10),
+                log_max_index: Some(9),
                 absolute_delay: 1,
                 ..SidecarStatus::default()
             }),
@@ -643,13 +646,16 @@ mod tests {
     fn sidecar_status_json_parses() {
         let s: SidecarStatus = serde_json::from_str(
             r#"{"replica_name":"events-0","is_readonly":false,"is_session_expired":false,"readonly_reason":null,
-                "queue_size":3,"inserts_in_queue":1,"log_max_index":12,"log_pointer":13,"absolute_delay":2,
-                "total_replicas":3,"active_replicas":3,"parts":7,"rows":1000}"#,
+                "queue_size":3,"inserts_in_queue":1,"log_max_index":12,"log_pointer":null,"absolute_delay":2,
+                "total_replicas":3,"active_replicas":null,"parts_count":2,"parts":["all_1_1_0","all_2_2_0"],
+                "rows":1000,"bytes":4096,"is_leader":true}"#,
         )
         .expect("parses");
         assert_eq!(
             (s.queue_size, s.inserts_in_queue, s.absolute_delay, s.parts),
-            (3, 1, 2, 7)
+            (3, 1, 2, 2)
         );
+        assert_eq!((s.log_max_index, s.log_pointer), (Some(12), None));
+        assert_eq!((s.total_replicas, s.active_replicas), (Some(3), None));
     }
 }
