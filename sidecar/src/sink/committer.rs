@@ -31,6 +31,12 @@ use crate::store::{StagedPart, StoreError, TempPart};
 /// keep a multi far below ZooKeeper's 1 MB packet limit.
 const MAX_GROUP_BLOCKS: usize = 100;
 const MAX_ATTEMPTS: usize = 5;
+/// Groups committing at once: while one group's commit multi is in flight the next one
+/// allocates, so a steady stream of inserts keeps ZooKeeper's pipeline full instead of
+/// waiting a round trip per group. Groups stay independent (a dedup id committed by two
+/// groups at once fails the second's commit on `blocks/<id>` and is answered as a
+/// duplicate), and block-number locks keep merges away from what is in flight.
+const MAX_GROUPS_IN_FLIGHT: usize = 3;
 
 type Reply = oneshot::Sender<Result<Vec<BlockOutcome>, InsertError>>;
 
@@ -65,9 +71,18 @@ impl Committer {
     }
 }
 
+/// Partitions whose `block_numbers/<partition>` node is known to exist.
+type KnownPartitions = Arc<parking_lot::Mutex<HashSet<String>>>;
+
 async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
-    let mut known_partitions: HashSet<String> = HashSet::new();
+    let known: KnownPartitions = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_GROUPS_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        // Waiting for a slot before collecting lets the group gather every insert that
+        // arrived meanwhile.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut jobs = vec![first];
         let mut n = jobs[0].blocks.len();
         while n < MAX_GROUP_BLOCKS {
@@ -79,7 +94,12 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_group(&replica, &mut known_partitions, jobs).await;
+        let replica = replica.clone();
+        let known = known.clone();
+        tokio::spawn(async move {
+            commit_group(&replica, &known, jobs).await;
+            drop(slot);
+        });
     }
 }
 
@@ -228,11 +248,7 @@ impl Group {
     }
 }
 
-async fn commit_group(
-    replica: &Arc<Replica>,
-    known_partitions: &mut HashSet<String>,
-    jobs: Vec<Job>,
-) {
+async fn commit_group(replica: &Arc<Replica>, known_partitions: &KnownPartitions, jobs: Vec<Job>) {
     let (mut group, replies) = Group::build(replica, jobs);
     let result = commit_pending(replica, known_partitions, &mut group).await;
     if let Err(e) = &result {
@@ -294,7 +310,7 @@ fn is_connection_error(e: &zk::Error) -> bool {
 /// fate is not known (their units stay open in `group`).
 async fn commit_pending(
     replica: &Arc<Replica>,
-    known_partitions: &mut HashSet<String>,
+    known_partitions: &KnownPartitions,
     group: &mut Group,
 ) -> Result<(), InsertError> {
     let mut attempt = 0;
@@ -314,9 +330,21 @@ async fn commit_pending(
             .active()
             .map_err(|e| InsertError::ReadOnly(e.reason))?;
         ensure_partitions(replica, &client, known_partitions, group, &open).await?;
-        write_shared_units(replica, group, &open).await?;
+        // Writing shared parts needs no block number: it overlaps the allocation round trip.
+        let writes = start_shared_writes(replica, group, &open);
         let t0 = std::time::Instant::now();
-        let numbers = match allocate(replica, &client, group, &open).await {
+        let allocated = allocate(replica, &client, group, &open).await;
+        let written = match writes {
+            Some(handle) => finish_shared_writes(replica, group, handle.await),
+            None => Ok(()),
+        };
+        if let (Err(e), Ok(Some(numbers))) = (&written, &allocated) {
+            for (_, lock) in numbers {
+                let _ = client.delete(lock, None).await;
+            }
+            return Err(InsertError::Store(clone_store_error(e)));
+        }
+        let numbers = match allocated {
             Ok(Some(numbers)) => numbers,
             // A duplicate was found and answered; allocate the rest again. Duplicates are
             // progress, not failed attempts.
@@ -409,52 +437,73 @@ async fn commit_pending(
     }
 }
 
-/// Writes the shared part of every open unit that has none (yet, or any more). Parts are
-/// written off the async runtime; all of a group's in one blocking task.
-async fn write_shared_units(
+type SharedWrites = tokio::task::JoinHandle<Vec<(usize, usize, Result<TempPart, StoreError>)>>;
+
+/// Starts writing the shared part of every open unit that has none (yet, or any more),
+/// off the async runtime, all of a group's in one blocking task. Each result remembers
+/// how many members its unit had, so a unit that lost a duplicate meanwhile is rewritten.
+fn start_shared_writes(
     replica: &Arc<Replica>,
-    group: &mut Group,
+    group: &Group,
     open: &[usize],
-) -> Result<(), InsertError> {
-    let todo: Vec<(usize, Vec<RecordBatch>)> = open
+) -> Option<SharedWrites> {
+    let todo: Vec<(usize, usize, Vec<RecordBatch>)> = open
         .iter()
         .filter(|&&u| matches!(group.units[u].state, UnitState::Unwritten))
         .map(|&u| {
-            let rows = group.units[u]
-                .members
+            let members = &group.units[u].members;
+            let rows = members
                 .iter()
                 .filter_map(|&m| group.members[m].rows.clone())
                 .collect();
-            (u, rows)
+            (u, members.len(), rows)
         })
         .collect();
     if todo.is_empty() {
-        return Ok(());
+        return None;
     }
     let r = replica.clone();
-    let written = tokio::task::spawn_blocking(move || {
+    Some(tokio::task::spawn_blocking(move || {
         todo.into_iter()
-            .map(|(u, rows)| {
+            .map(|(u, members, rows)| {
                 let refs: Vec<&RecordBatch> = rows.iter().collect();
-                (
-                    u,
-                    crate::store::write_shared(&r.store, &refs, &r.table.schema),
-                )
+                let written = crate::store::write_shared(&r.store, &refs, &r.table.schema);
+                (u, members, written)
             })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| InsertError::Internal(format!("writing shared parts: {e}")))?;
+            .collect()
+    }))
+}
+
+fn finish_shared_writes(
+    replica: &Replica,
+    group: &mut Group,
+    joined: Result<Vec<(usize, usize, Result<TempPart, StoreError>)>, tokio::task::JoinError>,
+) -> Result<(), StoreError> {
+    let written = joined.map_err(|e| StoreError::Refused {
+        op: "writing shared parts",
+        reason: e.to_string(),
+    })?;
     let mut failure = None;
-    for (u, result) in written {
+    for (u, members, result) in written {
+        let unit = &mut group.units[u];
         match result {
-            Ok(temp) => group.units[u].state = UnitState::Temp(temp),
+            Ok(temp)
+                if matches!(unit.state, UnitState::Unwritten) && unit.members.len() == members =>
+            {
+                unit.state = UnitState::Temp(temp)
+            }
+            Ok(temp) => replica.store.discard_temp(temp),
             Err(e) => failure = Some(e),
         }
     }
-    match failure {
-        Some(e) => Err(InsertError::Store(e)),
-        None => Ok(()),
+    failure.map_or(Ok(()), Err)
+}
+
+/// The error again, for a second owner (store errors carry no clonable sources).
+fn clone_store_error(e: &StoreError) -> StoreError {
+    StoreError::Refused {
+        op: "writing an insert",
+        reason: e.to_string(),
     }
 }
 
@@ -480,19 +529,19 @@ fn activate_all(replica: &Replica, group: &mut Group, open: &[usize]) {
 async fn ensure_partitions(
     replica: &Replica,
     client: &zk::Client,
-    known: &mut HashSet<String>,
+    known: &KnownPartitions,
     group: &Group,
     open: &[usize],
 ) -> Result<(), InsertError> {
     for &u in open {
         let pid = &group.units[u].partition_id;
-        if known.contains(pid) {
+        if known.lock().contains(pid) {
             continue;
         }
         let path = replica.paths.block_numbers_partition(pid);
         match client.create(&path, b"", &tree::persistent()).await {
             Ok(_) | Err(zk::Error::NodeExists) => {
-                known.insert(pid.clone());
+                known.lock().insert(pid.clone());
             }
             Err(e) => {
                 return Err(InsertError::Unavailable(
