@@ -39,10 +39,13 @@ pub struct BenchArgs {
     /// (the example manifest's `sessionTimeoutSeconds: 30` by default).
     #[arg(long, default_value_t = 30_000)]
     pub session_timeout_ms: u64,
-    /// Run only these figures (`lag`, `fetch`, `latency`, `throughput`; repeatable) instead of the whole table, to
+    /// Run only these figures (`lag`, `fetch`, `latency`, `throughput`, `catchup`; repeatable) instead of the whole table, to
     /// iterate on one figure; the report then holds only those rows.
-    #[arg(long, value_parser = ["lag", "fetch", "latency", "throughput"])]
+    #[arg(long, value_parser = ["lag", "fetch", "latency", "throughput", "catchup"])]
     pub only: Vec<String>,
+    /// Inserts the catch-up replica misses (5,000, or 500 with `--quick`).
+    #[arg(long)]
+    pub catchup_inserts: Option<usize>,
 }
 
 /// Makes the harness start `target/release/rtable-sidecar` (unless `RTABLE_SIDECAR_BIN`
@@ -200,7 +203,10 @@ enum Limit {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     rtable_e2e::zk_ensemble::prerequisites()?;
-    let sizes = Sizes::new(args.quick);
+    let mut sizes = Sizes::new(args.quick);
+    if let Some(n) = args.catchup_inserts {
+        sizes.catchup_inserts = n;
+    }
     let session_timeout = Duration::from_millis(args.session_timeout_ms);
     let started_at = chrono::Utc::now();
     let wall = Instant::now();
@@ -311,6 +317,9 @@ impl Bench {
         }
         if only.iter().any(|o| o == "fetch") {
             self.fetch().await?;
+        }
+        if only.iter().any(|o| o == "catchup") {
+            self.catch_up().await?;
         }
         if only.iter().any(|o| o == "latency" || o == "throughput") {
             let base =

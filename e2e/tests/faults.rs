@@ -389,6 +389,57 @@ async fn sigkill_of_the_zookeeper_leader_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_zookeeper_follower_is_invisible_to_clients() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = start_cluster().await;
+    let checker = Arc::new(Checker::new());
+    // No retries and a generous attempt timeout: any error a client sees is a failure.
+    let driver = Driver::start(
+        targets(&c),
+        checker.clone(),
+        DriverConfig {
+            clients: 4,
+            retry: false,
+            attempt_timeout: Duration::from_secs(20),
+            seed: 23,
+            ..DriverConfig::default()
+        },
+    );
+    for round in 0..2 {
+        wait_more_acks(&checker, 20, PROGRESS).await.unwrap();
+        let leader = blocking(|| c.zk.leader_index()).expect("a leader");
+        let follower = (leader + 1 + round) % c.zk.size();
+        println!(
+            "round {round}: SIGKILL ZooKeeper follower node {}",
+            follower + 1
+        );
+        // Sidecars connected to it move to another member within their session.
+        blocking(|| c.zk.kill(follower)).expect("kill a follower");
+        wait_more_acks(&checker, 20, PROGRESS)
+            .await
+            .expect("inserts go on without the follower");
+        blocking(|| c.zk.restart(follower)).expect("restart the follower");
+    }
+    wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
+    driver.stop().await;
+    let report = checker.verify(&c).await.expect("checker");
+    assert!(report.acked >= 50);
+    assert_eq!(
+        (
+            report.tries_503,
+            report.tries_other_5xx,
+            report.tries_timeout,
+            report.tries_connection,
+            report.tries_4xx
+        ),
+        (0, 0, 0, 0, 0),
+        "a client saw the follower go: {report}"
+    );
+    report_line("zookeeper_follower_sigkill", started, &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_expiry_by_sigstop_past_the_session_timeout() {
     let _serial = serial();
     let started = Instant::now();

@@ -17,6 +17,7 @@ use rtable_protocol::{LogEntry, PartName};
 
 use crate::merge::policy::{self, Candidate, MergePolicy};
 use crate::replica::Replica;
+use crate::store::Snapshot;
 
 /// Cap on merges this replica keeps in flight in the queue (ClickHouse limits merges too).
 const MAX_QUEUED_MERGES: usize = 4;
@@ -90,18 +91,24 @@ pub async fn assign_once(
     if !has_candidate(replica, policy, &[]) {
         return Ok(None);
     }
-    // Order matters (ClickHouse's merge predicate):
-    // 1. the log version, so a merge another leader publishes meanwhile voids ours;
-    // 2. the block-number locks, so a block allocated before this point is either still
-    //    locked (a barrier) or committed and therefore in the log;
-    // 3. the log, pulled into the queue, so every committed block is a known part.
-    //    Blocks allocated later get higher numbers than any part chosen now.
+    // Order matters. A merge must not span a block number whose part may still appear,
+    // so for every gap between two chosen parts: the chosen parts are taken from a
+    // snapshot BEFORE the block-number locks are read. A block number below a chosen part
+    // was allocated before that part, hence before the lock read; at the lock read it is
+    // either still locked (a barrier), or given up (never a part), or committed, and then
+    // the log pulled AFTER the lock read names it (queued, or already held here: both are
+    // barriers below). Reading the locks first would miss a block allocated after the
+    // read whose part is still committing while a later-allocated neighbour already is
+    // in the snapshot (concurrent group commits, inserts on several replicas).
+    // The log version comes first of all, so a merge another leader publishes meanwhile
+    // voids ours.
     let (_, log_stat) = client
         .get_data(&replica.paths.log())
         .await
         .map_err(|e| TreeError::zk("get", replica.paths.log(), e))?;
+    let snapshot = replica.store.snapshot();
     let mut locked: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for partition in partitions(replica) {
+    for partition in partitions(&snapshot) {
         let locks_path = replica.paths.block_numbers_partition(&partition);
         let numbers = match client.list_children(&locks_path).await {
             Ok(children) => children.iter().filter_map(|c| sequence_of(c)).collect(),
@@ -111,11 +118,23 @@ pub async fn assign_once(
         locked.insert(partition, numbers);
     }
     crate::queue::pull::pull_all(replica, client).await?;
-    let (busy, queued_merges, known) = queue_view(replica);
+    let (busy, queued_merges, mut known) = queue_view(replica);
     if queued_merges >= MAX_QUEUED_MERGES {
         return Ok(None);
     }
-    let mut by_partition = candidates(replica, &busy);
+    // Parts that became visible here after the snapshot (committed or fetched since,
+    // their GETs skipped by the pull as already held) are known parts too.
+    let chosen_from: HashSet<&PartName> = snapshot.parts().iter().map(|p| &p.name).collect();
+    known.extend(
+        replica
+            .store
+            .snapshot()
+            .parts()
+            .iter()
+            .map(|p| p.name.clone())
+            .filter(|n| !chosen_from.contains(n)),
+    );
+    let mut by_partition = candidates(&snapshot, &busy);
     // A part the queue will produce (a fetch of a merged part, say after a clone) that
     // overlaps a local part makes that part unmergeable: a merge of it would publish a
     // range intersecting the coming one, and no replica could ever hold both.
@@ -207,10 +226,8 @@ fn queue_view(replica: &Replica) -> (HashSet<String>, usize, Vec<PartName>) {
     (busy, merges, known)
 }
 
-fn partitions(replica: &Replica) -> Vec<String> {
-    let mut ids: Vec<String> = replica
-        .store
-        .snapshot()
+fn partitions(snapshot: &Snapshot) -> Vec<String> {
+    let mut ids: Vec<String> = snapshot
         .parts()
         .iter()
         .map(|p| p.name.partition_id.clone())
@@ -219,9 +236,9 @@ fn partitions(replica: &Replica) -> Vec<String> {
     ids
 }
 
-fn candidates(replica: &Replica, busy: &HashSet<String>) -> BTreeMap<String, Vec<Candidate>> {
+fn candidates(snapshot: &Snapshot, busy: &HashSet<String>) -> BTreeMap<String, Vec<Candidate>> {
     let mut by_partition: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
-    for part in replica.store.snapshot().parts() {
+    for part in snapshot.parts() {
         by_partition
             .entry(part.name.partition_id.clone())
             .or_default()
@@ -237,7 +254,7 @@ fn candidates(replica: &Replica, busy: &HashSet<String>) -> BTreeMap<String, Vec
 fn has_candidate(replica: &Replica, policy: &MergePolicy, barriers: &[(u64, u64)]) -> bool {
     let (busy, merges) = busy_parts(replica);
     merges < MAX_QUEUED_MERGES
-        && candidates(replica, &busy)
+        && candidates(&replica.store.snapshot(), &busy)
             .values()
             .any(|parts| policy::select(policy, parts, barriers).is_some())
 }
