@@ -437,7 +437,9 @@ async fn commit_pending(
     }
 }
 
-type SharedWrites = tokio::task::JoinHandle<Vec<(usize, usize, Result<TempPart, StoreError>)>>;
+/// Per unit written: its index, its member count when the write started, the outcome.
+type SharedWritten = Vec<(usize, usize, Result<TempPart, StoreError>)>;
+type SharedWrites = tokio::task::JoinHandle<SharedWritten>;
 
 /// Starts writing the shared part of every open unit that has none (yet, or any more),
 /// off the async runtime, all of a group's in one blocking task. Each result remembers
@@ -477,7 +479,7 @@ fn start_shared_writes(
 fn finish_shared_writes(
     replica: &Replica,
     group: &mut Group,
-    joined: Result<Vec<(usize, usize, Result<TempPart, StoreError>)>, tokio::task::JoinError>,
+    joined: Result<SharedWritten, tokio::task::JoinError>,
 ) -> Result<(), StoreError> {
     let written = joined.map_err(|e| StoreError::Refused {
         op: "writing shared parts",
