@@ -18,6 +18,7 @@ use rand::Rng;
 use tracing::{debug, info, warn};
 use zookeeper_client as zk;
 
+use rtable_protocol::PartName;
 use rtable_protocol::paths::{log_node_name, sequence_of};
 use rtable_protocol::tree::{self, TreeError};
 
@@ -48,8 +49,51 @@ pub async fn run(replica: Arc<Replica>) {
         if let Err(e) = clean_blocks(&replica, &client, pass % 10 == 1).await {
             warn!(replica = %replica.name, error = %e, "block cleanup failed");
         }
+        if let Err(e) = clean_covered_parts(&replica, &client).await {
+            warn!(replica = %replica.name, error = %e, "covered part cleanup failed");
+        }
         Metrics::inc(&replica.metrics.cleanup_runs);
     }
+}
+
+/// Parts `replicas/<me>/parts/` still lists although a wider local part, itself recorded,
+/// covers them: left by a fetch or merge cut short between recording one part and
+/// retiring another. ZooKeeper forgets them first, then the disk (ClickHouse's cleanup of
+/// outdated parts). Returns how many went.
+pub async fn clean_covered_parts(
+    replica: &Replica,
+    client: &zk::Client,
+) -> Result<usize, TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let listed: std::collections::HashSet<String> = client
+        .list_children(&rp.parts())
+        .await
+        .map_err(|e| TreeError::zk("list", rp.parts(), e))?
+        .into_iter()
+        .collect();
+    let mut removed = 0;
+    for name in &listed {
+        let Ok(part) = PartName::parse(name) else {
+            continue;
+        };
+        let Some(cover) = replica.store.covering(&part) else {
+            continue;
+        };
+        // An unrecorded cover (a fetch not yet recorded) would leave the rows in no list.
+        if cover == part || !listed.contains(&cover.to_string()) {
+            continue;
+        }
+        match client.delete(&rp.part(name), None).await {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("delete", rp.part(name), e)),
+        }
+        if replica.store.contains(&part) {
+            replica.store.retire_covered(&part);
+        }
+        info!(replica = %replica.name, part = %name, covered_by = %cover, "forgot a covered part");
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// One replica as log cleanup sees it.
