@@ -392,7 +392,14 @@ async fn sigkill_of_the_zookeeper_leader_under_load() {
 async fn losing_one_zookeeper_follower_is_invisible_to_clients() {
     let _serial = serial();
     let started = Instant::now();
-    let mut c = start_cluster().await;
+    // A production-like session timeout: the replicas connected to the lost member must
+    // move to another one within it, on a machine the whole cluster shares.
+    let mut c = Cluster::start(ClusterOptions {
+        session_timeout_ms: 10_000,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
     let checker = Arc::new(Checker::new());
     // No retries and a generous attempt timeout: any error a client sees is a failure.
     let driver = Driver::start(

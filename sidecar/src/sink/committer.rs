@@ -314,6 +314,11 @@ async fn commit_pending(
     group: &mut Group,
 ) -> Result<(), InsertError> {
     let mut attempt = 0;
+    // Connection trouble (one ensemble member lost, a leader election) is waited out for
+    // up to a session timeout: the client reconnects to another member meanwhile, and a
+    // session that really ends turns the replica read-only, which answers at once.
+    let patience = tokio::time::Instant::now() + replica.session_timeout;
+    let mut transient_waits: u64 = 0;
     loop {
         attempt += 1;
         let open = group.open();
@@ -329,7 +334,15 @@ async fn commit_pending(
             .sessions
             .active()
             .map_err(|e| InsertError::ReadOnly(e.reason))?;
-        ensure_partitions(replica, &client, known_partitions, group, &open).await?;
+        if let Err(e) = ensure_partitions(replica, &client, known_partitions, group, &open).await {
+            if e.is_transient() && tokio::time::Instant::now() < patience {
+                transient_waits += 1;
+                attempt -= 1;
+                tokio::time::sleep(Duration::from_millis((50 * transient_waits).min(500))).await;
+                continue;
+            }
+            return Err(InsertError::Unavailable(e.to_string()));
+        }
         // Writing shared parts needs no block number: it overlaps the allocation round trip.
         let writes = start_shared_writes(replica, group, &open);
         let t0 = std::time::Instant::now();
@@ -359,8 +372,11 @@ async fn commit_pending(
                 ) {
                     replica.sessions.report_expired(generation);
                 }
-                if e.is_transient() {
-                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                if e.is_transient() && tokio::time::Instant::now() < patience {
+                    transient_waits += 1;
+                    attempt -= 1;
+                    tokio::time::sleep(Duration::from_millis((50 * transient_waits).min(500)))
+                        .await;
                     continue;
                 }
                 return Err(InsertError::Unavailable(e.to_string()));
@@ -534,7 +550,7 @@ async fn ensure_partitions(
     known: &KnownPartitions,
     group: &Group,
     open: &[usize],
-) -> Result<(), InsertError> {
+) -> Result<(), TreeError> {
     for &u in open {
         let pid = &group.units[u].partition_id;
         if known.lock().contains(pid) {
@@ -545,11 +561,7 @@ async fn ensure_partitions(
             Ok(_) | Err(zk::Error::NodeExists) => {
                 known.lock().insert(pid.clone());
             }
-            Err(e) => {
-                return Err(InsertError::Unavailable(
-                    TreeError::zk("create", path, e).to_string(),
-                ));
-            }
+            Err(e) => return Err(TreeError::zk("create", path, e)),
         }
     }
     Ok(())
