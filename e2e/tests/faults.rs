@@ -498,6 +498,89 @@ async fn session_expiry_by_sigstop_past_the_session_timeout() {
     report_line("session_expiry_sigstop", started, &report);
 }
 
+/// A replica frozen between ZooKeeper applying its insert's commit and reading the reply
+/// comes back on a new session with the reply lost. Its new session must keep
+/// `replicas/<me>/parts/<part>` while the committer resolves the outcome from it: CI once
+/// saw the new session forget the part and re-queue a fetch of it, the resolver then read
+/// "not committed" and discarded the only copy, and the client's retry was acknowledged
+/// as a duplicate of rows no replica held. The `commit_reply_lost` failpoint holds the
+/// reply until the new session is active, so the race happens on every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_reply_lost_to_a_session_expiry_keeps_the_part() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = Cluster::start(ClusterOptions {
+        session_timeout_ms: SESSION_MS,
+        env: vec![(
+            "RTABLE_FAILPOINTS".to_string(),
+            "commit_reply_lost".to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let checker = Arc::new(Checker::new());
+    let plan = checker.plan("reply-lost", 20, 0, false);
+    let insert = {
+        let (checker, plan) = (checker.clone(), plan.clone());
+        let (url, name) = (c.replicas[0].url(), c.replicas[0].name().to_string());
+        tokio::spawn(async move {
+            let body = plan.body();
+            checker
+                .try_insert(&big_http(), &url, &name, &plan, &body, None)
+                .await
+        })
+    };
+    // The commit is applied: ZooKeeper lists the part while the client still waits.
+    let zk = c.zk_client().await.expect("zk client");
+    let parts = c.paths().replica(c.replicas[0].name()).parts();
+    let committed = poll_until(
+        "the insert's commit",
+        PROGRESS,
+        Duration::from_millis(50),
+        || {
+            let (zk, parts) = (zk.clone(), parts.clone());
+            async move {
+                let children = zk.list_children(&parts).await?;
+                Ok(match children.first() {
+                    Some(part) => Check::Done(part.clone()),
+                    None => Check::Wait("no part listed yet".to_string()),
+                })
+            }
+        },
+    )
+    .await
+    .expect("commit applied");
+    assert!(
+        !insert.is_finished(),
+        "the failpoint did not hold the reply"
+    );
+    c.replicas[0].stop().expect("SIGSTOP");
+    wait_active(&c, 1, 2).await;
+    c.replicas[0].cont().expect("SIGCONT");
+    let attempt = insert.await.expect("insert task");
+    assert_eq!(
+        attempt,
+        Attempt::Acked {
+            deduplicated: false
+        },
+        "the committed insert is acknowledged as committed by its own try"
+    );
+    let log = std::fs::read_to_string(c.replicas[0].log_path()).expect("replica log");
+    assert!(
+        log.contains("failpoint commit_reply_lost"),
+        "the failpoint never fired"
+    );
+    let report = checker.verify(&c).await.expect("checker");
+    assert_eq!((report.acked, report.acked_rows), (1, 20));
+    let still = zk.list_children(&parts).await.expect("parts of events-0");
+    assert!(
+        still.contains(&committed),
+        "events-0 forgot its part {committed}: {still:?}"
+    );
+    report_line("commit_reply_lost", started, &report);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_of_every_process_under_load() {
     let _serial = serial();

@@ -56,6 +56,11 @@ pub async fn before_activation(
         zk_parts.remove(&failed);
     }
 
+    // Staged parts belong to commits of this process whose outcome is still open (an
+    // insert or merge whose multi was cut off by the session's end): their resolver
+    // activates them when `parts/<part>` exists, so that node must stay. Read before the
+    // active parts: a part only moves from staged to active, so it is seen in one of them.
+    let staged = replica.store.staged_names();
     let local: BTreeSet<String> = replica
         .store
         .parts()
@@ -74,7 +79,10 @@ pub async fn before_activation(
 
     // Parts ZooKeeper says we have but the disk lost (a wiped volume): forget them and
     // fetch them again, in one multi per batch so nothing is forgotten without a fetch.
-    let missing: Vec<&String> = zk_parts.difference(&local).collect();
+    let missing: Vec<&String> = zk_parts
+        .difference(&local)
+        .filter(|name| !staged.contains(*name))
+        .collect();
     if !missing.is_empty() {
         warn!(replica = %replica.name, count = missing.len(), "parts missing locally; re-queueing fetches");
     }

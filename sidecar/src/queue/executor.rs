@@ -326,7 +326,10 @@ async fn execute_merge(
         .map_err(|e| ExecuteError::Postponed(format!("staging merged part: {e}")))?;
     let header = PartHeader::new(&replica.columns_text, staged.rows, &staged.checksums).render();
     if let Err(e) = commit_outcome(replica, client, &item.node_name, into, &header).await {
-        replica.store.discard_staged(staged);
+        // The multi may have landed before the connection dropped; then ZooKeeper lists
+        // the merged part here and the queue entry is gone, and only the staged copy can
+        // make that true. The `parts` node decides its fate once ZooKeeper answers.
+        tokio::spawn(crate::outcome::resolve_later(replica.clone(), vec![staged]));
         return Err(e);
     }
     if let Err(e) = replica.store.activate_staged(staged) {

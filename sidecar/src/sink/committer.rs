@@ -265,7 +265,7 @@ async fn commit_group(replica: &Arc<Replica>, known_partitions: &KnownPartitions
             }
         }
         if !unresolved.is_empty() {
-            tokio::spawn(resolve_later(replica.clone(), unresolved));
+            tokio::spawn(crate::outcome::resolve_later(replica.clone(), unresolved));
         }
         debug!(replica = %replica.name, error = %e, "group commit failed");
     }
@@ -399,7 +399,16 @@ async fn commit_pending(
             unit.state = UnitState::Staged(staged?);
         }
         let t1 = std::time::Instant::now();
-        let committed = commit(replica, &client, group, &open).await;
+        let committed = match commit(replica, &client, group, &open).await {
+            CommitResult::Committed
+                if crate::failpoint::fire(crate::failpoint::COMMIT_REPLY_LOST) =>
+            {
+                warn!(replica = %replica.name, "failpoint commit_reply_lost: holding the commit's reply until a new session is active");
+                wait_for_new_session(replica, generation).await;
+                CommitResult::Unknown("failpoint commit_reply_lost".to_string())
+            }
+            other => other,
+        };
         let t2 = std::time::Instant::now();
         match committed {
             CommitResult::Committed => {
@@ -769,6 +778,18 @@ async fn commit(
     }
 }
 
+async fn wait_for_new_session(replica: &Replica, generation: u64) {
+    let mut views = replica.sessions.subscribe();
+    loop {
+        if matches!(replica.sessions.active(), Ok((_, g)) if g != generation) {
+            return;
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn release_all_locks(client: &zk::Client, group: &mut Group, open: &[usize]) {
     for &u in open {
         if let Some(lock) = group.units[u].lock.take() {
@@ -785,54 +806,10 @@ async fn resolve(replica: &Replica, group: &Group, open: &[usize]) -> Option<boo
         UnitState::Staged(s) => Some(s.name.to_string()),
         _ => None,
     })?;
-    check_committed(
+    crate::outcome::check_committed(
         replica,
         &first,
         replica.session_timeout + Duration::from_secs(2),
     )
     .await
-}
-
-async fn check_committed(replica: &Replica, part: &str, patience: Duration) -> Option<bool> {
-    let path = replica.paths.replica(&replica.name).part(part);
-    let deadline = tokio::time::Instant::now() + patience;
-    loop {
-        if let Ok((client, _)) = replica.sessions.active() {
-            match client.check_stat(&path).await {
-                Ok(stat) => return Some(stat.is_some()),
-                Err(e) => {
-                    debug!(replica = %replica.name, %part, error = %e, "cannot check commit yet")
-                }
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Staged parts whose commit outcome is unknown: keep checking until ZooKeeper answers,
-/// then activate (committed) or discard (never acknowledged, the client was told to retry).
-async fn resolve_later(replica: Arc<Replica>, parts: Vec<StagedPart>) {
-    for s in parts {
-        let name = s.name.to_string();
-        loop {
-            match check_committed(&replica, &name, Duration::from_secs(60)).await {
-                Some(true) => {
-                    info!(replica = %replica.name, part = %name, "unknown-outcome insert turned out committed");
-                    if let Err(e) = replica.store.activate_staged(s) {
-                        warn!(replica = %replica.name, part = %name, error = %e, "could not activate resolved part");
-                    }
-                    break;
-                }
-                Some(false) => {
-                    info!(replica = %replica.name, part = %name, "unknown-outcome insert was not committed; discarding");
-                    replica.store.discard_staged(s);
-                    break;
-                }
-                None => continue,
-            }
-        }
-    }
 }

@@ -806,6 +806,23 @@ impl PartStore {
         }
     }
 
+    /// Names of the staged parts on disk right now: commits in flight, or waiting for
+    /// their outcome to be resolved. Listing only, no verification.
+    pub fn staged_names(&self) -> std::collections::BTreeSet<String> {
+        let Ok(entries) = fs::read_dir(&self.inner.parts_dir) else {
+            return Default::default();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|t| t.strip_prefix(STAGED_PREFIX))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
     /// Staged inserts a previous process left, verified; broken ones go to `detached/`.
     pub fn staged_on_disk(&self) -> Vec<StagedPart> {
         let Ok(entries) = fs::read_dir(&self.inner.parts_dir) else {

@@ -1,0 +1,50 @@
+//! Named fault-injection points for the fault tests, the way ClickHouse's `FailPoint`
+//! lets its integration tests hit a race on purpose instead of hoping for it. A point is
+//! armed by listing its name in `RTABLE_FAILPOINTS` (comma-separated) when the process
+//! starts, and fires once. With the variable unset (production) nothing fires.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+/// After a commit multi succeeds, the committer acts as if its reply was lost when the
+/// session ended: it waits for the next session and resolves the outcome from
+/// `replicas/<me>/parts/<part>` like any lost reply.
+pub const COMMIT_REPLY_LOST: &str = "commit_reply_lost";
+
+fn armed() -> &'static Mutex<HashSet<String>> {
+    static ARMED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        Mutex::new(parse(
+            &std::env::var("RTABLE_FAILPOINTS").unwrap_or_default(),
+        ))
+    })
+}
+
+fn parse(spec: &str) -> HashSet<String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// True once for an armed point, then never again.
+pub fn fire(name: &str) -> bool {
+    match armed().lock() {
+        Ok(mut set) => set.remove(name),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_lists_names_and_ignores_blanks() {
+        let set = parse(" commit_reply_lost, ,other ");
+        assert_eq!(set.len(), 2);
+        assert!(set.contains(COMMIT_REPLY_LOST) && set.contains("other"));
+        assert!(parse("").is_empty());
+    }
+}
