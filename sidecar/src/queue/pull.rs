@@ -17,57 +17,116 @@ use crate::replica::Replica;
 
 /// ClickHouse's batch size: one multi never carries more than this many entries.
 pub const MAX_BATCH: usize = 100;
-/// The watch is the trigger; this only covers a watch lost with a connection.
+/// The watch is the trigger; this only covers an event lost some other way.
 const FALLBACK_PERIOD: Duration = Duration::from_secs(30);
 
-/// Runs forever: pulls whenever `log` changes, or every FALLBACK_PERIOD.
+/// Runs forever. One persistent recursive watch on `log` per session announces every new
+/// entry by its path, so a new entry costs one read and one multi; a full listing is
+/// only needed at activation, after a reconnect (events during a connection loss are not
+/// redelivered, ZOOKEEPER-4698), when an event leaves a gap, and every FALLBACK_PERIOD.
 pub async fn run(replica: Arc<Replica>) {
     loop {
         let (client, generation) = replica.sessions.wait_active().await;
-        match pull_and_watch(&replica, &client).await {
-            Ok(watcher) => {
-                tokio::select! {
-                    _ = watcher.changed() => {}
-                    _ = tokio::time::sleep(FALLBACK_PERIOD) => {}
-                    _ = replica.pull_notify.notified() => {}
-                }
+        if let Err(e) = follow_session(&replica, &client, generation).await {
+            if matches!(
+                e.zk_error(),
+                Some(zk::Error::SessionExpired | zk::Error::ClientClosed)
+            ) {
+                replica.sessions.report_expired(generation);
             }
-            Err(e) => {
-                if matches!(
-                    e.zk_error(),
-                    Some(zk::Error::SessionExpired | zk::Error::ClientClosed)
-                ) {
-                    replica.sessions.report_expired(generation);
-                }
-                warn!(replica = %replica.name, error = %e, "log pull failed; retrying");
-                replica.queue.lock().last_queue_update_exception = Some(e.to_string());
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            warn!(replica = %replica.name, error = %e, "log pull failed; retrying");
+            replica.queue.lock().last_queue_update_exception = Some(e.to_string());
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
 
-/// Pulls everything new, then leaves a watch on `log` for the next change.
-async fn pull_and_watch(
+/// Pulls on every announced entry until this session ends (`Ok`) or a pull fails.
+async fn follow_session(
     replica: &Arc<Replica>,
     client: &zk::Client,
-) -> Result<zk::OneshotWatcher, TreeError> {
+    generation: u64,
+) -> Result<(), TreeError> {
+    let log_path = replica.paths.log();
+    let mut watcher = client
+        .watch(&log_path, zk::AddWatchMode::PersistentRecursive)
+        .await
+        .map_err(|e| TreeError::zk("watch", log_path.clone(), e))?;
+    let mut views = replica.sessions.subscribe();
+    // Everything created before the watch was in place is found by this listing.
+    pull_listed(replica, client).await?;
     loop {
-        let log_path = replica.paths.log();
-        let (children, watcher) = client
-            .list_and_watch_children(&log_path)
-            .await
-            .map_err(|e| TreeError::zk("list", log_path.clone(), e))?;
-        let pulled = pull_once(replica, client, &children).await?;
-        if pulled < MAX_BATCH {
-            let mut q = replica.queue.lock();
-            q.last_queue_update = Some(chrono::Utc::now().timestamp());
-            q.last_queue_update_exception = None;
-            drop(q);
-            return Ok(watcher);
+        tokio::select! {
+            event = watcher.changed() => match (event.event_type, event.session_state) {
+                (zk::EventType::NodeCreated, _) => {
+                    let index = event.path.rsplit('/').next().and_then(sequence_of);
+                    match index {
+                        Some(index) if pull_announced(replica, client, index).await? => {}
+                        _ => pull_listed(replica, client).await?,
+                    }
+                }
+                (zk::EventType::Session, zk::SessionState::SyncConnected) => {
+                    pull_listed(replica, client).await?
+                }
+                (
+                    zk::EventType::Session,
+                    zk::SessionState::Expired | zk::SessionState::Closed | zk::SessionState::AuthFailed,
+                ) => return Ok(()),
+                // Deletions by log cleanup, the version bump of merge assignment, and
+                // connection loss (the reconnect lists again).
+                _ => {}
+            },
+            changed = views.changed() => {
+                let view = replica.sessions.view();
+                if changed.is_err() || view.generation != generation || view.client.is_none() {
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep(FALLBACK_PERIOD) => pull_listed(replica, client).await?,
+            _ = replica.pull_notify.notified() => pull_listed(replica, client).await?,
         }
-        // A full batch: there may be more; the next list also re-arms the watch.
     }
+}
+
+/// Pulls the announced entry `log-<index>` alone when it is the next one this replica
+/// expects (true), or nothing when it was pulled already (true). False: the pointer is
+/// unknown here or an entry before it may be missing, and the log must be listed.
+async fn pull_announced(
+    replica: &Replica,
+    client: &zk::Client,
+    index: u64,
+) -> Result<bool, TreeError> {
+    let session = client.session_id().0;
+    let pointer = replica
+        .log_pointer_cache
+        .lock()
+        .as_ref()
+        .filter(|(s, _, _)| *s == session)
+        .and_then(|(_, data, _)| std::str::from_utf8(data).ok()?.trim().parse::<u64>().ok());
+    match pointer {
+        Some(p) if index < p => Ok(true),
+        Some(p) if index == p => {
+            // The pointer only moves forward and the multi checks its version, so a
+            // concurrent pull in between makes this one find nothing, never skip an entry.
+            pull_once(replica, client, &[log_node_name(index)]).await?;
+            mark_updated(replica);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Lists `log` and pulls everything at or past the pointer, a batch at a time.
+async fn pull_listed(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
+    pull_all(replica, client).await?;
+    mark_updated(replica);
+    Ok(())
+}
+
+fn mark_updated(replica: &Replica) {
+    let mut q = replica.queue.lock();
+    q.last_queue_update = Some(chrono::Utc::now().timestamp());
+    q.last_queue_update_exception = None;
 }
 
 /// Copies at most one batch of entries at or past `log_pointer`; returns how many.
