@@ -383,20 +383,31 @@ async fn commit_pending(
             }
         };
         // Name every unit by its number; a staged part from an earlier attempt is renamed.
+        let mut names = Vec::with_capacity(open.len());
         for (&u, (number, lock)) in open.iter().zip(numbers) {
             let unit = &mut group.units[u];
-            let name = PartName::new_insert(&unit.partition_id, number);
+            names.push(PartName::new_insert(&unit.partition_id, number));
             unit.lock = Some(lock);
+        }
+        for (&u, name) in open.iter().zip(&names) {
+            let unit = &mut group.units[u];
             let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
-                UnitState::Temp(t) => replica.store.stage(t, &name),
-                UnitState::Staged(s) => replica.store.restage(s, &name),
+                UnitState::Temp(t) => replica.store.stage(t, name),
+                UnitState::Staged(s) => replica.store.restage(s, name),
                 UnitState::Unwritten | UnitState::Done => Err(StoreError::Refused {
                     op: "staging a block",
                     reason: "block in an unexpected state".to_string(),
                 }),
             };
-            // A failed rename loses the part; the inserts fail as a whole.
-            unit.state = UnitState::Staged(staged?);
+            match staged {
+                Ok(s) => unit.state = UnitState::Staged(s),
+                Err(e) => {
+                    // A failed rename loses the part; the inserts fail as a whole, and the
+                    // numbers go back at once rather than block merges until the session ends.
+                    release_all_locks(&client, group, &open).await;
+                    return Err(InsertError::Store(e));
+                }
+            }
         }
         let t1 = std::time::Instant::now();
         let committed = match commit(replica, &client, group, &open).await {
@@ -453,6 +464,9 @@ async fn commit_pending(
                     }
                     Some(false) => {
                         info!(replica = %replica.name, %reason, "commit was not applied; retrying with new block numbers");
+                        // On a session that survived the blip the old numbers are still
+                        // locked; left alone they would bar merges across them until it ends.
+                        release_all_locks(&client, group, &open).await;
                         continue;
                     }
                     None => return Err(InsertError::OutcomeUnknown(reason)),
@@ -690,9 +704,14 @@ enum CommitResult {
 enum Op {
     Log,
     Unlock,
-    Block { unit: usize, member: usize },
+    Block {
+        unit: usize,
+        member: usize,
+    },
     Part,
     Quorum,
+    /// This replica's `is_active` or `host` at the versions its activation left them.
+    Identity,
 }
 
 /// ONE multi for the whole group: per unit the GET_PART log entry, the lock removal,
@@ -708,7 +727,8 @@ async fn commit(
     let rp = replica.paths.replica(&replica.name);
     let now = chrono::Utc::now().timestamp();
     let mut multi = client.new_multi_writer();
-    let mut ops: Vec<Op> = Vec::with_capacity(open.len() * 5);
+    let mut ops: Vec<Op> = Vec::with_capacity(open.len() * 5 + 2);
+    let mut identity_checked = false;
     for &u in open {
         let unit = &group.units[u];
         let UnitState::Staged(s) = &unit.state else {
@@ -753,9 +773,27 @@ async fn commit(
             let value = QuorumEntry::new(&part, quorum, &replica.name).render();
             results.push(multi.add_create(&node, value.as_bytes(), &tree::persistent()));
             ops.push(Op::Quorum);
+            identity_checked = true;
         }
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             return CommitResult::Retry(format!("building the commit: {e}"));
+        }
+    }
+    // A quorum insert commits only while this replica is still the one that counted the
+    // live replicas: a session that ended and came back, or another process that took the
+    // name over, changes `is_active` or `host` (ClickHouse checks the same two versions).
+    if identity_checked {
+        let Some(activation) = replica.sessions.view().activation else {
+            return CommitResult::Retry("the replica is not active".to_string());
+        };
+        for (path, version) in [
+            (rp.is_active(), activation.is_active_version),
+            (rp.host(), activation.host_version),
+        ] {
+            if let Err(e) = multi.add_check_version(&path, version) {
+                return CommitResult::Retry(format!("building the commit: {e}"));
+            }
+            ops.push(Op::Identity);
         }
     }
     match multi.commit().await {
@@ -767,6 +805,9 @@ async fn commit(
             (Some(Op::Quorum), zk::Error::NodeExists) => CommitResult::Refused(
                 "a previous sequential quorum insert has not reached its quorum yet (UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE); retry later or use insert_quorum_parallel=1".to_string(),
             ),
+            (Some(Op::Identity), source) => CommitResult::Retry(format!(
+                "this replica's is_active or host changed since its activation ({source}); committing again on the current session"
+            )),
             (_, source) => CommitResult::Retry(format!("op {index} of the commit failed: {source}")),
         },
         Err(zk::MultiWriteError::RequestFailed { source }) if is_connection_error(&source) => {
