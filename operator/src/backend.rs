@@ -53,6 +53,8 @@ pub trait Backend: Send + Sync {
     /// A sidecar's `/status`; `None` when it does not answer (it is then reported from
     /// ZooKeeper alone).
     fn sidecar_status<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Option<SidecarStatus>>;
+    /// Whether the fully qualified DNS name `host` exists (see [`crate::zookeeper_address`]).
+    fn resolves<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, bool>;
 }
 
 /// The real backend: one cached ZooKeeper session per ensemble, dropped on any
@@ -181,6 +183,26 @@ impl Backend for ZooKeeperBackend {
             }
             .await;
             self.forget_on_transient(target, r).await
+        })
+    }
+
+    fn resolves<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            // The trailing dot keeps the resolver from trying the operator's own search path.
+            let absolute = format!("{}.:{port}", host.trim_end_matches('.'));
+            match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(absolute))
+                .await
+            {
+                Ok(Ok(mut addrs)) => addrs.next().is_some(),
+                Ok(Err(e)) => {
+                    tracing::debug!(host, error = %e, "name does not resolve");
+                    false
+                }
+                Err(_) => {
+                    tracing::debug!(host, "name lookup timed out");
+                    false
+                }
+            }
         })
     }
 

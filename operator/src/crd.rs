@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ContainerPort, EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use rtable_protocol::manifest::{InsertQuorum, TableSpec, ZooKeeperSpec};
 use rtable_protocol::schema::{Column, ColumnType, PartitionKey};
@@ -347,10 +347,6 @@ pub struct ReplicatedTableStatus {
     /// `Ready`, `Available`, `Progressing`, `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// When the operator first failed to reach ZooKeeper during deletion; the finalizer is
-    /// released once the grace period has passed since then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zookeeper_unreachable_since: Option<Time>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]

@@ -12,6 +12,7 @@ pub(crate) mod mock;
 pub mod reconcile;
 pub mod status;
 pub mod validate;
+pub mod zookeeper_address;
 
 /// The Kubernetes types the status is made of (`Condition`, `Time`), re-exported so a
 /// caller of [`status::compute`] (the e2e playground) names the very same version.

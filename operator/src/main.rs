@@ -54,7 +54,9 @@ struct RunArgs {
     listen: SocketAddr,
     #[arg(long, env = "RTABLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
-    /// Seconds deletion waits for an unreachable ZooKeeper before releasing the finalizer.
+    /// Seconds after a table's deletionTimestamp within which its ZooKeeper tree must be
+    /// removed (pods stopped, ZooKeeper reachable and willing); past it the finalizer is
+    /// released with a Warning Event naming the tree left behind.
     #[arg(long, env = "RTABLE_ZOOKEEPER_GRACE_SECONDS", default_value_t = 600)]
     zookeeper_grace_seconds: u64,
     /// Seconds between status refreshes of a healthy table.

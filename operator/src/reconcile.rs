@@ -3,6 +3,7 @@
 //! Level-triggered and idempotent: every step is safe to repeat, and every cleanup (a
 //! replica drop on scale-down, the tree on delete) is retried until done.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::crd::{
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, PodsObservation, ReplicaObservation, TreeObservation};
 use crate::validate;
+use crate::zookeeper_address;
 
 pub const FIELD_MANAGER: &str = "rtable-operator";
 
@@ -80,7 +82,8 @@ pub struct Context {
     pub build: BuildConfig,
     pub metrics: Metrics,
     pub reporter: Reporter,
-    /// How long deletion waits for an unreachable ZooKeeper before letting go of the tree.
+    /// How long after the deletionTimestamp the finalizer keeps trying to remove the tree
+    /// before letting go of it (whatever the failure: pods, ZooKeeper, the API).
     pub zookeeper_grace: Duration,
     /// Requeue interval of a healthy table: replica state lives in ZooKeeper, which the
     /// operator does not watch, so status is refreshed by polling.
@@ -142,9 +145,30 @@ where
         )))
 }
 
-fn zk_target(rt: &ReplicatedTable, auth: Option<String>) -> ZkTarget {
+/// How the operator reaches the table's ensemble. The nodes are written for the table's
+/// pods, so a short name (`zk-0.zk:2181`) is qualified with the table's namespace when that
+/// name exists (see [`zookeeper_address`]); the operator itself runs in another namespace.
+async fn zk_target(
+    rt: &ReplicatedTable,
+    ctx: &Context,
+    ns: &str,
+    auth: Option<String>,
+) -> ZkTarget {
+    let domain = &ctx.build.cluster_domain;
+    let candidates = zookeeper_address::candidates(&rt.spec.zookeeper, ns, domain);
+    let answers = futures::future::join_all(
+        candidates
+            .iter()
+            .map(|(host, port)| ctx.backend.resolves(host, *port)),
+    )
+    .await;
+    let resolved: HashSet<String> = candidates
+        .into_iter()
+        .zip(answers)
+        .filter_map(|((host, _), exists)| exists.then_some(host))
+        .collect();
     ZkTarget {
-        connect: rt.spec.connect_string(),
+        connect: zookeeper_address::connect_string(&rt.spec.zookeeper, ns, domain, &resolved),
         session_timeout: Duration::from_secs(u64::from(rt.spec.zookeeper.session_timeout_seconds)),
         auth,
     }
@@ -211,7 +235,7 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
         Ok(t) => t,
         Err(e) => {
             obs.tree = TreeObservation::InvalidSpec(e.to_string());
-            write_status(&rt, &ctx, &obs, None).await?;
+            write_status(&rt, &ctx, &obs).await?;
             return Ok(Action::await_change());
         }
     };
@@ -246,7 +270,8 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
     }
 
     // ZooKeeper: the tree, then every replica's state.
-    let target = zk_target(&rt, zk_auth(&rt, client, &ns).await?);
+    let auth = zk_auth(&rt, client, &ns).await?;
+    let target = zk_target(&rt, &ctx, &ns, auth).await;
     obs.tree = match observe_tree(
         &rt,
         &ctx,
@@ -267,7 +292,7 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
         Err(e) => return Err(e.into()),
     };
 
-    let ready = write_status(&rt, &ctx, &obs, None).await?;
+    let ready = write_status(&rt, &ctx, &obs).await?;
     let secs = if !obs.pending_drops.is_empty() || !ready {
         10
     } else {
@@ -384,16 +409,14 @@ async fn write_status(
     rt: &ReplicatedTable,
     ctx: &Context,
     obs: &Observation,
-    unreachable_since: Option<Time>,
 ) -> Result<bool, Error> {
     let previous = rt
         .status
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let mut new_status: ReplicatedTableStatus =
+    let new_status: ReplicatedTableStatus =
         status::compute(obs, &previous, &Time(Timestamp::now()));
-    new_status.zookeeper_unreachable_since = unreachable_since;
     patch_status(rt, ctx, &new_status).await?;
     for t in status::transitions(&previous, &new_status.conditions) {
         let kind = if t.warning {
@@ -456,14 +479,53 @@ async fn publish(
 }
 
 /// Deletion: with `deletionPolicy: Delete`, stop the pods, then remove the tree. Returning
-/// `Ok` releases the finalizer; an error keeps it and retries.
+/// `Ok` releases the finalizer; an error keeps it and retries, but only until the grace
+/// period after the deletionTimestamp has passed: whatever keeps the tree from being removed
+/// (pods stuck terminating, ZooKeeper unreachable or refusing us, the Kubernetes API failing),
+/// the finalizer is then released with a Warning Event naming what was left behind and how
+/// to remove it by hand, so namespace deletion never hangs forever.
 async fn cleanup(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Error> {
     if rt.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(table = %rt.name_any(), "deletionPolicy Retain: ZooKeeper tree kept");
         return Ok(Action::await_change());
     }
+    let error = match remove_tree(&rt, &ctx).await {
+        Ok(()) => return Ok(Action::await_change()),
+        Err(e) => e,
+    };
+    if !grace_expired(
+        rt.meta().deletion_timestamp.as_ref(),
+        Timestamp::now(),
+        ctx.zookeeper_grace,
+    ) {
+        return Err(error);
+    }
+    let table_path = validate::validate(&rt)
+        .map(|t| t.table_path)
+        .ok()
+        .or_else(|| rt.status.as_ref().and_then(|s| s.table_path.clone()));
+    let note = abandon_note(
+        &error.to_string(),
+        ctx.zookeeper_grace,
+        table_path.as_deref(),
+        &rt.spec.zookeeper,
+    );
+    tracing::warn!(table = %rt.name_any(), error = %error, "{note}");
+    publish(
+        &ctx,
+        &rt,
+        EventType::Warning,
+        "ZooKeeperTreeAbandoned",
+        note,
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Every step of the tree removal; any error is retried by [`cleanup`] within the grace period.
+async fn remove_tree(rt: &ReplicatedTable, ctx: &Context) -> Result<(), Error> {
     let ns = rt.namespace().ok_or(Error::NoNamespace)?;
-    let names = Names::of(&rt);
+    let names = Names::of(rt);
     // Owned objects are only garbage-collected once the table is gone, which the finalizer
     // holds up; the pods must stop first or their sessions would recreate what we remove.
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
@@ -479,67 +541,82 @@ async fn cleanup(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, 
     if !pods.is_empty() {
         return Err(Error::PodsStillRunning(pods.len()));
     }
-    let table = match validate::validate(&rt) {
+    let table = match validate::validate(rt) {
         Ok(t) => t,
         Err(e) => {
             // An invalid spec never got a tree from us: nothing to remove.
             tracing::warn!(error = %e, "invalid spec at deletion; no tree to remove");
-            return Ok(Action::await_change());
+            return Ok(());
         }
     };
-    let target = match zk_auth(&rt, &ctx.client, &ns).await {
-        Ok(auth) => zk_target(&rt, auth),
+    let auth = match zk_auth(rt, &ctx.client, &ns).await {
+        Ok(auth) => auth,
         // The credentials Secret may already be gone in a namespace deletion.
-        Err(Error::Auth(_)) => zk_target(&rt, None),
+        Err(Error::Auth(_)) => None,
         Err(e) => return Err(e),
     };
-    match ctx.backend.remove_table(&target, &table.table_path).await {
-        Ok(()) => {
-            publish(
-                &ctx,
-                &rt,
-                EventType::Normal,
-                "ZooKeeperTreeRemoved",
-                format!("removed {}", table.table_path),
-            )
-            .await;
-            Ok(Action::await_change())
+    let target = zk_target(rt, ctx, &ns, auth).await;
+    ctx.backend.remove_table(&target, &table.table_path).await?;
+    publish(
+        ctx,
+        rt,
+        EventType::Normal,
+        "ZooKeeperTreeRemoved",
+        format!("removed {}", table.table_path),
+    )
+    .await;
+    Ok(())
+}
+
+/// Whether the grace period since the deletionTimestamp is over (never without one).
+fn grace_expired(deleted_at: Option<&Time>, now: Timestamp, grace: Duration) -> bool {
+    let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+    deleted_at.is_some_and(|t| now.duration_since(t.0) >= grace)
+}
+
+/// The Warning Event's note when the finalizer lets go of a tree it could not remove: why,
+/// what is left and the command that removes it. An Event note holds at most 1 KiB, so the
+/// reason is shortened to keep the rest whole.
+fn abandon_note(
+    why: &str,
+    grace: Duration,
+    table_path: Option<&str>,
+    zookeeper: &crate::crd::ZooKeeperConfig,
+) -> String {
+    let mut why = why.replace('\n', " ");
+    if why.len() > 300 {
+        let mut end = 300;
+        while !why.is_char_boundary(end) {
+            end -= 1;
         }
-        Err(e) if e.is_transient() => {
-            let now = Timestamp::now();
-            let since = rt
-                .status
-                .as_ref()
-                .and_then(|s| s.zookeeper_unreachable_since.clone());
-            let grace =
-                SignedDuration::try_from(ctx.zookeeper_grace).unwrap_or(SignedDuration::MAX);
-            match since {
-                Some(since) if now.duration_since(since.0) >= grace => {
-                    publish(
-                        &ctx,
-                        &rt,
-                        EventType::Warning,
-                        "ZooKeeperTreeAbandoned",
-                        format!(
-                            "ZooKeeper unreachable for longer than {}s; releasing the finalizer and leaving {} behind: {e}",
-                            ctx.zookeeper_grace.as_secs(),
-                            table.table_path
-                        ),
-                    )
-                    .await;
-                    Ok(Action::await_change())
-                }
-                Some(_) => Err(e.into()),
-                None => {
-                    let mut s = rt.status.clone().unwrap_or_default();
-                    s.zookeeper_unreachable_since = Some(Time(now));
-                    patch_status(&rt, &ctx, &s).await?;
-                    Err(e.into())
-                }
-            }
-        }
-        Err(e) => Err(e.into()),
+        why.truncate(end);
+        why.push('…');
     }
+    let head = format!(
+        "could not remove the ZooKeeper tree within {}s of deletion ({why}); finalizer released",
+        grace.as_secs()
+    );
+    let Some(path) = table_path else {
+        return format!("{head}; the spec is invalid, so no tree path is known");
+    };
+    let absolute = format!("{}{path}", zookeeper.root.as_deref().unwrap_or(""));
+    let auth = if zookeeper.auth.is_some() {
+        " (after `addauth digest user:password` from the auth Secret)"
+    } else {
+        ""
+    };
+    let mut note = format!(
+        "{head}. Left behind: {absolute} on {nodes}. Once no replica of it runs, remove it by hand: zkCli.sh -server {nodes} deleteall {absolute}{auth}",
+        nodes = zookeeper.nodes.join(","),
+    );
+    if note.len() > 1024 {
+        // Sixteen long node names: name the first one only.
+        let first = zookeeper.nodes.first().map(String::as_str).unwrap_or("");
+        note = format!(
+            "{head}. Left behind: {absolute}. Remove it by hand: zkCli.sh -server {first} deleteall {absolute}{auth}"
+        );
+    }
+    note
 }
 
 #[cfg(test)]

@@ -195,6 +195,13 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
     let available = match &obs.tree {
         TreeObservation::InvalidSpec(m) => no("InvalidSpec", m.clone()),
         TreeObservation::Unavailable(m) => unknown("ZooKeeperUnavailable", m.clone()),
+        // The replicas are only read once the tree holds this definition: how many are
+        // active is not known, which is not the same as none.
+        TreeObservation::SchemaMismatch(_) => unknown(
+            "SchemaMismatch",
+            "replicas not read: the ZooKeeper tree holds another table definition (see Degraded); \
+             fix the spec to match the tree to see them again",
+        ),
         _ if active >= obs.quorum => yes(
             "QuorumActive",
             format!(
@@ -290,7 +297,6 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
         table_path: obs.table_path.clone(),
         replica_statuses: replicas.iter().map(replica_status).collect(),
         conditions,
-        zookeeper_unreachable_since: None,
     }
 }
 
@@ -598,7 +604,25 @@ mod tests {
         assert_eq!(get(&s, READY).reason, "SchemaMismatch");
         assert_eq!(get(&s, DEGRADED).reason, "SchemaMismatch");
         assert_eq!(get(&s, DEGRADED).message, "columns differ");
-        assert_eq!(get(&s, AVAILABLE).reason, "QuorumLost");
+        // No replica was read: availability is unknown, not lost.
+        expect(
+            &s,
+            [
+                ("Ready", "False", "SchemaMismatch"),
+                ("Available", "Unknown", "SchemaMismatch"),
+                ("Progressing", "False", "Stable"),
+                ("Degraded", "True", "SchemaMismatch"),
+            ],
+        );
+        assert!(
+            get(&s, AVAILABLE).message.starts_with("replicas not read"),
+            "{}",
+            get(&s, AVAILABLE).message
+        );
+        assert!(
+            s.replica_statuses.is_empty(),
+            "no replica is reported from a mismatched tree"
+        );
     }
 
     #[test]

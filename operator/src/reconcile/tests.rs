@@ -28,6 +28,12 @@ struct FakeBackend {
     /// `/status` answers by replica name; the others answer a healthy default.
     sidecars: Mutex<Vec<(String, SidecarStatus)>>,
     calls: Mutex<Vec<String>>,
+    /// Fully qualified names that exist in DNS; every other name does not.
+    resolvable: Mutex<Vec<String>>,
+    /// The connect string of every tree call (`ensure`, `remove`), in order.
+    targets: Mutex<Vec<String>>,
+    /// When set, `remove_table` fails with this ZooKeeper error (not a connection error).
+    remove_refused: Mutex<Option<zk::Error>>,
 }
 
 fn transient() -> TreeError {
@@ -57,17 +63,24 @@ impl FakeBackend {
     fn is_down(&self) -> bool {
         *self.down.lock().expect("lock")
     }
+    fn target(&self, t: &ZkTarget) {
+        self.targets.lock().expect("lock").push(t.connect.clone());
+    }
+    fn targets(&self) -> Vec<String> {
+        self.targets.lock().expect("lock").clone()
+    }
 }
 
 impl Backend for FakeBackend {
     fn ensure_table<'a>(
         &'a self,
-        _: &'a ZkTarget,
+        target: &'a ZkTarget,
         path: &'a str,
         _: &'a TableSchema,
     ) -> BoxFuture<'a, Result<(), TreeError>> {
         Box::pin(async move {
             self.log(format!("ensure {path}"));
+            self.target(target);
             if self.is_down() {
                 return Err(transient());
             }
@@ -113,16 +126,29 @@ impl Backend for FakeBackend {
     }
     fn remove_table<'a>(
         &'a self,
-        _: &'a ZkTarget,
+        target: &'a ZkTarget,
         path: &'a str,
     ) -> BoxFuture<'a, Result<(), TreeError>> {
         Box::pin(async move {
             self.log(format!("remove {path}"));
+            self.target(target);
             if self.is_down() {
-                Err(transient())
-            } else {
-                Ok(())
+                return Err(transient());
             }
+            match self.remove_refused.lock().expect("lock").clone() {
+                Some(e) => Err(TreeError::zk("delete", path, e)),
+                None => Ok(()),
+            }
+        })
+    }
+    fn resolves<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            assert_eq!(port, 2181, "{host}");
+            self.resolvable
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|h| h == host)
         })
     }
     fn sidecar_status<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Option<SidecarStatus>> {
@@ -304,6 +330,11 @@ fn pods_step(names: &'static [&'static str]) -> Step {
 #[tokio::test]
 async fn first_create_adds_the_finalizer_then_builds_everything() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
+    // The pods' short names exist in the table's namespace (zk-2's pod is being rescheduled).
+    *backend.resolvable.lock().expect("lock") = vec![
+        "zk-0.zk.analytics.svc.cluster.local".into(),
+        "zk-1.zk.analytics.svc.cluster.local".into(),
+    ];
     let fresh = fixtures::table("table.yaml");
     let action = run(
         fresh,
@@ -357,6 +388,37 @@ async fn first_create_adds_the_finalizer_then_builds_everything() {
     assert_eq!(
         calls[1],
         "status http://events-0.events-replicas.analytics.svc.cluster.local:9009/status"
+    );
+    // The operator runs in its own namespace: the manifest's `zk-0.zk:2181` is resolved
+    // relative to the table's namespace `analytics`, as the pods resolve it.
+    assert_eq!(
+        backend.targets(),
+        [
+            "zk-0.zk.analytics.svc.cluster.local:2181,zk-1.zk.analytics.svc.cluster.local:2181,zk-2.zk:2181"
+        ]
+    );
+}
+
+/// `<service>.<namespace>` names and qualified names reach ZooKeeper as written, the chroot
+/// follows the nodes.
+#[tokio::test]
+async fn zookeeper_names_of_another_namespace_are_kept() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let mut rt = settled(backend.clone()).await;
+    rt.spec.zookeeper.nodes = vec![
+        "zk.infra:2181".into(),
+        "zk-1.zk.infra.svc:2181".into(),
+        "10.1.2.3:2181".into(),
+    ];
+    rt.spec.zookeeper.root = Some("/rtable".into());
+    let mut steps = apply_steps(&rt, true, 3, |_| {});
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Ready")["status"], "True")
+    }));
+    run(rt, backend.clone(), steps).await.expect("ok");
+    assert_eq!(
+        backend.targets(),
+        ["zk.infra:2181,zk-1.zk.infra.svc:2181,10.1.2.3:2181/rtable"]
     );
 }
 
@@ -616,22 +678,52 @@ async fn zookeeper_down_and_schema_mismatch_are_written_to_status() {
                 .unwrap_or_default()
                 .contains("columns differ")
         );
+        let available = condition(s, "Available");
+        assert_eq!(
+            (&available["status"], &available["reason"]),
+            (&json!("Unknown"), &json!("SchemaMismatch")),
+            "{available}"
+        );
+        assert!(
+            available["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("replicas not read"),
+            "{available}"
+        );
     }));
-    for (r, t) in [
-        ("SchemaMismatch", "Warning"),
-        ("QuorumLost", "Warning"),
-        ("SchemaMismatch", "Warning"),
-    ] {
-        steps.push(event_step(r, t));
+    // Ready, Available (Unknown: no replica was read) and Degraded.
+    for _ in 0..3 {
+        steps.push(event_step("SchemaMismatch", "Warning"));
     }
     run(rt, backend, steps).await.expect("ok");
 }
 
 fn deleting(policy: DeletionPolicy) -> ReplicatedTable {
+    deleted_at(policy, Timestamp::now())
+}
+
+fn deleted_at(policy: DeletionPolicy, at: Timestamp) -> ReplicatedTable {
     let mut rt = table();
     rt.spec.deletion_policy = policy;
-    rt.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    rt.metadata.deletion_timestamp = Some(Time(at));
     rt
+}
+
+/// Deleted long before the grace period (600 s in [`run`]).
+fn deleted_long_ago() -> ReplicatedTable {
+    deleted_at(
+        DeletionPolicy::Delete,
+        Timestamp::from_second(946_684_800).expect("2000-01-01"),
+    )
+}
+
+/// Deleted 599 s ago: one second of the grace period left.
+fn deleted_within_grace() -> ReplicatedTable {
+    deleted_at(
+        DeletionPolicy::Delete,
+        Timestamp::now() - SignedDuration::from_secs(599),
+    )
 }
 
 fn finalizer_removal() -> Step {
@@ -643,19 +735,51 @@ fn finalizer_removal() -> Step {
         .respond(|_| (200, serde_json::to_value(table()).expect("json")))
 }
 
+fn sts_delete() -> Step {
+    step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events"))
+        .check(|b| assert_eq!(b["propagationPolicy"], "Background", "{b}"))
+        .respond(|_| {
+            (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+            )
+        })
+}
+
+/// The Warning that releases the finalizer without the tree: its note must say why, what
+/// was left behind and the command that removes it.
+fn abandoned_step(why: &'static str) -> Step {
+    event_step("ZooKeeperTreeAbandoned", "Warning").check(move |b| {
+        assert_eq!(b["reason"], "ZooKeeperTreeAbandoned");
+        assert_eq!(b["type"], "Warning");
+        assert_eq!(b["regarding"]["name"], "events");
+        let note = b["note"].as_str().unwrap_or_default();
+        assert!(note.len() <= 1024, "an Event note holds 1 KiB: {note}");
+        assert!(
+            note.starts_with("could not remove the ZooKeeper tree within 600s of deletion ("),
+            "{note}"
+        );
+        assert!(note.contains(why), "{note}");
+        assert!(
+            note.ends_with(
+                "finalizer released. Left behind: /clickhouse/tables/01/analytics.events on \
+                 zk-0.zk:2181,zk-1.zk:2181,zk-2.zk:2181. Once no replica of it runs, remove it \
+                 by hand: zkCli.sh -server zk-0.zk:2181,zk-1.zk:2181,zk-2.zk:2181 deleteall \
+                 /clickhouse/tables/01/analytics.events"
+            ),
+            "{note}"
+        );
+    })
+}
+
 #[tokio::test]
 async fn delete_waits_for_pods_then_removes_the_tree_and_the_finalizer() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
-    let sts_delete = || {
-        step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events"))
-            .check(|b| assert_eq!(b["propagationPolicy"], "Background", "{b}"))
-            .respond(|_| {
-                (
-                    200,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
-                )
-            })
-    };
+    *backend.resolvable.lock().expect("lock") = vec![
+        "zk-0.zk.analytics.svc.cluster.local".into(),
+        "zk-1.zk.analytics.svc.cluster.local".into(),
+        "zk-2.zk.analytics.svc.cluster.local".into(),
+    ];
     let err = run(
         deleting(DeletionPolicy::Delete),
         backend.clone(),
@@ -682,6 +806,12 @@ async fn delete_waits_for_pods_then_removes_the_tree_and_the_finalizer() {
         backend.calls(),
         ["remove /clickhouse/tables/01/analytics.events"]
     );
+    assert_eq!(
+        backend.targets(),
+        [
+            "zk-0.zk.analytics.svc.cluster.local:2181,zk-1.zk.analytics.svc.cluster.local:2181,zk-2.zk.analytics.svc.cluster.local:2181"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -701,64 +831,183 @@ async fn delete_with_retain_keeps_the_tree() {
 async fn delete_with_zookeeper_unreachable_lets_go_after_the_grace_period() {
     let backend = Arc::new(FakeBackend::with_replicas(3));
     *backend.down.lock().expect("lock") = true;
-    let sts_delete = || {
-        step("DELETE", &format!("/apis/apps/v1{NS}/statefulsets/events"))
-            .check(|b| assert_eq!(b["propagationPolicy"], "Background", "{b}"))
-            .not_found()
-    };
 
-    // First failure: remembered in status, finalizer kept.
-    let err = run(
-        deleting(DeletionPolicy::Delete),
-        backend.clone(),
-        vec![
-            sts_delete(),
-            pods_step(&[]),
-            status_step(|s| assert!(s["zookeeperUnreachableSince"].is_string(), "{s}")),
-        ],
-    )
-    .await
-    .expect_err("kept while within the grace period");
-    assert!(matches!(err, Error::ZooKeeper(_)));
-
-    // Within the grace period: still kept, no status write needed.
-    let mut recent = deleting(DeletionPolicy::Delete);
-    recent.status = Some(ReplicatedTableStatus {
-        zookeeper_unreachable_since: Some(Time(Timestamp::now())),
-        ..ReplicatedTableStatus::default()
-    });
-    run(recent, backend.clone(), vec![sts_delete(), pods_step(&[])])
+    // Within the grace period (counted from the deletionTimestamp): the finalizer is kept,
+    // and nothing else is written.
+    for rt in [deleting(DeletionPolicy::Delete), deleted_within_grace()] {
+        let err = run(
+            rt,
+            backend.clone(),
+            vec![sts_delete().not_found(), pods_step(&[])],
+        )
         .await
-        .expect_err("still within grace");
+        .expect_err("kept while within the grace period");
+        assert!(matches!(err, Error::ZooKeeper(_)), "{err}");
+    }
 
-    // Past the grace period: a Warning Event and the finalizer goes.
-    let mut old = deleting(DeletionPolicy::Delete);
-    old.status = Some(ReplicatedTableStatus {
-        zookeeper_unreachable_since: Some(Time(
-            Timestamp::from_second(946_684_800).expect("2000-01-01"),
-        )),
-        ..ReplicatedTableStatus::default()
-    });
+    // Past it: a Warning Event and the finalizer goes.
     run(
-        old,
+        deleted_long_ago(),
         backend.clone(),
         vec![
-            sts_delete(),
+            sts_delete().not_found(),
             pods_step(&[]),
-            event_step("ZooKeeperTreeAbandoned", "Warning"),
+            abandoned_step("ZooKeeper connect zk-0.zk:2181: connection to server has lost"),
             finalizer_removal(),
         ],
     )
     .await
     .expect("released");
     assert_eq!(
-        backend
-            .calls()
-            .iter()
-            .filter(|c| c.starts_with("remove"))
-            .count(),
-        3
+        backend.calls(),
+        ["remove /clickhouse/tables/01/analytics.events"; 3]
     );
+}
+
+/// A ZooKeeper that answers but refuses us (here: no permission on the tree) is retried
+/// within the grace period like an unreachable one, then let go of the same way.
+#[tokio::test]
+async fn delete_with_zookeeper_refusing_lets_go_after_the_grace_period() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    *backend.remove_refused.lock().expect("lock") = Some(zk::Error::NoAuth);
+
+    let err = run(
+        deleted_within_grace(),
+        backend.clone(),
+        vec![sts_delete().not_found(), pods_step(&[])],
+    )
+    .await
+    .expect_err("kept while within the grace period");
+    assert!(
+        matches!(&err, Error::ZooKeeper(e) if !e.is_transient()),
+        "{err}"
+    );
+
+    run(
+        deleted_long_ago(),
+        backend.clone(),
+        vec![
+            sts_delete().not_found(),
+            pods_step(&[]),
+            abandoned_step("ZooKeeper delete /clickhouse/tables/01/analytics.events: "),
+            finalizer_removal(),
+        ],
+    )
+    .await
+    .expect("released");
+    assert_eq!(
+        backend.calls(),
+        ["remove /clickhouse/tables/01/analytics.events"; 2]
+    );
+}
+
+/// Pods stuck terminating (a node gone, a stuck volume) never let the tree be removed: the
+/// finalizer waits for them through the grace period, then lets go without touching
+/// ZooKeeper, whose tree a still-running replica would recreate.
+#[tokio::test]
+async fn delete_with_pods_stuck_terminating_lets_go_after_the_grace_period() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let err = run(
+        deleted_within_grace(),
+        backend.clone(),
+        vec![sts_delete(), pods_step(&["events-0", "events-2"])],
+    )
+    .await
+    .expect_err("kept while within the grace period");
+    assert!(matches!(err, Error::PodsStillRunning(2)), "{err}");
+
+    run(
+        deleted_long_ago(),
+        backend.clone(),
+        vec![
+            sts_delete().not_found(),
+            pods_step(&["events-0", "events-2"]),
+            abandoned_step("waiting for 2 pods to terminate"),
+            finalizer_removal(),
+        ],
+    )
+    .await
+    .expect("released");
+    assert!(backend.calls().is_empty(), "{:?}", backend.calls());
+}
+
+/// The Kubernetes API failing the cleanup's own calls is bounded the same way.
+#[tokio::test]
+async fn delete_with_the_api_failing_lets_go_after_the_grace_period() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let forbidden = || {
+        sts_delete().respond(|_| {
+            (
+                403,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "statefulsets.apps \"events\" is forbidden"}),
+            )
+        })
+    };
+    let err = run(deleted_within_grace(), backend.clone(), vec![forbidden()])
+        .await
+        .expect_err("kept while within the grace period");
+    assert!(matches!(err, Error::Kube { .. }), "{err}");
+
+    run(
+        deleted_long_ago(),
+        backend.clone(),
+        vec![
+            forbidden(),
+            abandoned_step("delete statefulset"),
+            finalizer_removal(),
+        ],
+    )
+    .await
+    .expect("released");
+    assert!(backend.calls().is_empty(), "{:?}", backend.calls());
+}
+
+#[test]
+fn the_abandon_note_names_the_chroot_the_auth_and_fits_an_event() {
+    let rt = fixtures::table("table-full.yaml");
+    let note = abandon_note(
+        "ZooKeeper delete /x: not authenticated",
+        Duration::from_secs(120),
+        Some("/tables/x"),
+        &rt.spec.zookeeper,
+    );
+    assert_eq!(
+        note,
+        "could not remove the ZooKeeper tree within 120s of deletion (ZooKeeper delete /x: not \
+         authenticated); finalizer released. Left behind: /rtable/tables/x on zk.infra:2181. Once \
+         no replica of it runs, remove it by hand: zkCli.sh -server zk.infra:2181 deleteall \
+         /rtable/tables/x (after `addauth digest user:password` from the auth Secret)"
+    );
+    // A long reason (a schema diff, a long API message) is shortened, never the command.
+    let long = "x".repeat(5000);
+    let mut zookeeper = rt.spec.zookeeper.clone();
+    zookeeper.nodes = (0..16)
+        .map(|i| format!("zookeeper-{i}.zookeeper-headless.infrastructure.svc.cluster.local:2181"))
+        .collect();
+    let note = abandon_note(&long, Duration::from_secs(600), Some("/t"), &zookeeper);
+    assert!(note.len() <= 1024, "{} bytes", note.len());
+    assert!(
+        note.ends_with(
+            "deleteall /rtable/t (after `addauth digest user:password` from the auth Secret)"
+        ),
+        "{note}"
+    );
+    assert_eq!(
+        abandon_note("bad", Duration::from_secs(1), None, &zookeeper),
+        "could not remove the ZooKeeper tree within 1s of deletion (bad); finalizer released; \
+         the spec is invalid, so no tree path is known"
+    );
+}
+
+#[test]
+fn the_grace_period_counts_from_the_deletion_timestamp() {
+    let at = Timestamp::from_second(1_000_000).expect("ts");
+    let grace = Duration::from_secs(600);
+    let plus = |s: i64| at + SignedDuration::from_secs(s);
+    assert!(!grace_expired(Some(&Time(at)), plus(599), grace));
+    assert!(grace_expired(Some(&Time(at)), plus(600), grace));
+    assert!(!grace_expired(None, plus(10_000), grace));
+    assert!(grace_expired(Some(&Time(at)), at, Duration::ZERO));
 }
 
 #[tokio::test]
