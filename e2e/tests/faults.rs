@@ -581,6 +581,84 @@ async fn a_commit_reply_lost_to_a_session_expiry_keeps_the_part() {
     report_line("commit_reply_lost", started, &report);
 }
 
+/// A replica that dies after installing a fetched part but before recording it in
+/// ZooKeeper finds the part "unexpected" at restart. Its queue still holds the GET that
+/// produced it, which proves the part: it is kept and recorded, not set aside as
+/// `unexpected_*` and fetched again. The failpoint kills both followers in that gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_fetched_but_not_recorded_before_a_crash_is_kept() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut c = Cluster::start(ClusterOptions {
+        session_timeout_ms: SESSION_MS,
+        env: vec![(
+            "RTABLE_FAILPOINTS".to_string(),
+            "crash_before_recording_fetch".to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let checker = Arc::new(Checker::new());
+    let plan = checker.plan("fetch-crash", 20, 0, false);
+    let body = plan.body();
+    let (url, name) = (c.replicas[0].url(), c.replicas[0].name().to_string());
+    let attempt = checker
+        .try_insert(&big_http(), &url, &name, &plan, &body, None)
+        .await;
+    assert_eq!(
+        attempt,
+        Attempt::Acked {
+            deduplicated: false
+        }
+    );
+    for i in [1usize, 2] {
+        let deadline = Instant::now() + PROGRESS;
+        while c.replicas[i].is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never hit the failpoint",
+                c.replicas[i].name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for i in [1usize, 2] {
+        c.replicas[i].start_again().expect("restart");
+    }
+    for i in [1usize, 2] {
+        c.replicas[i].wait_ready(READY).await.expect("ready again");
+    }
+    let report = checker.verify(&c).await.expect("checker");
+    assert_eq!((report.acked, report.acked_rows), (1, 20));
+    for i in [1usize, 2] {
+        let detached: Vec<String> = std::fs::read_dir(c.replicas[i].data_dir().join("detached"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            detached.is_empty(),
+            "{} set aside {detached:?} instead of recording the fetched part",
+            c.replicas[i].name()
+        );
+        let fetches = c
+            .client(i)
+            .metric("rtable_fetches_total")
+            .await
+            .expect("metrics");
+        assert_eq!(
+            fetches.unwrap_or(0.0),
+            0.0,
+            "{} fetched the part again after the restart",
+            c.replicas[i].name()
+        );
+    }
+    report_line("fetch_not_recorded_crash", started, &report);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_of_every_process_under_load() {
     let _serial = serial();

@@ -11,6 +11,10 @@ use std::sync::{Mutex, OnceLock};
 /// `replicas/<me>/parts/<part>` like any lost reply.
 pub const COMMIT_REPLY_LOST: &str = "commit_reply_lost";
 
+/// After a fetched part is installed locally, the process dies before
+/// `replicas/<me>/parts/<part>` is created (a crash in that gap).
+pub const CRASH_BEFORE_RECORDING_FETCH: &str = "crash_before_recording_fetch";
+
 fn armed() -> &'static Mutex<HashSet<String>> {
     static ARMED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     ARMED.get_or_init(|| {

@@ -258,6 +258,10 @@ impl Receiver {
         let part = self
             .store
             .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
+        if crate::failpoint::fire(crate::failpoint::CRASH_BEFORE_RECORDING_FETCH) {
+            tracing::error!(part = %self.part, "failpoint crash_before_recording_fetch: exiting with the part installed but not in ZooKeeper");
+            std::process::abort();
+        }
         Ok((part, bytes))
     }
 

@@ -67,7 +67,20 @@ pub async fn before_activation(
         .iter()
         .map(|p| p.name.to_string())
         .collect();
-    for name in local.difference(&zk_parts) {
+    let unexpected: Vec<&String> = local.difference(&zk_parts).collect();
+    // A part our own queue produces (a fetch or merge that installed it and died before
+    // recording it) is proved by that entry: it stays, and executing the entry finds it
+    // here and records it. Only parts nothing accounts for are set aside.
+    let proved = if unexpected.is_empty() {
+        BTreeSet::new()
+    } else {
+        queued_results(replica, client).await?
+    };
+    for name in unexpected {
+        if proved.contains(name) {
+            info!(replica = %replica.name, part = %name, "part is not in ZooKeeper yet but a queued entry produces it; keeping it for the queue to record");
+            continue;
+        }
         let Ok(part) = PartName::parse(name) else {
             continue;
         };
@@ -111,6 +124,42 @@ pub async fn before_activation(
             .map_err(|e| tree::multi_error("re-queue lost parts", &paths, e))?;
     }
     Ok(())
+}
+
+/// The parts that the entries of `replicas/<me>/queue` produce.
+async fn queued_results(
+    replica: &Replica,
+    client: &zk::Client,
+) -> Result<BTreeSet<String>, TreeError> {
+    let rp = replica.paths.replica(&replica.name);
+    let names = client
+        .list_children(&rp.queue())
+        .await
+        .map_err(|e| TreeError::zk("list", rp.queue(), e))?;
+    let mut out = BTreeSet::new();
+    for chunk in names.chunks(pull::MAX_BATCH) {
+        let mut reader = client.new_multi_reader();
+        for name in chunk {
+            reader
+                .add_get_data(&rp.queue_entry(name))
+                .map_err(|e| TreeError::zk("get", rp.queue_entry(name), e))?;
+        }
+        let results = reader
+            .commit()
+            .await
+            .map_err(|e| TreeError::zk("multi-get", rp.queue(), e))?;
+        for result in results {
+            if let zk::MultiReadResult::Data { data, .. } = result
+                && let Some(part) = std::str::from_utf8(&data)
+                    .ok()
+                    .and_then(|t| LogEntry::parse(t).ok())
+                    .and_then(|e| e.new_part_name())
+            {
+                out.insert(part);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Parts whose quorum failed were never acknowledged: forget them in ZooKeeper and set
