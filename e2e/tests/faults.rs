@@ -509,7 +509,7 @@ async fn session_expiry_by_sigstop_past_the_session_timeout() {
 async fn a_commit_reply_lost_to_a_session_expiry_keeps_the_part() {
     let _serial = serial();
     let started = Instant::now();
-    let mut c = Cluster::start(ClusterOptions {
+    let c = Cluster::start(ClusterOptions {
         session_timeout_ms: SESSION_MS,
         env: vec![(
             "RTABLE_FAILPOINTS".to_string(),
