@@ -305,7 +305,8 @@ pub async fn clean_blocks(
     else {
         return Ok(());
     };
-    if !check_ages && (stat.num_children.max(0) as usize) <= replica.cfg.dedup_window {
+    let dedup_window = replica.settings().dedup_window;
+    if !check_ages && (stat.num_children.max(0) as usize) <= dedup_window {
         return Ok(());
     }
     let names = client
@@ -330,11 +331,7 @@ pub async fn clean_blocks(
             }
         }
     }
-    let doomed = plan_block_cleanup(
-        blocks,
-        replica.cfg.dedup_window,
-        replica.cfg.dedup_window_seconds,
-    );
+    let doomed = plan_block_cleanup(blocks, dedup_window, replica.cfg.dedup_window_seconds);
     for chunk in doomed.chunks(BATCH) {
         for name in chunk {
             match client.delete(&replica.paths.block(name), None).await {

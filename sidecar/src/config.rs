@@ -60,9 +60,11 @@ pub struct Config {
     /// further behind are marked lost.
     #[arg(long, default_value_t = 1000)]
     pub max_logs_to_keep: u64,
-    /// Dedup window: block ids kept (replicated_deduplication_window).
-    #[arg(long, default_value_t = 1000)]
-    pub dedup_window: usize,
+    /// Dedup window: block ids kept (replicated_deduplication_window). Overrides the table
+    /// file's `spec.deduplicationWindow` (1000 when the file has none), also when the file
+    /// changes while running.
+    #[arg(long)]
+    pub dedup_window: Option<usize>,
     /// Dedup window in seconds, from the newest block (replicated_deduplication_window_seconds).
     #[arg(long, default_value_t = 604_800)]
     pub dedup_window_seconds: u64,
@@ -131,10 +133,48 @@ impl Config {
         Duration::from_millis(self.insert_quorum_timeout_ms)
     }
 
+    /// The dedup window in force: `--dedup-window` when given, else the table file's.
+    pub fn dedup_window(&self, manifest_window: u32) -> usize {
+        self.dedup_window.unwrap_or(manifest_window as usize)
+    }
+
     pub fn session_timeout(&self, manifest_seconds: u32) -> Duration {
         match self.session_timeout_ms {
             Some(ms) => Duration::from_millis(ms),
             None => Duration::from_secs(u64::from(manifest_seconds)),
         }
+    }
+}
+
+/// A configuration as the command line `extra` (after the required flags) gives it.
+#[cfg(test)]
+pub(crate) fn parse_for_test(extra: &[&str]) -> Config {
+    let mut args = vec![
+        "rtable-sidecar",
+        "--table",
+        "/etc/rtable/table.yaml",
+        "--replica",
+        "events-0",
+        "--data-dir",
+        "/var/lib/rtable",
+        "--advertise",
+        "events-0:9009",
+    ];
+    args.extend_from_slice(extra);
+    Config::try_parse_from(args).expect("parses")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `spec.deduplicationWindow` of the table file is the window unless the flag is given.
+    #[test]
+    fn the_dedup_window_comes_from_the_table_file_unless_the_flag_overrides_it() {
+        let cfg = parse_for_test(&[]);
+        assert_eq!(cfg.dedup_window, None);
+        assert_eq!(cfg.dedup_window(250), 250);
+        let cfg = parse_for_test(&["--dedup-window", "7"]);
+        assert_eq!(cfg.dedup_window(250), 7);
     }
 }

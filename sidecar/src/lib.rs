@@ -23,3 +23,4 @@ pub mod session;
 pub mod sink;
 pub mod status;
 pub mod store;
+pub mod table_reload;

@@ -19,6 +19,7 @@ use rtable_sidecar::replica::Replica;
 use rtable_sidecar::session::{self, Sessions};
 use rtable_sidecar::sink::Committer;
 use rtable_sidecar::store::PartStore;
+use rtable_sidecar::table_reload::{LiveSettings, TableReload};
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
@@ -136,6 +137,7 @@ async fn run(cfg: Config) -> Result<(), String> {
                 cfg.listen
             )
         })?;
+    let settings = LiveSettings::of(&table.manifest.spec, &cfg);
     let replica = Arc::new(Replica {
         name: cfg.replica.clone(),
         paths: TablePaths::new(table.table_path.clone()),
@@ -167,6 +169,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         queue_unsure: AtomicBool::new(false),
         log_pointer_cache: parking_lot::Mutex::new(None),
         peer_addresses: Default::default(),
+        table_reload: TableReload::new(settings),
         cfg,
     });
     info!(
@@ -174,6 +177,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         table_path = %replica.paths.root(),
         listen = %replica.cfg.listen,
         parts = replica.store.parts().len(),
+        dedup_window = replica.settings().dedup_window,
         "starting replica"
     );
     tokio::spawn(session::run(replica.clone()));
@@ -181,6 +185,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     tokio::spawn(queue::executor::run(replica.clone()));
     tokio::spawn(rtable_sidecar::merge::assign::run(replica.clone()));
     tokio::spawn(rtable_sidecar::cleanup::run(replica.clone()));
+    tokio::spawn(rtable_sidecar::table_reload::run(replica.clone()));
     let committer = Committer::start(replica.clone());
     let app = api::router(AppState {
         replica: replica.clone(),

@@ -68,6 +68,9 @@ pub struct Replica {
     /// first fetched straight from its entry's source at this address (the inserter holds
     /// its part); any failure forgets the address and falls back to reading ZooKeeper.
     pub peer_addresses: Mutex<std::collections::HashMap<String, String>>,
+    /// The table file's settings that change live (quorum, quorum mode, dedup window); the
+    /// file is re-read by `table_reload::run`. `table` stays what the replica started with.
+    pub table_reload: crate::table_reload::TableReload,
 }
 
 impl Replica {
@@ -80,10 +83,11 @@ impl Replica {
 
     /// Insert quorum this table requires (0 and 1 both mean "no quorum").
     pub fn insert_quorum(&self) -> u32 {
-        self.table
-            .manifest
-            .spec
-            .insert_quorum
-            .required(self.table.manifest.spec.replicas)
+        self.settings().required_quorum()
+    }
+
+    /// The table's live settings, as the table file last gave them.
+    pub fn settings(&self) -> crate::table_reload::LiveSettings {
+        self.table_reload.settings()
     }
 }

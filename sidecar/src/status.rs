@@ -35,6 +35,11 @@ pub struct ReplicaStatus {
     /// Entries in the queue that are merges, and those postponed at least once.
     pub merges_in_queue: usize,
     pub postponed_in_queue: usize,
+    /// A change of the table's definition (or ensemble) in the table file that this running
+    /// replica does not apply; see `table_reload`.
+    pub pending_definition_change: Option<String>,
+    /// Why the table file could not be reloaded (settings stay as they were).
+    pub table_file_error: Option<String>,
     pub counters: crate::metrics::Counters,
 }
 
@@ -107,6 +112,8 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
         bytes,
         merges_in_queue,
         postponed_in_queue,
+        pending_definition_change: replica.table_reload.pending_definition_change(),
+        table_file_error: replica.table_reload.table_file_error(),
         counters: replica.metrics.counters(),
     };
     if let Some(client) = &view.client

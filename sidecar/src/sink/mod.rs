@@ -136,14 +136,15 @@ pub async fn insert(
             .sessions
             .active()
             .map_err(|e| InsertError::ReadOnly(e.reason))?;
-        let spec = &replica.table.manifest.spec;
+        // The table file's settings as last reloaded (see table_reload).
+        let settings = replica.settings();
         let required = request
             .quorum
-            .unwrap_or(spec.insert_quorum)
-            .required(spec.replicas);
+            .unwrap_or(settings.insert_quorum)
+            .required(settings.replicas);
         let mode = if request
             .quorum_parallel
-            .unwrap_or(spec.insert_quorum_parallel)
+            .unwrap_or(settings.insert_quorum_parallel)
         {
             quorum::Mode::Parallel
         } else {
