@@ -277,6 +277,20 @@ impl SidecarProc {
         self.start()
     }
 
+    /// Stops the process with SIGTERM (SIGKILL after `grace`), as Kubernetes stops a pod,
+    /// and starts it again with the same data directory reading the table manifest at
+    /// `table`: a pod rolled after its table's definition changed.
+    pub fn restart_with_table(&mut self, table: PathBuf, grace: Duration) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.exact_args.is_none(),
+            "replica {} runs an exact argument list; its --table cannot be replaced",
+            self.cfg.replica
+        );
+        self.terminate(grace)?;
+        self.cfg.table = table;
+        self.start()
+    }
+
     /// Extra sidecar flags (`--max-logs-to-keep 20`, ...) used from the next (re)start on.
     pub fn set_extra_args(&mut self, args: Vec<String>) {
         self.extra_args = args;

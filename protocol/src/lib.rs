@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod columns;
+pub mod definition;
 pub mod hash;
 pub mod host;
 pub mod log_entry;

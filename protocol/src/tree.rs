@@ -9,6 +9,7 @@ use std::time::Duration;
 use zookeeper_client as zk;
 
 use crate::columns;
+use crate::definition::{self, DefinitionChange};
 use crate::host::HostInfo;
 use crate::metadata::TableMetadata;
 use crate::paths::{TablePaths, sequence_of};
@@ -115,14 +116,53 @@ pub fn multi_error(op: &'static str, paths: &[String], e: zk::MultiWriteError) -
 pub enum CreateOutcome {
     Created,
     AlreadyExists,
+    /// The tree held this definition minus columns at the end: its `columns` node now
+    /// lists all of them (`before` columns became `after`).
+    ColumnsAppended {
+        before: usize,
+        after: usize,
+    },
+    /// Only from [`create_table_allowing_older`]: the tree already holds this definition
+    /// plus columns appended at the end (`local` vs `tree` columns); left as it is.
+    TreeAhead {
+        local: usize,
+        tree: usize,
+    },
 }
 
 /// Creates the table's tree in one multi, or checks that an existing tree holds the same
-/// definition. A differing tree is reported, never overwritten.
+/// definition. A tree whose columns are a strict prefix of this definition's (every other
+/// part of the definition equal) gets the appended columns: its `columns` node is set
+/// with a version check, so concurrent callers (the operator and every sidecar) apply the
+/// append once and the others see it done. Any other difference, including a tree that
+/// has more columns than this definition, is reported, never overwritten.
 pub async fn create_table(
     client: &zk::Client,
     paths: &TablePaths,
     schema: &TableSchema,
+) -> Result<CreateOutcome, TreeError> {
+    create_or_update(client, paths, schema, false).await
+}
+
+/// Like [`create_table`], but a tree that already has columns appended to this definition
+/// is accepted as [`CreateOutcome::TreeAhead`]: a replica started from the older
+/// definition keeps serving its columns until it restarts with the new one (its parts
+/// lack the appended columns, which every reader fills with defaults).
+pub async fn create_table_allowing_older(
+    client: &zk::Client,
+    paths: &TablePaths,
+    schema: &TableSchema,
+) -> Result<CreateOutcome, TreeError> {
+    create_or_update(client, paths, schema, true).await
+}
+
+const CREATE_ATTEMPTS: u32 = 5;
+
+async fn create_or_update(
+    client: &zk::Client,
+    paths: &TablePaths,
+    schema: &TableSchema,
+    allow_older: bool,
 ) -> Result<CreateOutcome, TreeError> {
     let metadata = TableMetadata::from_schema(schema).render();
     let columns_text = columns::render(&schema.columns);
@@ -133,12 +173,43 @@ pub async fn create_table(
     {
         ensure_path(client, parent).await?;
     }
-    for _ in 0..5 {
-        if compare_existing(client, paths, &metadata, &columns_text)
-            .await?
-            .is_some()
-        {
-            return Ok(CreateOutcome::AlreadyExists);
+    for _ in 0..CREATE_ATTEMPTS {
+        if let Some(existing) = read_existing(client, paths).await? {
+            match definition::classify(
+                &metadata,
+                &columns_text,
+                &existing.metadata,
+                &existing.columns,
+            ) {
+                DefinitionChange::Same => return Ok(CreateOutcome::AlreadyExists),
+                DefinitionChange::Append { added } => {
+                    match append_columns(client, paths, &existing, &columns_text).await? {
+                        true => {
+                            return Ok(CreateOutcome::ColumnsAppended {
+                                before: schema.columns.len() - added.len(),
+                                after: schema.columns.len(),
+                            });
+                        }
+                        // Someone changed the tree since we read it: read it again.
+                        false => continue,
+                    }
+                }
+                DefinitionChange::Behind { missing } if allow_older => {
+                    return Ok(CreateOutcome::TreeAhead {
+                        local: schema.columns.len(),
+                        tree: schema.columns.len() + missing.len(),
+                    });
+                }
+                DefinitionChange::Behind { .. } | DefinitionChange::Incompatible => {
+                    return Err(schema_mismatch(
+                        paths,
+                        &metadata,
+                        &columns_text,
+                        &existing.metadata,
+                        &existing.columns,
+                    ));
+                }
+            }
         }
         let nodes = paths.table_nodes();
         let mut multi = client.new_multi_writer();
@@ -172,34 +243,83 @@ pub async fn create_table(
     }
     Err(TreeError::Contention {
         what: format!("creating {}", paths.root()),
-        attempts: 5,
+        attempts: CREATE_ATTEMPTS,
     })
 }
 
-/// `Some(())` when the tree exists with the same definition, `None` when it doesn't exist.
-async fn compare_existing(
+/// The tree's `metadata` and `columns` with the versions they were read at.
+struct ExistingDefinition {
+    metadata: String,
+    metadata_version: i32,
+    columns: String,
+    columns_version: i32,
+}
+
+/// `None` when the table does not exist (no `metadata` node).
+async fn read_existing(
     client: &zk::Client,
     paths: &TablePaths,
-    metadata: &str,
-    columns_text: &str,
-) -> Result<Option<()>, TreeError> {
-    let tree_metadata = match get_string(client, &paths.metadata()).await? {
-        Some(m) => m,
-        None => return Ok(None),
+) -> Result<Option<ExistingDefinition>, TreeError> {
+    let Some((metadata, metadata_version)) = get_versioned(client, &paths.metadata()).await? else {
+        return Ok(None);
     };
-    let tree_columns = get_string(client, &paths.columns())
+    // `columns` is created with `metadata` in one multi and never removed alone.
+    let (columns, columns_version) = get_versioned(client, &paths.columns())
         .await?
-        .unwrap_or_default();
-    if tree_metadata == metadata && tree_columns == columns_text {
-        return Ok(Some(()));
-    }
-    Err(schema_mismatch(
-        paths,
+        .unwrap_or((String::new(), -1));
+    Ok(Some(ExistingDefinition {
         metadata,
-        columns_text,
-        &tree_metadata,
-        &tree_columns,
-    ))
+        metadata_version,
+        columns,
+        columns_version,
+    }))
+}
+
+async fn get_versioned(
+    client: &zk::Client,
+    path: &str,
+) -> Result<Option<(String, i32)>, TreeError> {
+    match client.get_data(path).await {
+        Ok((data, stat)) => String::from_utf8(data)
+            .map(|text| Some((text, stat.version)))
+            .map_err(|_| TreeError::Corrupt {
+                path: path.to_string(),
+                message: "not UTF-8".to_string(),
+            }),
+        Err(zk::Error::NoNode) => Ok(None),
+        Err(e) => Err(TreeError::zk("get", path, e)),
+    }
+}
+
+/// Sets `columns` to the appended definition in one multi that also checks `metadata` is
+/// unchanged, both at the versions they were read at. `false` when either changed since
+/// (the caller reads the tree again and classifies anew).
+async fn append_columns(
+    client: &zk::Client,
+    paths: &TablePaths,
+    existing: &ExistingDefinition,
+    columns_text: &str,
+) -> Result<bool, TreeError> {
+    let ops = vec![paths.metadata(), paths.columns()];
+    let mut multi = client.new_multi_writer();
+    multi
+        .add_check_version(&paths.metadata(), existing.metadata_version)
+        .map_err(|e| TreeError::zk("check", paths.metadata(), e))?;
+    multi
+        .add_set_data(
+            &paths.columns(),
+            columns_text.as_bytes(),
+            Some(existing.columns_version),
+        )
+        .map_err(|e| TreeError::zk("set", paths.columns(), e))?;
+    match multi.commit().await {
+        Ok(_) => Ok(true),
+        Err(zk::MultiWriteError::OperationFailed {
+            source: zk::Error::BadVersion | zk::Error::NoNode,
+            ..
+        }) => Ok(false),
+        Err(e) => Err(multi_error("append columns", &ops, e)),
+    }
 }
 
 /// Builds the mismatch error with both definitions, field by field where the tree parses.
@@ -219,13 +339,42 @@ pub fn schema_mismatch(
         _ => diff.push("metadata: the tree's metadata node does not parse".to_string()),
     }
     if local_columns != tree_columns {
-        diff.push("columns differ".to_string());
+        diff.push(columns_diff(local_columns, tree_columns));
     }
     TreeError::SchemaMismatch {
         path: paths.root().to_string(),
         diff: diff.join("\n"),
         local: format!("{local_metadata}{local_columns}"),
         tree: format!("{tree_metadata}{tree_columns}"),
+    }
+}
+
+/// One line on how the column lists differ.
+fn columns_diff(local_columns: &str, tree_columns: &str) -> String {
+    let (Ok(local), Ok(tree)) = (columns::parse(local_columns), columns::parse(tree_columns))
+    else {
+        return "columns differ (the tree's columns node does not parse)".to_string();
+    };
+    let list = |cols: &[crate::schema::Column]| {
+        cols.iter()
+            .map(|c| format!("`{}` {}", c.name, c.ty))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match definition::classify_columns(&local, &tree) {
+        DefinitionChange::Behind { missing } => format!(
+            "columns differ: the tree has columns appended that the local definition lacks: {}",
+            list(&missing)
+        ),
+        DefinitionChange::Append { added } => format!(
+            "columns differ: the local definition appends {} (appended only when the rest of the definition is the same)",
+            list(&added)
+        ),
+        _ => format!(
+            "columns differ: local {} vs tree {} (only appending columns at the end is supported)",
+            list(&local),
+            list(&tree)
+        ),
     }
 }
 
@@ -339,6 +488,28 @@ pub async fn register_replica(
         what: format!("registering replica {replica}"),
         attempts: 10,
     })
+}
+
+/// Sets `replicas/<replica>/columns` to this definition's columns when it holds others
+/// (the replica restarted with columns appended). `true` when it changed the node.
+pub async fn update_replica_columns(
+    client: &zk::Client,
+    paths: &TablePaths,
+    replica: &str,
+    schema: &TableSchema,
+) -> Result<bool, TreeError> {
+    let node = paths.replica(replica).columns();
+    let columns_text = columns::render(&schema.columns);
+    match get_string(client, &node).await? {
+        Some(text) if text == columns_text => Ok(false),
+        // A replica being dropped (or half-registered): nothing to update.
+        None => Ok(false),
+        Some(_) => match client.set_data(&node, columns_text.as_bytes(), None).await {
+            Ok(_) => Ok(true),
+            Err(zk::Error::NoNode) => Ok(false),
+            Err(e) => Err(TreeError::zk("set", node, e)),
+        },
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! Downloads a part from a peer (ClickHouse's Fetcher): streams the files into
 //! `tmp-fetch_<part>`, verifies every size and hash against the exchange header and the
-//! part's checksums against the header the source published in ZooKeeper, and only then
-//! installs the directory under its final name.
+//! part's checksums against the header the source published in ZooKeeper, checks that its
+//! columns are the table's, a prefix of them or an extension of them (columns appended to
+//! a live table), and only then installs the directory under its final name.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -114,6 +115,7 @@ pub async fn fetch_part(
             part: part.clone(),
             address: address.to_string(),
             expected_checksums_hash,
+            table: crate::rows::arrow_schema(&replica.table.schema),
         };
         // Started before the request, so preparing the directory overlaps the round trip.
         // The fetch span follows the disk work onto its thread, for its log lines.
@@ -216,6 +218,12 @@ struct Receiver {
     part: PartName,
     address: String,
     expected_checksums_hash: Option<Hash128>,
+    /// The table's columns: a fetched part holds them, a prefix of them (written before
+    /// columns were appended) or them plus appended ones (written by a replica already
+    /// running a newer definition). The columns hash of the source's header is not
+    /// compared: it names the columns its writer ran, which may differ from ours in the
+    /// same ways.
+    table: arrow::datatypes::SchemaRef,
 }
 
 impl Receiver {
@@ -241,6 +249,7 @@ impl Receiver {
         let (files, rest) = self.read_header(&mut rx)?;
         let bytes = self.write_files(dir, &files, rest, rx)?;
         let checksums = self.read_checksums(dir, &files)?;
+        self.check_columns(dir)?;
         // Every file was hashed as it was written and matched the exchange header, so
         // installing checks them against `checksums` without reading them back.
         let streamed = Checksums {
@@ -349,6 +358,17 @@ impl Receiver {
             }
         }
         Err(self.corrupt("unexpected bytes after the last file"))
+    }
+
+    /// Refuses a part whose columns no reader of this table could read (see `table`).
+    fn check_columns(&self, dir: &Path) -> Result<(), FetchError> {
+        let path = dir.join(crate::store::DATA_FILE);
+        let file = std::fs::File::open(&path).map_err(|e| io_error(&path, e))?;
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| self.corrupt(format!("{}: {e}", crate::store::DATA_FILE)))?;
+        let columns = crate::rows::memory_schema(builder.schema());
+        crate::rows::check_prefix(columns.fields(), self.table.fields())
+            .map_err(|e| self.corrupt(e.to_string()))
     }
 
     /// The part's checksums as sent, checked against the source's header in ZooKeeper.

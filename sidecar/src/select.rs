@@ -89,13 +89,17 @@ fn produce(
         tx,
         buf: Vec::with_capacity(CHUNK),
     };
+    // Parts written before a column was appended are read with it filled in (and parts of
+    // a newer definition without the columns this replica does not know yet).
+    let table = rows::arrow_schema(&replica.table.schema);
     match format {
         OutputFormat::Parquet => {
-            let schema = rows::arrow_schema(&replica.table.schema);
             let mut writer =
-                rows::ParquetOutput::new(&mut out, schema).map_err(|e| e.to_string())?;
+                rows::ParquetOutput::new(&mut out, table.clone()).map_err(|e| e.to_string())?;
             for part in snapshot.parts().iter().filter(shown) {
-                for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
+                for batch in
+                    part_reader::read_part_batches(part, &table).map_err(|e| e.to_string())?
+                {
                     writer
                         .write(&batch.map_err(|e| e.to_string())?)
                         .map_err(|e| e.to_string())?;
@@ -107,7 +111,9 @@ fn produce(
             let mut first = true;
             let mut buf = Vec::with_capacity(CHUNK);
             for part in snapshot.parts().iter().filter(shown) {
-                for batch in part_reader::read_part_batches(part).map_err(|e| e.to_string())? {
+                for batch in
+                    part_reader::read_part_batches(part, &table).map_err(|e| e.to_string())?
+                {
                     rows::encode_text(text, &batch.map_err(|e| e.to_string())?, &mut buf, first)
                         .map_err(|e| e.to_string())?;
                     first = false;
@@ -119,9 +125,7 @@ fn produce(
             }
             if first {
                 // No rows: CSVWithNames still owes the header.
-                let empty = arrow::record_batch::RecordBatch::new_empty(rows::arrow_schema(
-                    &replica.table.schema,
-                ));
+                let empty = arrow::record_batch::RecordBatch::new_empty(table.clone());
                 rows::encode_text(text, &empty, &mut buf, true).map_err(|e| e.to_string())?;
             }
             out.write_all(&buf).map_err(|e| e.to_string())?;

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
-use rtable_protocol::tree::{self, RegisterOutcome, TreeError};
+use rtable_protocol::tree::{self, CreateOutcome, RegisterOutcome, TreeError};
 
 use crate::replica::Replica;
 
@@ -150,9 +150,28 @@ async fn establish(replica: &Arc<Replica>) -> Result<zk::Client, String> {
     .await
     .map_err(|e| format!("cannot reach ZooKeeper at {connect_string}: {e}"))?;
     let schema = &replica.table.schema;
-    tree::create_table(&client, &replica.paths, schema)
+    // A definition that appends columns to the tree's applies the append (the operator may
+    // have done it already); one that lacks columns the tree has appended (this pod was not
+    // restarted since) keeps serving its own columns: every replica reads its parts with
+    // the appended columns filled in, and it reads theirs without them.
+    match tree::create_table_allowing_older(&client, &replica.paths, schema)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+    {
+        CreateOutcome::ColumnsAppended { before, after } => {
+            info!(replica = %replica.name, before, after, "appended columns to the table's definition in ZooKeeper");
+        }
+        CreateOutcome::TreeAhead { local, tree } => {
+            warn!(
+                replica = %replica.name,
+                local,
+                tree,
+                "the table in ZooKeeper has columns appended that this replica's definition lacks; \
+                 serving the first {local} columns until the replica restarts with the new definition"
+            );
+        }
+        CreateOutcome::Created | CreateOutcome::AlreadyExists => {}
+    }
     match tree::register_replica(&client, &replica.paths, &replica.name, schema)
         .await
         .map_err(|e| e.to_string())?
@@ -160,7 +179,14 @@ async fn establish(replica: &Arc<Replica>) -> Result<zk::Client, String> {
         RegisterOutcome::Registered { is_lost } => {
             info!(replica = %replica.name, is_lost, "registered replica");
         }
-        RegisterOutcome::AlreadyRegistered => {}
+        RegisterOutcome::AlreadyRegistered => {
+            // `replicas/<me>/columns` says which columns this replica runs (ClickHouse
+            // keeps it per replica too); it moves when the replica restarts with columns
+            // appended.
+            tree::update_replica_columns(&client, &replica.paths, &replica.name, schema)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
     crate::recovery::before_activation(replica, &client)
         .await

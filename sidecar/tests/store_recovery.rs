@@ -98,7 +98,7 @@ fn write_commit_reopen_verifies_and_reads_back_sorted() {
     assert_eq!(parts[0].checksums, checksums);
     assert_eq!(store.total_rows(), 100);
     assert_eq!(store.total_bytes(), checksums.total_bytes());
-    let batches = read_part(&parts[0]).expect("read");
+    let batches = read_part(&parts[0], &rows::arrow_schema(&table())).expect("read");
     let back =
         arrow::compute::concat_batches(&rows::arrow_schema(&table()), &batches).expect("concat");
     let sorted = rows::sort_by_key(&rows(100, 0), &["id".to_string()]).expect("sort");
@@ -396,7 +396,8 @@ fn covered_parts_are_deleted_only_after_the_last_snapshot() {
     assert!(one.join(DATA_FILE).exists() && two.join(DATA_FILE).exists());
     assert_eq!(store.pending_count(), 2);
     assert_eq!(
-        read_part(&before.parts()[0]).expect("readable")[0].num_rows(),
+        read_part(&before.parts()[0], &rows::arrow_schema(&table())).expect("readable")[0]
+            .num_rows(),
         2
     );
     drop(before);

@@ -1,7 +1,8 @@
 //! The StatefulSet: one pod per replica, each with the sidecar, its volume and optionally
 //! the user's container. The pod template only depends on what should roll the pods
-//! (image, resources, the user container, the ZooKeeper chroot and auth); everything else
-//! reaches the sidecar through the ConfigMap.
+//! (image, resources, the user container, the ZooKeeper chroot and auth, and the table's
+//! schema through [`SCHEMA_HASH_ANNOTATION`]); everything else reaches the sidecar through
+//! the ConfigMap.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,32 @@ const CONFIG_VOLUME: &str = "config";
 const ZK_AUTH_FILE: &str = "zookeeper-auth/digest";
 /// A fixed non-root uid, so the data volume's group ownership (fsGroup) is predictable.
 const SIDECAR_UID: i64 = 10001;
+
+/// Pod-template annotation holding [`schema_hash`]: a schema change (a column appended)
+/// changes the template, so the StatefulSet rolls the pods and every sidecar restarts with
+/// the new definition (a sidecar reads its table definition once, at start).
+pub const SCHEMA_HASH_ANNOTATION: &str = "rtable.io/schema-hash";
+
+/// XXH3-128 (hex) of the table definition the sidecar applies at start: `columns`,
+/// `orderBy` and `partitionBy`, in the text of the tree's `columns` node plus the keys.
+pub fn schema_hash(rt: &ReplicatedTable) -> String {
+    let spec = &rt.spec;
+    let columns: Vec<rtable_protocol::Column> = spec
+        .columns
+        .iter()
+        .map(|c| rtable_protocol::Column {
+            name: c.name.clone(),
+            ty: c.ty.clone(),
+        })
+        .collect();
+    let text = format!(
+        "{}order by: {}\npartition by: {}\n",
+        rtable_protocol::columns::render(&columns),
+        spec.order_by.join(", "),
+        spec.partition_by
+    );
+    rtable_protocol::hash::file_hash(text.as_bytes()).to_hex()
+}
 
 pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
     let names = Names::of(rt);
@@ -138,10 +165,10 @@ pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(string_map(&[(
-                        "kubectl.kubernetes.io/default-container",
-                        SIDECAR_CONTAINER,
-                    )])),
+                    annotations: Some(string_map(&[
+                        ("kubectl.kubernetes.io/default-container", SIDECAR_CONTAINER),
+                        (SCHEMA_HASH_ANNOTATION, &schema_hash(rt)),
+                    ])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -450,10 +477,10 @@ mod tests {
         );
     }
 
-    /// Only replicas, resources and image may change the StatefulSet; schema, quorum and
-    /// dedup settings reach the sidecar through the ConfigMap and must not roll pods.
+    /// Only replicas, resources, image and the schema may change the StatefulSet; quorum
+    /// and dedup settings reach the sidecar through the ConfigMap and must not roll pods.
     #[test]
-    fn only_replicas_resources_and_image_change_the_statefulset() {
+    fn only_replicas_resources_image_and_schema_change_the_statefulset() {
         let rt = fixtures::table("table.yaml");
         let cfg = BuildConfig::default();
         let base = stateful_set(&rt, &cfg);
@@ -462,10 +489,6 @@ mod tests {
         quiet.spec.deduplication_window = 5;
         quiet.spec.insert_quorum_parallel = false;
         quiet.spec.insert_quorum = rtable_protocol::manifest::InsertQuorum::Replicas(3);
-        quiet.spec.columns.push(crate::crd::ColumnDef {
-            name: "extra".into(),
-            ty: "String".parse().expect("type"),
-        });
         quiet.spec.zookeeper.nodes.push("zk-9:2181".into());
         assert_eq!(stateful_set(&quiet, &cfg), base);
 
@@ -489,6 +512,63 @@ mod tests {
             ..Default::default()
         });
         assert_ne!(template(&stateful_set(&resources, &cfg)), template(&base));
+    }
+
+    /// Appending a column (or any change of `orderBy`/`partitionBy`) changes the pod
+    /// template's schema hash and nothing else, so the pods roll and every sidecar restarts
+    /// with the new definition.
+    #[test]
+    fn a_schema_change_rolls_the_pods_through_the_schema_hash_annotation() {
+        let rt = fixtures::table("table.yaml");
+        let cfg = BuildConfig::default();
+        let base = stateful_set(&rt, &cfg);
+        let annotations = |s: &StatefulSet| {
+            s.spec
+                .as_ref()
+                .and_then(|s| s.template.metadata.as_ref())
+                .and_then(|m| m.annotations.clone())
+                .unwrap_or_default()
+        };
+        let hash = annotations(&base)
+            .get(SCHEMA_HASH_ANNOTATION)
+            .cloned()
+            .expect("schema hash annotation");
+        assert_eq!(hash.len(), 32, "{hash}");
+        assert_eq!(hash, schema_hash(&rt), "stable for the same spec");
+
+        let mut appended = rt.clone();
+        appended.spec.columns.push(crate::crd::ColumnDef {
+            name: "extra".into(),
+            ty: "Nullable(String)".parse().expect("type"),
+        });
+        let mut reordered = rt.clone();
+        reordered.spec.order_by.reverse();
+        let mut repartitioned = rt.clone();
+        repartitioned.spec.partition_by = "".parse().expect("partition key");
+        for (what, changed) in [
+            ("a column appended", appended),
+            ("orderBy", reordered),
+            ("partitionBy", repartitioned),
+        ] {
+            let sts = stateful_set(&changed, &cfg);
+            let new_hash = annotations(&sts)
+                .get(SCHEMA_HASH_ANNOTATION)
+                .cloned()
+                .expect("annotation");
+            assert_ne!(new_hash, hash, "{what} changes the hash");
+            // Nothing but that annotation differs.
+            let mut back = sts.clone();
+            if let Some(meta) = back
+                .spec
+                .as_mut()
+                .and_then(|s| s.template.metadata.as_mut())
+            {
+                meta.annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(SCHEMA_HASH_ANNOTATION.to_string(), hash.clone());
+            }
+            assert_eq!(back, base, "{what} changes only the schema hash");
+        }
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! table's ORDER BY into one new part. Every source is already sorted by ORDER BY, so
 //! the merge holds one batch per source plus one output batch in memory, whatever the
 //! parts' sizes. Ties keep source order (the sources in block order, then row order), so
-//! the result depends only on the sources' bytes: every replica that merges the same
-//! parts writes the same file, and the same bytes as the part a replica fetches.
+//! the result depends only on the sources' bytes and the table's columns: every replica
+//! that merges the same parts with the same definition writes the same file, and the same
+//! bytes as the part a replica fetches. Sources written before a column was appended are
+//! read with it filled in (`store::read_part_batches`); see [`output_schema`] for sources
+//! written with columns this replica does not know yet.
 
 use std::sync::Arc;
 
@@ -12,10 +15,12 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows, SortField};
 
-use rtable_protocol::schema::TableSchema;
+use arrow::datatypes::SchemaRef;
+use rtable_protocol::schema::{Column, TableSchema};
 
 use crate::store::{
-    ActivePart, PartBatches, PartStore, PartWriter, StoreError, TempPart, read_part_batches,
+    ActivePart, PartBatches, PartStore, PartWriter, StoreError, TempPart, part_columns,
+    read_part_batches,
 };
 
 /// Rows per written batch.
@@ -79,9 +84,11 @@ pub fn merge_parts(
         path: store.parts_dir().to_path_buf(),
         source: e,
     };
-    let keys = KeyMaker::new(schema).map_err(arrow_err)?;
-    let mut writer = PartWriter::create(store, schema, "merge")?;
-    let merged = run(sources, &keys, &mut writer, &arrow_err);
+    let output = output_schema(sources, schema)?;
+    let target = crate::rows::arrow_schema(&output);
+    let keys = KeyMaker::new(&output).map_err(arrow_err)?;
+    let mut writer = PartWriter::create(store, &output, "merge")?;
+    let merged = run(sources, &target, &keys, &mut writer, &arrow_err);
     match merged {
         Ok(()) => writer.finish(),
         Err(e) => {
@@ -91,8 +98,51 @@ pub fn merge_parts(
     }
 }
 
+/// The columns of the merged part: the table's, or, when a source was written by a replica
+/// that already runs a definition with columns appended (this replica has not restarted
+/// with it yet), the table's plus those columns, so a merge never drops values of a column
+/// this replica does not know yet. Sources with fewer columns are filled with defaults
+/// (see `rows::conform_to`). So replicas running the same definition merge the same
+/// sources into the same bytes.
+fn output_schema(
+    sources: &[Arc<ActivePart>],
+    schema: &TableSchema,
+) -> Result<TableSchema, StoreError> {
+    let table = crate::rows::arrow_schema(schema);
+    let mut output = schema.clone();
+    for part in sources {
+        let columns = part_columns(part)?;
+        if columns.fields().len() <= output.columns.len() {
+            continue;
+        }
+        let data = part.dir.join(crate::store::DATA_FILE);
+        crate::rows::check_prefix(columns.fields(), table.fields())
+            .map_err(|e| StoreError::arrow("merging", &data, e))?;
+        let mut extended = schema.columns.clone();
+        for field in &columns.fields()[schema.columns.len()..] {
+            let ty = crate::rows::column_type_of(field).ok_or_else(|| {
+                StoreError::corrupt(
+                    &data,
+                    format!(
+                        "column `{}` has Arrow type {}, which no ClickHouse type maps to",
+                        field.name(),
+                        field.data_type()
+                    ),
+                )
+            })?;
+            extended.push(Column {
+                name: field.name().clone(),
+                ty,
+            });
+        }
+        output.columns = extended;
+    }
+    Ok(output)
+}
+
 fn run(
     sources: &[Arc<ActivePart>],
+    target: &SchemaRef,
     keys: &KeyMaker,
     writer: &mut PartWriter,
     arrow_err: &dyn Fn(ArrowError) -> StoreError,
@@ -100,7 +150,7 @@ fn run(
     let mut out = Pending::default();
     let mut cursors: Vec<Cursor> = Vec::with_capacity(sources.len());
     for part in sources {
-        let mut batches = read_part_batches(part)?;
+        let mut batches = read_part_batches(part, target)?;
         if let Some((batch, k)) = next_batch(&mut batches, keys, arrow_err)? {
             out.batches.push(batch);
             let len = k.num_rows();
@@ -265,7 +315,7 @@ mod tests {
         assert_eq!(sixes, ["a6", "b6"]);
         let mut expected: Vec<(u64, String)> = sources
             .iter()
-            .flat_map(|p| read_part(p).expect("read"))
+            .flat_map(|p| read_part(p, &rowcodec::arrow_schema(&table())).expect("read"))
             .flat_map(|batch| {
                 let ids = arrow::array::cast::as_primitive_array::<arrow::datatypes::UInt64Type>(
                     batch.column(0),
@@ -284,5 +334,91 @@ mod tests {
         // The same sources merge to the same bytes.
         let again = merge_parts(&store, &sources, &table()).expect("merge again");
         assert_eq!(temp.checksums, again.checksums);
+    }
+
+    /// `table()` with `note Nullable(String)` and `score UInt32` appended.
+    fn wider() -> TableSchema {
+        let mut t = table();
+        t.columns.push(Column {
+            name: "note".into(),
+            ty: "Nullable(String)".parse().expect("type"),
+        });
+        t.columns.push(Column {
+            name: "score".into(),
+            ty: "UInt32".parse().expect("type"),
+        });
+        t
+    }
+
+    fn wide_part(store: &PartStore, name: &str, ids: &[u64]) -> Arc<ActivePart> {
+        let body: String = ids
+            .iter()
+            .map(|id| {
+                format!(
+                    "{{\"id\": {id}, \"msg\": \"w{id}\", \"note\": \"n{id}\", \"score\": {id}}}\n"
+                )
+            })
+            .collect();
+        let batch =
+            rowcodec::decode(InputFormat::JsonEachRow, body.as_bytes(), &wider()).expect("rows");
+        let temp = write_temp(store, &batch, &wider()).expect("write");
+        store
+            .commit_temp(temp, &name.parse().expect("part name"))
+            .expect("commit")
+    }
+
+    fn json_of(store: &PartStore, temp: TempPart, name: &str, schema: &TableSchema) -> String {
+        let part = store
+            .commit_temp(temp, &name.parse().expect("part name"))
+            .expect("commit");
+        let mut out = Vec::new();
+        for (i, b) in read_part(&part, &rowcodec::arrow_schema(schema))
+            .expect("read")
+            .iter()
+            .enumerate()
+        {
+            rowcodec::encode_text(rowcodec::OutputFormat::JsonEachRow, b, &mut out, i == 0)
+                .expect("encode");
+        }
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn parts_from_before_an_append_merge_with_the_appended_columns_filled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = PartStore::open(dir.path()).expect("store");
+        let sources = vec![
+            part(&store, "all_1_1_0", &[1, 3], "a"),
+            wide_part(&store, "all_2_2_0", &[2]),
+        ];
+        let temp = merge_parts(&store, &sources, &wider()).expect("merge");
+        assert_eq!(
+            json_of(&store, temp, "all_1_2_1", &wider()),
+            "{\"id\":1,\"msg\":\"a1\",\"note\":null,\"score\":0}\n\
+             {\"id\":2,\"msg\":\"w2\",\"note\":\"n2\",\"score\":2}\n\
+             {\"id\":3,\"msg\":\"a3\",\"note\":null,\"score\":0}\n"
+        );
+    }
+
+    /// A replica still running the older definition merges parts that have the appended
+    /// columns: the result keeps them (it would otherwise drop their values for everyone who
+    /// fetches it), and is byte-identical to the merge on a replica running the new one.
+    #[test]
+    fn a_replica_behind_an_append_keeps_the_appended_columns_when_it_merges() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = PartStore::open(dir.path()).expect("store");
+        let sources = vec![
+            part(&store, "all_1_1_0", &[1, 3], "a"),
+            wide_part(&store, "all_2_2_0", &[2]),
+        ];
+        let behind = merge_parts(&store, &sources, &table()).expect("merge on the old definition");
+        let current = merge_parts(&store, &sources, &wider()).expect("merge on the new one");
+        assert_eq!(behind.checksums, current.checksums);
+        assert_eq!(
+            json_of(&store, behind, "all_1_2_1", &wider()),
+            "{\"id\":1,\"msg\":\"a1\",\"note\":null,\"score\":0}\n\
+             {\"id\":2,\"msg\":\"w2\",\"note\":\"n2\",\"score\":2}\n\
+             {\"id\":3,\"msg\":\"a3\",\"note\":null,\"score\":0}\n"
+        );
     }
 }

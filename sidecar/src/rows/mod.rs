@@ -33,6 +33,7 @@ mod fingerprint;
 mod partition;
 mod sort;
 mod value;
+mod widen;
 
 use std::sync::Arc;
 
@@ -47,6 +48,7 @@ pub use error::InputError;
 pub use fingerprint::rows_hash;
 pub use partition::partition_split;
 pub use sort::sort_by_key;
+pub use widen::{check_prefix, column_type_of, conform_to, default_array};
 
 /// The time zone of every DateTime column.
 pub const DATETIME_TZ: &str = "UTC";
@@ -156,7 +158,16 @@ pub fn from_storage(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     if !schema.fields().iter().any(|f| is_millis(f.data_type())) {
         return Ok(batch.clone());
     }
-    let memory = Arc::new(Schema::new_with_metadata(
+    convert(batch, memory_schema(&schema), is_millis)
+}
+
+/// The in-memory schema of rows stored in Parquet (the inverse of [`storage_schema`]):
+/// `Timestamp(Millisecond, tz)` fields become `Timestamp(Second, tz)`.
+pub fn memory_schema(schema: &SchemaRef) -> SchemaRef {
+    if !schema.fields().iter().any(|f| is_millis(f.data_type())) {
+        return schema.clone();
+    }
+    Arc::new(Schema::new_with_metadata(
         schema
             .fields()
             .iter()
@@ -169,8 +180,7 @@ pub fn from_storage(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
             })
             .collect::<Vec<_>>(),
         schema.metadata().clone(),
-    ));
-    convert(batch, memory, is_millis)
+    ))
 }
 
 /// `YYYY-MM-DD` of a day number (days since 1970-01-01).

@@ -30,7 +30,7 @@ use parquet::errors::ParquetError;
 use rtable_protocol::part_header::Checksums;
 use rtable_protocol::part_name::PartName;
 
-pub use part_reader::{PartBatches, read_part, read_part_batches};
+pub use part_reader::{PartBatches, part_columns, read_part, read_part_batches};
 pub use part_writer::{PartWriter, TempPart, conform, write_shared, write_temp};
 
 pub const DATA_FILE: &str = "data.parquet";
