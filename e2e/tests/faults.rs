@@ -659,6 +659,72 @@ async fn a_part_fetched_but_not_recorded_before_a_crash_is_kept() {
     report_line("fetch_not_recorded_crash", started, &report);
 }
 
+/// A quorum insert whose quorum is not reached within `insert_quorum_timeout` (one of
+/// the three replicas frozen, its session still alive so it still counts as active) is
+/// answered "outcome unknown", never as failed or acknowledged: the part stays committed
+/// and reaches its quorum once the replica thaws, and the client's retry with the same
+/// token is acknowledged as a duplicate, so the rows land exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_timeout_is_an_unknown_outcome_and_the_retry_lands_once() {
+    let _serial = serial();
+    let started = Instant::now();
+    let c = Cluster::start(ClusterOptions {
+        session_timeout_ms: 15_000,
+        env: vec![(
+            "RTABLE_INSERT_QUORUM_TIMEOUT_MS".to_string(),
+            "1500".to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let checker = Arc::new(Checker::new());
+    let plan = checker.plan("quorum-timeout", 10, 0, false);
+    let body = plan.body();
+    let (url, name) = (c.replicas[0].url(), c.replicas[0].name().to_string());
+    c.replicas[2].stop().expect("SIGSTOP");
+    let first = checker
+        .try_insert(&big_http(), &url, &name, &plan, &body, Some(3))
+        .await;
+    c.replicas[2].cont().expect("SIGCONT");
+    match &first {
+        Attempt::Unavailable { status: 503, error } => assert!(
+            error.contains("outcome unknown") && error.contains("insert_quorum_timeout"),
+            "the 503 must say the outcome is unknown and why: {error}"
+        ),
+        other => panic!("a timed-out quorum must be an unknown outcome (503), got {other:?}"),
+    }
+    // The thawed replica fetches the part and completes the quorum; the node goes.
+    let zk = c.zk_client().await.expect("zk client");
+    let parallel = c.paths().quorum_parallel();
+    poll_until(
+        "the quorum to complete",
+        PROGRESS,
+        Duration::from_millis(100),
+        || {
+            let (zk, parallel) = (zk.clone(), parallel.clone());
+            async move {
+                let pending = zk.list_children(&parallel).await?;
+                Ok(if pending.is_empty() {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("pending quorums {pending:?}"))
+                })
+            }
+        },
+    )
+    .await
+    .expect("quorum completes after the thaw");
+    let retry = checker
+        .try_insert(&big_http(), &url, &name, &plan, &body, Some(3))
+        .await;
+    assert_eq!(retry, Attempt::Acked { deduplicated: true });
+    let report = checker.verify(&c).await.expect("checker");
+    assert_eq!((report.acked, report.acked_rows), (1, 10));
+    assert_eq!(report.tries_503, 1);
+    report_line("quorum_timeout", started, &report);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_of_every_process_under_load() {
     let _serial = serial();
