@@ -875,7 +875,29 @@ async fn a_replica_down_long_enough_is_marked_lost_and_recovers() {
         "is_lost=1 but no replica counts rtable_replicas_marked_lost_total"
     );
     let log_max = c.client(0).status().await.expect("status").log_max_index;
-    println!("{name} marked lost (log_max_index {log_max:?}, marked by metrics: {marked})");
+    // Cleanup really removed entries the stopped replica had not pulled yet: that is why
+    // it had to be marked lost.
+    let pointer: u64 =
+        rtable_protocol::tree::get_string(&zk, &c.paths().replica(&name).log_pointer())
+            .await
+            .expect("log_pointer")
+            .and_then(|p| p.trim().parse().ok())
+            .expect("a numeric log_pointer");
+    let oldest = zk
+        .list_children(&c.paths().log())
+        .await
+        .expect("log")
+        .iter()
+        .filter_map(|n| rtable_protocol::paths::sequence_of(n))
+        .min()
+        .expect("log entries");
+    assert!(
+        oldest > pointer,
+        "log cleanup kept everything from {name}'s log_pointer {pointer} (oldest entry {oldest})"
+    );
+    println!(
+        "{name} marked lost (log_pointer {pointer}, oldest log entry {oldest}, log_max_index {log_max:?}, marked by metrics: {marked})"
+    );
     wait_more_acks(&checker, 10, PROGRESS).await.unwrap();
     restart_replica(&mut c, victim).await;
     // It clones from a healthy replica and clears its flag.
