@@ -30,6 +30,9 @@ pub enum ExecuteError {
     Fetch(#[from] FetchError),
     #[error("No active replica has part {0} or covering part")]
     NoSource(String),
+    /// A merge whose sources are not all here and whose result no replica has yet.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Postponed(String),
     #[error("unparsable part name in queue entry: {0}")]
@@ -42,8 +45,32 @@ pub async fn run(replica: Arc<Replica>) {
     loop {
         let (client, generation) = replica.sessions.wait_active().await;
         let max = replica.cfg.max_concurrent_fetches.max(1);
-        let chosen = replica.queue.lock().select_runnable(max, Instant::now());
-        for item in chosen {
+        let selection = replica.queue.lock().select_runnable(max, Instant::now());
+        for (item, reason) in selection.skip {
+            let replica = replica.clone();
+            let client = client.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let node = item.node_name.clone();
+                match drop_entry(&replica, &client, &node).await {
+                    Ok(()) => {
+                        info!(replica = %replica.name, entry = %node, %reason, "skipped queue entry");
+                        replica.queue.lock().remove(&node);
+                    }
+                    Err(e) => {
+                        warn!(replica = %replica.name, entry = %node, error = %e, "could not remove a skipped queue entry; will retry");
+                        replica.queue.lock().record_failure(
+                            &node,
+                            e.to_string(),
+                            Some(reason),
+                            false,
+                        );
+                    }
+                }
+                let _ = done.send(());
+            });
+        }
+        for item in selection.run {
             let replica = replica.clone();
             let client = client.clone();
             let done = done_tx.clone();
@@ -64,19 +91,24 @@ pub async fn run(replica: Arc<Replica>) {
                         }
                         let postpone = match &e {
                             ExecuteError::NoSource(_)
+                            | ExecuteError::Unavailable(_)
                             | ExecuteError::Postponed(_)
                             | ExecuteError::Fetch(FetchError::InFlight(_)) => Some(e.to_string()),
                             _ => None,
                         };
+                        let no_source =
+                            matches!(&e, ExecuteError::NoSource(_) | ExecuteError::Unavailable(_));
                         if matches!(&e, ExecuteError::Fetch(f) if !matches!(f, FetchError::InFlight(_)))
                         {
                             Metrics::inc(&replica.metrics.failed_fetches);
                         }
                         warn!(replica = %replica.name, entry = %node, error = %e, "queue entry failed; will retry");
-                        replica
-                            .queue
-                            .lock()
-                            .record_failure(&node, e.to_string(), postpone);
+                        replica.queue.lock().record_failure(
+                            &node,
+                            e.to_string(),
+                            postpone,
+                            no_source,
+                        );
                     }
                 }
                 let _ = done.send(());
@@ -220,6 +252,14 @@ async fn no_source(
     message: String,
 ) -> Result<(), ExecuteError> {
     let name = part.to_string();
+    // Not lost: its partition was dropped (on every replica, since none lists it). The
+    // DROP_RANGE may sit in the log past this replica's pointer; pull it first. A quorum
+    // is not failed either: the part was committed, then dropped.
+    if let Some(cover) = dropped_by(replica, client, part).await? {
+        info!(replica = %replica.name, part = %name, %cover, "no replica holds the part because a drop range removes it; skipping it");
+        drop_entry(replica, client, &item.node_name).await?;
+        return Ok(());
+    }
     if item.entry.quorum > 0 && quorum::fail(replica, client, part, &item.entry.block_id).await? {
         drop_entry(replica, client, &item.node_name).await?;
         return Ok(());
@@ -245,6 +285,20 @@ async fn no_source(
     Err(ExecuteError::NoSource(message))
 }
 
+/// The drop range (a virtual part covering `part`) queued, executing or executed here,
+/// after pulling the log so that a drop published since the last pull counts too.
+async fn dropped_by(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<Option<crate::queue::DropCover>, ExecuteError> {
+    if let Some(cover) = replica.queue.lock().dropped_by(part) {
+        return Ok(Some(cover));
+    }
+    crate::queue::pull::pull_all(replica, client).await?;
+    Ok(replica.queue.lock().dropped_by(part))
+}
+
 async fn drop_entry(
     replica: &Replica,
     client: &zk::Client,
@@ -266,7 +320,27 @@ async fn anyone_has(
     Ok(quorum::holders(replica, client, part).await? > 0)
 }
 
-/// MERGE_PARTS: merge locally when every source is here, else fetch the merged part.
+/// ClickHouse's `prefer_fetch_merged_part_size_threshold`: merges of at least this many
+/// source bytes are fetched when a replica already has the result...
+pub const PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD: u64 = 10 << 30;
+/// ...and the entry is at least this old (`prefer_fetch_merged_part_time_threshold`).
+pub const PREFER_FETCH_MERGED_PART_TIME_THRESHOLD: Duration = Duration::from_secs(3600);
+
+/// Whether a merge whose sources are all here should rather fetch its result from a
+/// replica that has it: the merge is big (`source_bytes` at least `size_threshold`) and
+/// its entry old (`entry_age_seconds` at least `time_threshold`), so the result most likely
+/// exists somewhere and copying it is cheaper than merging it again.
+pub fn prefer_fetch_merged(
+    source_bytes: u64,
+    entry_age_seconds: i64,
+    size_threshold: u64,
+    time_threshold: Duration,
+) -> bool {
+    source_bytes >= size_threshold && entry_age_seconds.max(0) as u64 >= time_threshold.as_secs()
+}
+
+/// MERGE_PARTS: merge locally when every source is here, else fetch the merged part; a
+/// big old merge is fetched even with every source here when a replica has the result.
 async fn execute_merge(
     replica: &Arc<Replica>,
     client: &zk::Client,
@@ -304,12 +378,32 @@ async fn execute_merge(
                         return Ok(());
                     }
                 }
-                Err(ExecuteError::Postponed(format!(
+                Err(ExecuteError::Unavailable(format!(
                     "not every source of {into} is here and no replica has the merged part yet"
                 )))
             }
             other => other,
         };
+    }
+    // Every source is here. A big merge an active replica already finished is fetched
+    // rather than run again (ClickHouse's prefer_fetch_merged_part_*_threshold).
+    let source_bytes: u64 = local.iter().map(|p| p.bytes).sum();
+    let age = chrono::Utc::now().timestamp() - item.entry.create_time;
+    if prefer_fetch_merged(
+        source_bytes,
+        age,
+        PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD,
+        PREFER_FETCH_MERGED_PART_TIME_THRESHOLD,
+    ) {
+        match execute_get(replica, client, item, into).await {
+            Ok(()) => {
+                info!(replica = %replica.name, part = %into, source_bytes, "fetched the merged part instead of merging");
+                return Ok(());
+            }
+            Err(e) => {
+                debug!(replica = %replica.name, part = %into, error = %e, "no replica to fetch the merged part from; merging locally");
+            }
+        }
     }
     let started = Instant::now();
     let store = replica.store.clone();
@@ -375,8 +469,11 @@ async fn retire_if_covered(
     }
 }
 
-/// DROP_RANGE: cancel queued work inside the range, then remove the covered parts from
-/// ZooKeeper and disk.
+/// DROP_RANGE: waits for running entries that produce parts inside the range and for
+/// this replica's own inserts inside it still being committed, cancels queued entries the
+/// range covers (wherever they are in the queue), removes the covered parts from
+/// ZooKeeper and disk, and remembers the range so that entries inside it arriving later
+/// are skipped.
 async fn execute_drop(
     replica: &Arc<Replica>,
     client: &zk::Client,
@@ -385,35 +482,58 @@ async fn execute_drop(
 ) -> Result<(), ExecuteError> {
     let range_name =
         PartName::parse(range).map_err(|_| ExecuteError::BadPart(range.to_string()))?;
-    let rp = replica.paths.replica(&replica.name);
-    let (cancel, busy): (Vec<String>, usize) = {
+    let (cancel, busy) = {
         let q = replica.queue.lock();
-        let inside: Vec<&crate::queue::QueueItem> = q
-            .items()
-            .filter(|i| i.node_name != item.node_name && i.node_name < item.node_name)
-            .filter(|i| {
-                i.entry
-                    .new_part_name()
-                    .and_then(|n| PartName::parse(&n).ok())
-                    .is_some_and(|n| !n.is_drop_range() && range_name.contains(&n))
-            })
-            .collect();
-        (
-            inside
-                .iter()
-                .filter(|i| !i.is_currently_executing)
-                .map(|i| i.node_name.clone())
-                .collect(),
-            inside.iter().filter(|i| i.is_currently_executing).count(),
-        )
+        let mut cancel = Vec::new();
+        let mut busy = Vec::new();
+        for i in q.items().filter(|i| i.node_name != item.node_name) {
+            let Some(part) = i
+                .entry
+                .new_part_name()
+                .and_then(|n| PartName::parse(&n).ok())
+            else {
+                continue;
+            };
+            if part.is_drop_range() || part.is_disjoint(&range_name) {
+                continue;
+            }
+            // An entry being skipped is removed by its own task; removing it here too is
+            // harmless, and waiting for it would only delay the drop.
+            if i.is_currently_executing && !i.skipping {
+                busy.push(format!("{} ({part})", i.node_name));
+            } else if range_name.contains(&part) {
+                cancel.push(i.node_name.clone());
+            }
+        }
+        (cancel, busy)
     };
-    if busy > 0 {
+    if !busy.is_empty() {
         return Err(ExecuteError::Postponed(format!(
-            "waiting for {busy} running entries inside {range} to finish"
+            "waiting for running entries inside {range} to finish: {}",
+            busy.join(", ")
         )));
     }
+    // An insert of this replica inside the range is staged from before its commit until
+    // it is active (or, commit reply lost, until its fate is resolved). Its commit came
+    // before this drop was published, so the drop must remove it: wait until it is
+    // active, or else it would turn active after the listing below and stay forever.
+    let staged: Vec<String> = replica
+        .store
+        .staged_names()
+        .into_iter()
+        .filter(|n| PartName::parse(n).is_ok_and(|p| !p.is_disjoint(&range_name)))
+        .collect();
+    if !staged.is_empty() {
+        return Err(ExecuteError::Postponed(format!(
+            "waiting for parts inside {range} being committed here: {}",
+            staged.join(", ")
+        )));
+    }
+    let started = Instant::now();
+    // One pipelined round of deletes rather than a round trip per node.
+    futures::future::try_join_all(cancel.iter().map(|node| drop_entry(replica, client, node)))
+        .await?;
     for node in &cancel {
-        drop_entry(replica, client, node).await?;
         replica.queue.lock().remove(node);
     }
     let covered: Vec<PartName> = replica
@@ -423,26 +543,47 @@ async fn execute_drop(
         .filter(|p| range_name.contains(&p.name))
         .map(|p| p.name.clone())
         .collect();
-    for part in &covered {
-        match client.delete(&rp.part(&part.to_string()), None).await {
-            Ok(()) | Err(zk::Error::NoNode) => {}
-            Err(e) => return Err(TreeError::zk("delete", rp.part(&part.to_string()), e).into()),
-        }
-    }
+    futures::future::try_join_all(covered.iter().map(|p| delete_part_node(replica, client, p)))
+        .await?;
     let store = replica.store.clone();
-    let dropped = tokio::task::spawn_blocking(move || store.drop_range(&range_name))
-        .await
-        .map_err(|e| ExecuteError::Postponed(format!("drop task failed: {e}")))?
-        .map_err(|e| ExecuteError::Postponed(format!("dropping parts: {e}")))?;
+    let dropped = {
+        let range_name = range_name.clone();
+        tokio::task::spawn_blocking(move || store.drop_range(&range_name))
+            .await
+            .map_err(|e| ExecuteError::Postponed(format!("drop task failed: {e}")))?
+            .map_err(|e| ExecuteError::Postponed(format!("dropping parts: {e}")))?
+    };
+    // A part that turned active between the listing and the removal.
+    futures::future::try_join_all(
+        dropped
+            .iter()
+            .filter(|p| !covered.contains(p))
+            .map(|p| delete_part_node(replica, client, p)),
+    )
+    .await?;
+    replica.queue.lock().remember_drop(range_name);
     drop_entry(replica, client, &item.node_name).await?;
     info!(
         replica = %replica.name,
         %range,
         parts = dropped.len(),
         cancelled = cancel.len(),
+        ms = started.elapsed().as_millis() as u64,
         "dropped range"
     );
     Ok(())
+}
+
+async fn delete_part_node(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<(), ExecuteError> {
+    let path = replica.paths.replica(&replica.name).part(&part.to_string());
+    match client.delete(&path, None).await {
+        Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+        Err(e) => Err(TreeError::zk("delete", path, e).into()),
+    }
 }
 
 /// Parts a newer part covers leave ZooKeeper first, then the active set; their files go
@@ -654,4 +795,26 @@ fn header_hash(data: &[u8]) -> Option<Hash128> {
         .ok()
         .and_then(|t| PartHeader::parse(t).ok())
         .map(|h| h.checksums_hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_is_fetched_only_when_big_and_old_enough() {
+        const GIB: u64 = 1 << 30;
+        let hour = Duration::from_secs(3600);
+        let size = PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD;
+        let time = PREFER_FETCH_MERGED_PART_TIME_THRESHOLD;
+        assert_eq!((size, time), (10 * GIB, hour), "ClickHouse's defaults");
+        assert!(prefer_fetch_merged(10 * GIB, 3600, size, time));
+        assert!(prefer_fetch_merged(40 * GIB, 7200, size, time));
+        // Small merges, or fresh entries (the result may not exist yet), run locally.
+        assert!(!prefer_fetch_merged(10 * GIB - 1, 7200, size, time));
+        assert!(!prefer_fetch_merged(40 * GIB, 3599, size, time));
+        // A create_time in the future (clock skew) counts as age 0.
+        assert!(!prefer_fetch_merged(40 * GIB, -5, size, time));
+        assert!(prefer_fetch_merged(0, -5, 0, Duration::ZERO));
+    }
 }
