@@ -535,6 +535,106 @@ async fn a_replica_without_the_sources_fetches_the_merged_part() {
     assert_eq!(merged_locally, fetched);
 }
 
+/// "Fetch the merged part when that is cheaper": a replica holding every source of a
+/// merge that an active replica already finished fetches the result instead of merging,
+/// once the sources reach `--prefer-fetch-merged-part-size-threshold` and the entry is
+/// older than the time threshold (both 0 here, so any merge qualifies). events-1 and
+/// events-2 hold the sources but are frozen while events-0 assigns and runs the merge.
+#[tokio::test]
+async fn a_replica_with_every_source_fetches_a_finished_merge_when_cheaper() {
+    let _serial = serial();
+    let mut c = cluster(ClusterOptions::default()).await;
+    let args = |min_parts: &str| -> Vec<String> {
+        [
+            "--merge-min-parts",
+            min_parts,
+            "--prefer-fetch-merged-part-size-threshold",
+            "0",
+            "--prefer-fetch-merged-part-time-threshold-seconds",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // No merges yet anywhere: three parts reach every replica.
+    for r in &mut c.replicas {
+        r.set_extra_args(args("100"));
+        r.restart().expect("restart with flags");
+    }
+    for r in &mut c.replicas {
+        r.wait_ready(CONVERGE).await.expect("ready");
+    }
+    for k in 0..3u64 {
+        c.client(0)
+            .insert_json(&january_rows(k * 5, 5))
+            .await
+            .expect("insert");
+    }
+    c.wait_converged_rows(15, CONVERGE)
+        .await
+        .expect("every replica holds the three parts");
+    // events-0 alone may merge now; the others are frozen until it has.
+    c.replicas[1].stop().expect("SIGSTOP events-1");
+    c.replicas[2].stop().expect("SIGSTOP events-2");
+    c.replicas[0].set_extra_args(args("3"));
+    c.replicas[0]
+        .terminate(Duration::from_secs(5))
+        .expect("SIGTERM events-0");
+    c.replicas[0].start_again().expect("restart events-0");
+    c.replicas[0].wait_ready(CONVERGE).await.expect("ready");
+    poll_until(
+        "events-0 to merge",
+        CONVERGE,
+        Duration::from_millis(100),
+        || {
+            let a = c.client(0).clone();
+            async move {
+                let s = a.status().await?;
+                Ok(
+                    if s.parts
+                        .iter()
+                        .any(|p| PartName::parse(p).is_ok_and(|n| n.level > 0))
+                    {
+                        Check::Done(())
+                    } else {
+                        Check::Wait(format!("{:?}", s.parts))
+                    },
+                )
+            }
+        },
+    )
+    .await
+    .expect("a merged part on events-0");
+    c.replicas[1].cont().expect("SIGCONT events-1");
+    c.replicas[2].cont().expect("SIGCONT events-2");
+    let lines = c
+        .wait_converged_rows(15, CONVERGE)
+        .await
+        .expect("converged");
+    assert_eq!(user_ids(&lines), (0..15).collect::<Vec<u64>>());
+    for i in [1usize, 2] {
+        let s = status_json(&c, i).await;
+        assert_eq!(
+            s["counters"]["merges"].as_u64(),
+            Some(0),
+            "{} merged although a finished merge was cheaper to fetch: {s}",
+            c.replicas[i].name()
+        );
+        assert!(
+            s["counters"]["merged_part_fetches"].as_u64().unwrap_or(0) >= 1,
+            "{} did not fetch the merged part: {s}",
+            c.replicas[i].name()
+        );
+        let log = std::fs::read_to_string(c.replicas[i].log_path()).expect("log");
+        assert!(
+            log.contains("fetched the merged part instead of merging"),
+            "{} took another path to the merged part",
+            c.replicas[i].name()
+        );
+    }
+}
+
 #[tokio::test]
 async fn drop_partition_removes_it_on_every_replica() {
     let _serial = serial();

@@ -85,6 +85,15 @@ pub struct Config {
     /// its own dedup id and acknowledgement. 0 writes every insert as its own part.
     #[arg(long, env = "RTABLE_COALESCE_MAX_BYTES", default_value_t = 1 << 20)]
     pub coalesce_max_bytes: usize,
+    /// A merge whose sources total at least this many bytes is fetched from a replica that
+    /// already holds the result instead of being run here, once the entry is older than
+    /// `--prefer-fetch-merged-part-time-threshold-seconds` (ClickHouse's
+    /// prefer_fetch_merged_part_size_threshold).
+    #[arg(long, default_value_t = crate::queue::executor::PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD)]
+    pub prefer_fetch_merged_part_size_threshold: u64,
+    /// See `--prefer-fetch-merged-part-size-threshold`.
+    #[arg(long, default_value_t = crate::queue::executor::PREFER_FETCH_MERGED_PART_TIME_THRESHOLD.as_secs())]
+    pub prefer_fetch_merged_part_time_threshold_seconds: u64,
     /// A merge's largest source may be at most this many times the others together.
     #[arg(long, default_value_t = 4.0)]
     pub merge_max_size_ratio: f64,

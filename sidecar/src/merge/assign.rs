@@ -135,6 +135,19 @@ pub async fn assign_once(
             .filter(|n| !chosen_from.contains(n)),
     );
     let mut by_partition = candidates(&snapshot, &busy);
+    // The snapshot may predate a drop this replica ran since: parts a drop range covers
+    // (queued or executed) or that left the store are not merged into a part that every
+    // replica would then have to skip.
+    {
+        let queue = replica.queue.lock();
+        for parts in by_partition.values_mut() {
+            for c in parts.iter_mut() {
+                if queue.dropped_by(&c.name).is_some() || !replica.store.contains(&c.name) {
+                    c.busy = true;
+                }
+            }
+        }
+    }
     // A part the queue will produce (a fetch of a merged part, say after a clone) that
     // overlaps a local part makes that part unmergeable: a merge of it would publish a
     // range intersecting the coming one, and no replica could ever hold both.

@@ -392,8 +392,8 @@ async fn execute_merge(
     if prefer_fetch_merged(
         source_bytes,
         age,
-        PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD,
-        PREFER_FETCH_MERGED_PART_TIME_THRESHOLD,
+        replica.cfg.prefer_fetch_merged_part_size_threshold,
+        Duration::from_secs(replica.cfg.prefer_fetch_merged_part_time_threshold_seconds),
     ) {
         match execute_get(replica, client, item, into).await {
             Ok(()) => {
