@@ -146,7 +146,13 @@ impl QueueState {
     pub fn select_runnable(&mut self, max: usize, now: Instant) -> Selection {
         let decisions = {
             let items: Vec<&QueueItem> = self.items.values().collect();
-            plan(&items, &self.executed_drops, max, now)
+            plan(
+                &items,
+                &self.executed_drops,
+                max,
+                now,
+                chrono::Utc::now().timestamp(),
+            )
         };
         let mut selection = Selection::default();
         for (node, decision) in decisions {
@@ -356,6 +362,7 @@ pub fn plan(
     executed_drops: &BTreeMap<String, PartName>,
     max: usize,
     now: Instant,
+    now_unix: i64,
 ) -> Vec<(String, Decision)> {
     let drops = queued_drops(items.iter().copied());
     let ready = |i: &QueueItem| !i.is_currently_executing && i.not_before.is_none_or(|t| t <= now);
@@ -405,7 +412,15 @@ pub fn plan(
         let decision = if is_drop(item) {
             decide_drop(item, part.as_ref(), &running)
         } else {
-            decide_other(item, part.as_ref(), items, &drops, &running, &ready)
+            decide_other(
+                item,
+                part.as_ref(),
+                items,
+                &drops,
+                &running,
+                &ready,
+                now_unix,
+            )
         };
         if decision == Decision::Run {
             room -= 1;
@@ -451,6 +466,7 @@ fn decide_other(
     drops: &[(&str, PartName)],
     running: &[(String, Option<PartName>, Option<String>, bool)],
     ready: &dyn Fn(&QueueItem) -> bool,
+    now_unix: i64,
 ) -> Decision {
     if let Some(p) = part
         && let Some((node, range)) = drops.iter().find(|(_, r)| !r.is_disjoint(p))
@@ -486,12 +502,14 @@ fn decide_other(
         }
     }
     if let (LogEntryKind::Get { .. }, Some(p)) = (&item.entry.kind, part) {
+        let raw = item.entry.new_part_name();
         let cover = items.iter().find(|other| {
             other.node_name != item.node_name
                 && !is_drop(other)
                 && ready(other)
                 && !other.no_source
                 && part_of(other).is_some_and(|y| &y != p && y.contains(p))
+                && !fresh_merge_of(other, raw.as_deref(), now_unix)
         });
         if let Some(other) = cover {
             return Decision::Postpone(format!(
@@ -503,6 +521,19 @@ fn decide_other(
         }
     }
     Decision::Run
+}
+
+/// A merge this young that consumes `part` itself is most likely still running on the
+/// replica that assigned it, with no merged part to fetch yet, and merging here needs
+/// `part` anyway: waiting for it would only delay the fetch (steady-state replication
+/// lag). An older one (a replica catching up) is worth waiting for: one fetch of the
+/// merged part replaces the fetches of every part it covers.
+const FRESH_MERGE_SECS: i64 = 5;
+
+fn fresh_merge_of(other: &QueueItem, part: Option<&str>, now_unix: i64) -> bool {
+    matches!(other.entry.kind, LogEntryKind::Merge { .. })
+        && part.is_some_and(|p| other.entry.source_parts().iter().any(|s| s == p))
+        && now_unix - other.entry.create_time < FRESH_MERGE_SECS
 }
 
 #[cfg(test)]
@@ -706,6 +737,28 @@ mod tests {
         q.record_failure(&node(2), "no replica has it".into(), None, true);
         let s = q.select_runnable(4, Instant::now());
         assert_eq!(run_names(&s), vec![node(0), node(1)]);
+    }
+
+    #[test]
+    fn a_get_does_not_wait_for_a_fresh_merge_that_needs_its_part() {
+        // Steady state: the leader merged the part right after its insert; the merge is
+        // seconds old and needs this very part, so the GET runs at once.
+        let now = chrono::Utc::now().timestamp();
+        let mut fresh = merge(&["202501_1_1_0", "202501_2_2_0"], "202501_1_2_1");
+        fresh.create_time = now;
+        let mut q = queue(vec![get("202501_2_2_0"), fresh.clone()]);
+        let s = q.select_runnable(4, Instant::now());
+        assert!(
+            run_names(&s).contains(&node(0)),
+            "the GET waited: {}",
+            reason(&q, 0)
+        );
+        // The same merge minutes old (a replica catching up): the GET waits for it.
+        let mut old = fresh;
+        old.create_time = now - 600;
+        let mut q = queue(vec![get("202501_2_2_0"), old]);
+        let s = q.select_runnable(4, Instant::now());
+        assert_eq!(run_names(&s), vec![node(1)]);
     }
 
     #[test]
