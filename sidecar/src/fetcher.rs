@@ -362,11 +362,8 @@ impl Receiver {
 
     /// Refuses a part whose columns no reader of this table could read (see `table`).
     fn check_columns(&self, dir: &Path) -> Result<(), FetchError> {
-        let path = dir.join(crate::store::DATA_FILE);
-        let file = std::fs::File::open(&path).map_err(|e| io_error(&path, e))?;
-        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        let columns = crate::store::columns_in(dir)
             .map_err(|e| self.corrupt(format!("{}: {e}", crate::store::DATA_FILE)))?;
-        let columns = crate::rows::memory_schema(builder.schema());
         crate::rows::check_prefix(columns.fields(), self.table.fields())
             .map_err(|e| self.corrupt(e.to_string()))
     }

@@ -131,35 +131,11 @@ async fn queued_results(
     replica: &Replica,
     client: &zk::Client,
 ) -> Result<BTreeSet<String>, TreeError> {
-    let rp = replica.paths.replica(&replica.name);
-    let names = client
-        .list_children(&rp.queue())
-        .await
-        .map_err(|e| TreeError::zk("list", rp.queue(), e))?;
-    let mut out = BTreeSet::new();
-    for chunk in names.chunks(pull::MAX_BATCH) {
-        let mut reader = client.new_multi_reader();
-        for name in chunk {
-            reader
-                .add_get_data(&rp.queue_entry(name))
-                .map_err(|e| TreeError::zk("get", rp.queue_entry(name), e))?;
-        }
-        let results = reader
-            .commit()
-            .await
-            .map_err(|e| TreeError::zk("multi-get", rp.queue(), e))?;
-        for result in results {
-            if let zk::MultiReadResult::Data { data, .. } = result
-                && let Some(part) = std::str::from_utf8(&data)
-                    .ok()
-                    .and_then(|t| LogEntry::parse(t).ok())
-                    .and_then(|e| e.new_part_name())
-            {
-                out.insert(part);
-            }
-        }
-    }
-    Ok(out)
+    Ok(pull::read_queue(replica, client)
+        .await?
+        .into_iter()
+        .filter_map(|(_, entry)| entry.new_part_name())
+        .collect())
 }
 
 /// Parts whose quorum failed were never acknowledged: forget them in ZooKeeper and set

@@ -32,7 +32,6 @@ struct Cursor {
     /// Index of the current batch in the output's batch list.
     held: usize,
     keys: Rows,
-    len: usize,
     pos: usize,
 }
 
@@ -153,12 +152,10 @@ fn run(
         let mut batches = read_part_batches(part, target)?;
         if let Some((batch, k)) = next_batch(&mut batches, keys, arrow_err)? {
             out.batches.push(batch);
-            let len = k.num_rows();
             cursors.push(Cursor {
                 batches,
                 held: out.batches.len() - 1,
                 keys: k,
-                len,
                 pos: 0,
             });
         }
@@ -168,7 +165,7 @@ fn run(
         // Strictly smaller wins, so among equal keys the earlier source goes first.
         let mut best: Option<usize> = None;
         for (i, c) in cursors.iter().enumerate() {
-            if c.pos >= c.len {
+            if c.pos >= c.keys.num_rows() {
                 continue;
             }
             match best {
@@ -180,12 +177,11 @@ fn run(
         let c = &mut cursors[i];
         out.picks.push((c.held, c.pos));
         c.pos += 1;
-        if c.pos == c.len
+        if c.pos == c.keys.num_rows()
             && let Some((batch, k)) = next_batch(&mut c.batches, keys, arrow_err)?
         {
             out.batches.push(batch);
             c.held = out.batches.len() - 1;
-            c.len = k.num_rows();
             c.keys = k;
             c.pos = 0;
         }

@@ -351,6 +351,23 @@ async fn read_back_queue(replica: &Replica, client: &zk::Client) -> Result<(), T
 /// Loads `replicas/<me>/queue` into memory at activation (entries queued by an earlier
 /// process of this replica survive restarts there).
 pub async fn load_queue(replica: &Arc<Replica>, client: &zk::Client) -> Result<usize, TreeError> {
+    let loaded = read_queue(replica, client).await?;
+    let n = loaded.len();
+    let mut queue = replica.queue.lock();
+    queue.clear();
+    for (name, entry) in loaded {
+        queue.insert(name, entry);
+    }
+    queue.loaded = true;
+    Ok(n)
+}
+
+/// Every readable entry of `replicas/<me>/queue`, in queue order, read in multi-reads of
+/// at most MAX_BATCH; an unreadable one is logged and left out.
+pub async fn read_queue(
+    replica: &Replica,
+    client: &zk::Client,
+) -> Result<Vec<(String, LogEntry)>, TreeError> {
     let rp = replica.paths.replica(&replica.name);
     let mut names = client
         .list_children(&rp.queue())
@@ -383,14 +400,7 @@ pub async fn load_queue(replica: &Arc<Replica>, client: &zk::Client) -> Result<u
             }
         }
     }
-    let n = loaded.len();
-    let mut queue = replica.queue.lock();
-    queue.clear();
-    for (name, entry) in loaded {
-        queue.insert(name, entry);
-    }
-    queue.loaded = true;
-    Ok(n)
+    Ok(loaded)
 }
 
 /// Pulls everything in the log right now (merge selection needs an up-to-date queue).

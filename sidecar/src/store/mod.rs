@@ -30,7 +30,7 @@ use parquet::errors::ParquetError;
 use rtable_protocol::part_header::Checksums;
 use rtable_protocol::part_name::PartName;
 
-pub use part_reader::{PartBatches, part_columns, read_part, read_part_batches};
+pub use part_reader::{PartBatches, columns_in, part_columns, read_part, read_part_batches};
 pub use part_writer::{PartWriter, TempPart, conform, write_shared, write_temp};
 
 pub const DATA_FILE: &str = "data.parquet";
@@ -809,32 +809,31 @@ impl PartStore {
     /// Names of the staged parts on disk right now: commits in flight, or waiting for
     /// their outcome to be resolved. Listing only, no verification.
     pub fn staged_names(&self) -> std::collections::BTreeSet<String> {
+        self.staged_entries()
+            .into_iter()
+            .map(|(_, part, _)| part)
+            .collect()
+    }
+
+    /// `staged_<part>` directories: (directory name, part name, path).
+    fn staged_entries(&self) -> Vec<(std::ffi::OsString, String, PathBuf)> {
         let Ok(entries) = fs::read_dir(&self.inner.parts_dir) else {
-            return Default::default();
+            return Vec::new();
         };
         entries
             .filter_map(|e| e.ok())
             .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|t| t.strip_prefix(STAGED_PREFIX))
-                    .map(str::to_string)
+                let os = e.file_name();
+                let part = os.to_str()?.strip_prefix(STAGED_PREFIX)?.to_string();
+                Some((os, part, e.path()))
             })
             .collect()
     }
 
     /// Staged inserts a previous process left, verified; broken ones go to `detached/`.
     pub fn staged_on_disk(&self) -> Vec<StagedPart> {
-        let Ok(entries) = fs::read_dir(&self.inner.parts_dir) else {
-            return Vec::new();
-        };
         let mut out = Vec::new();
-        for entry in entries.filter_map(|e| e.ok()) {
-            let os = entry.file_name();
-            let Some(part) = os.to_str().and_then(|t| t.strip_prefix(STAGED_PREFIX)) else {
-                continue;
-            };
-            let path = entry.path();
+        for (os, part, path) in self.staged_entries() {
             match (part.parse::<PartName>(), verify::verify_part_dir(&path)) {
                 (Ok(name), Ok((checksums, rows))) => out.push(StagedPart {
                     name,

@@ -67,7 +67,12 @@ pub fn read_part(part: &ActivePart, table: &SchemaRef) -> Result<Vec<RecordBatch
 
 /// The columns the part's file holds (in-memory Arrow types), read from its footer.
 pub fn part_columns(part: &ActivePart) -> Result<SchemaRef, StoreError> {
-    let path = part.dir.join(DATA_FILE);
+    columns_in(&part.dir)
+}
+
+/// The columns of the data file in a part directory (installed or still downloading).
+pub fn columns_in(dir: &std::path::Path) -> Result<SchemaRef, StoreError> {
+    let path = dir.join(DATA_FILE);
     let file = File::open(&path).map_err(|e| StoreError::io("opening", &path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| StoreError::parquet("opening", &path, e))?;
