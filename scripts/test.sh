@@ -10,9 +10,11 @@ scripts/setup.sh
 export TMPDIR="$PWD/target/e2e-tmp"
 mkdir -p "$TMPDIR"
 cargo build --workspace --all-targets
-# Unit tests run in parallel; the e2e tests start processes and run one at a time.
-cargo test --workspace --exclude rtable-e2e --no-fail-fast
-cargo test -p rtable-e2e --no-fail-fast -- --test-threads=1
+# Every step selects the whole workspace so that cargo unifies features the same way each time
+# and nothing built above is compiled again. Unit tests run in parallel; the integration tests
+# start processes (ZooKeeper ensembles, sidecars) and run one at a time.
+cargo test --workspace --no-fail-fast --lib --bins
+cargo test --workspace --no-fail-fast --test '*' -- --test-threads=1
 if [ -x scripts/check-chart.sh ]; then
   scripts/check-chart.sh
 fi

@@ -71,8 +71,11 @@ pub struct Config {
     /// Seconds between cleanup passes (jittered by up to 50%).
     #[arg(long, default_value_t = 30)]
     pub cleanup_period_seconds: u64,
-    /// Merges take at least this many adjacent parts (see merge::policy).
-    #[arg(long, default_value_t = 3)]
+    /// Merges take at least this many adjacent parts (see merge::policy). Five, like the
+    /// base of ClickHouse's merge selector: a stream of tiny inserts merges every few
+    /// inserts rather than every other one, and every merge costs each replica a pull,
+    /// a merge or fetch and a record in ZooKeeper.
+    #[arg(long, default_value_t = 5)]
     pub merge_min_parts: usize,
     /// Merges take at most this many parts.
     #[arg(long, default_value_t = 10)]

@@ -24,7 +24,7 @@ pub struct MergePolicy {
 impl Default for MergePolicy {
     fn default() -> Self {
         MergePolicy {
-            min_parts: 3,
+            min_parts: 5,
             max_parts: 10,
             max_bytes: 1 << 30,
             max_size_ratio: 4.0,
@@ -133,6 +133,14 @@ mod tests {
         }
     }
 
+    /// The rules below are shown on runs of three; the default asks for five.
+    fn min3() -> MergePolicy {
+        MergePolicy {
+            min_parts: 3,
+            ..MergePolicy::default()
+        }
+    }
+
     fn names(v: &[PartName]) -> Vec<String> {
         v.iter().map(|p| p.to_string()).collect()
     }
@@ -140,15 +148,24 @@ mod tests {
     #[test]
     fn merges_small_adjacent_parts() {
         let parts = vec![part(1, 1, 0, 100), part(2, 2, 0, 100), part(3, 3, 0, 100)];
-        let run = select(&MergePolicy::default(), &parts, &[]).expect("a merge");
+        let run = select(&min3(), &parts, &[]).expect("a merge");
         assert_eq!(names(&run), ["all_1_1_0", "all_2_2_0", "all_3_3_0"]);
         assert_eq!(merged_name(&run).expect("name").to_string(), "all_1_3_1");
     }
 
     #[test]
+    fn by_default_a_stream_of_tiny_parts_merges_five_at_a_time() {
+        let four: Vec<Candidate> = (1..=4).map(|b| part(b, b, 0, 100)).collect();
+        assert_eq!(select(&MergePolicy::default(), &four, &[]), None);
+        let five: Vec<Candidate> = (1..=5).map(|b| part(b, b, 0, 100)).collect();
+        let run = select(&MergePolicy::default(), &five, &[]).expect("a merge");
+        assert_eq!(run.len(), 5);
+    }
+
+    #[test]
     fn too_few_parts_do_not_merge() {
         let parts = vec![part(1, 1, 0, 100), part(2, 2, 0, 100)];
-        assert_eq!(select(&MergePolicy::default(), &parts, &[]), None);
+        assert_eq!(select(&min3(), &parts, &[]), None);
     }
 
     #[test]
@@ -160,13 +177,13 @@ mod tests {
             part(5, 5, 0, 100),
             part(6, 6, 0, 100),
         ];
-        let run = select(&MergePolicy::default(), &parts, &[(3, 3)]).expect("a merge");
+        let run = select(&min3(), &parts, &[(3, 3)]).expect("a merge");
         assert_eq!(names(&run), ["all_4_4_0", "all_5_5_0", "all_6_6_0"]);
         // A part known but not held in the gap is a barrier too.
-        let run = select(&MergePolicy::default(), &parts, &[(2, 3)]).expect("a merge");
+        let run = select(&min3(), &parts, &[(2, 3)]).expect("a merge");
         assert_eq!(names(&run), ["all_4_4_0", "all_5_5_0", "all_6_6_0"]);
         // A skipped (not locked, unknown) number is not a barrier.
-        let run = select(&MergePolicy::default(), &parts, &[]).expect("a merge");
+        let run = select(&min3(), &parts, &[]).expect("a merge");
         assert_eq!(run.len(), 5);
     }
 
@@ -179,7 +196,7 @@ mod tests {
             part(4, 4, 0, 100),
         ];
         parts[1].busy = true;
-        assert_eq!(select(&MergePolicy::default(), &parts, &[]), None);
+        assert_eq!(select(&min3(), &parts, &[]), None);
     }
 
     #[test]
@@ -189,25 +206,25 @@ mod tests {
             part(11, 11, 0, 100),
             part(12, 12, 0, 100),
         ];
-        assert_eq!(select(&MergePolicy::default(), &parts, &[]), None);
+        assert_eq!(select(&min3(), &parts, &[]), None);
         let parts = vec![
             part(1, 10, 1, 1_000_000),
             part(11, 11, 0, 100),
             part(12, 12, 0, 100),
             part(13, 13, 0, 100),
         ];
-        let run = select(&MergePolicy::default(), &parts, &[]).expect("small ones merge");
+        let run = select(&min3(), &parts, &[]).expect("small ones merge");
         assert_eq!(names(&run), ["all_11_11_0", "all_12_12_0", "all_13_13_0"]);
     }
 
     #[test]
     fn respects_max_parts_and_bytes() {
         let parts: Vec<Candidate> = (1..=30).map(|b| part(b, b, 0, 100)).collect();
-        let run = select(&MergePolicy::default(), &parts, &[]).expect("a merge");
+        let run = select(&min3(), &parts, &[]).expect("a merge");
         assert_eq!(run.len(), 10);
         let policy = MergePolicy {
             max_bytes: 350,
-            ..MergePolicy::default()
+            ..min3()
         };
         assert_eq!(select(&policy, &parts, &[]).expect("a merge").len(), 3);
     }
