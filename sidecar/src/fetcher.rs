@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -60,7 +60,9 @@ pub enum FetchError {
     InFlight(String),
 }
 
-/// Holds a part's slot in `Replica::fetching` for the duration of one download.
+/// Holds a part's slot in `Replica::fetching` for the duration of one download. The slot
+/// is a watch sender that is never sent on: dropping it (download over, either way) is
+/// what wakes everyone waiting in [`wait_in_flight`].
 struct InFlight<'a> {
     replica: &'a Replica,
     part: String,
@@ -70,19 +72,49 @@ impl<'a> InFlight<'a> {
     fn claim(replica: &'a Replica, part: &PartName) -> Option<Self> {
         let part = part.to_string();
         // Decide under the lock, build the guard after it: dropping a guard re-locks.
-        let claimed = replica.fetching.lock().insert(part.clone());
-        if claimed {
-            Some(InFlight { replica, part })
-        } else {
-            None
-        }
+        let claimed = match replica.fetching.lock().entry(part.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(tokio::sync::watch::channel(()).0);
+                true
+            }
+        };
+        claimed.then_some(InFlight { replica, part })
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.replica.fetching.lock().remove(&self.part);
+        // Bound to a local so the sender is dropped after the lock is released.
+        let _slot = self.replica.fetching.lock().remove(&self.part);
     }
+}
+
+/// Waits until no download of exactly `part` is in flight (a prefetch started by the log
+/// pull, or another entry's fetch), at most `limit`. True when none is in flight any more:
+/// the caller then finds the part installed, or the download failed and it fetches itself.
+pub async fn wait_in_flight(replica: &Replica, part: &PartName, limit: Duration) -> bool {
+    let Some(mut slot) = replica
+        .fetching
+        .lock()
+        .get(&part.to_string())
+        .map(|sender| sender.subscribe())
+    else {
+        return true;
+    };
+    // Nothing is ever sent: `changed` only returns, with an error, once the sender is gone.
+    tokio::time::timeout(limit, async { while slot.changed().await.is_ok() {} })
+        .await
+        .is_ok()
+}
+
+/// Whether a fetch is the log pull's prefetch (ahead of its queue entry) or an entry's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Executing a queue entry: the entry exists and records the part right after.
+    Entry,
+    /// Ahead of the queue entry: the part is recorded when the entry executes.
+    Prefetch,
 }
 
 pub struct Fetched {
@@ -103,6 +135,24 @@ pub async fn fetch_part(
     part: &PartName,
     expected_checksums_hash: Option<Hash128>,
 ) -> Result<Fetched, FetchError> {
+    fetch(
+        replica,
+        address,
+        part,
+        expected_checksums_hash,
+        Purpose::Entry,
+    )
+    .await
+}
+
+/// [`fetch_part`] for a given [`Purpose`].
+pub async fn fetch(
+    replica: &Replica,
+    address: &str,
+    part: &PartName,
+    expected_checksums_hash: Option<Hash128>,
+    purpose: Purpose,
+) -> Result<Fetched, FetchError> {
     let span = info_span!("fetch", replica = %replica.name, part = %part, from = %address);
     async move {
         let Some(_slot) = InFlight::claim(replica, part) else {
@@ -116,6 +166,7 @@ pub async fn fetch_part(
             address: address.to_string(),
             expected_checksums_hash,
             table: crate::rows::arrow_schema(&replica.table.schema),
+            purpose,
         };
         // Started before the request, so preparing the directory overlaps the round trip.
         // The fetch span follows the disk work onto its thread, for its log lines.
@@ -224,6 +275,7 @@ struct Receiver {
     /// compared: it names the columns its writer ran, which may differ from ours in the
     /// same ways.
     table: arrow::datatypes::SchemaRef,
+    purpose: Purpose,
 }
 
 impl Receiver {
@@ -267,7 +319,11 @@ impl Receiver {
         let part = self
             .store
             .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
-        if crate::failpoint::fire(crate::failpoint::CRASH_BEFORE_RECORDING_FETCH) {
+        // A prefetch has no queue entry yet to prove the part after a crash; the executor
+        // fires this failpoint for it instead, right before recording it.
+        if self.purpose == Purpose::Entry
+            && crate::failpoint::fire(crate::failpoint::CRASH_BEFORE_RECORDING_FETCH)
+        {
             tracing::error!(part = %self.part, "failpoint crash_before_recording_fetch: exiting with the part installed but not in ZooKeeper");
             std::process::abort();
         }

@@ -165,6 +165,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         },
         lost_part_count: std::sync::atomic::AtomicU64::new(0),
         fetching: Default::default(),
+        prefetched: Default::default(),
+        own_log: Default::default(),
         pull_lock: tokio::sync::Mutex::new(()),
         queue_unsure: AtomicBool::new(false),
         log_pointer_cache: parking_lot::Mutex::new(None),

@@ -52,8 +52,15 @@ pub struct Replica {
     pub lost_part_count: std::sync::atomic::AtomicU64,
     /// Parts being downloaded right now. Two entries can resolve to the same covering part
     /// (two GET_PARTs answered by one merged part, a MERGE fetched while a GET finds it);
-    /// the second waits instead of reusing the first one's temp directory.
-    pub fetching: Mutex<std::collections::HashSet<String>>,
+    /// the second waits instead of reusing the first one's temp directory. Each download's
+    /// sender is dropped when it ends, which wakes `fetcher::wait_in_flight`.
+    pub fetching: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<()>>>,
+    /// Parts the log pull fetched ahead of their queue entries and no entry recorded yet
+    /// (see `queue::prefetch`).
+    pub prefetched: crate::queue::prefetch::Prefetched,
+    /// Log entries of this replica's own inserts, skipped by the log pull, and the
+    /// `log_pointer` write that skipping defers (see `queue::own_log`).
+    pub own_log: crate::queue::own_log::OwnLog,
     /// One log pull at a time: merge assignment pulls too, and must not see `log_pointer`
     /// already moved by the pull task before that task put the entries into `queue`.
     pub pull_lock: tokio::sync::Mutex<()>,

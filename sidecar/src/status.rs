@@ -131,9 +131,12 @@ async fn read_tree(
 ) -> Result<(), TreeError> {
     status.log_max_index = tree::log_max_index(client, &replica.paths).await?;
     let rp = replica.paths.replica(&replica.name);
+    // The next entry this replica will look at: the written pointer, or past own entries
+    // whose pointer write is deferred (up to a second; see queue::own_log).
     status.log_pointer = tree::get_string(client, &rp.log_pointer())
         .await?
-        .and_then(|s| s.trim().parse().ok());
+        .and_then(|s| s.trim().parse().ok())
+        .map(|written| replica.own_log.effective(client.session_id().0, written));
     let names = tree::list_replicas(client, &replica.paths).await?;
     let mut active = 0;
     for name in &names {

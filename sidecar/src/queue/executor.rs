@@ -156,12 +156,18 @@ async fn execute_get(
 ) -> Result<(), ExecuteError> {
     let name = PartName::parse(part).map_err(|_| ExecuteError::BadPart(part.to_string()))?;
     let rp = replica.paths.replica(&replica.name);
+    // The log pull's prefetch of this part (or another entry's fetch of it) is about to
+    // install it: waiting beats failing with InFlight and backing off.
+    fetcher::wait_in_flight(replica, &name, IN_FLIGHT_WAIT).await;
     if let Some(have) = replica.store.covering(&name) {
-        // We hold it (our own insert, or fetched before a restart): make sure ZooKeeper
-        // agrees, then drop the entry.
+        // We hold it (our own insert, prefetched, or fetched before a restart): make sure
+        // ZooKeeper agrees, then drop the entry.
         let have_name = have.to_string();
         let header = local_header(replica, &have)?;
+        crash_if_prefetched(replica, &name);
         commit_outcome(replica, client, &item.node_name, &have_name, &header).await?;
+        replica.prefetched.forget(&name);
+        replica.prefetched.forget(&have);
         if item.entry.quorum > 0 {
             quorum::acknowledge(replica, client, &have).await?;
         }
@@ -214,6 +220,20 @@ async fn execute_get(
     retire_covered(replica, client, &source).await?;
     retire_if_covered(replica, client, &source).await?;
     Ok(())
+}
+
+/// How long a GET waits for a download of its part already in flight (see execute_get).
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(30);
+
+/// The failpoint of a fetch installed but not recorded, for a prefetched part: its gap
+/// before the record is here, once its queue entry exists (the fetcher skips a prefetch).
+fn crash_if_prefetched(replica: &Replica, part: &PartName) {
+    if replica.prefetched.contains(part)
+        && crate::failpoint::fire(crate::failpoint::CRASH_BEFORE_RECORDING_FETCH)
+    {
+        tracing::error!(replica = %replica.name, %part, "failpoint crash_before_recording_fetch: exiting with the prefetched part installed but not in ZooKeeper");
+        std::process::abort();
+    }
 }
 
 /// The common case in one hop: the entry's source inserted the part and still holds it,

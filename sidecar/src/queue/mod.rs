@@ -15,6 +15,8 @@
 //!   one fetch of the merged part replaces the fetches of all the parts it covers.
 
 pub mod executor;
+pub mod own_log;
+pub mod prefetch;
 pub mod pull;
 
 use std::collections::BTreeMap;

@@ -19,6 +19,9 @@ use crate::replica::Replica;
 pub const MAX_BATCH: usize = 100;
 /// The watch is the trigger; this only covers an event lost some other way.
 const FALLBACK_PERIOD: Duration = Duration::from_secs(30);
+/// How long an announced entry waits for this replica's in-flight commits to say whether
+/// it is theirs (see `OwnLog::settle`): the reply trails the watch event by a packet.
+const SETTLE_LIMIT: Duration = Duration::from_millis(3);
 
 /// Runs forever. One persistent recursive watch on `log` per session announces every new
 /// entry by its path, so a new entry costs one read and one multi; a full listing is
@@ -55,7 +58,13 @@ async fn follow_session(
     let mut views = replica.sessions.subscribe();
     // Everything created before the watch was in place is found by this listing.
     pull_listed(replica, client).await?;
+    let session = client.session_id().0;
     loop {
+        // A pointer write deferred past this replica's own entries (see own_log).
+        let flush_at = replica
+            .own_log
+            .pending(session)
+            .map(|(_, due)| tokio::time::Instant::from_std(due));
         tokio::select! {
             event = watcher.changed() => match (event.event_type, event.session_state) {
                 (zk::EventType::NodeCreated, _) => {
@@ -84,41 +93,118 @@ async fn follow_session(
             }
             _ = tokio::time::sleep(FALLBACK_PERIOD) => pull_listed(replica, client).await?,
             _ = replica.pull_notify.notified() => pull_listed(replica, client).await?,
+            _ = sleep_until_some(flush_at) => flush_pointer(replica, client).await?,
+            // Re-arms the flush timer above.
+            _ = replica.own_log.deferred() => {}
         }
     }
 }
 
 /// Pulls the announced entry `log-<index>` alone when it is the next one this replica
-/// expects (true), or nothing when it was pulled already (true). False: the pointer is
-/// unknown here or an entry before it may be missing, and the log must be listed.
+/// expects (true), skips it when it is this replica's own (true), or does nothing when it
+/// was pulled already (true). False: the pointer is unknown here or an entry before it may
+/// be missing, and the log must be listed.
 async fn pull_announced(
-    replica: &Replica,
+    replica: &Arc<Replica>,
     client: &zk::Client,
     index: u64,
 ) -> Result<bool, TreeError> {
     let session = client.session_id().0;
-    let pointer = replica
+    let Some(written) = cached_pointer(replica, session) else {
+        return Ok(false);
+    };
+    let pointer = replica.own_log.effective(session, written);
+    if index < pointer {
+        return Ok(true);
+    }
+    if index > pointer {
+        return Ok(false);
+    }
+    replica.own_log.settle(session, index, SETTLE_LIMIT).await;
+    if skip_own(replica, session, index).await {
+        mark_updated(replica);
+        return Ok(true);
+    }
+    // The pointer only moves forward and the multi checks its version, so a concurrent
+    // pull in between makes this one find nothing, never skip an entry.
+    pull_batch(replica, client, &[log_node_name(index)], Some(replica)).await?;
+    mark_updated(replica);
+    Ok(true)
+}
+
+/// `log_pointer` as this process last wrote it on `session`, when known.
+fn cached_pointer(replica: &Replica, session: i64) -> Option<u64> {
+    replica
         .log_pointer_cache
         .lock()
         .as_ref()
         .filter(|(s, _, _)| *s == session)
-        .and_then(|(_, data, _)| std::str::from_utf8(data).ok()?.trim().parse::<u64>().ok());
-    match pointer {
-        Some(p) if index < p => Ok(true),
-        Some(p) if index == p => {
-            // The pointer only moves forward and the multi checks its version, so a
-            // concurrent pull in between makes this one find nothing, never skip an entry.
-            pull_once(replica, client, &[log_node_name(index)]).await?;
-            mark_updated(replica);
-            Ok(true)
+        .and_then(|(_, data, _)| std::str::from_utf8(data).ok()?.trim().parse::<u64>().ok())
+}
+
+/// Moves the pending pointer past the run of own entries starting at `index`, under the
+/// pull lock like every pointer move; false when `index` is not an own entry.
+async fn skip_own(replica: &Replica, session: i64, index: u64) -> bool {
+    let _pulling = replica.pull_lock.lock().await;
+    match replica.own_log.skip_run(session, index) {
+        Some(pending) => {
+            debug!(replica = %replica.name, log_index = index, pending_log_pointer = pending, "skipped own log entries");
+            true
         }
-        _ => Ok(false),
+        None => false,
+    }
+}
+
+/// Writes a deferred pointer (see own_log) with the usual version check. Losing the race
+/// to another writer of this replica's pointer only means the skipped entries are read
+/// again later, and skipped as held.
+async fn flush_pointer(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
+    let _pulling = replica.pull_lock.lock().await;
+    let session = client.session_id().0;
+    let Some((target, _)) = replica.own_log.pending(session) else {
+        return Ok(());
+    };
+    let path = replica.paths.replica(&replica.name).log_pointer();
+    let (data, version) = current_pointer(replica, client, session).await?;
+    if let Some(written) = parse_pointer(&data)
+        && written >= target
+    {
+        replica.own_log.written(session, written);
+        return Ok(());
+    }
+    match client
+        .set_data(&path, target.to_string().as_bytes(), Some(version))
+        .await
+    {
+        Ok(stat) => {
+            *replica.log_pointer_cache.lock() =
+                Some((session, target.to_string().into_bytes(), stat.version));
+            replica.own_log.written(session, target);
+            debug!(replica = %replica.name, log_pointer = target, "wrote the deferred log pointer");
+            Ok(())
+        }
+        Err(zk::Error::BadVersion) => {
+            replica.log_pointer_cache.lock().take();
+            replica.own_log.discard_pending(session);
+            Ok(())
+        }
+        Err(e) => {
+            replica.log_pointer_cache.lock().take();
+            Err(TreeError::zk("set", path, e))
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
 /// Lists `log` and pulls everything at or past the pointer, a batch at a time.
-async fn pull_listed(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
-    pull_all(replica, client).await?;
+async fn pull_listed(replica: &Arc<Replica>, client: &zk::Client) -> Result<(), TreeError> {
+    pull_all_with(replica, client, Some(replica)).await?;
     mark_updated(replica);
     Ok(())
 }
@@ -135,6 +221,18 @@ pub async fn pull_once(
     client: &zk::Client,
     children: &[String],
 ) -> Result<usize, TreeError> {
+    pull_batch(replica, client, children, None).await
+}
+
+/// [`pull_once`]; with `prefetch`, GET_PARTs start downloading as soon as they are read
+/// (see `queue::prefetch`). Only the log pull's own task prefetches: merge assignment and
+/// the executor pull to learn about entries, not to wait on anything else.
+async fn pull_batch(
+    replica: &Replica,
+    client: &zk::Client,
+    children: &[String],
+    prefetch: Option<&Arc<Replica>>,
+) -> Result<usize, TreeError> {
     // Held until the entries are in memory: a concurrent puller would otherwise see the
     // moved pointer, find nothing new, and believe the queue complete.
     let _pulling = replica.pull_lock.lock().await;
@@ -149,29 +247,13 @@ pub async fn pull_once(
     }
     let rp = replica.paths.replica(&replica.name);
     let session = client.session_id().0;
-    let cached = replica
-        .log_pointer_cache
-        .lock()
-        .clone()
-        .filter(|(s, _, _)| *s == session);
-    let (pointer_data, pointer_version) = match cached {
-        Some((_, data, version)) => (data, version),
-        None => {
-            let (data, stat) = client
-                .get_data(&rp.log_pointer())
-                .await
-                .map_err(|e| TreeError::zk("get", rp.log_pointer(), e))?;
-            (data, stat.version)
-        }
-    };
+    let (pointer_data, pointer_version) = current_pointer(replica, client, session).await?;
     let mut indexes: Vec<u64> = children.iter().filter_map(|c| sequence_of(c)).collect();
     indexes.sort_unstable();
-    // An empty pointer (a new replica) starts at the oldest entry still in the log.
-    let pointer = match std::str::from_utf8(&pointer_data)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-    {
-        Some(p) => p,
+    // An empty pointer (a new replica) starts at the oldest entry still in the log; a
+    // written one may lag behind own entries skipped since (see own_log).
+    let pointer = match parse_pointer(&pointer_data) {
+        Some(p) => replica.own_log.effective(session, p),
         None => indexes.first().copied().unwrap_or(0),
     };
     let batch: Vec<u64> = indexes
@@ -186,8 +268,72 @@ pub async fn pull_once(
         }
         return Ok(0);
     };
+    let foreign = replica.own_log.take_foreign(session, &batch);
+    let mut entries = read_entries(replica, client, &foreign).await?;
+    if let Some(replica) = prefetch {
+        super::prefetch::start(replica, &entries);
+    }
+    // A GET for a part this replica already holds (its own insert) needs no queue node:
+    // a held part is in `parts/` already, or its own entry is still queued (a fetch
+    // records the part and drops its entry in one multi), so nothing is lost by skipping
+    // it, and every insert saves the queue node's create and delete.
+    entries.retain(|(_, data)| !already_held(replica, data));
+    let next = last + 1;
+    if entries.is_empty() && !pointer_data.is_empty() {
+        // Nothing to queue: the pointer write waits for the next entry that needs a multi
+        // anyway, or for the flush (see own_log). Reading these entries again is harmless.
+        replica.own_log.defer(session, next);
+        debug!(replica = %replica.name, pending_log_pointer = next, "nothing to queue; log pointer write deferred");
+        return Ok(batch.len());
+    }
+    let results = commit_pull(replica, client, &entries, next, pointer_version).await?;
+    *replica.log_pointer_cache.lock() =
+        Some((session, next.to_string().into_bytes(), pointer_version + 1));
+    replica.own_log.written(session, next);
+    remember_queued(replica, &entries, results);
+    Metrics::add(&replica.metrics.log_entries_pulled, entries.len() as u64);
+    debug!(replica = %replica.name, pulled = entries.len(), log_pointer = next, "pulled log entries");
+    replica.queue_notify.notify_one();
+    Ok(batch.len())
+}
+
+/// `log_pointer`'s data and version: as this process last wrote it on `session`, else read.
+async fn current_pointer(
+    replica: &Replica,
+    client: &zk::Client,
+    session: i64,
+) -> Result<(Vec<u8>, i32), TreeError> {
+    let cached = replica
+        .log_pointer_cache
+        .lock()
+        .clone()
+        .filter(|(s, _, _)| *s == session);
+    if let Some((_, data, version)) = cached {
+        return Ok((data, version));
+    }
+    let path = replica.paths.replica(&replica.name).log_pointer();
+    let (data, stat) = client
+        .get_data(&path)
+        .await
+        .map_err(|e| TreeError::zk("get", path, e))?;
+    Ok((data, stat.version))
+}
+
+fn parse_pointer(data: &[u8]) -> Option<u64> {
+    std::str::from_utf8(data).ok()?.trim().parse::<u64>().ok()
+}
+
+/// The entries at `indexes`, in one multi-read; entries gone meanwhile are left out.
+async fn read_entries(
+    replica: &Replica,
+    client: &zk::Client,
+    indexes: &[u64],
+) -> Result<Vec<(u64, Vec<u8>)>, TreeError> {
+    if indexes.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut reader = client.new_multi_reader();
-    for index in &batch {
+    for index in indexes {
         reader
             .add_get_data(&replica.paths.log_entry(&log_node_name(*index)))
             .map_err(|e| TreeError::zk("get", replica.paths.log(), e))?;
@@ -196,8 +342,8 @@ pub async fn pull_once(
         .commit()
         .await
         .map_err(|e| TreeError::zk("multi-get", replica.paths.log(), e))?;
-    let mut entries = Vec::with_capacity(batch.len());
-    for (index, result) in batch.iter().zip(results) {
+    let mut entries = Vec::with_capacity(indexes.len());
+    for (index, result) in indexes.iter().zip(results) {
         match result {
             zk::MultiReadResult::Data { data, .. } => entries.push((*index, data)),
             // Removed by log cleanup after we listed: it is older than every pointer.
@@ -214,26 +360,36 @@ pub async fn pull_once(
             _ => {}
         }
     }
-    // A GET for a part this replica already holds (its own insert) needs no queue node:
-    // a held part is in `parts/` already, or its own entry is still queued (a fetch
-    // records the part and drops its entry in one multi), so nothing is lost by skipping
-    // it, and every insert saves the queue node's create and delete.
-    entries.retain(|(_, data)| !already_held(replica, data));
+    Ok(entries)
+}
+
+/// One multi: a queue node per entry, and `log_pointer` = `next` at `version`.
+async fn commit_pull(
+    replica: &Replica,
+    client: &zk::Client,
+    entries: &[(u64, Vec<u8>)],
+    next: u64,
+    version: i32,
+) -> Result<Vec<zk::MultiWriteResult>, TreeError> {
+    let rp = replica.paths.replica(&replica.name);
     let mut multi = client.new_multi_writer();
     let prefix = rp.queue_entry_prefix();
-    for (_, data) in &entries {
+    for (_, data) in entries {
         multi
             .add_create(&prefix, data, &tree::persistent_sequential())
             .map_err(|e| TreeError::zk("create", prefix.clone(), e))?;
     }
     // The version check makes a concurrent puller of this replica (an old process whose
     // session has not expired yet) fail rather than queue the entries twice.
-    let next = (last + 1).to_string();
     multi
-        .add_set_data(&rp.log_pointer(), next.as_bytes(), Some(pointer_version))
+        .add_set_data(
+            &rp.log_pointer(),
+            next.to_string().as_bytes(),
+            Some(version),
+        )
         .map_err(|e| TreeError::zk("set", rp.log_pointer(), e))?;
-    let results = match multi.commit().await {
-        Ok(results) => results,
+    match multi.commit().await {
+        Ok(results) => Ok(results),
         Err(e) => {
             replica.log_pointer_cache.lock().take();
             // A lost connection leaves the outcome unknown: the entries may be queued and
@@ -250,14 +406,21 @@ pub async fn pull_once(
                     .queue_unsure
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            return Err(tree::multi_error(
+            Err(tree::multi_error(
                 "pull log",
                 &[prefix.clone(), rp.log_pointer()],
                 e,
-            ));
+            ))
         }
-    };
-    *replica.log_pointer_cache.lock() = Some((session, next.into_bytes(), pointer_version + 1));
+    }
+}
+
+/// Puts the entries the multi queued into memory, under their queue node names.
+fn remember_queued(
+    replica: &Replica,
+    entries: &[(u64, Vec<u8>)],
+    results: Vec<zk::MultiWriteResult>,
+) {
     let mut queue = replica.queue.lock();
     for ((index, data), result) in entries.iter().zip(results) {
         let zk::MultiWriteResult::Create { path, .. } = result else {
@@ -274,11 +437,6 @@ pub async fn pull_once(
             }
         }
     }
-    drop(queue);
-    Metrics::add(&replica.metrics.log_entries_pulled, entries.len() as u64);
-    debug!(replica = %replica.name, pulled = entries.len(), log_pointer = last + 1, "pulled log entries");
-    replica.queue_notify.notify_one();
-    Ok(batch.len())
 }
 
 fn already_held(replica: &Replica, data: &[u8]) -> bool {
@@ -290,8 +448,12 @@ fn already_held(replica: &Replica, data: &[u8]) -> bool {
     };
     match &entry.kind {
         rtable_protocol::LogEntryKind::Get { part } if entry.quorum == 0 => {
-            rtable_protocol::PartName::parse(part)
-                .is_ok_and(|name| replica.store.covering(&name).is_some())
+            rtable_protocol::PartName::parse(part).is_ok_and(|name| {
+                // A prefetched part is held but not recorded: its entry must be queued.
+                replica.store.covering(&name).is_some_and(|have| {
+                    !replica.prefetched.contains(&name) && !replica.prefetched.contains(&have)
+                })
+            })
         }
         _ => false,
     }
@@ -405,13 +567,21 @@ pub async fn read_queue(
 
 /// Pulls everything in the log right now (merge selection needs an up-to-date queue).
 pub async fn pull_all(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
+    pull_all_with(replica, client, None).await
+}
+
+async fn pull_all_with(
+    replica: &Replica,
+    client: &zk::Client,
+    prefetch: Option<&Arc<Replica>>,
+) -> Result<(), TreeError> {
     loop {
         let log_path = replica.paths.log();
         let children = client
             .list_children(&log_path)
             .await
             .map_err(|e| TreeError::zk("list", log_path.clone(), e))?;
-        if pull_once(replica, client, &children).await? < MAX_BATCH {
+        if pull_batch(replica, client, &children, prefetch).await? < MAX_BATCH {
             return Ok(());
         }
     }

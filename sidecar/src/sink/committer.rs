@@ -729,6 +729,8 @@ async fn commit(
     let mut multi = client.new_multi_writer();
     let mut ops: Vec<Op> = Vec::with_capacity(open.len() * 5 + 2);
     let mut identity_checked = false;
+    // Where the quorum-0 GET entries are among the ops: the log pull skips them.
+    let mut own_entries: Vec<usize> = Vec::new();
     for &u in open {
         let unit = &group.units[u];
         let UnitState::Staged(s) = &unit.state else {
@@ -757,6 +759,9 @@ async fn commit(
             ),
             multi.add_delete(&lock, None),
         ];
+        if quorum == 0 {
+            own_entries.push(ops.len());
+        }
         ops.extend([Op::Log, Op::Unlock]);
         for &m in &unit.members {
             results.push(multi.add_create(
@@ -796,8 +801,13 @@ async fn commit(
             ops.push(Op::Identity);
         }
     }
+    let committing = replica.own_log.begin_commit();
     match multi.commit().await {
-        Ok(_) => CommitResult::Committed,
+        Ok(results) => {
+            let indexes = crate::queue::own_log::created_indexes(&results, &own_entries);
+            committing.committed(client.session_id().0, &indexes);
+            CommitResult::Committed
+        }
         Err(zk::MultiWriteError::OperationFailed { index, source }) => match (ops.get(index), source) {
             (Some(Op::Block { unit, member }), zk::Error::NodeExists) => {
                 CommitResult::Duplicate(*unit, *member)
