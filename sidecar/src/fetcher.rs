@@ -244,6 +244,10 @@ async fn request(
     Ok(response)
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn io_error(path: &Path, source: std::io::Error) -> FetchError {
     FetchError::Io {
         path: path.to_path_buf(),
@@ -298,10 +302,15 @@ impl Receiver {
         dir: &Path,
         mut rx: tokio::sync::mpsc::Receiver<Bytes>,
     ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
+        // Phase times (debug log below): where a slow fetch spends its time.
+        let started = Instant::now();
         let (files, rest) = self.read_header(&mut rx)?;
+        let header_at = started.elapsed();
         let bytes = self.write_files(dir, &files, rest, rx)?;
+        let written_at = started.elapsed();
         let checksums = self.read_checksums(dir, &files)?;
         self.check_columns(dir)?;
+        let checked_at = started.elapsed();
         // Every file was hashed as it was written and matched the exchange header, so
         // installing checks them against `checksums` without reading them back.
         let streamed = Checksums {
@@ -319,6 +328,13 @@ impl Receiver {
         let part = self
             .store
             .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
+        debug!(
+            header_ms = ms(header_at),
+            written_ms = ms(written_at),
+            checked_ms = ms(checked_at),
+            installed_ms = ms(started.elapsed()),
+            "fetch phases (from the writer's start)"
+        );
         // A prefetch has no queue entry yet to prove the part after a crash; the executor
         // fires this failpoint for it instead, right before recording it.
         if self.purpose == Purpose::Entry
