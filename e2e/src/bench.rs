@@ -217,7 +217,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         max_body_bytes: Some(
             usize::try_from(sizes.fetch_bytes * 2 + (64 << 20)).unwrap_or(usize::MAX),
         ),
-        ..ClusterOptions::default()
+        ..ClusterOptions::ensemble()
     })
     .await
     .context("starting the benchmark cluster")?;

@@ -185,10 +185,12 @@ pub struct ReplicaStatus {
 
 #[derive(Debug, Clone)]
 struct Snapshot {
-    index: usize,
     status: ReplicaStatus,
     lines: Vec<String>,
     zk_parts: BTreeSet<String>,
+    /// Parts `/status` listed whose `data.parquet` was not on disk right after (a merge
+    /// may have retired them in between); a snapshot is only accepted when this is empty.
+    missing_files: Vec<String>,
 }
 
 /// Counts from one verification, printed by `verify`.
@@ -380,6 +382,10 @@ impl Checker {
                 )
             })
             .collect();
+        let parts_dirs: Vec<std::path::PathBuf> = live
+            .iter()
+            .map(|i| cluster.replicas[*i].data_dir().join("parts"))
+            .collect();
         let zk = cluster.zk_client().await?;
         let paths = cluster.paths();
         let converged = poll_until(
@@ -388,12 +394,13 @@ impl Checker {
             Duration::from_millis(250),
             || {
                 let clients = clients.clone();
+                let parts_dirs = parts_dirs.clone();
                 let zk = zk.clone();
                 let paths = paths.clone();
                 let live_count = live.len() as u64;
                 async move {
                     let mut snaps = Vec::new();
-                    for (i, name, c) in &clients {
+                    for ((_, name, c), parts_dir) in clients.iter().zip(&parts_dirs) {
                         let status: ReplicaStatus = serde_json::from_value(c.status_json().await?)
                             .with_context(|| format!("/status of {name}"))?;
                         if status.is_readonly {
@@ -429,12 +436,29 @@ impl Checker {
                             .with_context(|| format!("listing the parts of {name}"))?
                             .into_iter()
                             .collect();
+                        let missing_files: Vec<String> = status
+                            .parts
+                            .iter()
+                            .filter(|p| !parts_dir.join(p).join("data.parquet").is_file())
+                            .cloned()
+                            .collect();
                         snaps.push(Snapshot {
-                            index: *i,
                             status,
                             lines,
                             zk_parts,
+                            missing_files,
                         });
+                    }
+                    // A merge may retire parts between the /status read and the look at
+                    // the disk; a part whose files are really gone never settles and is
+                    // reported when the wait runs out.
+                    for s in &snaps {
+                        if let Some(part) = s.missing_files.first() {
+                            return Ok(Check::Wait(format!(
+                                "{}: part {part} listed but has no data.parquet",
+                                s.status.replica_name
+                            )));
+                        }
                     }
                     let first = &snaps[0];
                     for s in &snaps[1..] {
@@ -510,18 +534,12 @@ impl Checker {
             }
         };
         let converge_secs = started.elapsed().as_secs_f64();
-        let report = self.check(cluster, &snaps, total, converge_secs)?;
+        let report = self.check(&snaps, total, converge_secs)?;
         println!("{report}");
         Ok(report)
     }
 
-    fn check(
-        &self,
-        cluster: &Cluster,
-        snaps: &[Snapshot],
-        total: u64,
-        converge_secs: f64,
-    ) -> anyhow::Result<Report> {
+    fn check(&self, snaps: &[Snapshot], total: u64, converge_secs: f64) -> anyhow::Result<Report> {
         let s = self.lock();
         let mut report = Report {
             inserts: s.inserts.len(),
@@ -624,13 +642,10 @@ impl Checker {
                     snap.zk_parts
                 ));
             }
-            let data_dir = cluster.replicas[snap.index].data_dir();
             let mut parsed = Vec::new();
+            // Every listed part had its data.parquet at snapshot time: the wait above only
+            // accepts such snapshots, and fails with the missing files otherwise.
             for part in &snap.status.parts {
-                let file = data_dir.join("parts").join(part).join("data.parquet");
-                if !file.is_file() {
-                    problems.push(format!("{name}: part {part} has no {}", file.display()));
-                }
                 match rtable_protocol::PartName::parse(part) {
                     Ok(p) => parsed.push((part.clone(), p)),
                     Err(e) => problems.push(format!("{name}: part name {part}: {e}")),

@@ -29,9 +29,13 @@ pub struct ClusterOptions {
 }
 
 impl Default for ClusterOptions {
+    /// One ZooKeeper server: the protocol tests need a real server, not an ensemble, and a
+    /// standalone JVM starts in a fraction of an ensemble's time (with its leader election)
+    /// and leaves the CPU to the sidecars. The fault scenarios, the benchmark and the
+    /// playground run a 3-node ensemble (`ensemble()`).
     fn default() -> Self {
         ClusterOptions {
-            zk_nodes: 3,
+            zk_nodes: 1,
             replicas: 3,
             manifest: crate::example_manifest(),
             session_timeout_ms: 10_000,
@@ -39,6 +43,16 @@ impl Default for ClusterOptions {
             max_body_bytes: None,
             env: Vec::new(),
             ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// The defaults on a 3-node ensemble, for what needs one (a leader to kill, a quorum).
+    pub fn ensemble() -> Self {
+        ClusterOptions {
+            zk_nodes: 3,
+            ..ClusterOptions::default()
         }
     }
 }

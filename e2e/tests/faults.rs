@@ -40,7 +40,7 @@ fn lost_quickly_args() -> Vec<String> {
 async fn start_cluster() -> Cluster {
     Cluster::start(ClusterOptions {
         session_timeout_ms: SESSION_MS,
-        ..ClusterOptions::default()
+        ..ClusterOptions::ensemble()
     })
     .await
     .expect("cluster starts")
@@ -396,7 +396,7 @@ async fn losing_one_zookeeper_follower_is_invisible_to_clients() {
     // move to another one within it, on a machine the whole cluster shares.
     let mut c = Cluster::start(ClusterOptions {
         session_timeout_ms: 10_000,
-        ..ClusterOptions::default()
+        ..ClusterOptions::ensemble()
     })
     .await
     .expect("cluster starts");
@@ -515,7 +515,7 @@ async fn a_commit_reply_lost_to_a_session_expiry_keeps_the_part() {
             "RTABLE_FAILPOINTS".to_string(),
             "commit_reply_lost".to_string(),
         )],
-        ..ClusterOptions::default()
+        ..ClusterOptions::ensemble()
     })
     .await
     .expect("cluster starts");
@@ -595,7 +595,7 @@ async fn a_part_fetched_but_not_recorded_before_a_crash_is_kept() {
             "RTABLE_FAILPOINTS".to_string(),
             "crash_before_recording_fetch".to_string(),
         )],
-        ..ClusterOptions::default()
+        ..ClusterOptions::ensemble()
     })
     .await
     .expect("cluster starts");
@@ -674,7 +674,7 @@ async fn a_quorum_timeout_is_an_unknown_outcome_and_the_retry_lands_once() {
             "RTABLE_INSERT_QUORUM_TIMEOUT_MS".to_string(),
             "1500".to_string(),
         )],
-        ..ClusterOptions::default()
+        ..ClusterOptions::ensemble()
     })
     .await
     .expect("cluster starts");

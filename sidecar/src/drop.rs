@@ -59,6 +59,11 @@ pub async fn drop_partition(replica: &Replica, partition: &str) -> Result<String
         Ok(_) | Err(zk::Error::NodeExists) => {}
         Err(e) => return Err(TreeError::zk("create", parent, e).into()),
     }
+    // This replica's own reservation would hold the drop back until it idles out.
+    replica
+        .block_reserve
+        .release_partition(replica, &client, partition)
+        .await;
     let prefix = replica.paths.block_number_lock_prefix(partition);
     let (_, seq) = client
         .create(&prefix, b"", &tree::ephemeral_sequential())

@@ -153,6 +153,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         http,
         queue_notify: tokio::sync::Notify::new(),
         pull_notify: tokio::sync::Notify::new(),
+        block_reserve: Default::default(),
         session_timeout,
         startup_recovery_done: AtomicBool::new(false),
         started_at: std::time::Instant::now(),

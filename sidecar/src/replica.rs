@@ -39,6 +39,8 @@ pub struct Replica {
     /// Wakes the log puller ahead of its watch (after this replica published an entry
     /// it must see at once, such as a merge or a drop).
     pub pull_notify: Notify,
+    /// Block numbers allocated ahead of the next insert (see sink::reserve).
+    pub block_reserve: std::sync::Arc<crate::sink::reserve::Reserve>,
     pub session_timeout: Duration,
     /// `columns` text of the table, whose hash goes into every part header.
     pub columns_text: String,

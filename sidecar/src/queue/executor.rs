@@ -370,7 +370,10 @@ async fn execute_merge(
 ) -> Result<(), ExecuteError> {
     let into_name = PartName::parse(into).map_err(|_| ExecuteError::BadPart(into.to_string()))?;
     if replica.store.covering(&into_name).is_some() {
-        return execute_get(replica, client, item, into).await;
+        // A retry after the record's outcome was unknown: the sources' nodes may be gone
+        // with it while the sources are still active here.
+        execute_get(replica, client, item, into).await?;
+        return retire_covered(replica, client, &into_name).await;
     }
     let mut local = Vec::with_capacity(sources.len());
     for s in sources {
@@ -439,7 +442,9 @@ async fn execute_merge(
         .stage(temp, &into_name)
         .map_err(|e| ExecuteError::Postponed(format!("staging merged part: {e}")))?;
     let header = PartHeader::new(&replica.columns_text, staged.rows, &staged.checksums).render();
-    if let Err(e) = commit_outcome(replica, client, &item.node_name, into, &header).await {
+    // The sources leave `replicas/<me>/parts` in the same multi that records the merged
+    // part: a request per source per replica less, and ZooKeeper never lists both.
+    if let Err(e) = record_outcome(replica, client, &item.node_name, into, &header, sources).await {
         // The multi may have landed before the connection dropped; then ZooKeeper lists
         // the merged part here and the queue entry is gone, and only the staged copy can
         // make that true. The `parts` node decides its fate once ZooKeeper answers.
@@ -450,6 +455,14 @@ async fn execute_merge(
         warn!(replica = %replica.name, part = %into, error = %e, "merged part recorded but not activated");
     }
     Metrics::inc(&replica.metrics.merges);
+    // Their nodes left ZooKeeper with the record above; only the active set is left.
+    for source in sources {
+        if let Ok(name) = PartName::parse(source)
+            && replica.store.contains(&name)
+        {
+            replica.store.retire_covered(&name);
+        }
+    }
     quorum::acknowledge(replica, client, &into_name).await?;
     info!(
         replica = %replica.name,
@@ -652,10 +665,25 @@ async fn commit_outcome(
     part: &str,
     header: &str,
 ) -> Result<(), ExecuteError> {
+    record_outcome(replica, client, queue_node, part, header, &[]).await
+}
+
+/// `commit_outcome` that also removes `retired` parts' nodes in the same multi (a merge's
+/// sources). Any of it may already be done (a retry after a lost connection, a source
+/// whose node another path removed): then the rest is done one request at a time.
+async fn record_outcome(
+    replica: &Replica,
+    client: &zk::Client,
+    queue_node: &str,
+    part: &str,
+    header: &str,
+    retired: &[String],
+) -> Result<(), ExecuteError> {
     let rp = replica.paths.replica(&replica.name);
     let part_path = rp.part(part);
     let queue_path = rp.queue_entry(queue_node);
-    // Optimistic: nearly always neither is done yet, so no read first.
+    let retired_paths: Vec<String> = retired.iter().map(|r| rp.part(r)).collect();
+    // Optimistic: nearly always nothing is done yet, so no read first.
     let mut multi = client.new_multi_writer();
     multi
         .add_create(&part_path, header.as_bytes(), &tree::persistent())
@@ -663,13 +691,19 @@ async fn commit_outcome(
     multi
         .add_delete(&queue_path, None)
         .map_err(|e| TreeError::zk("delete", queue_path.clone(), e))?;
+    for path in &retired_paths {
+        multi
+            .add_delete(path, None)
+            .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
+    }
     match multi.commit().await {
         Ok(_) => Ok(()),
         Err(zk::MultiWriteError::OperationFailed {
             source: zk::Error::NoNode | zk::Error::NodeExists,
             ..
         }) => {
-            // Someone (an earlier attempt) did part of it; do the rest one by one.
+            // Someone (an earlier attempt) did part of it; do the rest one by one. The
+            // merged part is recorded before its sources go, as in the multi.
             match client
                 .create(&part_path, header.as_bytes(), &tree::persistent())
                 .await
@@ -677,12 +711,19 @@ async fn commit_outcome(
                 Ok(_) | Err(zk::Error::NodeExists) => {}
                 Err(e) => return Err(TreeError::zk("create", part_path, e).into()),
             }
-            match client.delete(&queue_path, None).await {
-                Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-                Err(e) => Err(TreeError::zk("delete", queue_path, e).into()),
+            for path in retired_paths.into_iter().chain([queue_path]) {
+                match client.delete(&path, None).await {
+                    Ok(()) | Err(zk::Error::NoNode) => {}
+                    Err(e) => return Err(TreeError::zk("delete", path, e).into()),
+                }
             }
+            Ok(())
         }
-        Err(e) => Err(tree::multi_error("record part", &[part_path, queue_path], e).into()),
+        Err(e) => {
+            let mut paths = vec![part_path, queue_path];
+            paths.extend(retired_paths);
+            Err(tree::multi_error("record part", &paths, e).into())
+        }
     }
 }
 

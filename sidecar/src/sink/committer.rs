@@ -343,10 +343,24 @@ async fn commit_pending(
             }
             return Err(InsertError::Unavailable(e.to_string()));
         }
+        let partitions: Vec<String> = open
+            .iter()
+            .map(|&u| group.units[u].partition_id.clone())
+            .collect();
+        let wanted: Vec<&str> = partitions.iter().map(String::as_str).collect();
+        let reserved = replica.block_reserve.take_all(generation, &wanted).await;
         // Writing shared parts needs no block number: it overlaps the allocation round trip.
         let writes = start_shared_writes(replica, group, &open);
         let t0 = std::time::Instant::now();
-        let allocated = allocate(replica, &client, group, &open).await;
+        // Numbers reserved after an earlier commit save the allocation round trip; without
+        // the allocation's early dedup check a duplicate is found by the commit instead.
+        let used_reserve = reserved.is_some();
+        let allocated = match reserved {
+            Some(locks) => Ok(Some(
+                locks.into_iter().map(|r| (r.number, r.path)).collect(),
+            )),
+            None => allocate(replica, &client, group, &open).await,
+        };
         let written = match writes {
             Some(handle) => finish_shared_writes(replica, group, handle.await),
             None => Ok(()),
@@ -425,12 +439,19 @@ async fn commit_pending(
             CommitResult::Committed => {
                 Metrics::inc(&replica.metrics.insert_commits);
                 activate_all(replica, group, &open);
+                replica.block_reserve.refill(
+                    replica.clone(),
+                    client.clone(),
+                    generation,
+                    partitions,
+                );
                 debug!(
                     parts = open.len(),
                     blocks = open
                         .iter()
                         .map(|&u| group.units[u].members.len())
                         .sum::<usize>(),
+                    used_reserve,
                     allocate_and_stage_us = (t1 - t0).as_micros() as u64,
                     commit_us = (t2 - t1).as_micros() as u64,
                     activate_us = t2.elapsed().as_micros() as u64,

@@ -4,6 +4,7 @@
 //! ZooKeeper together with other concurrent inserts.
 
 pub mod committer;
+pub mod reserve;
 
 use std::sync::Arc;
 
