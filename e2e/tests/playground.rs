@@ -98,7 +98,8 @@ fn playground_once_prints_every_replica_converged() {
             "queue, inserts, delay: {line}"
         );
         let parts: u32 = f[7].parse().expect("a part count");
-        assert!((1..=3).contains(&parts), "parts: {line}");
+        // 3 inserts into 2 monthly partitions: at most 6 parts, fewer once merges ran.
+        assert!((2..=6).contains(&parts), "parts: {line}");
         assert_eq!(f[8], "30", "all rows on every replica: {line}");
     }
     assert!(pointers.windows(2).all(|w| w[0] == w[1]), "{pointers:?}");
