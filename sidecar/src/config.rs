@@ -88,6 +88,11 @@ pub struct Config {
     /// its own dedup id and acknowledgement. 0 writes every insert as its own part.
     #[arg(long, env = "RTABLE_COALESCE_MAX_BYTES", default_value_t = 1 << 20)]
     pub coalesce_max_bytes: usize,
+    /// Insert groups committing at once. More overlap ZooKeeper round trips; fewer make
+    /// each group (one part, one log entry, one fetch per replica) carry more inserts.
+    /// Two measured best on a 2-core machine at 16 and 64 concurrent clients (BENCHMARKS.md).
+    #[arg(long, env = "RTABLE_COMMIT_GROUPS_IN_FLIGHT", default_value_t = 2)]
+    pub commit_groups_in_flight: usize,
     /// A merge whose sources total at least this many bytes is fetched from a replica that
     /// already holds the result instead of being run here, once the entry is older than
     /// `--prefer-fetch-merged-part-time-threshold-seconds` (ClickHouse's

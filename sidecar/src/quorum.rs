@@ -236,11 +236,25 @@ pub async fn acknowledge(
         add_self(replica, client, Mode::Parallel, &name).await?;
         add_self(replica, client, Mode::Sequential, &name).await?;
     } else {
+        // A parallel quorum node exists only while its insert's GET (with a quorum) is in
+        // the log, and this replica queues that entry before any merge covering the part.
+        // Once the directory was seen empty with no quorum entry queued since, listing it
+        // again for every merge would cost each replica a request per merge for nothing.
+        let seen = {
+            let q = replica.queue.lock();
+            if q.parallel_quorums_known_clear() {
+                return Ok(());
+            }
+            q.quorum_entries_seen()
+        };
         let parallel = replica.paths.quorum_parallel();
         let children = client
             .list_children(&parallel)
             .await
             .map_err(|e| TreeError::zk("list", parallel.clone(), e))?;
+        if children.is_empty() {
+            replica.queue.lock().mark_parallel_quorums_clear(seen);
+        }
         for child in children {
             if let Ok(covered) = PartName::parse(&child)
                 && covered != *part

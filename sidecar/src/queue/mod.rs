@@ -81,10 +81,19 @@ pub struct QueueState {
     /// Unix seconds of the last successful log pull, for absolute_delay.
     pub last_queue_update: Option<i64>,
     pub last_queue_update_exception: Option<String>,
+    /// Entries with a quorum this process has queued: every quorum insert's GET passes
+    /// through the queue (quorum entries are never skipped), before any merge covering it.
+    quorum_entries_seen: u64,
+    /// `quorum/parallel` was found empty when `quorum_entries_seen` had this value; `None`
+    /// until then (a previous process may have queued quorum entries).
+    parallel_quorums_clear_at: Option<u64>,
 }
 
 impl QueueState {
     pub fn insert(&mut self, node_name: String, entry: LogEntry) {
+        if entry.quorum > 0 && !self.items.contains_key(&node_name) {
+            self.quorum_entries_seen += 1;
+        }
         self.items.entry(node_name.clone()).or_insert(QueueItem {
             node_name,
             entry,
@@ -103,6 +112,26 @@ impl QueueState {
     pub fn clear(&mut self) {
         self.items.clear();
         self.loaded = false;
+        self.parallel_quorums_clear_at = None;
+    }
+
+    /// A token for [`Self::parallel_quorums_known_clear`]: how many quorum entries so far.
+    pub fn quorum_entries_seen(&self) -> u64 {
+        self.quorum_entries_seen
+    }
+
+    /// True when `quorum/parallel` was found empty and no quorum entry was queued since, so
+    /// no parallel quorum can be waiting for a part this replica holds.
+    pub fn parallel_quorums_known_clear(&self) -> bool {
+        self.parallel_quorums_clear_at == Some(self.quorum_entries_seen)
+    }
+
+    /// Records that `quorum/parallel` was empty when `seen` quorum entries had been queued
+    /// (ignored when more arrived meanwhile).
+    pub fn mark_parallel_quorums_clear(&mut self, seen: u64) {
+        if seen == self.quorum_entries_seen {
+            self.parallel_quorums_clear_at = Some(seen);
+        }
     }
 
     pub fn remove(&mut self, node_name: &str) {
@@ -676,6 +705,36 @@ mod tests {
         q.insert(node(2), drop("202501_0_9_999999999_999999999"));
         let s = q.select_runnable(1, Instant::now());
         assert_eq!(run_names(&s), vec![node(2)]);
+    }
+
+    #[test]
+    fn parallel_quorums_stay_known_clear_only_until_a_quorum_entry_is_queued() {
+        let mut q = QueueState::default();
+        assert!(!q.parallel_quorums_known_clear(), "unknown at start");
+        let seen = q.quorum_entries_seen();
+        q.mark_parallel_quorums_clear(seen);
+        assert!(q.parallel_quorums_known_clear());
+        q.insert(node(1), get("202501_1_1_0"));
+        assert!(
+            q.parallel_quorums_known_clear(),
+            "a quorum-0 entry changes nothing"
+        );
+        let mut quorum = get("202501_2_2_0");
+        quorum.quorum = 2;
+        q.insert(node(2), quorum.clone());
+        assert!(!q.parallel_quorums_known_clear());
+        // A listing that started before the quorum entry arrived proves nothing.
+        q.mark_parallel_quorums_clear(seen);
+        assert!(!q.parallel_quorums_known_clear());
+        q.insert(node(2), quorum);
+        let seen = q.quorum_entries_seen();
+        q.mark_parallel_quorums_clear(seen);
+        assert!(
+            q.parallel_quorums_known_clear(),
+            "re-inserting a known node counts once"
+        );
+        q.clear();
+        assert!(!q.parallel_quorums_known_clear(), "a reload starts unknown");
     }
 
     #[test]

@@ -31,12 +31,12 @@ use crate::store::{StagedPart, StoreError, TempPart};
 /// keep a multi far below ZooKeeper's 1 MB packet limit.
 const MAX_GROUP_BLOCKS: usize = 100;
 const MAX_ATTEMPTS: usize = 5;
-/// Groups committing at once: while one group's commit multi is in flight the next one
-/// allocates, so a steady stream of inserts keeps ZooKeeper's pipeline full instead of
-/// waiting a round trip per group. Groups stay independent (a dedup id committed by two
-/// groups at once fails the second's commit on `blocks/<id>` and is answered as a
-/// duplicate), and block-number locks keep merges away from what is in flight.
-const MAX_GROUPS_IN_FLIGHT: usize = 3;
+// Groups committing at once (`--commit-groups-in-flight`): while one group's commit multi
+// is in flight the next one allocates, so a steady stream of inserts keeps ZooKeeper's
+// pipeline full instead of waiting a round trip per group. Groups stay independent (a
+// dedup id committed by two groups at once fails the second's commit on `blocks/<id>` and
+// is answered as a duplicate), and block-number locks keep merges away from what is in
+// flight.
 
 type Reply = oneshot::Sender<Result<Vec<BlockOutcome>, InsertError>>;
 
@@ -76,7 +76,9 @@ type KnownPartitions = Arc<parking_lot::Mutex<HashSet<String>>>;
 
 async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
     let known: KnownPartitions = Arc::default();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_GROUPS_IN_FLIGHT));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        replica.cfg.commit_groups_in_flight.max(1),
+    ));
     while let Some(first) = rx.recv().await {
         // Waiting for a slot before collecting lets the group gather every insert that
         // arrived meanwhile.
