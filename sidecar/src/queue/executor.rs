@@ -455,7 +455,8 @@ async fn execute_merge(
         warn!(replica = %replica.name, part = %into, error = %e, "merged part recorded but not activated");
     }
     Metrics::inc(&replica.metrics.merges);
-    // Their nodes left ZooKeeper with the record above; only the active set is left.
+    // Their nodes left ZooKeeper with the record above; only the active set is left. The
+    // merged part may make a new merge possible, as `retire_covered` signals for its own.
     for source in sources {
         if let Ok(name) = PartName::parse(source)
             && replica.store.contains(&name)
@@ -463,6 +464,7 @@ async fn execute_merge(
             replica.store.retire_covered(&name);
         }
     }
+    replica.merge_notify.notify_one();
     quorum::acknowledge(replica, client, &into_name).await?;
     info!(
         replica = %replica.name,

@@ -31,13 +31,6 @@ use crate::store::{StagedPart, StoreError, TempPart};
 /// keep a multi far below ZooKeeper's 1 MB packet limit.
 const MAX_GROUP_BLOCKS: usize = 100;
 const MAX_ATTEMPTS: usize = 5;
-// Groups committing at once (`--commit-groups-in-flight`): while one group's commit multi
-// is in flight the next one allocates, so a steady stream of inserts keeps ZooKeeper's
-// pipeline full instead of waiting a round trip per group. Groups stay independent (a
-// dedup id committed by two groups at once fails the second's commit on `blocks/<id>` and
-// is answered as a duplicate), and block-number locks keep merges away from what is in
-// flight.
-
 type Reply = oneshot::Sender<Result<Vec<BlockOutcome>, InsertError>>;
 
 struct Job {
@@ -74,6 +67,12 @@ impl Committer {
 /// Partitions whose `block_numbers/<partition>` node is known to exist.
 type KnownPartitions = Arc<parking_lot::Mutex<HashSet<String>>>;
 
+/// Collects waiting inserts into groups and commits up to `--commit-groups-in-flight` of
+/// them at once: while one group's commit multi is in flight the next one allocates, so a
+/// steady stream of inserts keeps ZooKeeper's pipeline full. Groups stay independent (a
+/// dedup id committed by two groups at once fails the second's commit on `blocks/<id>` and
+/// is answered as a duplicate), and block-number locks keep merges away from what is in
+/// flight.
 async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
     let known: KnownPartitions = Arc::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(

@@ -93,10 +93,12 @@ impl Reserve {
                 }
                 match allocate(&replica, &client, &missing).await {
                     Ok(locks) => {
-                        for (partition, lock) in missing.iter().zip(&locks) {
+                        let fresh: Vec<(String, Reserved)> =
+                            missing.into_iter().zip(locks).collect();
+                        for (partition, lock) in &fresh {
                             state.by_partition.insert(partition.clone(), lock.clone());
                         }
-                        locks
+                        fresh
                     }
                     Err(e) => {
                         debug!(replica = %replica.name, error = %e, "could not reserve block numbers; the next insert allocates its own");
@@ -109,7 +111,10 @@ impl Reserve {
                 let mut state = reserve.state.lock().await;
                 fresh
                     .into_iter()
-                    .filter(|lock| remove_if_present(&mut state.by_partition, lock))
+                    .filter(|(partition, lock)| {
+                        remove_if_present(&mut state.by_partition, partition, lock)
+                    })
+                    .map(|(_, lock)| lock)
                     .collect()
             };
             release(&replica, &client, &idle).await;
@@ -144,15 +149,17 @@ fn take_each(
     partitions.iter().map(|p| by_partition.remove(*p)).collect()
 }
 
-/// Removes `lock` when it is still the reservation of its partition (not taken meanwhile).
-fn remove_if_present(by_partition: &mut HashMap<String, Reserved>, lock: &Reserved) -> bool {
-    let key = by_partition
-        .iter()
-        .find(|(_, r)| *r == lock)
-        .map(|(p, _)| p.clone());
-    match key {
-        Some(p) => by_partition.remove(&p).is_some(),
-        None => false,
+/// Removes `lock` when it is still `partition`'s reservation (not taken meanwhile).
+fn remove_if_present(
+    by_partition: &mut HashMap<String, Reserved>,
+    partition: &str,
+    lock: &Reserved,
+) -> bool {
+    if by_partition.get(partition) == Some(lock) {
+        by_partition.remove(partition);
+        true
+    } else {
+        false
     }
 }
 
@@ -250,9 +257,12 @@ mod tests {
     #[test]
     fn only_an_untaken_reservation_is_given_back_when_idle() {
         let mut m = map(&[("202601", 7)]);
-        assert!(!remove_if_present(&mut m, &lock(5)), "taken and replaced");
+        assert!(
+            !remove_if_present(&mut m, "202601", &lock(5)),
+            "taken and replaced"
+        );
         assert_eq!(m.len(), 1);
-        assert!(remove_if_present(&mut m, &lock(7)));
+        assert!(remove_if_present(&mut m, "202601", &lock(7)));
         assert!(m.is_empty());
     }
 }
