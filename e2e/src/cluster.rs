@@ -10,7 +10,7 @@ use zookeeper_client as zk;
 use crate::client::ReplicaClient;
 use crate::poll::{Check, poll_until};
 use crate::sidecar_proc::{SidecarConfig, SidecarProc};
-use crate::zk_ensemble::ZkEnsemble;
+use crate::zk_ensemble::{Jit, ZkEnsemble};
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -26,6 +26,7 @@ pub struct ClusterOptions {
     pub env: Vec<(String, String)>,
     /// How long each replica may take to become ready.
     pub ready_timeout: Duration,
+    pub zk_jit: Jit,
 }
 
 impl Default for ClusterOptions {
@@ -43,6 +44,7 @@ impl Default for ClusterOptions {
             max_body_bytes: None,
             env: Vec::new(),
             ready_timeout: Duration::from_secs(60),
+            zk_jit: Jit::QuickStart,
         }
     }
 }
@@ -79,7 +81,7 @@ impl Cluster {
             .tempdir()
             .context("creating the cluster's temp directory")?;
         let root = dir.path().to_path_buf();
-        let zk = ZkEnsemble::start(opts.zk_nodes, &root.join("zookeeper"))?;
+        let zk = ZkEnsemble::start(opts.zk_nodes, &root.join("zookeeper"), opts.zk_jit)?;
         let manifest = root.join("table.yaml");
         std::fs::copy(&opts.manifest, &manifest).with_context(|| {
             format!(

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
 use rtable_e2e::sidecar_proc::{SidecarConfig, SidecarProc};
-use rtable_e2e::zk_ensemble::{NodePorts, ZkEnsemble};
+use rtable_e2e::zk_ensemble::{Jit, NodePorts, ZkEnsemble};
 use rtable_e2e::{ReplicaClient, ports};
 use rtable_protocol::ReplicatedTableManifest;
 
@@ -169,7 +169,7 @@ async fn playground(args: PlaygroundArgs) -> anyhow::Result<()> {
         base + 10 + args.zk_nodes as u16 - 1,
         args.dir.display()
     );
-    let zk = ZkEnsemble::start_with_ports(&zk_ports, &args.dir.join("zookeeper"))?;
+    let zk = ZkEnsemble::start_with_ports(&zk_ports, &args.dir.join("zookeeper"), Jit::Full)?;
     let mut pg = Playground {
         replicas: Vec::new(),
         zk,

@@ -46,12 +46,24 @@ struct Node {
     child: Option<Child>,
 }
 
+/// How the ZooKeeper JVMs compile: tests want a server that serves within a second or two,
+/// a benchmark or a long-running playground one that runs as production servers do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Jit {
+    /// The quick first-tier compiler only: a fast start, more CPU per request after it.
+    #[default]
+    QuickStart,
+    /// The JVM's default tiered compilation, as a production server runs.
+    Full,
+}
+
 /// A running ensemble. Dropping it SIGKILLs every node.
 #[derive(Debug)]
 pub struct ZkEnsemble {
     nodes: Vec<Node>,
     java: String,
     classpath: String,
+    jit: Jit,
 }
 
 /// Checks that Java and the ZooKeeper jar are present; returns (java, classpath).
@@ -95,7 +107,7 @@ pub fn check_prerequisites(jar: &str, java: &str) -> Result<(String, String), Pr
 
 impl ZkEnsemble {
     /// Starts `size` nodes on free ports under `dir` and waits until they serve.
-    pub fn start(size: usize, dir: &Path) -> anyhow::Result<ZkEnsemble> {
+    pub fn start(size: usize, dir: &Path, jit: Jit) -> anyhow::Result<ZkEnsemble> {
         let all = ports::free_ports(size * 3)?;
         let node_ports: Vec<NodePorts> = all
             .chunks(3)
@@ -105,11 +117,15 @@ impl ZkEnsemble {
                 election: c[2],
             })
             .collect();
-        Self::start_with_ports(&node_ports, dir)
+        Self::start_with_ports(&node_ports, dir, jit)
     }
 
     /// Starts one node per entry of `node_ports` (checked to be free first).
-    pub fn start_with_ports(node_ports: &[NodePorts], dir: &Path) -> anyhow::Result<ZkEnsemble> {
+    pub fn start_with_ports(
+        node_ports: &[NodePorts],
+        dir: &Path,
+        jit: Jit,
+    ) -> anyhow::Result<ZkEnsemble> {
         anyhow::ensure!(
             !node_ports.is_empty(),
             "an ensemble needs at least one node"
@@ -160,6 +176,7 @@ impl ZkEnsemble {
             nodes,
             java,
             classpath,
+            jit,
         };
         for i in 0..ensemble.nodes.len() {
             ensemble.spawn(i)?;
@@ -183,12 +200,12 @@ impl ZkEnsemble {
             .with_context(|| format!("duplicating {}", node.log.display()))?;
         let mut command = Command::new(&self.java);
         crate::process::die_with_parent(&mut command);
+        command.args(["-Xmx256m", "-Xss512k", "-XX:+UseSerialGC"]);
+        if self.jit == Jit::QuickStart {
+            command.arg("-XX:TieredStopAtLevel=1");
+        }
         let child = command
             .args([
-                "-Xmx256m",
-                "-Xss512k",
-                "-XX:+UseSerialGC",
-                "-XX:TieredStopAtLevel=1",
                 "-Djava.net.preferIPv4Stack=true",
                 "-Dzookeeper.admin.enableServer=false",
                 "-Dorg.slf4j.simpleLogger.showDateTime=true",

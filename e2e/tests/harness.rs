@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rtable_e2e::poll::{Check, poll_until};
-use rtable_e2e::zk_ensemble::{self, NodePorts, ZkEnsemble};
+use rtable_e2e::zk_ensemble::{self, Jit, NodePorts, ZkEnsemble};
 use rtable_e2e::{ports, serial};
 use zookeeper_client as zk;
 
@@ -22,7 +22,7 @@ async fn connect(connect_string: &str) -> zk::Client {
 async fn three_node_ensemble_forms_and_survives_a_leader_kill() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut ensemble = ZkEnsemble::start(3, dir.path()).expect("ensemble starts");
+    let mut ensemble = ZkEnsemble::start(3, dir.path(), Jit::QuickStart).expect("ensemble starts");
     assert_eq!(ensemble.size(), 3);
 
     let modes: Vec<String> = (0..3)
@@ -104,7 +104,8 @@ async fn three_node_ensemble_forms_and_survives_a_leader_kill() {
 async fn mntr_reports_numeric_counters_that_grow() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ensemble = ZkEnsemble::start(1, dir.path()).expect("standalone node starts");
+    let ensemble =
+        ZkEnsemble::start(1, dir.path(), Jit::QuickStart).expect("standalone node starts");
     assert_eq!(ensemble.mode(0).as_deref(), Some("standalone"));
     assert_eq!(ensemble.leader_index(), Some(0));
 
@@ -161,6 +162,7 @@ fn a_requested_port_in_use_is_named() {
             election: free[1],
         }],
         dir.path(),
+        Jit::QuickStart,
     )
     .expect_err("the client port is taken");
     let text = format!("{err:#}");

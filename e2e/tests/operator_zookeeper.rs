@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use rtable_e2e::zk_ensemble::Jit;
 use rtable_e2e::{ZkEnsemble, serial};
 use rtable_operator::backend::{Backend, ZkTarget, ZooKeeperBackend};
 use rtable_protocol::host::HostInfo;
@@ -24,7 +25,7 @@ fn host(port: u16) -> HostInfo {
 async fn operator_backend_manages_the_tree() {
     let _guard = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut ensemble = ZkEnsemble::start(1, dir.path()).expect("start ZooKeeper");
+    let mut ensemble = ZkEnsemble::start(1, dir.path(), Jit::QuickStart).expect("start ZooKeeper");
     ensemble
         .wait_serving(Duration::from_secs(30))
         .expect("ZooKeeper serves");

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{CONVERGE, rows};
+use rtable_e2e::zk_ensemble::Jit;
 use rtable_e2e::{Cluster, ClusterOptions, ZkEnsemble, serial};
 use rtable_protocol::metadata::TableMetadata;
 use rtable_protocol::tree::{self, CreateOutcome, TreeError};
@@ -58,7 +59,7 @@ fn new_rows(first: u64, n: u64) -> Vec<Value> {
 async fn create_table_appends_columns_once_and_refuses_anything_else() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ensemble = ZkEnsemble::start(1, dir.path()).expect("ZooKeeper starts");
+    let ensemble = ZkEnsemble::start(1, dir.path(), Jit::QuickStart).expect("ZooKeeper starts");
     let connect = || async {
         tree::connect(
             &ensemble.connect_string(),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rtable_e2e::poll::{Check, poll_until};
+use rtable_e2e::zk_ensemble::Jit;
 use rtable_e2e::{ZkEnsemble, serial};
 use rtable_protocol::host::HostInfo;
 use rtable_protocol::metadata::TableMetadata;
@@ -45,7 +46,7 @@ async fn data(client: &zk::Client, path: &str) -> Option<String> {
 async fn create_table_is_idempotent_and_refuses_a_different_schema() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ensemble = ZkEnsemble::start(1, dir.path()).expect("ZooKeeper starts");
+    let ensemble = ZkEnsemble::start(1, dir.path(), Jit::QuickStart).expect("ZooKeeper starts");
     let client = session(&ensemble).await;
     let (paths, schema) = example();
 
@@ -115,7 +116,7 @@ async fn create_table_is_idempotent_and_refuses_a_different_schema() {
 async fn replicas_register_activate_drop_and_the_table_is_removed() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ensemble = ZkEnsemble::start(1, dir.path()).expect("ZooKeeper starts");
+    let ensemble = ZkEnsemble::start(1, dir.path(), Jit::QuickStart).expect("ZooKeeper starts");
     let a = session(&ensemble).await;
     let b = session(&ensemble).await;
     assert_ne!(a.session_id(), b.session_id());

@@ -17,12 +17,14 @@ use tracing::warn;
 
 use rtable_protocol::PartName;
 use rtable_protocol::manifest::{AutoQuorum, InsertQuorum};
+use rtable_protocol::part_header::Checksums;
 
 use crate::exchange;
 use crate::metrics::Metrics;
 use crate::replica::{Replica, SECRET_HEADER};
 use crate::rows::{InputFormat, OutputFormat};
 use crate::sink::{self, Committer, InsertRequest};
+use crate::store::{ActivePart, PartStore};
 use crate::{select, status};
 
 #[derive(Clone)]
@@ -42,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/parts/{name}", get(send_part))
+        .route("/push/{name}", post(receive_push))
         .with_state(state)
 }
 
@@ -282,24 +285,72 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Interserver: streams a part's files after the exchange header (see `exchange`).
-async fn send_part(
+/// An opened part to send, its first chunk, and the active part it came from (held while
+/// the body streams, so the part's files outlive a merge that retires it meanwhile).
+type Opened = (exchange::OutgoingPart, Vec<u8>, Option<Arc<ActivePart>>);
+
+/// Opens an active part, or a committed insert in the instant before its activation: the
+/// peer read its name from the committed log entry, so it need not wait for the rename.
+/// The open descriptors keep working across the rename.
+fn open_outgoing(store: &PartStore, part: &PartName) -> std::io::Result<Option<Opened>> {
+    let open = |dir: &std::path::Path, known: &Checksums| {
+        let mut outgoing = exchange::OutgoingPart::open(dir, known)?;
+        let first = outgoing.next_chunk(exchange::CHUNK_BYTES)?;
+        Ok::<_, std::io::Error>((outgoing, first.unwrap_or_default()))
+    };
+    if let Some(active) = store.get(part) {
+        let (outgoing, first) = open(&active.dir, &active.checksums)?;
+        return Ok(Some((outgoing, first, Some(active))));
+    }
+    if let Some((dir, known)) = store.staged_for_sending(part) {
+        match open(&dir, &known) {
+            Ok((outgoing, first)) => return Ok(Some((outgoing, first, None))),
+            // Renamed while we opened it: it is active now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match store.get(part) {
+        Some(active) => {
+            let (outgoing, first) = open(&active.dir, &active.checksums)?;
+            Ok(Some((outgoing, first, Some(active))))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The refusal of an interserver request without the shared secret (when one is set).
+fn refuse_unauthenticated(replica: &Replica, headers: &HeaderMap) -> Option<Response> {
+    let secret = replica.secret.as_ref()?;
+    let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
+    if given == Some(secret.as_str()) {
+        return None;
+    }
+    Metrics::inc(&replica.metrics.rejected_interserver);
+    Some(error(
+        StatusCode::UNAUTHORIZED,
+        format!("interserver requests need the `{SECRET_HEADER}` header with the shared secret"),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct PushQuery {
+    source: String,
+    log: u64,
+}
+
+/// Interserver: a peer pushes a part it just committed (see `push`). The answer says
+/// whether it was taken; one not taken is fetched when its log entry comes, as always.
+async fn receive_push(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    Query(query): Query<PushQuery>,
     headers: HeaderMap,
+    body: Body,
 ) -> Response {
     let replica = &state.replica;
-    if let Some(secret) = &replica.secret {
-        let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
-        if given != Some(secret.as_str()) {
-            Metrics::inc(&replica.metrics.rejected_interserver);
-            return error(
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "interserver requests need the `{SECRET_HEADER}` header with the shared secret"
-                ),
-            );
-        }
+    if let Some(refused) = refuse_unauthenticated(replica, &headers) {
+        return refused;
     }
     let part = match PartName::parse(&name) {
         Ok(p) => p,
@@ -310,26 +361,54 @@ async fn send_part(
             );
         }
     };
-    let Some(active) = replica.store.get(&part) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("part {part} is not active on replica {}", replica.name),
-        );
-    };
-    let dir = active.dir.clone();
-    let known = active.checksums.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        let mut outgoing = exchange::OutgoingPart::open(&dir, &known)?;
-        let first = outgoing.next_chunk(exchange::CHUNK_BYTES)?;
-        Ok::<_, std::io::Error>((outgoing, first.unwrap_or_default()))
-    })
+    if let Some(reason) =
+        crate::queue::prefetch::refuse_push(replica, &query.source, &part, query.log)
+    {
+        return axum::Json(json!({ "taken": false, "reason": reason })).into_response();
+    }
+    let taken = crate::queue::prefetch::take_push(
+        replica.clone(),
+        &query.source,
+        &part,
+        body.into_data_stream(),
+    )
     .await;
-    let (mut outgoing, first) = match opened {
-        Ok(Ok(opened)) => opened,
+    axum::Json(json!({ "taken": taken })).into_response()
+}
+
+/// Interserver: streams a part's files after the exchange header (see `exchange`).
+async fn send_part(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let replica = &state.replica;
+    if let Some(refused) = refuse_unauthenticated(replica, &headers) {
+        return refused;
+    }
+    let part = match PartName::parse(&name) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unsafe or invalid part name: {e}"),
+            );
+        }
+    };
+    let store = replica.store.clone();
+    let opened = tokio::task::spawn_blocking(move || open_outgoing(&store, &part)).await;
+    let (mut outgoing, first, active) = match opened {
+        Ok(Ok(Some(opened))) => opened,
+        Ok(Ok(None)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("part {name} is not active on replica {}", replica.name),
+            );
+        }
         Ok(Err(e)) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reading part {part}: {e}"),
+                format!("reading part {name}: {e}"),
             );
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

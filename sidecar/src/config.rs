@@ -88,6 +88,11 @@ pub struct Config {
     /// its own dedup id and acknowledgement. 0 writes every insert as its own part.
     #[arg(long, env = "RTABLE_COALESCE_MAX_BYTES", default_value_t = 1 << 20)]
     pub coalesce_max_bytes: usize,
+    /// Parts without a quorum up to this many bytes are pushed to the active peers right
+    /// after their commit, saving each peer the log read and download round trips (see
+    /// `push`); bigger ones are only fetched. 0 turns pushing off.
+    #[arg(long, env = "RTABLE_PUSH_MAX_BYTES", default_value_t = 1 << 20)]
+    pub push_max_bytes: u64,
     /// Insert groups committing at once. More overlap ZooKeeper round trips; fewer make
     /// each group (one part, one log entry, one fetch per replica) carry more inserts.
     /// Two measured best on a 2-core machine at 16 and 64 concurrent clients (BENCHMARKS.md).

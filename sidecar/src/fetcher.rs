@@ -36,6 +36,12 @@ pub enum FetchError {
         status: u16,
         body: String,
     },
+    #[error("push of part {part} from {source_replica} broke off: {message}")]
+    Pushed {
+        source_replica: String,
+        part: String,
+        message: String,
+    },
     #[error("bad part exchange from {address}: {source}")]
     Header {
         address: String,
@@ -153,6 +159,65 @@ pub async fn fetch(
     expected_checksums_hash: Option<Hash128>,
     purpose: Purpose,
 ) -> Result<Fetched, FetchError> {
+    let body = async {
+        let response = request(replica, address, part).await?;
+        Ok(response.bytes_stream().map(|chunk| {
+            chunk.map_err(|source| FetchError::Http {
+                address: address.to_string(),
+                part: part.to_string(),
+                source,
+            })
+        }))
+    };
+    receive(
+        replica,
+        address,
+        part,
+        expected_checksums_hash,
+        purpose,
+        body,
+    )
+    .await
+}
+
+/// Installs a part its source pushed right after committing it (see `push`): the same
+/// checks and install as a fetch, on the bytes of the push request instead of a response.
+pub async fn receive_pushed<S, E>(
+    replica: &Replica,
+    source: &str,
+    part: &PartName,
+    body: S,
+) -> Result<Fetched, FetchError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let body = async {
+        Ok(body.map(|chunk| {
+            chunk.map_err(|e| FetchError::Pushed {
+                source_replica: source.to_string(),
+                part: part.to_string(),
+                message: e.to_string(),
+            })
+        }))
+    };
+    receive(replica, source, part, None, Purpose::Prefetch, body).await
+}
+
+/// One download: a blocking thread prepares `tmp-fetch_<part>` while `body` starts (the
+/// request's round trip), then writes, verifies and installs what the stream brings.
+async fn receive<B, S>(
+    replica: &Replica,
+    address: &str,
+    part: &PartName,
+    expected_checksums_hash: Option<Hash128>,
+    purpose: Purpose,
+    body: B,
+) -> Result<Fetched, FetchError>
+where
+    B: std::future::Future<Output = Result<S, FetchError>>,
+    S: futures::Stream<Item = Result<Bytes, FetchError>> + Unpin,
+{
     let span = info_span!("fetch", replica = %replica.name, part = %part, from = %address);
     async move {
         let Some(_slot) = InFlight::claim(replica, part) else {
@@ -176,15 +241,10 @@ pub async fn fetch(
             receiver.run(rx)
         });
         let received: Result<(), FetchError> = async {
-            let mut stream = request(replica, address, part).await?.bytes_stream();
+            let mut stream = body.await?;
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|source| FetchError::Http {
-                    address: address.to_string(),
-                    part: part.to_string(),
-                    source,
-                })?;
                 // A failed send means the writer stopped early; its own error says why.
-                if tx.send(chunk).await.is_err() {
+                if tx.send(chunk?).await.is_err() {
                     break;
                 }
             }

@@ -172,6 +172,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         queue_unsure: AtomicBool::new(false),
         log_pointer_cache: parking_lot::Mutex::new(None),
         peer_addresses: Default::default(),
+        push_peers: Default::default(),
         table_reload: TableReload::new(settings),
         cfg,
     });

@@ -77,6 +77,8 @@ pub struct Replica {
     /// first fetched straight from its entry's source at this address (the inserter holds
     /// its part); any failure forgets the address and falls back to reading ZooKeeper.
     pub peer_addresses: Mutex<std::collections::HashMap<String, String>>,
+    /// Where to push freshly committed small parts (see `push`).
+    pub push_peers: crate::push::Peers,
     /// The table file's settings that change live (quorum, quorum mode, dedup window); the
     /// file is re-read by `table_reload::run`. `table` stays what the replica started with.
     pub table_reload: crate::table_reload::TableReload,

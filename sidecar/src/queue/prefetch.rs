@@ -124,33 +124,98 @@ fn is_drop(entry: &LogEntry) -> bool {
     matches!(entry.kind, LogEntryKind::Drop { .. })
 }
 
+/// Why a pushed part was not taken (the entry fetches it as usual when it comes).
+pub fn refuse_push(
+    replica: &Replica,
+    source: &str,
+    part: &PartName,
+    log_index: u64,
+) -> Option<String> {
+    if source == replica.name {
+        return Some("the push came from this replica".to_string());
+    }
+    if part.is_drop_range() {
+        return Some("a drop range is not a part".to_string());
+    }
+    if replica.store.covering(part).is_some() {
+        return Some("held already".to_string());
+    }
+    let Ok((client, _)) = replica.sessions.active() else {
+        return Some("no ZooKeeper session".to_string());
+    };
+    // The entry not pulled yet means no drop range after it was either (a drop lands in
+    // the log after every insert below its numbers), so none executed here that the part
+    // should have met. A drop pulled while the push runs is handled as for a prefetch.
+    match crate::queue::pull::known_pointer(replica, client.session_id().0) {
+        Some(pointer) if pointer <= log_index => {}
+        Some(_) => return Some("its log entry was pulled already".to_string()),
+        None => return Some("this replica's log pointer is not known yet".to_string()),
+    }
+    let queue = replica.queue.lock();
+    if queue.items().any(|i| is_drop(&i.entry)) {
+        return Some("a drop range is queued".to_string());
+    }
+    if queue.dropped_by(part).is_some() {
+        return Some("an executed drop range covers it".to_string());
+    }
+    drop(queue);
+    if !replica.prefetched.claim(part) {
+        return Some("already being prefetched".to_string());
+    }
+    None
+}
+
+/// Installs a part its source pushed (after [`refuse_push`] said yes, which claimed it),
+/// then wakes the executor like a prefetch.
+pub async fn take_push<S, E>(replica: Arc<Replica>, source: &str, part: &PartName, body: S) -> bool
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let fetched = fetcher::receive_pushed(&replica, source, part, body).await;
+    finish(&replica, part, source, fetched, "pushed part").await
+}
+
 /// Downloads and installs one part, then wakes the executor (its entry finds it held).
 async fn run(replica: Arc<Replica>, c: Candidate) {
     let fetched = fetcher::fetch(&replica, &c.address, &c.part, None, Purpose::Prefetch).await;
+    finish(&replica, &c.part, &c.source, fetched, "prefetched part").await;
+}
+
+/// Metrics and drop check after a prefetch or push; true when the part was installed.
+async fn finish(
+    replica: &Arc<Replica>,
+    part: &PartName,
+    source: &str,
+    fetched: Result<fetcher::Fetched, fetcher::FetchError>,
+    what: &'static str,
+) -> bool {
+    let installed = fetched.is_ok();
     match fetched {
         Ok(fetched) => {
             Metrics::inc(&replica.metrics.fetches);
-            if c.part.level > 0 {
+            if part.level > 0 {
                 Metrics::inc(&replica.metrics.merged_part_fetches);
             }
             Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
             info!(
                 replica = %replica.name,
-                part = %c.part,
-                source = %c.source,
+                part = %part,
+                source = %source,
                 bytes = fetched.bytes,
                 mb_per_s = fetched.bytes as f64 / 1e6 / fetched.seconds.max(1e-9),
-                "prefetched part"
+                "{what}"
             );
-            remove_if_dropped(&replica, &c.part).await;
+            remove_if_dropped(replica, part).await;
         }
         Err(e) => {
             // Nothing was installed; the entry's own execution fetches as before.
-            replica.prefetched.forget(&c.part);
-            debug!(replica = %replica.name, part = %c.part, source = %c.source, error = %e, "prefetch failed; the queue entry will fetch");
+            replica.prefetched.forget(part);
+            debug!(replica = %replica.name, part = %part, source = %source, error = %e, "{what}: failed; the queue entry will fetch");
         }
     }
     replica.queue_notify.notify_one();
+    installed
 }
 
 /// A drop range covering the part, pulled while it downloaded, may have executed before

@@ -132,6 +132,13 @@ async fn pull_announced(
     Ok(true)
 }
 
+/// The next log index this replica will pull on `session`, when known here (own entries
+/// skipped but not yet written count as pulled).
+pub fn known_pointer(replica: &Replica, session: i64) -> Option<u64> {
+    let written = cached_pointer(replica, session)?;
+    Some(replica.own_log.effective(session, written))
+}
+
 /// `log_pointer` as this process last wrote it on `session`, when known.
 fn cached_pointer(replica: &Replica, session: i64) -> Option<u64> {
     replica

@@ -426,7 +426,7 @@ async fn commit_pending(
         }
         let t1 = std::time::Instant::now();
         let committed = match commit(replica, &client, group, &open).await {
-            CommitResult::Committed
+            CommitResult::Committed(_)
                 if crate::failpoint::fire(crate::failpoint::COMMIT_REPLY_LOST) =>
             {
                 warn!(replica = %replica.name, "failpoint commit_reply_lost: holding the commit's reply until a new session is active");
@@ -437,9 +437,10 @@ async fn commit_pending(
         };
         let t2 = std::time::Instant::now();
         match committed {
-            CommitResult::Committed => {
+            CommitResult::Committed(pushes) => {
                 Metrics::inc(&replica.metrics.insert_commits);
                 activate_all(replica, group, &open);
+                crate::push::spawn(replica.clone(), client.clone(), pushes);
                 replica.block_reserve.refill(
                     replica.clone(),
                     client.clone(),
@@ -447,7 +448,7 @@ async fn commit_pending(
                     partitions,
                 );
                 debug!(
-                    parts = open.len(),
+                    parts = %names.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                     blocks = open
                         .iter()
                         .map(|&u| group.units[u].members.len())
@@ -710,7 +711,8 @@ async fn existing_part(client: &zk::Client, replica: &Replica, block_id: &str) -
 }
 
 enum CommitResult {
-    Committed,
+    /// With the parts to push and their log entries' indexes (quorum-0 units).
+    Committed(Vec<crate::push::Committed>),
     /// This member of this unit is a duplicate.
     Duplicate(usize, usize),
     /// Definitely not applied.
@@ -753,6 +755,7 @@ async fn commit(
     let mut identity_checked = false;
     // Where the quorum-0 GET entries are among the ops: the log pull skips them.
     let mut own_entries: Vec<usize> = Vec::new();
+    let mut own_parts: Vec<PartName> = Vec::new();
     for &u in open {
         let unit = &group.units[u];
         let UnitState::Staged(s) = &unit.state else {
@@ -783,6 +786,7 @@ async fn commit(
         ];
         if quorum == 0 {
             own_entries.push(ops.len());
+            own_parts.push(s.name.clone());
         }
         ops.extend([Op::Log, Op::Unlock]);
         for &m in &unit.members {
@@ -828,7 +832,16 @@ async fn commit(
         Ok(results) => {
             let indexes = crate::queue::own_log::created_indexes(&results, &own_entries);
             committing.committed(client.session_id().0, &indexes);
-            CommitResult::Committed
+            let pushes = if indexes.len() == own_parts.len() {
+                own_parts
+                    .into_iter()
+                    .zip(indexes)
+                    .map(|(part, log_index)| crate::push::Committed { part, log_index })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            CommitResult::Committed(pushes)
         }
         Err(zk::MultiWriteError::OperationFailed { index, source }) => match (ops.get(index), source) {
             (Some(Op::Block { unit, member }), zk::Error::NodeExists) => {

@@ -443,33 +443,41 @@ impl PartStore {
         Ok(())
     }
 
-    /// Renames a verified directory to `parts/<name>` and makes it active.
+    /// Renames a verified directory to `parts/<name>` and makes it active; with
+    /// `Durability::Synced` the rename is fsynced before this returns. The fsync runs
+    /// outside the store's lock: reads and other installs need not wait for the disk.
     fn activate(
         &self,
         dir: &Path,
         name: &PartName,
         checksums: Checksums,
         rows: u64,
+        durability: Durability,
     ) -> Result<Arc<ActivePart>, StoreError> {
         let target = self.inner.parts_dir.join(name.to_string());
-        let mut state = self.lock();
-        if state.active.contains_key(name) || target.exists() {
-            return Err(StoreError::AlreadyExists {
-                name: name.to_string(),
-                path: target,
+        let part = {
+            let mut state = self.lock();
+            if state.active.contains_key(name) || target.exists() {
+                return Err(StoreError::AlreadyExists {
+                    name: name.to_string(),
+                    path: target,
+                });
+            }
+            fs::rename(dir, &target)
+                .map_err(|e| StoreError::io("renaming to its part name", dir, e))?;
+            let part = Arc::new(ActivePart {
+                name: name.clone(),
+                dir: target,
+                rows,
+                bytes: checksums.total_bytes(),
+                checksums,
             });
+            state.active.insert(name.clone(), part.clone());
+            part
+        };
+        if durability == Durability::Synced {
+            verify::sync_path(&self.inner.parts_dir)?;
         }
-        fs::rename(dir, &target)
-            .map_err(|e| StoreError::io("renaming to its part name", dir, e))?;
-        verify::sync_path(&self.inner.parts_dir)?;
-        let part = Arc::new(ActivePart {
-            name: name.clone(),
-            dir: target,
-            rows,
-            bytes: checksums.total_bytes(),
-            checksums,
-        });
-        state.active.insert(name.clone(), part.clone());
         Ok(part)
     }
 
@@ -481,7 +489,13 @@ impl PartStore {
     ) -> Result<Arc<ActivePart>, StoreError> {
         Self::check_name(name, "committing a part")?;
         self.check_in_parts_dir(&temp.dir, "committing a part")?;
-        self.activate(&temp.dir, name, temp.checksums, temp.rows)
+        self.activate(
+            &temp.dir,
+            name,
+            temp.checksums,
+            temp.rows,
+            Durability::Synced,
+        )
     }
 
     /// A clean, empty `parts/tmp-fetch_<name>/` for a download (a stale one is removed).
@@ -523,14 +537,30 @@ impl PartStore {
     ) -> Result<Arc<ActivePart>, StoreError> {
         Self::check_name(name, "installing a fetched part")?;
         self.check_in_parts_dir(tmp_dir, "installing a fetched part")?;
-        let rows = match verify::verify_fetched_dir(tmp_dir, expected, streamed) {
-            Ok(rows) => rows,
+        let verified = verify::verify_fetched_dir(tmp_dir, expected, streamed)
+            .and_then(|rows| Ok((rows, verify::open_for_sync(tmp_dir, expected)?)));
+        let (rows, unsynced) = match verified {
+            Ok(v) => v,
             Err(e) => {
                 let _ignored = fs::remove_dir_all(tmp_dir);
                 return Err(e);
             }
         };
-        self.activate(tmp_dir, name, expected.clone(), rows)
+        // Visible first, durable right after, on descriptors opened before the rename.
+        // The caller records the part in ZooKeeper only once this returns, so no replica
+        // ever counts on a copy that is not on disk; were the machine to fail in between,
+        // the startup check finds the part broken or missing, and as it was never
+        // recorded, its entry fetches it again.
+        let part = self.activate(tmp_dir, name, expected.clone(), rows, Durability::Deferred)?;
+        tracing::debug!(part = %name, "fetched part visible");
+        if let Err(e) = unsynced
+            .sync()
+            .and_then(|()| verify::sync_path(&self.inner.parts_dir))
+        {
+            let _ignored = self.detach(name, "unsynced");
+            return Err(e);
+        }
+        Ok(part)
     }
 
     /// `detached/<reason>_<name>`, with `_tryN` appended when taken (or reserved).
@@ -737,6 +767,14 @@ impl PartStore {
     }
 }
 
+/// Whether activating a part fsyncs its rename before returning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    Synced,
+    /// The caller makes the rename durable itself, or a restart can redo it.
+    Deferred,
+}
+
 /// An insert renamed to its part name (as `staged_<part>`), not yet visible to reads.
 #[derive(Debug)]
 pub struct StagedPart {
@@ -794,9 +832,27 @@ impl PartStore {
         })
     }
 
-    /// Makes a committed insert visible under its part name.
+    /// Makes a committed insert visible under its part name. The rename is not fsynced:
+    /// the staged directory already is, and a start that finds it staged again resolves
+    /// its commit and activates it.
     pub fn activate_staged(&self, staged: StagedPart) -> Result<Arc<ActivePart>, StoreError> {
-        self.activate(&staged.dir, &staged.name, staged.checksums, staged.rows)
+        self.activate(
+            &staged.dir,
+            &staged.name,
+            staged.checksums,
+            staged.rows,
+            Durability::Deferred,
+        )
+    }
+
+    /// A staged insert's directory and checksums, for a peer that asks for the part in
+    /// the instant between its commit and its activation (it learned the name from the
+    /// committed log entry, so the commit happened). `None` when there is no such part.
+    pub fn staged_for_sending(&self, name: &PartName) -> Option<(PathBuf, Checksums)> {
+        let dir = self.staged_dir(name);
+        let text = fs::read_to_string(dir.join(CHECKSUMS_FILE)).ok()?;
+        let checksums = Checksums::parse(&text).ok()?;
+        Some((dir, checksums))
     }
 
     /// Removes a staged insert whose commit did not happen (it was never acknowledged).

@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use rtable_protocol::hash::{FileHasher, Hash128};
@@ -41,6 +41,11 @@ pub fn sync_path(path: &Path) -> Result<(), StoreError> {
 }
 
 /// Writes a small file and fsyncs it.
+/// Writes a small file whose fsync comes later (see [`open_for_sync`]).
+fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    fs::write(path, bytes).map_err(|e| StoreError::io("writing", path, e))
+}
+
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
     let mut f = File::create(path).map_err(|e| StoreError::io("creating", path, e))?;
@@ -200,7 +205,8 @@ pub fn verify_part_dir(dir: &Path) -> Result<(Checksums, u64), StoreError> {
 
 /// Verifies a downloaded directory against the checksums the part's owner published and
 /// completes it: `checksums.txt` and `count.txt` are written when the download lacks them
-/// and must match when it has them. Everything written is fsynced, the directory too.
+/// and must match when it has them. Nothing is fsynced here: the install does it with the
+/// descriptors of [`open_for_sync`], after making the part visible.
 /// `streamed` holds the sizes and hashes the download computed while writing (empty
 /// when unknown): those files are not read again.
 pub fn verify_fetched_dir(
@@ -222,28 +228,53 @@ pub fn verify_fetched_dir(
                     format!("fetched {CHECKSUMS_FILE} differs from the expected checksums"),
                 ));
             }
-            sync_path(&checksums_path)?;
         }
-        None => write_synced(&checksums_path, expected.render().as_bytes())?,
+        None => write_unsynced(&checksums_path, expected.render().as_bytes())?,
     }
     let count_path = dir.join(COUNT_FILE);
     let rows = match read_text(&count_path, dir)? {
-        Some(text) => {
-            let rows = check_count(dir, &text)?;
-            sync_path(&count_path)?;
-            rows
-        }
+        Some(text) => check_count(dir, &text)?,
         None => {
             let rows = parquet_rows(&dir.join(DATA_FILE))?;
-            write_synced(&count_path, format!("{rows}\n").as_bytes())?;
+            write_unsynced(&count_path, format!("{rows}\n").as_bytes())?;
             rows
         }
     };
-    for name in expected.files.keys() {
-        sync_path(&dir.join(name))?;
-    }
-    sync_path(dir)?;
     Ok(rows)
+}
+
+/// Open descriptors of a verified download's files and directory: fsynced after the
+/// rename that installs it, they reach the same inodes whatever the path is by then.
+pub struct Unsynced {
+    handles: Vec<(PathBuf, File)>,
+}
+
+impl Unsynced {
+    pub fn sync(self) -> Result<(), StoreError> {
+        for (path, file) in &self.handles {
+            file.sync_all()
+                .map_err(|e| StoreError::io("fsyncing", path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens every listed file, `checksums.txt`, `count.txt` and the directory itself.
+pub fn open_for_sync(dir: &Path, expected: &Checksums) -> Result<Unsynced, StoreError> {
+    let mut handles = Vec::with_capacity(expected.files.len() + 3);
+    let names = expected
+        .files
+        .keys()
+        .map(String::as_str)
+        .chain([CHECKSUMS_FILE, COUNT_FILE]);
+    for name in names {
+        let path = dir.join(name);
+        let file = File::open(&path).map_err(|e| StoreError::io("opening", &path, e))?;
+        handles.push((path, file));
+    }
+    let file = File::open(dir).map_err(|e| StoreError::io("opening", dir, e))?;
+    handles.push((dir.to_path_buf(), file));
+    Ok(Unsynced { handles })
 }
 
 /// The data hash of a part: the XXH3-128 of its `data.parquet`.
