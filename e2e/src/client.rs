@@ -247,6 +247,27 @@ impl ReplicaClient {
         }
         self.send(request, "GET /parts").await
     }
+
+    /// `POST /push/<name>?source=..&log=..` with `body`, as a peer pushes a part.
+    pub async fn push_part(
+        &self,
+        name: &str,
+        source: &str,
+        log_index: u64,
+        body: Vec<u8>,
+        secret: Option<&str>,
+    ) -> anyhow::Result<Response> {
+        let url = format!(
+            "{}/push/{name}?source={}&log={log_index}",
+            self.base,
+            url_encode(source)
+        );
+        let mut request = self.http.post(url).body(body);
+        if let Some(s) = secret {
+            request = request.header(SECRET_HEADER, s);
+        }
+        self.send(request, "POST /push").await
+    }
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).

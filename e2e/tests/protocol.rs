@@ -1022,3 +1022,74 @@ async fn a_lagging_replica_skips_gets_of_a_dropped_partition_instead_of_losing_t
         );
     }
 }
+
+/// Dedup ids beyond the window go, a hundred per request: the newest stay (their retry is
+/// still answered as a duplicate), the oldest are forgotten (their retry inserts again,
+/// as in ClickHouse once a block left `replicated_deduplication_window`).
+#[tokio::test]
+async fn dedup_blocks_beyond_the_window_are_cleaned() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = dir.path().join("events.yaml");
+    let text = std::fs::read_to_string(rtable_e2e::example_manifest()).expect("example");
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "  replicas: 3\n",
+            "  replicas: 1\n  deduplicationWindow: 5\n",
+        ),
+    )
+    .expect("manifest");
+    let mut c = cluster(ClusterOptions {
+        replicas: 1,
+        manifest,
+        ..ClusterOptions::default()
+    })
+    .await;
+    c.replicas[0].set_extra_args(vec!["--cleanup-period-seconds".into(), "1".into()]);
+    c.replicas[0].kill().expect("SIGKILL");
+    c.replicas[0].start_again().expect("start");
+    c.replicas[0]
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready");
+    // 130 inserts: more than one batch of deletions.
+    let bodies: Vec<String> = (0..130).map(|i| json_lines(&rows(i, 1))).collect();
+    for body in &bodies {
+        let answer = c.client(0).insert("JSONEachRow", body.clone(), None).await;
+        assert!(!answer.expect("insert").deduplicated);
+    }
+    let zk = c.zk_client().await.expect("zk");
+    let blocks = c.paths().blocks();
+    let left = poll_until(
+        "blocks down to the window",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let zk = zk.clone();
+            let blocks = blocks.clone();
+            async move {
+                Ok(match zk.list_children(&blocks).await {
+                    Ok(children) if children.len() <= 5 => Check::Done(children.len()),
+                    Ok(children) => Check::Wait(format!("{} blocks", children.len())),
+                    Err(e) => Check::Wait(e.to_string()),
+                })
+            }
+        },
+    )
+    .await
+    .expect("blocks cleaned down to the window");
+    assert_eq!(left, 5);
+    let newest = c
+        .client(0)
+        .insert("JSONEachRow", bodies[129].clone(), None)
+        .await
+        .expect("retry of the newest");
+    assert!(newest.deduplicated, "{newest:?}");
+    let oldest = c
+        .client(0)
+        .insert("JSONEachRow", bodies[0].clone(), None)
+        .await
+        .expect("retry of the oldest");
+    assert!(!oldest.deduplicated, "{oldest:?}");
+}

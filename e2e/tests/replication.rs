@@ -89,6 +89,9 @@ async fn inserts_spread_over_all_replicas_converge_to_identical_rows() {
     assert_eq!(metric_sum(&c, "rtable_inserts_total").await, 30.0);
     assert!(metric_sum(&c, "rtable_fetches_total").await > 0.0);
     assert_eq!(metric_sum(&c, "rtable_failed_fetches_total").await, 0.0);
+    // Small parts reach peers by push (and are still recorded by their log entries, which
+    // the log_pointer and queue checks above cover).
+    assert!(metric_sum(&c, "rtable_pushed_parts_taken_total").await > 0.0);
 }
 
 #[tokio::test]
@@ -241,7 +244,12 @@ async fn get_entries(zk: &zookeeper_client::Client, log: &str) -> usize {
 #[tokio::test]
 async fn concurrent_small_inserts_share_parts_and_keep_their_own_dedup() {
     let _serial = serial();
-    let mut c = cluster(ClusterOptions::default()).await;
+    // Pushing off: every part goes through the log pull's prefetch or the queue's fetch.
+    let mut c = cluster(ClusterOptions {
+        env: vec![("RTABLE_PUSH_MAX_BYTES".to_string(), "0".to_string())],
+        ..ClusterOptions::default()
+    })
+    .await;
     const N: u64 = 48;
     let bodies: Vec<String> = (0..N)
         .map(|i| json_lines(&january_rows(i * 3, 3)))
@@ -294,6 +302,12 @@ async fn concurrent_small_inserts_share_parts_and_keep_their_own_dedup() {
         .await
         .expect("converged");
     assert_eq!(user_ids(&lines), (0..3 * N).collect::<Vec<_>>());
+    assert_eq!(
+        metric_sum(&c, "rtable_pushed_parts_taken_total").await,
+        0.0,
+        "pushing is off"
+    );
+    assert!(metric_sum(&c, "rtable_fetches_total").await > 0.0);
 }
 
 #[tokio::test]
@@ -691,6 +705,61 @@ async fn interserver_requests_need_the_secret_and_a_safe_part_name() {
         .await
         .expect("answered");
     assert_eq!(r.status, 404, "{}", r.text());
+
+    // Pushes need the secret and a safe name too, and one whose log entry the replica
+    // pulled already is declined (the entry fetched or holds it) without reading it.
+    let peer = c.client(1);
+    let r = peer
+        .push_part(&part, "events-0", 0, body.clone(), None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = peer
+        .push_part("..%2Fetc", "events-0", 0, body.clone(), secret.as_deref())
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = peer
+        .push_part(
+            "202501_998_998_0",
+            "events-0",
+            0,
+            b"garbage".to_vec(),
+            secret.as_deref(),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json().expect("JSON answer");
+    assert_eq!(answer["taken"], false, "{answer}");
+    assert_eq!(
+        answer["reason"], "its log entry was pulled already",
+        "{answer}"
+    );
+    let r = peer
+        .push_part(&part, "events-0", 0, body, secret.as_deref())
+        .await
+        .expect("answered");
+    assert_eq!(r.json().expect("JSON answer")["reason"], "held already");
+    // A push of garbage for an entry not pulled yet is read, refused, and leaves nothing.
+    let r = peer
+        .push_part(
+            "202501_998_998_0",
+            "events-0",
+            1_000_000,
+            b"garbage".to_vec(),
+            secret.as_deref(),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.json().expect("JSON answer")["taken"], false);
+    let leftovers: Vec<String> = std::fs::read_dir(c.replicas[1].data_dir().join("parts"))
+        .expect("parts dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("202501_998_998_0"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 /// A fake peer that serves the real part from `upstream` with one byte flipped.

@@ -332,7 +332,30 @@ pub async fn clean_blocks(
         }
     }
     let doomed = plan_block_cleanup(blocks, dedup_window, replica.cfg.dedup_window_seconds);
+    // A hundred deletions per request; a batch another replica's cleanup got into first
+    // fails as a whole (multi is atomic) and is deleted one by one instead.
     for chunk in doomed.chunks(BATCH) {
+        let mut multi = client.new_multi_writer();
+        for name in chunk {
+            let path = replica.paths.block(name);
+            multi
+                .add_delete(&path, None)
+                .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
+        }
+        match multi.commit().await {
+            Ok(_) => continue,
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::NoNode,
+                ..
+            }) => {}
+            Err(e) => {
+                return Err(tree::multi_error(
+                    "clean blocks",
+                    std::slice::from_ref(&path),
+                    e,
+                ));
+            }
+        }
         for name in chunk {
             match client.delete(&replica.paths.block(name), None).await {
                 Ok(()) | Err(zk::Error::NoNode) => {}

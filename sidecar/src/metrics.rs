@@ -25,6 +25,7 @@ pub struct Metrics {
     pub cleanup_runs: AtomicU64,
     pub replicas_marked_lost: AtomicU64,
     pub merged_part_fetches: AtomicU64,
+    pub pushed_parts_taken: AtomicU64,
 }
 
 impl Metrics {
@@ -38,7 +39,7 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 19] = [
+        let counters: [(&str, &str, &AtomicU64); 20] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -134,6 +135,11 @@ impl Metrics {
                 "Merged parts fetched instead of merged here (ReplicatedPartFetchesOfMerged)",
                 &self.merged_part_fetches,
             ),
+            (
+                "rtable_pushed_parts_taken_total",
+                "Parts a peer pushed right after committing them and this replica installed (also counted in fetches)",
+                &self.pushed_parts_taken,
+            ),
         ];
         let mut out = String::new();
         for (name, help, value) in counters {
@@ -164,6 +170,7 @@ pub struct Counters {
     pub failed_fetches: u64,
     pub merges: u64,
     pub merged_part_fetches: u64,
+    pub pushed_parts_taken: u64,
     pub lost_parts: u64,
     pub cleanup_runs: u64,
     pub replicas_marked_lost: u64,
@@ -182,6 +189,7 @@ impl Metrics {
             failed_fetches: get(&self.failed_fetches),
             merges: get(&self.merges),
             merged_part_fetches: get(&self.merged_part_fetches),
+            pushed_parts_taken: get(&self.pushed_parts_taken),
             lost_parts: get(&self.lost_parts),
             cleanup_runs: get(&self.cleanup_runs),
             replicas_marked_lost: get(&self.replicas_marked_lost),

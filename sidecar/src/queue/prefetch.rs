@@ -173,7 +173,11 @@ where
     E: std::fmt::Display,
 {
     let fetched = fetcher::receive_pushed(&replica, source, part, body).await;
-    finish(&replica, part, source, fetched, "pushed part").await
+    let taken = finish(&replica, part, source, fetched, "pushed part").await;
+    if taken {
+        Metrics::inc(&replica.metrics.pushed_parts_taken);
+    }
+    taken
 }
 
 /// Downloads and installs one part, then wakes the executor (its entry finds it held).

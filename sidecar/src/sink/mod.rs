@@ -161,7 +161,9 @@ pub async fn insert(
                 )));
             }
         }
-        let blocks = {
+        let blocks = if prepares_inline(replica, &request, required) {
+            prepare_blocks(replica, request, required, mode)?
+        } else {
             let replica = replica.clone();
             tokio::task::spawn_blocking(move || prepare_blocks(&replica, request, required, mode))
                 .await
@@ -214,6 +216,19 @@ pub async fn insert(
     }
     .instrument(span)
     .await
+}
+
+/// Bodies up to this size are decoded on the request's own task.
+const INLINE_PREPARE_MAX_BYTES: usize = 16 << 10;
+
+/// A small insert whose blocks will be shared (no part written here, so no disk I/O) is
+/// decoded where it arrived: tens of microseconds of work, where handing it to a blocking
+/// thread and back costs two wake-ups, a millisecond or more on a busy machine.
+fn prepares_inline(replica: &Replica, request: &InsertRequest, quorum: u32) -> bool {
+    quorum <= 1
+        && request.body.len() <= INLINE_PREPARE_MAX_BYTES
+        // The decoded rows stay far below the shared-block limit, so none is written.
+        && replica.cfg.coalesce_max_bytes >= 16 * INLINE_PREPARE_MAX_BYTES
 }
 
 /// Decode, split by partition, sort, and write the large blocks as temporary parts.
