@@ -95,8 +95,10 @@ pub struct Config {
     pub push_max_bytes: u64,
     /// Insert groups committing at once. More overlap ZooKeeper round trips; fewer make
     /// each group (one part, one log entry, one fetch per replica) carry more inserts.
-    /// Two measured best on a 2-core machine at 16 and 64 concurrent clients (BENCHMARKS.md).
-    #[arg(long, env = "RTABLE_COMMIT_GROUPS_IN_FLIGHT", default_value_t = 2)]
+    /// One measured best on a 2-core machine at 16 and 64 concurrent clients, in four of
+    /// four paired runs against two (c16 421 vs 174/s, 357 vs 321/s; c64 959 vs 870/s,
+    /// 1,333 vs 608/s): with the CPU saturated, bigger groups beat more overlap.
+    #[arg(long, env = "RTABLE_COMMIT_GROUPS_IN_FLIGHT", default_value_t = 1)]
     pub commit_groups_in_flight: usize,
     /// A merge whose sources total at least this many bytes is fetched from a replica that
     /// already holds the result instead of being run here, once the entry is older than

@@ -68,8 +68,8 @@ impl Committer {
 type KnownPartitions = Arc<parking_lot::Mutex<HashSet<String>>>;
 
 /// Collects waiting inserts into groups and commits up to `--commit-groups-in-flight` of
-/// them at once: while one group's commit multi is in flight the next one allocates, so a
-/// steady stream of inserts keeps ZooKeeper's pipeline full. Groups stay independent (a
+/// them at once (one by default: every insert that arrives while a group commits joins
+/// the next one). Groups stay independent (a
 /// dedup id committed by two groups at once fails the second's commit on `blocks/<id>` and
 /// is answered as a duplicate), and block-number locks keep merges away from what is in
 /// flight.
@@ -349,10 +349,11 @@ async fn commit_pending(
             .map(|&u| group.units[u].partition_id.clone())
             .collect();
         let wanted: Vec<&str> = partitions.iter().map(String::as_str).collect();
-        let reserved = replica.block_reserve.take_all(generation, &wanted).await;
-        // Writing shared parts needs no block number: it overlaps the allocation round trip.
-        let writes = start_shared_writes(replica, group, &open);
+        // Writing shared parts needs no block number: it overlaps the allocation round trip,
+        // or the wait for a refill still in flight when groups follow each other closely.
         let t0 = std::time::Instant::now();
+        let writes = start_shared_writes(replica, group, &open);
+        let reserved = replica.block_reserve.take_all(generation, &wanted).await;
         // Numbers reserved after an earlier commit save the allocation round trip; without
         // the allocation's early dedup check a duplicate is found by the commit instead.
         let used_reserve = reserved.is_some();
