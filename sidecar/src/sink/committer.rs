@@ -426,7 +426,10 @@ async fn commit_pending(
             }
         }
         let t1 = std::time::Instant::now();
-        let committed = match commit(replica, &client, group, &open).await {
+        // Each reservation's lock carries a token of its own, so one created by a multi
+        // whose outcome was unknown can be found and given back.
+        let tokens = reservation_tokens(replica, group, &open);
+        let committed = match commit(replica, &client, group, &open, &tokens).await {
             CommitResult::Committed(_)
                 if crate::failpoint::fire(crate::failpoint::COMMIT_REPLY_LOST) =>
             {
@@ -438,16 +441,16 @@ async fn commit_pending(
         };
         let t2 = std::time::Instant::now();
         match committed {
-            CommitResult::Committed(pushes) => {
+            CommitResult::Committed(extras) => {
                 Metrics::inc(&replica.metrics.insert_commits);
                 activate_all(replica, group, &open);
-                crate::push::spawn(replica.clone(), client.clone(), pushes);
-                replica.block_reserve.refill(
+                replica.block_reserve.keep(
                     replica.clone(),
                     client.clone(),
                     generation,
-                    partitions,
+                    extras.reserved,
                 );
+                crate::push::spawn(replica.clone(), client.clone(), extras.pushes);
                 debug!(
                     parts = %names.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                     blocks = open
@@ -484,6 +487,10 @@ async fn commit_pending(
                     Some(true) => {
                         Metrics::inc(&replica.metrics.insert_commits);
                         activate_all(replica, group, &open);
+                        tokio::spawn(crate::sink::reserve::give_back_tokens(
+                            replica.clone(),
+                            tokens,
+                        ));
                         return Ok(());
                     }
                     Some(false) => {
@@ -711,9 +718,17 @@ async fn existing_part(client: &zk::Client, replica: &Replica, block_id: &str) -
         .unwrap_or_default()
 }
 
+/// What a successful commit multi produced besides the commit itself.
+#[derive(Default)]
+struct CommitExtras {
+    /// The parts to push and their log entries' indexes (quorum-0 units).
+    pushes: Vec<crate::push::Committed>,
+    /// The next block number of each partition, reserved by the same multi.
+    reserved: Vec<(String, crate::sink::reserve::Reserved)>,
+}
+
 enum CommitResult {
-    /// With the parts to push and their log entries' indexes (quorum-0 units).
-    Committed(Vec<crate::push::Committed>),
+    Committed(CommitExtras),
     /// This member of this unit is a duplicate.
     Duplicate(usize, usize),
     /// Definitely not applied.
@@ -737,17 +752,41 @@ enum Op {
     Quorum,
     /// This replica's `is_active` or `host` at the versions its activation left them.
     Identity,
+    /// The next block number lock of a partition, for the next insert (see `reserve`).
+    Reserve,
 }
 
 /// ONE multi for the whole group: per unit the GET_PART log entry, the lock removal,
 /// `blocks/<id>` of every member, `replicas/<me>/parts/<part>` and, for quorum inserts,
 /// the quorum node. The log entry names the first member's block id (a quorum unit has
 /// only one, which a failed quorum removes).
+/// (partition, token) of the next-number lock the commit multi creates per partition.
+fn reservation_tokens(replica: &Replica, group: &Group, open: &[usize]) -> Vec<(String, String)> {
+    let mut partitions: Vec<&str> = open
+        .iter()
+        .map(|&u| group.units[u].partition_id.as_str())
+        .collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    partitions
+        .into_iter()
+        .map(|p| {
+            let token = format!(
+                "reserved by {} {:016x}",
+                replica.name,
+                rand::random::<u64>()
+            );
+            (p.to_string(), token)
+        })
+        .collect()
+}
+
 async fn commit(
     replica: &Replica,
     client: &zk::Client,
     group: &Group,
     open: &[usize],
+    tokens: &[(String, String)],
 ) -> CommitResult {
     let rp = replica.paths.replica(&replica.name);
     let now = chrono::Utc::now().timestamp();
@@ -828,21 +867,37 @@ async fn commit(
             ops.push(Op::Identity);
         }
     }
+    // The next number of each partition, reserved in the same request (see `reserve`).
+    let mut reserve_at: Vec<(usize, String)> = Vec::new();
+    for (partition, token) in tokens {
+        let prefix = replica.paths.block_number_lock_prefix(partition);
+        if let Err(e) = multi.add_create(&prefix, token.as_bytes(), &tree::ephemeral_sequential()) {
+            return CommitResult::Retry(format!("building the commit: {e}"));
+        }
+        reserve_at.push((ops.len(), partition.clone()));
+        ops.push(Op::Reserve);
+    }
     let committing = replica.own_log.begin_commit();
     match multi.commit().await {
         Ok(results) => {
             let indexes = crate::queue::own_log::created_indexes(&results, &own_entries);
             committing.committed(client.session_id().0, &indexes);
-            let pushes = if indexes.len() == own_parts.len() {
-                own_parts
+            let mut extras = CommitExtras::default();
+            if indexes.len() == own_parts.len() {
+                extras.pushes = own_parts
                     .into_iter()
                     .zip(indexes)
                     .map(|(part, log_index)| crate::push::Committed { part, log_index })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            CommitResult::Committed(pushes)
+                    .collect();
+            }
+            for (at, partition) in reserve_at {
+                if let Some(zk::MultiWriteResult::Create { path, .. }) = results.get(at)
+                    && let Some(lock) = crate::sink::reserve::parse_lock(path)
+                {
+                    extras.reserved.push((partition, lock));
+                }
+            }
+            CommitResult::Committed(extras)
         }
         Err(zk::MultiWriteError::OperationFailed { index, source }) => match (ops.get(index), source) {
             (Some(Op::Block { unit, member }), zk::Error::NodeExists) => {

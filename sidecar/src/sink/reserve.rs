@@ -1,9 +1,9 @@
 //! Block numbers allocated ahead of the insert that uses them. An insert normally pays two
 //! ZooKeeper round trips on its critical path: the multi that allocates its block number
 //! (an ephemeral sequential lock under `block_numbers/<partition>`) and the multi that
-//! commits it. After each commit the committer allocates the next number for the same
-//! partition in the background, so the next insert finds it ready and pays only the commit.
-//! The request count stays the same; the allocation just moves off the critical path.
+//! commits it. The commit multi also creates the next lock of every partition it commits
+//! to, so the next insert into them finds its number ready and pays only the commit, and
+//! the reservation costs no request of its own.
 //!
 //! A reserved lock is an insert in flight as far as everyone else can tell, and it is just
 //! as safe: merges never span a locked number, a drop waits for locks below its own, and
@@ -21,13 +21,13 @@ use tracing::debug;
 use zookeeper_client as zk;
 
 use rtable_protocol::paths::sequence_of;
-use rtable_protocol::tree;
 
 use crate::replica::Replica;
 
 /// How long a reserved number may wait for an insert before it is given back.
 pub const IDLE: Duration = Duration::from_millis(1000);
-/// How long taking waits for a refill in flight before allocating anew.
+/// How long taking waits for the state's lock (held briefly by a keep or a give-back)
+/// before allocating anew.
 const TAKE_PATIENCE: Duration = Duration::from_millis(20);
 
 /// A reserved block number: the lock node's path and its number.
@@ -44,8 +44,7 @@ struct State {
     by_partition: HashMap<String, Reserved>,
 }
 
-/// The reservations of one replica, at most one per partition. An async mutex: taking
-/// waits for a refill in flight, which is never slower than allocating anew.
+/// The reservations of one replica, at most one per partition.
 #[derive(Default)]
 pub struct Reserve {
     state: tokio::sync::Mutex<State>,
@@ -55,8 +54,7 @@ impl Reserve {
     /// One reserved number for each of `partitions` (in order, which must be distinct),
     /// all taken, or none when any is missing or belongs to another session.
     pub async fn take_all(&self, generation: u64, partitions: &[&str]) -> Option<Vec<Reserved>> {
-        // A refill in flight is worth waiting for only as long as an allocation would take;
-        // one stuck on a lost connection is not.
+        // A give-back stuck on a lost connection is not worth waiting for.
         let mut state = tokio::time::timeout(TAKE_PATIENCE, self.state.lock())
             .await
             .ok()?;
@@ -66,57 +64,54 @@ impl Reserve {
         take_each(&mut state.by_partition, partitions)
     }
 
-    /// Reserves the next number of each partition (those without one) in the background,
-    /// and gives each back if no insert took it within `IDLE`.
-    pub fn refill(
+    /// Keeps the locks a commit multi created for `generation`'s session, one per partition
+    /// (a partition that has one already gives the new one back), and gives each back if no
+    /// insert took it within `IDLE`.
+    pub fn keep(
         self: &Arc<Self>,
         replica: Arc<Replica>,
         client: zk::Client,
         generation: u64,
-        partitions: Vec<String>,
+        locks: Vec<(String, Reserved)>,
     ) {
+        if locks.is_empty() {
+            return;
+        }
         let reserve = self.clone();
         tokio::spawn(async move {
-            let fresh = {
+            let (kept, extra) = {
                 let mut state = reserve.state.lock().await;
                 if state.generation != generation {
                     // A new session: the old locks are gone with the old one.
                     state.generation = generation;
                     state.by_partition.clear();
                 }
-                let missing: Vec<String> = partitions
-                    .into_iter()
-                    .filter(|p| !state.by_partition.contains_key(p))
-                    .collect();
-                if missing.is_empty() {
-                    return;
-                }
-                match allocate(&replica, &client, &missing).await {
-                    Ok(locks) => {
-                        let fresh: Vec<(String, Reserved)> =
-                            missing.into_iter().zip(locks).collect();
-                        for (partition, lock) in &fresh {
-                            state.by_partition.insert(partition.clone(), lock.clone());
-                        }
-                        fresh
-                    }
-                    Err(e) => {
-                        debug!(replica = %replica.name, error = %e, "could not reserve block numbers; the next insert allocates its own");
-                        return;
+                let mut kept = Vec::new();
+                let mut extra = Vec::new();
+                for (partition, lock) in locks {
+                    if state.by_partition.contains_key(&partition) {
+                        extra.push(lock);
+                    } else {
+                        state.by_partition.insert(partition.clone(), lock.clone());
+                        kept.push((partition, lock));
                     }
                 }
+                (kept, extra)
             };
+            release(&replica, &client, &extra).await;
             tokio::time::sleep(IDLE).await;
             let idle: Vec<Reserved> = {
                 let mut state = reserve.state.lock().await;
-                fresh
-                    .into_iter()
+                kept.into_iter()
                     .filter(|(partition, lock)| {
                         remove_if_present(&mut state.by_partition, partition, lock)
                     })
                     .map(|(_, lock)| lock)
                     .collect()
             };
+            if !idle.is_empty() {
+                debug!(replica = %replica.name, count = idle.len(), "giving back idle reserved block numbers");
+            }
             release(&replica, &client, &idle).await;
         });
     }
@@ -163,42 +158,37 @@ fn remove_if_present(
     }
 }
 
-/// One multi creating a lock per partition (their parents exist: an insert into each
-/// partition has just committed).
-async fn allocate(
-    replica: &Replica,
-    client: &zk::Client,
-    partitions: &[String],
-) -> Result<Vec<Reserved>, tree::TreeError> {
-    let mut multi = client.new_multi_writer();
-    for partition in partitions {
-        let prefix = replica.paths.block_number_lock_prefix(partition);
-        multi
-            .add_create(&prefix, b"", &tree::ephemeral_sequential())
-            .map_err(|e| tree::TreeError::zk("create", prefix.clone(), e))?;
-    }
-    let results = multi.commit().await.map_err(|e| {
-        tree::multi_error("reserve block numbers", &[replica.paths.block_numbers()], e)
-    })?;
-    let mut locks = Vec::with_capacity(partitions.len());
-    for result in results {
-        let zk::MultiWriteResult::Create { path, .. } = result else {
+/// The lock a commit multi created, from its path.
+pub fn parse_lock(path: &str) -> Option<Reserved> {
+    let number = path.rsplit('/').next().and_then(sequence_of)?;
+    Some(Reserved {
+        number,
+        path: path.to_string(),
+    })
+}
+
+/// Gives back the locks a commit multi with an unknown outcome created after all, found
+/// by their tokens: left alone they would bar merges across their numbers, and drops of
+/// their partitions, until the session ends.
+pub async fn give_back_tokens(replica: Arc<Replica>, tokens: Vec<(String, String)>) {
+    let Ok((client, _)) = replica.sessions.active() else {
+        return;
+    };
+    for (partition, token) in tokens {
+        let dir = replica.paths.block_numbers_partition(&partition);
+        let Ok(children) = client.list_children(&dir).await else {
             continue;
         };
-        let Some(number) = path.rsplit('/').next().and_then(sequence_of) else {
-            continue;
-        };
-        locks.push(Reserved { number, path });
+        for child in children {
+            let path = format!("{dir}/{child}");
+            if let Ok((data, _)) = client.get_data(&path).await
+                && data == token.as_bytes()
+            {
+                debug!(replica = %replica.name, lock = %path, "giving back a reservation an unknown commit outcome left");
+                let _ = client.delete(&path, None).await;
+            }
+        }
     }
-    if locks.len() != partitions.len() {
-        // Cannot happen with a successful multi; give back what came so nothing leaks.
-        release(replica, client, &locks).await;
-        return Err(tree::TreeError::Corrupt {
-            path: replica.paths.block_numbers(),
-            message: "reservation multi returned too few locks".to_string(),
-        });
-    }
-    Ok(locks)
 }
 
 async fn release(replica: &Replica, client: &zk::Client, locks: &[Reserved]) {
