@@ -15,7 +15,7 @@ use rtable_protocol::hash::{FileHasher, Hash128};
 use rtable_protocol::part_header::{Checksums, FileChecksum};
 use rtable_protocol::schema::TableSchema;
 
-use super::verify::{sync_path, write_synced};
+use super::verify::sync_files;
 use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StoreError};
 use crate::rows::{
     arrow_schema, parquet_writer_properties, sort_by_key, storage_schema, to_storage,
@@ -142,7 +142,8 @@ impl PartWriter {
         Ok(())
     }
 
-    /// Writes the footer, `checksums.txt` and `count.txt`, and fsyncs files and directory.
+    /// Writes the footer, `checksums.txt` and `count.txt`, and fsyncs files and directory
+    /// (together, see [`sync_files`]).
     pub fn finish(self) -> Result<TempPart, StoreError> {
         let dir = self.dir.clone();
         match self.finish_inner() {
@@ -180,13 +181,19 @@ impl PartWriter {
             .inner
             .into_inner()
             .map_err(|e| StoreError::io("writing", &data_path, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| StoreError::io("fsyncing", &data_path, e))?;
         let mut checksums = Checksums::default();
         checksums.files.insert(DATA_FILE.to_string(), data);
-        write_synced(&dir.join(CHECKSUMS_FILE), checksums.render().as_bytes())?;
-        write_synced(&dir.join(COUNT_FILE), format!("{rows}\n").as_bytes())?;
-        sync_path(&dir)?;
+        let checksums_path = dir.join(CHECKSUMS_FILE);
+        let count_path = dir.join(COUNT_FILE);
+        let checksums_file = write_file(&checksums_path, checksums.render().as_bytes())?;
+        let count_file = write_file(&count_path, format!("{rows}\n").as_bytes())?;
+        let dir_file = File::open(&dir).map_err(|e| StoreError::io("opening", &dir, e))?;
+        sync_files(&[
+            (data_path.as_path(), &file),
+            (checksums_path.as_path(), &checksums_file),
+            (count_path.as_path(), &count_file),
+            (dir.as_path(), &dir_file),
+        ])?;
         let bytes = checksums.total_bytes();
         Ok(TempPart {
             dir,
@@ -195,6 +202,14 @@ impl PartWriter {
             bytes,
         })
     }
+}
+
+/// Creates a small file with `bytes`, left open for its fsync.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<File, StoreError> {
+    let mut file = File::create(path).map_err(|e| StoreError::io("creating", path, e))?;
+    file.write_all(bytes)
+        .map_err(|e| StoreError::io("writing", path, e))?;
+    Ok(file)
 }
 
 /// Writes one insert's rows as a temporary part: sorted by the table's ORDER BY (stable;

@@ -41,6 +41,36 @@ pub fn sync_path(path: &Path) -> Result<(), StoreError> {
 }
 
 /// Writes a small file and fsyncs it.
+/// Fsyncs several files (and directories) of one part with as few journal commits as the
+/// filesystem allows: writeback of every file is started first, so on a journaling
+/// filesystem (ext4, XFS) the first fsync's commit carries the block allocations of all of
+/// them and the later fsyncs find nothing left to commit. Each file is still fsynced, so
+/// this is as durable as fsyncing them one after the other, on any filesystem.
+pub fn sync_files(files: &[(&Path, &File)]) -> Result<(), StoreError> {
+    for (_, file) in files {
+        start_writeback(file);
+    }
+    for (path, file) in files {
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsyncing", path, e))?;
+    }
+    Ok(())
+}
+
+/// Starts writing a file's dirty pages back without waiting (a hint: failures are left to
+/// the fsync that follows).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call only schedules writeback of its pages.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File) {}
+
 /// Writes a small file whose fsync comes later (see [`open_for_sync`]).
 fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     fs::write(path, bytes).map_err(|e| StoreError::io("writing", path, e))
@@ -251,11 +281,12 @@ pub struct Unsynced {
 
 impl Unsynced {
     pub fn sync(self) -> Result<(), StoreError> {
-        for (path, file) in &self.handles {
-            file.sync_all()
-                .map_err(|e| StoreError::io("fsyncing", path, e))?;
-        }
-        Ok(())
+        let files: Vec<(&Path, &File)> = self
+            .handles
+            .iter()
+            .map(|(path, file)| (path.as_path(), file))
+            .collect();
+        sync_files(&files)
     }
 }
 
