@@ -349,11 +349,17 @@ async fn commit_pending(
             .map(|&u| group.units[u].partition_id.clone())
             .collect();
         let wanted: Vec<&str> = partitions.iter().map(String::as_str).collect();
-        // Writing shared parts needs no block number: it overlaps the allocation round trip,
-        // or the wait for a refill still in flight when groups follow each other closely.
         let t0 = std::time::Instant::now();
-        let writes = start_shared_writes(replica, group, &open);
         let reserved = replica.block_reserve.take_all(generation, &wanted).await;
+        // With reserved numbers the shared parts are written straight under their staged
+        // names; without, they are written while the allocation multi is in flight.
+        let staged_names: Option<Vec<PartName>> = reserved.as_ref().map(|locks| {
+            open.iter()
+                .zip(locks)
+                .map(|(&u, lock)| PartName::new_insert(&group.units[u].partition_id, lock.number))
+                .collect()
+        });
+        let writes = start_shared_writes(replica, group, &open, staged_names.as_deref());
         // Numbers reserved after an earlier commit save the allocation round trip; without
         // the allocation's early dedup check a duplicate is found by the commit instead.
         let used_reserve = reserved.is_some();
@@ -408,6 +414,7 @@ async fn commit_pending(
         for (&u, name) in open.iter().zip(&names) {
             let unit = &mut group.units[u];
             let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
+                UnitState::Staged(s) if s.name == *name => Ok(s),
                 UnitState::Temp(t) => replica.store.stage(t, name),
                 UnitState::Staged(s) => replica.store.restage(s, name),
                 UnitState::Unwritten | UnitState::Done => Err(StoreError::Refused {
@@ -507,8 +514,14 @@ async fn commit_pending(
     }
 }
 
+/// A shared part written as a temporary part or straight under its staged name.
+enum Written {
+    Temp(TempPart),
+    Staged(StagedPart),
+}
+
 /// Per unit written: its index, its member count when the write started, the outcome.
-type SharedWritten = Vec<(usize, usize, Result<TempPart, StoreError>)>;
+type SharedWritten = Vec<(usize, usize, Result<Written, StoreError>)>;
 type SharedWrites = tokio::task::JoinHandle<SharedWritten>;
 
 /// Starts writing the shared part of every open unit that has none (yet, or any more),
@@ -518,17 +531,20 @@ fn start_shared_writes(
     replica: &Arc<Replica>,
     group: &Group,
     open: &[usize],
+    staged_names: Option<&[PartName]>,
 ) -> Option<SharedWrites> {
-    let todo: Vec<(usize, usize, Vec<RecordBatch>)> = open
+    let todo: Vec<(usize, usize, Vec<RecordBatch>, Option<PartName>)> = open
         .iter()
-        .filter(|&&u| matches!(group.units[u].state, UnitState::Unwritten))
-        .map(|&u| {
+        .enumerate()
+        .filter(|(_, u)| matches!(group.units[**u].state, UnitState::Unwritten))
+        .map(|(i, &u)| {
             let members = &group.units[u].members;
             let rows = members
                 .iter()
                 .filter_map(|&m| group.members[m].rows.clone())
                 .collect();
-            (u, members.len(), rows)
+            let name = staged_names.and_then(|names| names.get(i).cloned());
+            (u, members.len(), rows, name)
         })
         .collect();
     if todo.is_empty() {
@@ -537,9 +553,14 @@ fn start_shared_writes(
     let r = replica.clone();
     Some(tokio::task::spawn_blocking(move || {
         todo.into_iter()
-            .map(|(u, members, rows)| {
+            .map(|(u, members, rows, name)| {
                 let refs: Vec<&RecordBatch> = rows.iter().collect();
-                let written = crate::store::write_shared(&r.store, &refs, &r.table.schema);
+                let schema = &r.table.schema;
+                let written = match name {
+                    Some(name) => crate::store::write_shared_staged(&r.store, &refs, schema, &name)
+                        .map(Written::Staged),
+                    None => crate::store::write_shared(&r.store, &refs, schema).map(Written::Temp),
+                };
                 (u, members, written)
             })
             .collect()
@@ -559,12 +580,16 @@ fn finish_shared_writes(
     for (u, members, result) in written {
         let unit = &mut group.units[u];
         match result {
-            Ok(temp)
+            Ok(written)
                 if matches!(unit.state, UnitState::Unwritten) && unit.members.len() == members =>
             {
-                unit.state = UnitState::Temp(temp)
+                unit.state = match written {
+                    Written::Temp(t) => UnitState::Temp(t),
+                    Written::Staged(s) => UnitState::Staged(s),
+                }
             }
-            Ok(temp) => replica.store.discard_temp(temp),
+            Ok(Written::Temp(t)) => replica.store.discard_temp(t),
+            Ok(Written::Staged(s)) => replica.store.discard_staged(s),
             Err(e) => failure = Some(e),
         }
     }

@@ -31,7 +31,9 @@ use rtable_protocol::part_header::Checksums;
 use rtable_protocol::part_name::PartName;
 
 pub use part_reader::{PartBatches, columns_in, part_columns, read_part, read_part_batches};
-pub use part_writer::{PartWriter, TempPart, conform, write_shared, write_temp};
+pub use part_writer::{
+    PartWriter, TempPart, conform, write_shared, write_shared_staged, write_temp,
+};
 
 pub const DATA_FILE: &str = "data.parquet";
 pub const CHECKSUMS_FILE: &str = "checksums.txt";
@@ -797,6 +799,23 @@ impl PartStore {
 
     fn staged_dir(&self, name: &PartName) -> PathBuf {
         self.inner.parts_dir.join(format!("{STAGED_PREFIX}{name}"))
+    }
+
+    /// A fresh, empty `staged_<name>/` for an insert whose block number is known before
+    /// its part is written (a reserved number): written there, it needs no rename.
+    pub fn new_staged_dir(&self, name: &PartName) -> Result<PathBuf, StoreError> {
+        Self::check_name(name, "staging a part")?;
+        let dir = self.staged_dir(name);
+        match fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(StoreError::AlreadyExists {
+                    name: name.to_string(),
+                    path: dir,
+                })
+            }
+            Err(e) => Err(StoreError::io("creating", &dir, e)),
+        }
     }
 
     /// Renames a written insert to `staged_<name>`.

@@ -16,10 +16,11 @@ use rtable_protocol::part_header::{Checksums, FileChecksum};
 use rtable_protocol::schema::TableSchema;
 
 use super::verify::sync_files;
-use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StoreError};
+use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StagedPart, StoreError};
 use crate::rows::{
     arrow_schema, parquet_writer_properties, sort_by_key, storage_schema, to_storage,
 };
+use rtable_protocol::PartName;
 
 /// A written, fsynced, not yet active part. Commit it with [`PartStore::commit_temp`] or
 /// remove it with [`TempPart::discard`]; dropping it leaves the directory, which the next
@@ -73,6 +74,9 @@ impl Write for HashingWriter {
 /// many). Batches must already be in ORDER BY order and have the table's columns.
 pub struct PartWriter {
     dir: PathBuf,
+    /// The directory holding `dir`, fsynced with the part when `dir` was created under its
+    /// final name (a staged insert: no rename follows to make durable).
+    parent_to_sync: Option<PathBuf>,
     data_path: PathBuf,
     schema: SchemaRef,
     writer: ArrowWriter<HashingWriter>,
@@ -87,7 +91,25 @@ impl PartWriter {
         kind: &str,
     ) -> Result<PartWriter, StoreError> {
         let dir = store.new_tmp_dir(kind)?;
-        match Self::start(dir.clone(), table) {
+        Self::start_in(dir, None, table)
+    }
+
+    /// Creates `parts/staged_<name>/data.parquet` for an insert whose number is known.
+    pub fn create_staged(
+        store: &PartStore,
+        table: &TableSchema,
+        name: &PartName,
+    ) -> Result<PartWriter, StoreError> {
+        let dir = store.new_staged_dir(name)?;
+        Self::start_in(dir, Some(store.parts_dir().to_path_buf()), table)
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        parent_to_sync: Option<PathBuf>,
+        table: &TableSchema,
+    ) -> Result<PartWriter, StoreError> {
+        match Self::start(dir.clone(), parent_to_sync, table) {
             Ok(w) => Ok(w),
             Err(e) => {
                 let _ignored = fs::remove_dir_all(&dir);
@@ -96,7 +118,11 @@ impl PartWriter {
         }
     }
 
-    fn start(dir: PathBuf, table: &TableSchema) -> Result<PartWriter, StoreError> {
+    fn start(
+        dir: PathBuf,
+        parent_to_sync: Option<PathBuf>,
+        table: &TableSchema,
+    ) -> Result<PartWriter, StoreError> {
         let data_path = dir.join(DATA_FILE);
         let file =
             File::create(&data_path).map_err(|e| StoreError::io("creating", &data_path, e))?;
@@ -114,6 +140,7 @@ impl PartWriter {
         .map_err(|e| StoreError::parquet("starting", &data_path, e))?;
         Ok(PartWriter {
             dir,
+            parent_to_sync,
             data_path,
             schema,
             writer,
@@ -163,6 +190,7 @@ impl PartWriter {
     fn finish_inner(self) -> Result<TempPart, StoreError> {
         let PartWriter {
             dir,
+            parent_to_sync,
             data_path,
             writer,
             rows,
@@ -188,12 +216,22 @@ impl PartWriter {
         let checksums_file = write_file(&checksums_path, checksums.render().as_bytes())?;
         let count_file = write_file(&count_path, format!("{rows}\n").as_bytes())?;
         let dir_file = File::open(&dir).map_err(|e| StoreError::io("opening", &dir, e))?;
-        sync_files(&[
+        let mut files = vec![
             (data_path.as_path(), &file),
             (checksums_path.as_path(), &checksums_file),
             (count_path.as_path(), &count_file),
             (dir.as_path(), &dir_file),
-        ])?;
+        ];
+        let parent_file = match &parent_to_sync {
+            Some(parent) => {
+                Some(File::open(parent).map_err(|e| StoreError::io("opening", parent, e))?)
+            }
+            None => None,
+        };
+        if let (Some(parent), Some(parent_file)) = (&parent_to_sync, &parent_file) {
+            files.push((parent.as_path(), parent_file));
+        }
+        sync_files(&files)?;
         let bytes = checksums.total_bytes();
         Ok(TempPart {
             dir,
@@ -245,6 +283,33 @@ pub fn conform(
             store.parts_dir(),
             e,
         )
+    })
+}
+
+/// [`write_shared`] straight into `staged_<name>` (the block number is reserved already):
+/// one fsync batch makes the part and its directory entry durable, and no rename follows.
+pub fn write_shared_staged(
+    store: &PartStore,
+    blocks: &[&RecordBatch],
+    schema: &TableSchema,
+    name: &PartName,
+) -> Result<StagedPart, StoreError> {
+    let table = arrow_schema(schema);
+    let combined = arrow::compute::concat_batches(&table, blocks.iter().copied())
+        .map_err(|e| StoreError::arrow("combining inserts for", store.parts_dir(), e))?;
+    let sorted = sort_by_key(&combined, &schema.order_by)
+        .map_err(|e| StoreError::arrow("sorting rows for", store.parts_dir(), e))?;
+    let mut writer = PartWriter::create_staged(store, schema, name)?;
+    if let Err(e) = writer.write(&sorted) {
+        let _ignored = writer.abort();
+        return Err(e);
+    }
+    let temp = writer.finish()?;
+    Ok(StagedPart {
+        name: name.clone(),
+        dir: temp.dir,
+        rows: temp.rows,
+        checksums: temp.checksums,
     })
 }
 
