@@ -96,8 +96,8 @@ pub async fn assign_once(
     // snapshot BEFORE the block-number locks are read. A block number below a chosen part
     // was allocated before that part, hence before the lock read; at the lock read it is
     // either still locked (a barrier), or given up (never a part), or committed, and then
-    // the log pulled AFTER the lock read names it (queued, or already held here: both are
-    // barriers below). Reading the locks first would miss a block allocated after the
+    // the log pulled AFTER the lock read names it (queued, or already held here, or, for
+    // this replica's own insert, staged here awaiting activation: all barriers below). Reading the locks first would miss a block allocated after the
     // read whose part is still committing while a later-allocated neighbour already is
     // in the snapshot (concurrent group commits, inserts on several replicas).
     // The log version comes first of all, so a merge another leader publishes meanwhile
@@ -122,6 +122,17 @@ pub async fn assign_once(
     if queued_merges >= MAX_QUEUED_MERGES {
         return Ok(None);
     }
+    // This replica's own committed inserts still staged (committed, not yet renamed into
+    // place) are known parts too: the pull skips their GETs as held, and their locks went
+    // with their commits. Listed before the store is looked at again, so a part activated
+    // in between is in that second look.
+    known.extend(
+        replica
+            .store
+            .staged_names()
+            .iter()
+            .filter_map(|n| PartName::parse(n).ok()),
+    );
     // Parts that became visible here after the snapshot (committed or fetched since,
     // their GETs skipped by the pull as already held) are known parts too.
     let chosen_from: HashSet<&PartName> = snapshot.parts().iter().map(|p| &p.name).collect();
