@@ -17,14 +17,12 @@ use tracing::warn;
 
 use rtable_protocol::PartName;
 use rtable_protocol::manifest::{AutoQuorum, InsertQuorum};
-use rtable_protocol::part_header::Checksums;
 
 use crate::exchange;
 use crate::metrics::Metrics;
 use crate::replica::{Replica, SECRET_HEADER};
 use crate::rows::{InputFormat, OutputFormat};
 use crate::sink::{self, Committer, InsertRequest};
-use crate::store::{ActivePart, PartStore};
 use crate::{select, status};
 
 #[derive(Clone)]
@@ -285,40 +283,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// An opened part to send, its first chunk, and the active part it came from (held while
-/// the body streams, so the part's files outlive a merge that retires it meanwhile).
-type Opened = (exchange::OutgoingPart, Vec<u8>, Option<Arc<ActivePart>>);
-
-/// Opens an active part, or a committed insert in the instant before its activation: the
-/// peer read its name from the committed log entry, so it need not wait for the rename.
-/// The open descriptors keep working across the rename.
-fn open_outgoing(store: &PartStore, part: &PartName) -> std::io::Result<Option<Opened>> {
-    let open = |dir: &std::path::Path, known: &Checksums| {
-        let mut outgoing = exchange::OutgoingPart::open(dir, known)?;
-        let first = outgoing.next_chunk(exchange::CHUNK_BYTES)?;
-        Ok::<_, std::io::Error>((outgoing, first.unwrap_or_default()))
-    };
-    if let Some(active) = store.get(part) {
-        let (outgoing, first) = open(&active.dir, &active.checksums)?;
-        return Ok(Some((outgoing, first, Some(active))));
-    }
-    if let Some((dir, known)) = store.staged_for_sending(part) {
-        match open(&dir, &known) {
-            Ok((outgoing, first)) => return Ok(Some((outgoing, first, None))),
-            // Renamed while we opened it: it is active now.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    match store.get(part) {
-        Some(active) => {
-            let (outgoing, first) = open(&active.dir, &active.checksums)?;
-            Ok(Some((outgoing, first, Some(active))))
-        }
-        None => Ok(None),
-    }
-}
-
 /// The refusal of an interserver request without the shared secret (when one is set).
 fn refuse_unauthenticated(replica: &Replica, headers: &HeaderMap) -> Option<Response> {
     let secret = replica.secret.as_ref()?;
@@ -373,7 +337,12 @@ async fn receive_push(
         body.into_data_stream(),
     )
     .await;
-    axum::Json(json!({ "taken": taken })).into_response()
+    let answer = match taken {
+        Ok(()) => json!({ "taken": true }),
+        // The entry fetches the part when it comes; the reason is for the pusher's log.
+        Err(reason) => json!({ "taken": false, "reason": reason }),
+    };
+    axum::Json(answer).into_response()
 }
 
 /// Interserver: streams a part's files after the exchange header (see `exchange`).
@@ -396,7 +365,8 @@ async fn send_part(
         }
     };
     let store = replica.store.clone();
-    let opened = tokio::task::spawn_blocking(move || open_outgoing(&store, &part)).await;
+    let opened =
+        tokio::task::spawn_blocking(move || exchange::open_for_sending(&store, &part)).await;
     let (mut outgoing, first, active) = match opened {
         Ok(Ok(Some(opened))) => opened,
         Ok(Ok(None)) => {

@@ -15,9 +15,13 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek};
 use std::path::Path;
+use std::sync::Arc;
 
+use rtable_protocol::PartName;
 use rtable_protocol::hash::{FileHasher, Hash128};
 use rtable_protocol::part_header::Checksums;
+
+use crate::store::{ActivePart, PartStore};
 
 pub const MAGIC: &str = "rtable-part-exchange 1";
 /// A part directory holds a handful of files; a header beyond this is not a peer talking.
@@ -242,6 +246,36 @@ impl OutgoingPart {
         }
         Ok(if buf.is_empty() { None } else { Some(buf) })
     }
+}
+
+/// An opened part to send, its first chunk, and the active part it came from (held while
+/// the body streams, so the part's files outlive a merge that retires it meanwhile).
+pub type Opened = (OutgoingPart, Vec<u8>, Option<Arc<ActivePart>>);
+
+/// Opens an active part for sending, or a committed insert in the instant before its
+/// activation: a peer asking for it read its name from the committed log entry, so it
+/// need not wait for the rename (the open descriptors keep working across it).
+pub fn open_for_sending(store: &PartStore, part: &PartName) -> std::io::Result<Option<Opened>> {
+    let open = |dir: &Path, known: &Checksums| {
+        let mut outgoing = OutgoingPart::open(dir, known)?;
+        let first = outgoing.next_chunk(CHUNK_BYTES)?;
+        Ok::<_, std::io::Error>((outgoing, first.unwrap_or_default()))
+    };
+    if store.get(part).is_none()
+        && let Some((dir, known)) = store.staged_for_sending(part)
+    {
+        match open(&dir, &known) {
+            Ok((outgoing, first)) => return Ok(Some((outgoing, first, None))),
+            // Renamed while we opened it: it is active now.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(active) = store.get(part) else {
+        return Ok(None);
+    };
+    let (outgoing, first) = open(&active.dir, &active.checksums)?;
+    Ok(Some((outgoing, first, Some(active))))
 }
 
 #[cfg(test)]

@@ -84,24 +84,21 @@ async fn push_part(replica: &Arc<Replica>, peers: &[String], c: &Committed) {
     if active.bytes > replica.cfg.push_max_bytes {
         return;
     }
-    let dir = active.dir.clone();
-    let known = active.checksums.clone();
-    let limit = replica.cfg.push_max_bytes;
-    // Read once, sent to every peer; `active` keeps the files while they are read.
+    drop(active);
+    let store = replica.store.clone();
+    let part = c.part.clone();
+    // Read once, sent to every peer.
     let body = tokio::task::spawn_blocking(move || {
-        let mut outgoing = exchange::OutgoingPart::open(&dir, &known)?;
-        let length = outgoing.content_length();
-        let mut body = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+        let Some((mut outgoing, first, _keep)) = exchange::open_for_sending(&store, &part)? else {
+            return Err(std::io::Error::other("the part is not active any more"));
+        };
+        let mut body = first;
         while let Some(chunk) = outgoing.next_chunk(exchange::CHUNK_BYTES)? {
             body.extend_from_slice(&chunk);
-            if body.len() as u64 > limit.saturating_mul(2) {
-                return Err(std::io::Error::other("part grew past the push limit"));
-            }
         }
         Ok::<_, std::io::Error>(bytes::Bytes::from(body))
     })
     .await;
-    drop(active);
     let body = match body {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {

@@ -166,15 +166,20 @@ pub fn refuse_push(
 }
 
 /// Installs a part its source pushed (after [`refuse_push`] said yes, which claimed it),
-/// then wakes the executor like a prefetch.
-pub async fn take_push<S, E>(replica: Arc<Replica>, source: &str, part: &PartName, body: S) -> bool
+/// then wakes the executor like a prefetch. `Err`: why it was not installed.
+pub async fn take_push<S, E>(
+    replica: Arc<Replica>,
+    source: &str,
+    part: &PartName,
+    body: S,
+) -> Result<(), String>
 where
     S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let fetched = fetcher::receive_pushed(&replica, source, part, body).await;
     let taken = finish(&replica, part, source, fetched, "pushed part").await;
-    if taken {
+    if taken.is_ok() {
         Metrics::inc(&replica.metrics.pushed_parts_taken);
     }
     taken
@@ -183,19 +188,18 @@ where
 /// Downloads and installs one part, then wakes the executor (its entry finds it held).
 async fn run(replica: Arc<Replica>, c: Candidate) {
     let fetched = fetcher::fetch(&replica, &c.address, &c.part, None, Purpose::Prefetch).await;
-    finish(&replica, &c.part, &c.source, fetched, "prefetched part").await;
+    let _ = finish(&replica, &c.part, &c.source, fetched, "prefetched part").await;
 }
 
-/// Metrics and drop check after a prefetch or push; true when the part was installed.
+/// Metrics and drop check after a prefetch or push; `Err` says why nothing was installed.
 async fn finish(
     replica: &Arc<Replica>,
     part: &PartName,
     source: &str,
     fetched: Result<fetcher::Fetched, fetcher::FetchError>,
     what: &'static str,
-) -> bool {
-    let installed = fetched.is_ok();
-    match fetched {
+) -> Result<(), String> {
+    let installed = match fetched {
         Ok(fetched) => {
             Metrics::inc(&replica.metrics.fetches);
             if part.level > 0 {
@@ -211,13 +215,15 @@ async fn finish(
                 "{what}"
             );
             remove_if_dropped(replica, part).await;
+            Ok(())
         }
         Err(e) => {
             // Nothing was installed; the entry's own execution fetches as before.
             replica.prefetched.forget(part);
             debug!(replica = %replica.name, part = %part, source = %source, error = %e, "{what}: failed; the queue entry will fetch");
+            Err(e.to_string())
         }
-    }
+    };
     replica.queue_notify.notify_one();
     installed
 }

@@ -257,9 +257,28 @@ pub fn write_temp(
     batch: &RecordBatch,
     schema: &TableSchema,
 ) -> Result<TempPart, StoreError> {
-    let sorted = sort_by_key(batch, &schema.order_by)
-        .map_err(|e| StoreError::arrow("sorting rows for", store.parts_dir(), e))?;
-    let mut writer = PartWriter::create(store, schema, "insert")?;
+    write_sorted(
+        PartWriter::create(store, schema, "insert")?,
+        store,
+        batch,
+        schema,
+    )
+}
+
+/// Sorts `batch` by ORDER BY and writes it with `writer` (removed again on failure).
+fn write_sorted(
+    mut writer: PartWriter,
+    store: &PartStore,
+    batch: &RecordBatch,
+    schema: &TableSchema,
+) -> Result<TempPart, StoreError> {
+    let sorted = match sort_by_key(batch, &schema.order_by) {
+        Ok(sorted) => sorted,
+        Err(e) => {
+            let _ignored = writer.abort();
+            return Err(StoreError::arrow("sorting rows for", store.parts_dir(), e));
+        }
+    };
     if let Err(e) = writer.write(&sorted) {
         let _ignored = writer.abort();
         return Err(e);
@@ -294,17 +313,9 @@ pub fn write_shared_staged(
     schema: &TableSchema,
     name: &PartName,
 ) -> Result<StagedPart, StoreError> {
-    let table = arrow_schema(schema);
-    let combined = arrow::compute::concat_batches(&table, blocks.iter().copied())
-        .map_err(|e| StoreError::arrow("combining inserts for", store.parts_dir(), e))?;
-    let sorted = sort_by_key(&combined, &schema.order_by)
-        .map_err(|e| StoreError::arrow("sorting rows for", store.parts_dir(), e))?;
-    let mut writer = PartWriter::create_staged(store, schema, name)?;
-    if let Err(e) = writer.write(&sorted) {
-        let _ignored = writer.abort();
-        return Err(e);
-    }
-    let temp = writer.finish()?;
+    let combined = combine(store, blocks, schema)?;
+    let writer = PartWriter::create_staged(store, schema, name)?;
+    let temp = write_sorted(writer, store, &combined, schema)?;
     Ok(StagedPart {
         name: name.clone(),
         dir: temp.dir,
@@ -320,8 +331,15 @@ pub fn write_shared(
     blocks: &[&RecordBatch],
     schema: &TableSchema,
 ) -> Result<TempPart, StoreError> {
-    let table = arrow_schema(schema);
-    let combined = arrow::compute::concat_batches(&table, blocks.iter().copied())
-        .map_err(|e| StoreError::arrow("combining inserts for", store.parts_dir(), e))?;
-    write_temp(store, &combined, schema)
+    write_temp(store, &combine(store, blocks, schema)?, schema)
+}
+
+/// Concatenates conformed blocks into one batch of the table's schema.
+fn combine(
+    store: &PartStore,
+    blocks: &[&RecordBatch],
+    schema: &TableSchema,
+) -> Result<RecordBatch, StoreError> {
+    arrow::compute::concat_batches(&arrow_schema(schema), blocks.iter().copied())
+        .map_err(|e| StoreError::arrow("combining inserts for", store.parts_dir(), e))
 }
