@@ -40,19 +40,18 @@ pub fn failed_path(replica: &Replica, part: &str) -> String {
 
 /// Active replicas right now (for the fail-fast check before a quorum insert).
 pub async fn active_replicas(replica: &Replica, client: &zk::Client) -> Result<u32, TreeError> {
-    let mut n = 0;
-    for name in tree::list_replicas(client, &replica.paths).await? {
-        let path = replica.paths.replica(&name).is_active();
-        if client
+    let names = tree::list_replicas(client, &replica.paths).await?;
+    // One round trip for all the checks: the session pipelines them.
+    let checks = names.iter().map(|name| async move {
+        let path = replica.paths.replica(name).is_active();
+        client
             .check_stat(&path)
             .await
-            .map_err(|e| TreeError::zk("exists", path, e))?
-            .is_some()
-        {
-            n += 1;
-        }
-    }
-    Ok(n)
+            .map(|stat| stat.is_some())
+            .map_err(|e| TreeError::zk("exists", path, e))
+    });
+    let active = futures::future::try_join_all(checks).await?;
+    Ok(active.into_iter().filter(|&a| a).count() as u32)
 }
 
 /// How a wait for a quorum ended.

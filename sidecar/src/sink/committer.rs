@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zookeeper_client as zk;
 
 use rtable_protocol::part_header::PartHeader;
@@ -25,6 +25,7 @@ use rtable_protocol::{LogEntry, PartName};
 use crate::metrics::Metrics;
 use crate::replica::Replica;
 use crate::sink::{Block, BlockOutcome, InsertError, Payload};
+use crate::store::verify::Unsynced;
 use crate::store::{StagedPart, StoreError, TempPart};
 
 /// At most a log entry, lock removal, blocks node and parts node per block: 100 blocks
@@ -320,6 +321,8 @@ async fn commit_pending(
     // session that really ends turns the replica read-only, which answers at once.
     let patience = tokio::time::Instant::now() + replica.session_timeout;
     let mut transient_waits: u64 = 0;
+    // Fsyncs of parts written straight under their staged names, run alongside the commit.
+    let mut pending_sync: Vec<Unsynced> = Vec::new();
     loop {
         attempt += 1;
         let open = group.open();
@@ -370,7 +373,12 @@ async fn commit_pending(
             None => allocate(replica, &client, group, &open).await,
         };
         let written = match writes {
-            Some(handle) => finish_shared_writes(replica, group, handle.await),
+            Some(SharedWrites::Done(written)) => {
+                finish_shared_writes(replica, group, Ok(written), &mut pending_sync)
+            }
+            Some(SharedWrites::Spawned(handle)) => {
+                finish_shared_writes(replica, group, handle.await, &mut pending_sync)
+            }
             None => Ok(()),
         };
         if let (Err(e), Ok(Some(numbers))) = (&written, &allocated) {
@@ -436,7 +444,13 @@ async fn commit_pending(
         // Each reservation's lock carries a token of its own, so one created by a multi
         // whose outcome was unknown can be found and given back.
         let tokens = reservation_tokens(replica, group, &open);
-        let committed = match commit(replica, &client, group, &open, &tokens).await {
+        // The parts' fsyncs overlap the commit, and the outcome waits for both: a process
+        // crash keeps the written pages, and a machine crash before the fsyncs end leaves a
+        // staged part that fails verification at the next start and is fetched again.
+        let syncing = start_syncs(&mut pending_sync);
+        let committed = commit(replica, &client, group, &open, &tokens).await;
+        let synced = finish_syncs(syncing).await;
+        let committed = match committed {
             CommitResult::Committed(_)
                 if crate::failpoint::fire(crate::failpoint::COMMIT_REPLY_LOST) =>
             {
@@ -450,6 +464,7 @@ async fn commit_pending(
         match committed {
             CommitResult::Committed(extras) => {
                 Metrics::inc(&replica.metrics.insert_commits);
+                report_sync_failure(replica, &names, synced);
                 activate_all(replica, group, &open);
                 replica.block_reserve.keep(
                     replica.clone(),
@@ -483,6 +498,9 @@ async fn commit_pending(
             CommitResult::Retry(reason) => {
                 debug!(replica = %replica.name, %reason, "commit not applied; retrying");
                 release_all_locks(&client, group, &open).await;
+                if let Err(e) = synced {
+                    return Err(InsertError::Store(e));
+                }
             }
             CommitResult::Refused(reason) => {
                 release_all_locks(&client, group, &open).await;
@@ -493,6 +511,7 @@ async fn commit_pending(
                 match resolve(replica, group, &open).await {
                     Some(true) => {
                         Metrics::inc(&replica.metrics.insert_commits);
+                        report_sync_failure(replica, &names, synced);
                         activate_all(replica, group, &open);
                         tokio::spawn(crate::sink::reserve::give_back_tokens(
                             replica.clone(),
@@ -505,6 +524,9 @@ async fn commit_pending(
                         // On a session that survived the blip the old numbers are still
                         // locked; left alone they would bar merges across them until it ends.
                         release_all_locks(&client, group, &open).await;
+                        if let Err(e) = synced {
+                            return Err(InsertError::Store(e));
+                        }
                         continue;
                     }
                     None => return Err(InsertError::OutcomeUnknown(reason)),
@@ -514,15 +536,55 @@ async fn commit_pending(
     }
 }
 
-/// A shared part written as a temporary part or straight under its staged name.
+/// A shared part written as a temporary part (fsynced) or straight under its staged name
+/// (fsyncs still to run).
 enum Written {
     Temp(TempPart),
-    Staged(StagedPart),
+    Staged(StagedPart, Unsynced),
+}
+
+type Syncing = tokio::task::JoinHandle<Result<(), StoreError>>;
+
+fn start_syncs(pending: &mut Vec<Unsynced>) -> Option<Syncing> {
+    if pending.is_empty() {
+        return None;
+    }
+    let batch = std::mem::take(pending);
+    Some(tokio::task::spawn_blocking(move || {
+        batch.into_iter().try_for_each(Unsynced::sync)
+    }))
+}
+
+async fn finish_syncs(syncing: Option<Syncing>) -> Result<(), StoreError> {
+    match syncing {
+        None => Ok(()),
+        Some(handle) => handle.await.map_err(|e| StoreError::Refused {
+            op: "fsyncing inserted parts",
+            reason: e.to_string(),
+        })?,
+    }
+}
+
+/// A committed part whose fsync failed is still acknowledged: ZooKeeper names it, a retry
+/// would be answered as its duplicate, and peers copy it from this replica's page cache.
+/// The disk is what needs attention.
+fn report_sync_failure(replica: &Replica, names: &[PartName], synced: Result<(), StoreError>) {
+    if let Err(e) = synced {
+        let parts = names
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        error!(replica = %replica.name, %parts, error = %e, "committed parts could not be fsynced; check this replica's disk");
+    }
 }
 
 /// Per unit written: its index, its member count when the write started, the outcome.
 type SharedWritten = Vec<(usize, usize, Result<Written, StoreError>)>;
-type SharedWrites = tokio::task::JoinHandle<SharedWritten>;
+enum SharedWrites {
+    Done(SharedWritten),
+    Spawned(tokio::task::JoinHandle<SharedWritten>),
+}
 
 /// Starts writing the shared part of every open unit that has none (yet, or any more),
 /// off the async runtime, all of a group's in one blocking task. Each result remembers
@@ -533,7 +595,7 @@ fn start_shared_writes(
     open: &[usize],
     staged_names: Option<&[PartName]>,
 ) -> Option<SharedWrites> {
-    let todo: Vec<(usize, usize, Vec<RecordBatch>, Option<PartName>)> = open
+    let todo: Todo = open
         .iter()
         .enumerate()
         .filter(|(_, u)| matches!(group.units[**u].state, UnitState::Unwritten))
@@ -550,27 +612,50 @@ fn start_shared_writes(
     if todo.is_empty() {
         return None;
     }
+    // Without reserved numbers the write overlaps the allocation multi instead.
+    let small = staged_names.is_some()
+        && todo
+            .iter()
+            .flat_map(|(_, _, rows, _)| rows)
+            .map(RecordBatch::get_array_memory_size)
+            .sum::<usize>()
+            <= INLINE_WRITE_MAX_BYTES;
+    if small {
+        return Some(SharedWrites::Done(write_units(replica, todo)));
+    }
     let r = replica.clone();
-    Some(tokio::task::spawn_blocking(move || {
-        todo.into_iter()
-            .map(|(u, members, rows, name)| {
-                let refs: Vec<&RecordBatch> = rows.iter().collect();
-                let schema = &r.table.schema;
-                let written = match name {
-                    Some(name) => crate::store::write_shared_staged(&r.store, &refs, schema, &name)
-                        .map(Written::Staged),
-                    None => crate::store::write_shared(&r.store, &refs, schema).map(Written::Temp),
-                };
-                (u, members, written)
-            })
-            .collect()
-    }))
+    Some(SharedWrites::Spawned(tokio::task::spawn_blocking(
+        move || write_units(&r, todo),
+    )))
+}
+
+/// Below this many bytes of rows, a group's parts with reserved numbers are written on the
+/// committer's own thread: under a millisecond of work, where a blocking thread costs two wake-ups, each
+/// a millisecond or more on a busy machine.
+const INLINE_WRITE_MAX_BYTES: usize = 64 << 10;
+
+type Todo = Vec<(usize, usize, Vec<RecordBatch>, Option<PartName>)>;
+
+fn write_units(r: &Replica, todo: Todo) -> SharedWritten {
+    todo.into_iter()
+        .map(|(u, members, rows, name)| {
+            let refs: Vec<&RecordBatch> = rows.iter().collect();
+            let schema = &r.table.schema;
+            let written = match name {
+                Some(name) => crate::store::write_shared_staged(&r.store, &refs, schema, &name)
+                    .map(|(staged, unsynced)| Written::Staged(staged, unsynced)),
+                None => crate::store::write_shared(&r.store, &refs, schema).map(Written::Temp),
+            };
+            (u, members, written)
+        })
+        .collect()
 }
 
 fn finish_shared_writes(
     replica: &Replica,
     group: &mut Group,
     joined: Result<SharedWritten, tokio::task::JoinError>,
+    pending_sync: &mut Vec<Unsynced>,
 ) -> Result<(), StoreError> {
     let written = joined.map_err(|e| StoreError::Refused {
         op: "writing shared parts",
@@ -585,11 +670,14 @@ fn finish_shared_writes(
             {
                 unit.state = match written {
                     Written::Temp(t) => UnitState::Temp(t),
-                    Written::Staged(s) => UnitState::Staged(s),
+                    Written::Staged(s, unsynced) => {
+                        pending_sync.push(unsynced);
+                        UnitState::Staged(s)
+                    }
                 }
             }
             Ok(Written::Temp(t)) => replica.store.discard_temp(t),
-            Ok(Written::Staged(s)) => replica.store.discard_staged(s),
+            Ok(Written::Staged(s, _)) => replica.store.discard_staged(s),
             Err(e) => failure = Some(e),
         }
     }

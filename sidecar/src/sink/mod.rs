@@ -151,7 +151,12 @@ pub async fn insert(
         } else {
             quorum::Mode::Sequential
         };
-        if required > 1 {
+        // A quorum insert's count of active replicas (ZooKeeper reads) runs while its part
+        // is written; a part written for nothing is removed again.
+        let check_quorum = async {
+            if required <= 1 {
+                return Ok(());
+            }
             let active = quorum::active_replicas(replica, &client)
                 .await
                 .map_err(|e| InsertError::Unavailable(e.to_string()))?;
@@ -160,15 +165,28 @@ pub async fn insert(
                     "{active} active replicas, insert_quorum needs {required}; start replicas or lower insert_quorum"
                 )));
             }
-        }
-        let blocks = if prepares_inline(replica, &request, required) {
-            prepare_blocks(replica, request, required, mode)?
-        } else {
-            let replica = replica.clone();
-            tokio::task::spawn_blocking(move || prepare_blocks(&replica, request, required, mode))
-                .await
-                .map_err(|e| InsertError::Internal(e.to_string()))??
+            Ok(())
         };
+        let prepare = async {
+            if prepares_inline(replica, &request, required) {
+                prepare_blocks(replica, request, required, mode)
+            } else {
+                let replica = replica.clone();
+                tokio::task::spawn_blocking(move || {
+                    prepare_blocks(&replica, request, required, mode)
+                })
+                .await
+                .map_err(|e| InsertError::Internal(e.to_string()))?
+            }
+        };
+        let (checked, prepared_blocks) = tokio::join!(check_quorum, prepare);
+        if let Err(e) = checked {
+            for block in prepared_blocks.into_iter().flatten() {
+                block.payload.discard(replica);
+            }
+            return Err(e);
+        }
+        let blocks = prepared_blocks?;
         let rows: u64 = blocks.iter().map(|b| b.rows).sum();
         let prepared = started.elapsed();
         let outcomes = committer.commit(blocks).await;

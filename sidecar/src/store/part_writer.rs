@@ -15,7 +15,7 @@ use rtable_protocol::hash::{FileHasher, Hash128};
 use rtable_protocol::part_header::{Checksums, FileChecksum};
 use rtable_protocol::schema::TableSchema;
 
-use super::verify::sync_files;
+use super::verify::Unsynced;
 use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StagedPart, StoreError};
 use crate::rows::{
     arrow_schema, parquet_writer_properties, sort_by_key, storage_schema, to_storage,
@@ -170,8 +170,22 @@ impl PartWriter {
     }
 
     /// Writes the footer, `checksums.txt` and `count.txt`, and fsyncs files and directory
-    /// (together, see [`sync_files`]).
+    /// (together, see [`Unsynced::sync`]).
     pub fn finish(self) -> Result<TempPart, StoreError> {
+        let dir = self.dir.clone();
+        let (part, unsynced) = self.finish_unsynced()?;
+        match unsynced.sync() {
+            Ok(()) => Ok(part),
+            Err(e) => {
+                let _ignored = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`PartWriter::finish`] without the fsyncs: the caller runs them (alongside the
+    /// commit that names the part) before it counts on the part surviving a machine crash.
+    pub fn finish_unsynced(self) -> Result<(TempPart, Unsynced), StoreError> {
         let dir = self.dir.clone();
         match self.finish_inner() {
             Ok(t) => Ok(t),
@@ -187,7 +201,7 @@ impl PartWriter {
         fs::remove_dir_all(&self.dir).map_err(|e| StoreError::io("removing", &self.dir, e))
     }
 
-    fn finish_inner(self) -> Result<TempPart, StoreError> {
+    fn finish_inner(self) -> Result<(TempPart, Unsynced), StoreError> {
         let PartWriter {
             dir,
             parent_to_sync,
@@ -216,29 +230,27 @@ impl PartWriter {
         let checksums_file = write_file(&checksums_path, checksums.render().as_bytes())?;
         let count_file = write_file(&count_path, format!("{rows}\n").as_bytes())?;
         let dir_file = File::open(&dir).map_err(|e| StoreError::io("opening", &dir, e))?;
-        let mut files = vec![
-            (data_path.as_path(), &file),
-            (checksums_path.as_path(), &checksums_file),
-            (count_path.as_path(), &count_file),
-            (dir.as_path(), &dir_file),
+        let mut handles = vec![
+            (data_path, file),
+            (checksums_path, checksums_file),
+            (count_path, count_file),
+            (dir.clone(), dir_file),
         ];
-        let parent_file = match &parent_to_sync {
-            Some(parent) => {
-                Some(File::open(parent).map_err(|e| StoreError::io("opening", parent, e))?)
-            }
-            None => None,
-        };
-        if let (Some(parent), Some(parent_file)) = (&parent_to_sync, &parent_file) {
-            files.push((parent.as_path(), parent_file));
+        if let Some(parent) = parent_to_sync {
+            let parent_file =
+                File::open(&parent).map_err(|e| StoreError::io("opening", &parent, e))?;
+            handles.push((parent, parent_file));
         }
-        sync_files(&files)?;
         let bytes = checksums.total_bytes();
-        Ok(TempPart {
-            dir,
-            checksums,
-            rows,
-            bytes,
-        })
+        Ok((
+            TempPart {
+                dir,
+                checksums,
+                rows,
+                bytes,
+            },
+            Unsynced::new(handles),
+        ))
     }
 }
 
@@ -257,21 +269,34 @@ pub fn write_temp(
     batch: &RecordBatch,
     schema: &TableSchema,
 ) -> Result<TempPart, StoreError> {
-    write_sorted(
+    let (part, unsynced) = write_sorted(
         PartWriter::create(store, schema, "insert")?,
         store,
         batch,
         schema,
-    )
+    )?;
+    sync_or_remove(part, unsynced)
 }
 
-/// Sorts `batch` by ORDER BY and writes it with `writer` (removed again on failure).
+/// Fsyncs a written part, or removes it when that fails.
+fn sync_or_remove(part: TempPart, unsynced: Unsynced) -> Result<TempPart, StoreError> {
+    match unsynced.sync() {
+        Ok(()) => Ok(part),
+        Err(e) => {
+            let _ignored = fs::remove_dir_all(&part.dir);
+            Err(e)
+        }
+    }
+}
+
+/// Sorts `batch` by ORDER BY and writes it with `writer` (removed again on failure); the
+/// fsyncs are left to the caller.
 fn write_sorted(
     mut writer: PartWriter,
     store: &PartStore,
     batch: &RecordBatch,
     schema: &TableSchema,
-) -> Result<TempPart, StoreError> {
+) -> Result<(TempPart, Unsynced), StoreError> {
     let sorted = match sort_by_key(batch, &schema.order_by) {
         Ok(sorted) => sorted,
         Err(e) => {
@@ -283,7 +308,7 @@ fn write_sorted(
         let _ignored = writer.abort();
         return Err(e);
     }
-    writer.finish()
+    writer.finish_unsynced()
 }
 
 /// Sorts one block by ORDER BY and labels it with the table's Arrow schema, which checks
@@ -305,23 +330,27 @@ pub fn conform(
     })
 }
 
-/// [`write_shared`] straight into `staged_<name>` (the block number is reserved already):
-/// one fsync batch makes the part and its directory entry durable, and no rename follows.
+/// [`write_shared`] straight into `staged_<name>` (the block number is reserved already),
+/// with its fsyncs left to the caller: one batch makes the part and its directory entry
+/// durable, and no rename follows.
 pub fn write_shared_staged(
     store: &PartStore,
     blocks: &[&RecordBatch],
     schema: &TableSchema,
     name: &PartName,
-) -> Result<StagedPart, StoreError> {
+) -> Result<(StagedPart, Unsynced), StoreError> {
     let combined = combine(store, blocks, schema)?;
     let writer = PartWriter::create_staged(store, schema, name)?;
-    let temp = write_sorted(writer, store, &combined, schema)?;
-    Ok(StagedPart {
-        name: name.clone(),
-        dir: temp.dir,
-        rows: temp.rows,
-        checksums: temp.checksums,
-    })
+    let (temp, unsynced) = write_sorted(writer, store, &combined, schema)?;
+    Ok((
+        StagedPart {
+            name: name.clone(),
+            dir: temp.dir,
+            rows: temp.rows,
+            checksums: temp.checksums,
+        },
+        unsynced,
+    ))
 }
 
 /// Writes conformed blocks of several inserts as one temporary part, sorted by ORDER BY

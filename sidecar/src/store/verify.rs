@@ -273,13 +273,19 @@ pub fn verify_fetched_dir(
     Ok(rows)
 }
 
-/// Open descriptors of a verified download's files and directory: fsynced after the
-/// rename that installs it, they reach the same inodes whatever the path is by then.
+/// Open descriptors of a part's files and directories, fsynced later (after the rename that
+/// installs a download, or alongside the commit of an insert): they reach the same inodes
+/// whatever the paths are by then.
 pub struct Unsynced {
     handles: Vec<(PathBuf, File)>,
 }
 
 impl Unsynced {
+    pub fn new(handles: Vec<(PathBuf, File)>) -> Unsynced {
+        Unsynced { handles }
+    }
+
+    /// Fsyncs every file and directory as one batch (see [`sync_files`]).
     pub fn sync(self) -> Result<(), StoreError> {
         let files: Vec<(&Path, &File)> = self
             .handles
