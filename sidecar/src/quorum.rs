@@ -232,8 +232,11 @@ pub async fn acknowledge(
     // for the parallel quorums of parts it covers. Skipping the two reads that cannot
     // match saves six ZooKeeper requests per merge on three replicas.
     if part.level == 0 {
-        add_self(replica, client, Mode::Parallel, &name).await?;
-        add_self(replica, client, Mode::Sequential, &name).await?;
+        // An insert uses one of the two nodes; reading both at once costs one round trip.
+        tokio::try_join!(
+            add_self(replica, client, Mode::Parallel, &name),
+            add_self(replica, client, Mode::Sequential, &name),
+        )?;
     } else {
         // A parallel quorum node exists only while its insert's GET (with a quorum) is in
         // the log, and this replica queues that entry before any merge covering the part.

@@ -632,7 +632,9 @@ fn start_shared_writes(
 /// Below this many bytes of rows, a group's parts with reserved numbers are written on the
 /// committer's own thread: under a millisecond of work, where a blocking thread costs two wake-ups, each
 /// a millisecond or more on a busy machine.
-const INLINE_WRITE_MAX_BYTES: usize = 64 << 10;
+/// Groups under load are bigger and keep the blocking thread, so the runtime's workers stay
+/// free for the requests that form the next group.
+const INLINE_WRITE_MAX_BYTES: usize = 16 << 10;
 
 type Todo = Vec<(usize, usize, Vec<RecordBatch>, Option<PartName>)>;
 
