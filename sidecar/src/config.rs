@@ -100,6 +100,12 @@ pub struct Config {
     /// 1,333 vs 608/s): with the CPU saturated, bigger groups beat more overlap.
     #[arg(long, env = "RTABLE_COMMIT_GROUPS_IN_FLIGHT", default_value_t = 1)]
     pub commit_groups_in_flight: usize,
+    /// Microseconds a group waits for more inserts when the group before it carried two or
+    /// more (PostgreSQL's commit_delay with commit_siblings): under concurrent load the
+    /// clients just answered resend within it and join, instead of forming every other
+    /// group alone. A lone client never waits. 0 turns it off.
+    #[arg(long, env = "RTABLE_COMMIT_DELAY_US", default_value_t = 2000)]
+    pub commit_delay_us: u64,
     /// A merge whose sources total at least this many bytes is fetched from a replica that
     /// already holds the result instead of being run here, once the entry is older than
     /// `--prefer-fetch-merged-part-time-threshold-seconds` (ClickHouse's

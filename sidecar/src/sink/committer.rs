@@ -79,6 +79,8 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(
         replica.cfg.commit_groups_in_flight.max(1),
     ));
+    let delay = Duration::from_micros(replica.cfg.commit_delay_us);
+    let mut previous_jobs = 0;
     while let Some(first) = rx.recv().await {
         // Waiting for a slot before collecting lets the group gather every insert that
         // arrived meanwhile.
@@ -96,6 +98,21 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // Without the delay, concurrent clients split into two cohorts that take turns:
+        // the one just answered resends while the other's group commits.
+        if lingers(previous_jobs, delay) {
+            let deadline = tokio::time::Instant::now() + delay;
+            while n < MAX_GROUP_BLOCKS {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => {
+                        n += job.blocks.len();
+                        jobs.push(job);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        previous_jobs = jobs.len();
         let replica = replica.clone();
         let known = known.clone();
         tokio::spawn(async move {
@@ -103,6 +120,12 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
             drop(slot);
         });
     }
+}
+
+/// Whether a group waits for more inserts: only after a group of two or more, so a lone
+/// client's inserts never wait.
+fn lingers(previous_jobs: usize, delay: Duration) -> bool {
+    previous_jobs >= 2 && !delay.is_zero()
 }
 
 /// One insert's block inside the group.
@@ -1069,4 +1092,19 @@ async fn resolve(replica: &Replica, group: &Group, open: &[usize]) -> Option<boo
         replica.session_timeout + Duration::from_secs(2),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_group_after_a_concurrent_one_waits() {
+        let delay = Duration::from_millis(2);
+        assert!(!lingers(0, delay), "the first group");
+        assert!(!lingers(1, delay), "a lone client's next insert");
+        assert!(lingers(2, delay));
+        assert!(lingers(16, delay));
+        assert!(!lingers(16, Duration::ZERO), "turned off");
+    }
 }
