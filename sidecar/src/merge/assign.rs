@@ -97,9 +97,10 @@ pub async fn assign_once(
     // was allocated before that part, hence before the lock read; at the lock read it is
     // either still locked (a barrier), or given up (never a part), or committed, and then
     // the log pulled AFTER the lock read names it (queued, or already held here, or, for
-    // this replica's own insert, staged here awaiting activation: all barriers below). Reading the locks first would miss a block allocated after the
-    // read whose part is still committing while a later-allocated neighbour already is
-    // in the snapshot (concurrent group commits, inserts on several replicas).
+    // this replica's own insert, staged here awaiting activation: all barriers below).
+    // Reading the locks first would miss a block allocated after the read whose part is
+    // still committing while a later-allocated neighbour already is in the snapshot
+    // (concurrent group commits, inserts on several replicas).
     // The log version comes first of all, so a merge another leader publishes meanwhile
     // voids ours.
     let (_, log_stat) = client

@@ -87,30 +87,24 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        // Without the delay, concurrent clients split into two cohorts that take turns:
+        // the one just answered resends while the other's group commits.
+        let deadline = lingers(previous_jobs, delay).then(|| tokio::time::Instant::now() + delay);
         let mut jobs = vec![first];
         let mut n = jobs[0].blocks.len();
         while n < MAX_GROUP_BLOCKS {
-            match rx.try_recv() {
-                Ok(job) => {
-                    n += job.blocks.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        // Without the delay, concurrent clients split into two cohorts that take turns:
-        // the one just answered resends while the other's group commits.
-        if lingers(previous_jobs, delay) {
-            let deadline = tokio::time::Instant::now() + delay;
-            while n < MAX_GROUP_BLOCKS {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(job)) => {
-                        n += job.blocks.len();
-                        jobs.push(job);
+            let job = match (rx.try_recv(), deadline) {
+                (Ok(job), _) => job,
+                (Err(mpsc::error::TryRecvError::Empty), Some(deadline)) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(job)) => job,
+                        Ok(None) | Err(_) => break,
                     }
-                    Ok(None) | Err(_) => break,
                 }
-            }
+                (Err(_), _) => break,
+            };
+            n += job.blocks.len();
+            jobs.push(job);
         }
         previous_jobs = jobs.len();
         let replica = replica.clone();
@@ -395,13 +389,13 @@ async fn commit_pending(
             )),
             None => allocate(replica, &client, group, &open).await,
         };
-        let written = match writes {
-            Some(SharedWrites::Done(written)) => {
-                finish_shared_writes(replica, group, Ok(written), &mut pending_sync)
-            }
-            Some(SharedWrites::Spawned(handle)) => {
-                finish_shared_writes(replica, group, handle.await, &mut pending_sync)
-            }
+        let joined = match writes {
+            Some(SharedWrites::Done(written)) => Some(Ok(written)),
+            Some(SharedWrites::Spawned(handle)) => Some(handle.await),
+            None => None,
+        };
+        let written = match joined {
+            Some(joined) => finish_shared_writes(replica, group, joined, &mut pending_sync),
             None => Ok(()),
         };
         if let (Err(e), Ok(Some(numbers))) = (&written, &allocated) {
@@ -653,10 +647,10 @@ fn start_shared_writes(
 }
 
 /// Below this many bytes of rows, a group's parts with reserved numbers are written on the
-/// committer's own thread: under a millisecond of work, where a blocking thread costs two wake-ups, each
-/// a millisecond or more on a busy machine.
-/// Groups under load are bigger and keep the blocking thread, so the runtime's workers stay
-/// free for the requests that form the next group.
+/// committer's own task: under a millisecond of work, where a blocking thread costs two
+/// wake-ups, each a millisecond or more on a busy machine. Groups under load are bigger and
+/// keep the blocking thread, so the runtime's workers stay free for the requests that form
+/// the next group.
 const INLINE_WRITE_MAX_BYTES: usize = 16 << 10;
 
 type Todo = Vec<(usize, usize, Vec<RecordBatch>, Option<PartName>)>;
@@ -894,10 +888,6 @@ enum Op {
     Reserve,
 }
 
-/// ONE multi for the whole group: per unit the GET_PART log entry, the lock removal,
-/// `blocks/<id>` of every member, `replicas/<me>/parts/<part>` and, for quorum inserts,
-/// the quorum node. The log entry names the first member's block id (a quorum unit has
-/// only one, which a failed quorum removes).
 /// (partition, token) of the next-number lock the commit multi creates per partition.
 fn reservation_tokens(replica: &Replica, group: &Group, open: &[usize]) -> Vec<(String, String)> {
     let mut partitions: Vec<&str> = open
@@ -919,6 +909,11 @@ fn reservation_tokens(replica: &Replica, group: &Group, open: &[usize]) -> Vec<(
         .collect()
 }
 
+/// ONE multi for the whole group: per unit the GET_PART log entry, the lock removal,
+/// `blocks/<id>` of every member, `replicas/<me>/parts/<part>` and, for quorum inserts,
+/// the quorum node; per partition the next block number's lock (`tokens`). The log entry
+/// names the first member's block id (a quorum unit has only one, which a failed quorum
+/// removes).
 async fn commit(
     replica: &Replica,
     client: &zk::Client,

@@ -172,20 +172,13 @@ impl PartWriter {
     /// Writes the footer, `checksums.txt` and `count.txt`, and fsyncs files and directory
     /// (together, see [`Unsynced::sync`]).
     pub fn finish(self) -> Result<TempPart, StoreError> {
-        let dir = self.dir.clone();
         let (part, unsynced) = self.finish_unsynced()?;
-        match unsynced.sync() {
-            Ok(()) => Ok(part),
-            Err(e) => {
-                let _ignored = fs::remove_dir_all(&dir);
-                Err(e)
-            }
-        }
+        sync_or_remove(part, unsynced)
     }
 
     /// [`PartWriter::finish`] without the fsyncs: the caller runs them (alongside the
     /// commit that names the part) before it counts on the part surviving a machine crash.
-    pub fn finish_unsynced(self) -> Result<(TempPart, Unsynced), StoreError> {
+    fn finish_unsynced(self) -> Result<(TempPart, Unsynced), StoreError> {
         let dir = self.dir.clone();
         match self.finish_inner() {
             Ok(t) => Ok(t),

@@ -40,23 +40,6 @@ pub fn sync_path(path: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io("fsyncing", path, e))
 }
 
-/// Writes a small file and fsyncs it.
-/// Fsyncs several files (and directories) of one part with as few journal commits as the
-/// filesystem allows: writeback of every file is started first, so on a journaling
-/// filesystem (ext4, XFS) the first fsync's commit carries the block allocations of all of
-/// them and the later fsyncs find nothing left to commit. Each file is still fsynced, so
-/// this is as durable as fsyncing them one after the other, on any filesystem.
-pub fn sync_files(files: &[(&Path, &File)]) -> Result<(), StoreError> {
-    for (_, file) in files {
-        start_writeback(file);
-    }
-    for (path, file) in files {
-        file.sync_all()
-            .map_err(|e| StoreError::io("fsyncing", path, e))?;
-    }
-    Ok(())
-}
-
 /// Starts writing a file's dirty pages back without waiting (a hint: failures are left to
 /// the fsync that follows).
 #[cfg(target_os = "linux")]
@@ -74,14 +57,6 @@ fn start_writeback(_file: &File) {}
 /// Writes a small file whose fsync comes later (see [`open_for_sync`]).
 fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     fs::write(path, bytes).map_err(|e| StoreError::io("writing", path, e))
-}
-
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    use std::io::Write;
-    let mut f = File::create(path).map_err(|e| StoreError::io("creating", path, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| StoreError::io("writing", path, e))
 }
 
 /// Row count from the Parquet footer.
@@ -285,14 +260,18 @@ impl Unsynced {
         Unsynced { handles }
     }
 
-    /// Fsyncs every file and directory as one batch (see [`sync_files`]).
+    /// Fsyncs every file and directory, writeback of all of them started first: the disk
+    /// then works on them together, and the later fsyncs find little left to wait for.
+    /// Each is still fsynced, so this is as durable as fsyncing them one after the other.
     pub fn sync(self) -> Result<(), StoreError> {
-        let files: Vec<(&Path, &File)> = self
-            .handles
-            .iter()
-            .map(|(path, file)| (path.as_path(), file))
-            .collect();
-        sync_files(&files)
+        for (_, file) in &self.handles {
+            start_writeback(file);
+        }
+        for (path, file) in &self.handles {
+            file.sync_all()
+                .map_err(|e| StoreError::io("fsyncing", path, e))?;
+        }
+        Ok(())
     }
 }
 
