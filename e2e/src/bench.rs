@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// Inserts the catch-up replica misses (5,000, or 500 with `--quick`).
     #[arg(long)]
     pub catchup_inserts: Option<usize>,
+    /// Throughput only at these concurrencies (repeatable; 1, 16 and 64 by default), to
+    /// iterate on one of them.
+    #[arg(long)]
+    pub concurrency: Vec<usize>,
 }
 
 /// Makes the harness start `target/release/rtable-sidecar` (unless `RTABLE_SIDECAR_BIN`
@@ -192,6 +196,8 @@ struct Bench {
     acked_rows: u64,
     /// Inserts that failed (their rows may or may not be committed).
     failed_inserts: u64,
+    /// `--concurrency`: the throughput windows to run (all when empty).
+    concurrencies: Vec<usize>,
 }
 
 /// Outcome of a batch of concurrent inserts.
@@ -253,6 +259,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         notes: Vec::new(),
         acked_rows: 0,
         failed_inserts: 0,
+        concurrencies: args.concurrency.clone(),
     };
     let result = if args.only.is_empty() {
         bench.run_all().await
@@ -679,7 +686,12 @@ impl Bench {
     async fn throughput(&mut self, base: &zk::Client, sequential_zk: f64) -> anyhow::Result<u64> {
         let window = self.sizes.window;
         let mut peak_rss = 0u64;
-        for concurrency in [1usize, 16, 64] {
+        let concurrencies = if self.concurrencies.is_empty() {
+            vec![1, 16, 64]
+        } else {
+            self.concurrencies.clone()
+        };
+        for concurrency in concurrencies {
             println!(
                 "bench: throughput at concurrency {concurrency} ({}s bare multis, {}s 10-row inserts)...",
                 window.as_secs(),

@@ -5,8 +5,9 @@
 //! part adds itself with a version-checked write; the one that completes the quorum
 //! removes the node (sequential mode also moves `quorum/last_part`). The inserter answers
 //! once the node is gone. When no active replica holds the part any more, the quorum is
-//! failed: one multi removes the node, records `failed_parts/<part>` and frees the block
-//! id so the client's retry is accepted.
+//! failed: one multi rewrites and removes the node, records `failed_parts/<part>` and
+//! frees the block id so the client's retry is accepted. The rewrite makes the inserter's
+//! watch fire as a data change, never as a deletion, so a deletion alone means reached.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -114,7 +115,14 @@ pub async fn wait(replica: &Replica, mode: Mode, part: &str, timeout: Duration) 
             }
             Some(watcher) => {
                 tokio::select! {
-                    _ = watcher.changed() => {}
+                    event = watcher.changed() => {
+                        // Only a completed quorum deletes the node outright: a failure
+                        // rewrites it in the same multi first, which fires this watch
+                        // as a data change, so the loop reads the outcome then.
+                        if event.event_type == zk::EventType::NodeDeleted {
+                            return WaitOutcome::Reached;
+                        }
+                    }
                     _ = tokio::time::sleep_until(deadline) => {
                         return WaitOutcome::Unknown(format!(
                             "the quorum was not reached within {} s (insert_quorum_timeout)",
@@ -275,74 +283,163 @@ async fn add_self(
     mode: Mode,
     part: &str,
 ) -> Result<(), TreeError> {
-    let path = node_path(replica, mode, part);
     for _ in 0..20 {
-        let (data, stat) = match client.get_data(&path).await {
-            Ok(x) => x,
-            Err(zk::Error::NoNode) => return Ok(()),
-            Err(e) => return Err(TreeError::zk("get", path, e)),
-        };
-        let Some(mut entry) = std::str::from_utf8(&data)
-            .ok()
-            .and_then(|t| QuorumEntry::parse(t).ok())
-        else {
-            return Err(TreeError::Corrupt {
-                path,
-                message: "unreadable quorum entry".into(),
-            });
-        };
-        if entry.part_name != part || entry.replicas.contains(&replica.name) {
+        let Some(ack) = prepare_one(replica, client, mode, part).await? else {
             return Ok(());
-        }
-        entry.replicas.insert(replica.name.clone());
-        let result = if entry.is_reached() {
-            let mut multi = client.new_multi_writer();
-            multi
-                .add_delete(&path, Some(stat.version))
-                .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
-            if mode == Mode::Sequential {
-                let lp_path = replica.paths.quorum_last_part();
-                let (lp_data, lp_stat) = client
-                    .get_data(&lp_path)
-                    .await
-                    .map_err(|e| TreeError::zk("get", lp_path.clone(), e))?;
-                let mut last = std::str::from_utf8(&lp_data)
-                    .ok()
-                    .and_then(|t| LastPart::parse(t).ok())
-                    .unwrap_or_default();
-                if let Ok(p) = PartName::parse(part) {
-                    last.parts.insert(p.partition_id.clone(), part.to_string());
-                }
-                multi
-                    .add_set_data(&lp_path, last.render().as_bytes(), Some(lp_stat.version))
-                    .map_err(|e| TreeError::zk("set", lp_path.clone(), e))?;
-            }
-            multi.commit().await.map(|_| true)
-        } else {
-            let mut multi = client.new_multi_writer();
-            multi
-                .add_set_data(&path, entry.render().as_bytes(), Some(stat.version))
-                .map_err(|e| TreeError::zk("set", path.clone(), e))?;
-            multi.commit().await.map(|_| false)
         };
-        match result {
-            Ok(done) => {
-                if done {
-                    info!(replica = %replica.name, %part, "quorum reached");
-                }
+        let mut multi = client.new_multi_writer();
+        ack.add_to(&mut multi)?;
+        match multi.commit().await {
+            Ok(_) => {
+                ack.log_done(replica);
                 return Ok(());
             }
             Err(zk::MultiWriteError::OperationFailed {
                 source: zk::Error::BadVersion | zk::Error::NoNode,
                 ..
             }) => continue,
-            Err(e) => return Err(tree::multi_error("update quorum", &[path], e)),
+            Err(e) => return Err(tree::multi_error("update quorum", &[ack.path], e)),
         }
     }
     Err(TreeError::Contention {
         what: format!("quorum node of {part}"),
         attempts: 20,
     })
+}
+
+/// This replica's acknowledgement of an inserted part's quorum, read ahead so that its
+/// write can join the multi that records the part (see `queue::executor`): the part is
+/// then recorded and counted in one step, two round trips sooner when the read overlaps
+/// the part's download. Should the node change in between, the versioned write fails the
+/// multi and the caller records the part and then acknowledges as usual.
+#[derive(Debug)]
+pub struct PendingAck {
+    part: String,
+    path: String,
+    version: i32,
+    write: AckWrite,
+}
+
+#[derive(Debug)]
+enum AckWrite {
+    /// Counts this replica; the quorum needs more.
+    Count(String),
+    /// This replica completes the quorum: the node goes, and in sequential mode
+    /// `quorum/last_part` (path, new text, version read) moves to the part.
+    Complete(Option<(String, String, i32)>),
+}
+
+impl PendingAck {
+    /// Adds the version-checked quorum write to `multi`.
+    pub fn add_to(&self, multi: &mut zk::MultiWriter<'_>) -> Result<(), TreeError> {
+        match &self.write {
+            AckWrite::Count(entry) => multi
+                .add_set_data(&self.path, entry.as_bytes(), Some(self.version))
+                .map_err(|e| TreeError::zk("set", self.path.clone(), e)),
+            AckWrite::Complete(last) => {
+                multi
+                    .add_delete(&self.path, Some(self.version))
+                    .map_err(|e| TreeError::zk("delete", self.path.clone(), e))?;
+                if let Some((lp_path, text, version)) = last {
+                    multi
+                        .add_set_data(lp_path, text.as_bytes(), Some(*version))
+                        .map_err(|e| TreeError::zk("set", lp_path.clone(), e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// An acknowledgement that counts this replica toward `part`'s parallel quorum.
+    #[cfg(test)]
+    pub fn counting(part: &str) -> PendingAck {
+        PendingAck {
+            part: part.to_string(),
+            path: format!("/t/quorum/parallel/{part}"),
+            version: 0,
+            write: AckWrite::Count(String::new()),
+        }
+    }
+
+    /// Logs a completed quorum once the write committed.
+    pub fn log_done(&self, replica: &Replica) {
+        if matches!(self.write, AckWrite::Complete(_)) {
+            info!(replica = %replica.name, part = %self.part, "quorum reached");
+        }
+    }
+}
+
+/// The write that would add this replica to the quorum of inserted part `part`, if a
+/// quorum node for it exists and does not count this replica yet. Merged parts have no
+/// quorum node of their own: use [`acknowledge`] for them.
+pub async fn prepare_ack(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<Option<PendingAck>, TreeError> {
+    if part.level != 0 {
+        return Ok(None);
+    }
+    let name = part.to_string();
+    // An insert uses one of the two nodes; reading both at once costs one round trip.
+    let (parallel, sequential) = tokio::try_join!(
+        prepare_one(replica, client, Mode::Parallel, &name),
+        prepare_one(replica, client, Mode::Sequential, &name),
+    )?;
+    Ok(parallel.or(sequential))
+}
+
+async fn prepare_one(
+    replica: &Replica,
+    client: &zk::Client,
+    mode: Mode,
+    part: &str,
+) -> Result<Option<PendingAck>, TreeError> {
+    let path = node_path(replica, mode, part);
+    let (data, stat) = match client.get_data(&path).await {
+        Ok(x) => x,
+        Err(zk::Error::NoNode) => return Ok(None),
+        Err(e) => return Err(TreeError::zk("get", path, e)),
+    };
+    let Some(mut entry) = std::str::from_utf8(&data)
+        .ok()
+        .and_then(|t| QuorumEntry::parse(t).ok())
+    else {
+        return Err(TreeError::Corrupt {
+            path,
+            message: "unreadable quorum entry".into(),
+        });
+    };
+    // Sequential mode shares one node, which may track another part by now.
+    if entry.part_name != part || entry.replicas.contains(&replica.name) {
+        return Ok(None);
+    }
+    entry.replicas.insert(replica.name.clone());
+    let write = if !entry.is_reached() {
+        AckWrite::Count(entry.render())
+    } else if mode == Mode::Sequential {
+        let lp_path = replica.paths.quorum_last_part();
+        let (lp_data, lp_stat) = client
+            .get_data(&lp_path)
+            .await
+            .map_err(|e| TreeError::zk("get", lp_path.clone(), e))?;
+        let mut last = std::str::from_utf8(&lp_data)
+            .ok()
+            .and_then(|t| LastPart::parse(t).ok())
+            .unwrap_or_default();
+        if let Ok(p) = PartName::parse(part) {
+            last.parts.insert(p.partition_id.clone(), part.to_string());
+        }
+        AckWrite::Complete(Some((lp_path, last.render(), lp_stat.version)))
+    } else {
+        AckWrite::Complete(None)
+    };
+    Ok(Some(PendingAck {
+        part: part.to_string(),
+        path,
+        version: stat.version,
+        write,
+    }))
 }
 
 /// Fails the quorum of a part no active replica holds: one multi removes the quorum node,
@@ -370,8 +467,13 @@ pub async fn fail(
             continue;
         }
         let mut multi = client.new_multi_writer();
+        // The rewrite tells an inserter waiting on the node a failure from a completion
+        // (see `wait`) without a read of `failed_parts`.
         multi
-            .add_delete(&path, Some(stat.version))
+            .add_set_data(&path, &data, Some(stat.version))
+            .map_err(|e| TreeError::zk("set", path.clone(), e))?;
+        multi
+            .add_delete(&path, None)
             .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
         multi
             .add_create(&failed_path(replica, part), b"", &tree::persistent())

@@ -155,38 +155,55 @@ async fn execute_get(
     part: &str,
 ) -> Result<(), ExecuteError> {
     let name = PartName::parse(part).map_err(|_| ExecuteError::BadPart(part.to_string()))?;
-    let rp = replica.paths.replica(&replica.name);
     // The log pull's prefetch of this part (or another entry's fetch of it) is about to
     // install it: waiting beats failing with InFlight and backing off.
     fetcher::wait_in_flight(replica, &name, IN_FLIGHT_WAIT).await;
     if let Some(have) = replica.store.covering(&name) {
         // We hold it (our own insert, prefetched, or fetched before a restart): make sure
         // ZooKeeper agrees, then drop the entry.
-        let have_name = have.to_string();
         let header = local_header(replica, &have)?;
         crash_if_prefetched(replica, &name);
-        commit_outcome(replica, client, &item.node_name, &have_name, &header).await?;
+        let quorum = item.entry.quorum > 0;
+        let read = if quorum && have.level == 0 {
+            Some(quorum::prepare_ack(replica, client, &have).await)
+        } else {
+            None
+        };
+        let ack = Ack::plan(quorum, &have, &have, read);
+        record_acknowledged(replica, client, &item.node_name, &have, &header, ack).await?;
         replica.prefetched.forget(&name);
         replica.prefetched.forget(&have);
-        if item.entry.quorum > 0 {
-            quorum::acknowledge(replica, client, &have).await?;
-        }
         return Ok(());
     }
-    let (source, fetched) = match fetch_from_entry_source(replica, item, &name).await {
-        Some(fetched) => (name.clone(), fetched),
-        None => {
-            let (source, address, header_hash) =
-                match find_source(replica, client, &item.entry.source_replica, &name).await {
-                    Ok(found) => found,
-                    Err(ExecuteError::NoSource(p)) if item.entry.type_name() == "GET_PART" => {
-                        return no_source(replica, client, item, &name, p).await;
-                    }
-                    Err(e) => return Err(e),
-                };
-            let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
-            (source, fetched)
+    // A quorum part's acknowledgement is read while the part downloads, so that it joins
+    // the multi recording the part.
+    let download = async {
+        if let Some(fetched) = fetch_from_entry_source(replica, item, &name).await {
+            return Ok(Download::Done(name.clone(), fetched));
         }
+        match find_source(replica, client, &item.entry.source_replica, &name).await {
+            Ok((source, address, header_hash)) => {
+                let fetched = fetcher::fetch_part(replica, &address, &source, header_hash).await?;
+                Ok(Download::Done(source, fetched))
+            }
+            Err(ExecuteError::NoSource(p)) if item.entry.type_name() == "GET_PART" => {
+                Ok(Download::NoSource(p))
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let quorum = item.entry.quorum > 0;
+    let read_ahead = async {
+        if quorum && name.level == 0 {
+            Some(quorum::prepare_ack(replica, client, &name).await)
+        } else {
+            None
+        }
+    };
+    let (download, read) = tokio::join!(download, read_ahead);
+    let (source, fetched) = match download? {
+        Download::Done(source, fetched) => (source, fetched),
+        Download::NoSource(p) => return no_source(replica, client, item, &name, p).await,
     };
     Metrics::inc(&replica.metrics.fetches);
     if source.level > 0 {
@@ -198,12 +215,14 @@ async fn execute_get(
         fetched.part.rows,
         &fetched.part.checksums,
     );
-    commit_outcome(
+    let ack = Ack::plan(quorum, &source, &name, read);
+    record_acknowledged(
         replica,
         client,
         &item.node_name,
-        &source.to_string(),
+        &source,
         &header.render(),
+        ack,
     )
     .await?;
     info!(
@@ -213,13 +232,118 @@ async fn execute_get(
         mb_per_s = fetched.bytes as f64 / 1e6 / fetched.seconds.max(1e-9),
         "fetched part"
     );
-    let _ = rp;
-    if item.entry.quorum > 0 || source.level > 0 {
-        quorum::acknowledge(replica, client, &source).await?;
-    }
     retire_covered(replica, client, &source).await?;
     retire_if_covered(replica, client, &source).await?;
     Ok(())
+}
+
+/// How a GET's download ended.
+enum Download {
+    Done(PartName, fetcher::Fetched),
+    /// No active replica has the part (the entry's `NoSource` handling applies).
+    NoSource(String),
+}
+
+/// How this replica's quorum acknowledgement of a part it records gets written.
+#[derive(Debug)]
+enum Ack {
+    /// Nothing to count: no quorum asked, or its node no longer needs this replica.
+    None,
+    /// In the multi that records the part.
+    Folded(quorum::PendingAck),
+    /// After the record ([`quorum::acknowledge`]): a merged part standing in for the parts
+    /// it covers, or no acknowledgement could be read ahead.
+    After,
+}
+
+impl Ack {
+    /// `recorded`: the part recorded (the entry's, or one covering it); `read`: the
+    /// acknowledgement of `entry_part` read ahead, if it was.
+    fn plan(
+        quorum: bool,
+        recorded: &PartName,
+        entry_part: &PartName,
+        read: Option<Result<Option<quorum::PendingAck>, TreeError>>,
+    ) -> Ack {
+        // Merged parts count toward the parallel quorums of the parts they cover.
+        if !quorum && recorded.level == 0 {
+            return Ack::None;
+        }
+        match read {
+            Some(Ok(Some(ack))) if recorded == entry_part => Ack::Folded(ack),
+            Some(Ok(None)) if recorded == entry_part => Ack::None,
+            _ => Ack::After,
+        }
+    }
+}
+
+/// Records `part` for queue entry `queue_node`, with the quorum acknowledgement `ack`.
+async fn record_acknowledged(
+    replica: &Replica,
+    client: &zk::Client,
+    queue_node: &str,
+    part: &PartName,
+    header: &str,
+    ack: Ack,
+) -> Result<(), ExecuteError> {
+    let name = part.to_string();
+    match ack {
+        Ack::Folded(ack) => {
+            if record_folded(replica, client, queue_node, &name, header, &ack).await? {
+                ack.log_done(replica);
+                return Ok(());
+            }
+            commit_outcome(replica, client, queue_node, &name, header).await?;
+            quorum::acknowledge(replica, client, part).await?;
+        }
+        Ack::None => commit_outcome(replica, client, queue_node, &name, header).await?,
+        Ack::After => {
+            commit_outcome(replica, client, queue_node, &name, header).await?;
+            quorum::acknowledge(replica, client, part).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the record of a queue entry's outcome: the part's node created, the entry's gone.
+fn add_record(
+    multi: &mut zk::MultiWriter<'_>,
+    part_path: &str,
+    queue_path: &str,
+    header: &str,
+) -> Result<(), TreeError> {
+    multi
+        .add_create(part_path, header.as_bytes(), &tree::persistent())
+        .map_err(|e| TreeError::zk("create", part_path.to_string(), e))?;
+    multi
+        .add_delete(queue_path, None)
+        .map_err(|e| TreeError::zk("delete", queue_path.to_string(), e))
+}
+
+/// One multi: the part recorded, the queue node gone and the quorum counted. `false`
+/// when any of it no longer applies (the quorum node changed, an earlier attempt did
+/// part of it): the caller then does each step on its own.
+async fn record_folded(
+    replica: &Replica,
+    client: &zk::Client,
+    queue_node: &str,
+    part: &str,
+    header: &str,
+    ack: &quorum::PendingAck,
+) -> Result<bool, ExecuteError> {
+    let rp = replica.paths.replica(&replica.name);
+    let part_path = rp.part(part);
+    let queue_path = rp.queue_entry(queue_node);
+    let mut multi = client.new_multi_writer();
+    add_record(&mut multi, &part_path, &queue_path, header)?;
+    ack.add_to(&mut multi)?;
+    match multi.commit().await {
+        Ok(_) => Ok(true),
+        Err(zk::MultiWriteError::OperationFailed { .. }) => Ok(false),
+        Err(e) => {
+            Err(tree::multi_error("record part and quorum", &[part_path, queue_path], e).into())
+        }
+    }
 }
 
 /// How long a GET waits for a download of its part already in flight (see execute_get).
@@ -687,12 +811,7 @@ async fn record_outcome(
     let retired_paths: Vec<String> = retired.iter().map(|r| rp.part(r)).collect();
     // Optimistic: nearly always nothing is done yet, so no read first.
     let mut multi = client.new_multi_writer();
-    multi
-        .add_create(&part_path, header.as_bytes(), &tree::persistent())
-        .map_err(|e| TreeError::zk("create", part_path.clone(), e))?;
-    multi
-        .add_delete(&queue_path, None)
-        .map_err(|e| TreeError::zk("delete", queue_path.clone(), e))?;
+    add_record(&mut multi, &part_path, &queue_path, header)?;
     for path in &retired_paths {
         multi
             .add_delete(path, None)
@@ -863,6 +982,43 @@ fn header_hash(data: &[u8]) -> Option<Hash128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(name: &str) -> PartName {
+        PartName::parse(name).expect("part name")
+    }
+
+    #[test]
+    fn a_quorum_ack_read_ahead_joins_the_record_of_the_same_part() {
+        let p = part("202501_3_3_0");
+        let read = Some(Ok(Some(quorum::PendingAck::counting("202501_3_3_0"))));
+        assert!(matches!(Ack::plan(true, &p, &p, read), Ack::Folded(_)));
+        // The node no longer needs this replica (reached, failed, or counted it already).
+        assert!(matches!(Ack::plan(true, &p, &p, Some(Ok(None))), Ack::None));
+        assert!(
+            matches!(Ack::plan(false, &p, &p, None), Ack::None),
+            "no quorum asked"
+        );
+    }
+
+    #[test]
+    fn a_quorum_ack_that_was_not_read_ahead_follows_the_record() {
+        let p = part("202501_3_3_0");
+        let covering = part("202501_1_5_1");
+        let read = Some(Ok(Some(quorum::PendingAck::counting("202501_3_3_0"))));
+        assert!(
+            matches!(Ack::plan(true, &covering, &p, read), Ack::After),
+            "a covering part was fetched instead of the entry's"
+        );
+        let failed = Some(Err(TreeError::Corrupt {
+            path: "/t/quorum/parallel/202501_3_3_0".into(),
+            message: "unreadable".into(),
+        }));
+        assert!(matches!(Ack::plan(true, &p, &p, failed), Ack::After));
+        assert!(
+            matches!(Ack::plan(false, &covering, &covering, None), Ack::After),
+            "a merged part counts toward the quorums of the parts it covers"
+        );
+    }
 
     #[test]
     fn a_merge_is_fetched_only_when_big_and_old_enough() {

@@ -151,7 +151,8 @@ struct Unit {
 enum UnitState {
     /// Shared rows not (or no longer) written.
     Unwritten,
-    Temp(TempPart),
+    /// Written as a temporary part; its fsyncs, if still to run, go with the commit.
+    Temp(TempPart, Option<Unsynced>),
     Staged(StagedPart),
     Done,
 }
@@ -164,7 +165,7 @@ impl Unit {
     /// Drops what was written (after a member left, or the group failed).
     fn discard(&mut self, replica: &Replica) {
         match std::mem::replace(&mut self.state, UnitState::Unwritten) {
-            UnitState::Temp(t) => replica.store.discard_temp(t),
+            UnitState::Temp(t, _) => replica.store.discard_temp(t),
             UnitState::Staged(s) => replica.store.discard_staged(s),
             UnitState::Unwritten => {}
             UnitState::Done => self.state = UnitState::Done,
@@ -223,13 +224,13 @@ impl Group {
                             });
                         group.units[u].members.push(m);
                     }
-                    Payload::Written(temp) => group.units.push(Unit {
+                    Payload::Written(temp, unsynced) => group.units.push(Unit {
                         partition_id: block.partition_id.clone(),
                         quorum: block.quorum,
                         quorum_mode: block.quorum_mode,
                         members: vec![m],
                         lock: None,
-                        state: UnitState::Temp(temp),
+                        state: UnitState::Temp(temp, Some(unsynced)),
                     }),
                 }
                 group.members.push(member);
@@ -338,7 +339,7 @@ async fn commit_pending(
     // session that really ends turns the replica read-only, which answers at once.
     let patience = tokio::time::Instant::now() + replica.session_timeout;
     let mut transient_waits: u64 = 0;
-    // Fsyncs of parts written straight under their staged names, run alongside the commit.
+    // Fsyncs of the parts (and of their renames to staged names), run alongside the commit.
     let mut pending_sync: Vec<Unsynced> = Vec::new();
     loop {
         attempt += 1;
@@ -440,7 +441,13 @@ async fn commit_pending(
             let unit = &mut group.units[u];
             let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
                 UnitState::Staged(s) if s.name == *name => Ok(s),
-                UnitState::Temp(t) => replica.store.stage(t, name),
+                UnitState::Temp(t, unsynced) => {
+                    pending_sync.extend(unsynced);
+                    replica.store.stage_unsynced(t, name).map(|(s, parent)| {
+                        pending_sync.push(parent);
+                        s
+                    })
+                }
                 UnitState::Staged(s) => replica.store.restage(s, name),
                 UnitState::Unwritten | UnitState::Done => Err(StoreError::Refused {
                     op: "staging a block",
@@ -688,7 +695,7 @@ fn finish_shared_writes(
                 if matches!(unit.state, UnitState::Unwritten) && unit.members.len() == members =>
             {
                 unit.state = match written {
-                    Written::Temp(t) => UnitState::Temp(t),
+                    Written::Temp(t) => UnitState::Temp(t, None),
                     Written::Staged(s, unsynced) => {
                         pending_sync.push(unsynced);
                         UnitState::Staged(s)

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::quorum;
 use crate::replica::Replica;
 use crate::rows::{self, InputError, InputFormat};
+use crate::store::verify::Unsynced;
 use crate::store::{StoreError, TempPart};
 
 pub use committer::Committer;
@@ -41,12 +42,13 @@ pub struct Block {
 pub enum Payload {
     /// Sorted by ORDER BY and checked against the table's Arrow schema.
     Rows(arrow::array::RecordBatch),
-    Written(TempPart),
+    /// Written, with its fsyncs still to run (alongside the commit).
+    Written(TempPart, Unsynced),
 }
 
 impl Payload {
     pub fn discard(self, replica: &Replica) {
-        if let Payload::Written(t) = self {
+        if let Payload::Written(t, _) = self {
             replica.store.discard_temp(t);
         }
     }
@@ -296,13 +298,13 @@ fn prepare_block(
     let schema = &replica.table.schema;
     let shared = quorum <= 1 && batch.get_array_memory_size() <= replica.cfg.coalesce_max_bytes;
     if !shared {
-        // write_temp sorts by the ORDER BY itself.
-        let temp = crate::store::write_temp(&replica.store, batch, schema)?;
+        // The write sorts by the ORDER BY itself.
+        let (temp, unsynced) = crate::store::write_temp_unsynced(&replica.store, batch, schema)?;
         let hash = match &request.dedup_token {
             Some(token) => hash::token_hash(token, index),
             None => temp.data_hash(),
         };
-        return Ok((hash, Payload::Written(temp)));
+        return Ok((hash, Payload::Written(temp, unsynced)));
     }
     let sorted = crate::store::conform(&replica.store, batch, schema)?;
     let hash = match &request.dedup_token {

@@ -29,10 +29,12 @@ use arrow::error::ArrowError;
 use parquet::errors::ParquetError;
 use rtable_protocol::part_header::Checksums;
 use rtable_protocol::part_name::PartName;
+use verify::Unsynced;
 
 pub use part_reader::{PartBatches, columns_in, part_columns, read_part, read_part_batches};
 pub use part_writer::{
     PartWriter, TempPart, conform, write_shared, write_shared_staged, write_temp,
+    write_temp_unsynced,
 };
 
 pub const DATA_FILE: &str = "data.parquet";
@@ -820,6 +822,18 @@ impl PartStore {
 
     /// Renames a written insert to `staged_<name>`.
     pub fn stage(&self, temp: TempPart, name: &PartName) -> Result<StagedPart, StoreError> {
+        let (staged, unsynced) = self.stage_unsynced(temp, name)?;
+        unsynced.sync()?;
+        Ok(staged)
+    }
+
+    /// [`PartStore::stage`] with the rename's fsync (of the parts directory) left to the
+    /// caller.
+    pub fn stage_unsynced(
+        &self,
+        temp: TempPart,
+        name: &PartName,
+    ) -> Result<(StagedPart, Unsynced), StoreError> {
         Self::check_name(name, "staging a part")?;
         self.check_in_parts_dir(&temp.dir, "staging a part")?;
         let dir = self.staged_dir(name);
@@ -829,14 +843,19 @@ impl PartStore {
                 path: dir,
             });
         }
+        let parts_dir = &self.inner.parts_dir;
+        let parent =
+            fs::File::open(parts_dir).map_err(|e| StoreError::io("opening", parts_dir, e))?;
         fs::rename(&temp.dir, &dir).map_err(|e| StoreError::io("staging", &temp.dir, e))?;
-        verify::sync_path(&self.inner.parts_dir)?;
-        Ok(StagedPart {
-            name: name.clone(),
-            dir,
-            rows: temp.rows,
-            checksums: temp.checksums,
-        })
+        Ok((
+            StagedPart {
+                name: name.clone(),
+                dir,
+                rows: temp.rows,
+                checksums: temp.checksums,
+            },
+            Unsynced::new(vec![(parts_dir.clone(), parent)]),
+        ))
     }
 
     /// Renames a staged insert that must be committed under a new block number.

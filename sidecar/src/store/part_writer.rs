@@ -262,13 +262,23 @@ pub fn write_temp(
     batch: &RecordBatch,
     schema: &TableSchema,
 ) -> Result<TempPart, StoreError> {
-    let (part, unsynced) = write_sorted(
+    let (part, unsynced) = write_temp_unsynced(store, batch, schema)?;
+    sync_or_remove(part, unsynced)
+}
+
+/// [`write_temp`] with the fsyncs left to the caller (an insert runs them alongside its
+/// commit).
+pub fn write_temp_unsynced(
+    store: &PartStore,
+    batch: &RecordBatch,
+    schema: &TableSchema,
+) -> Result<(TempPart, Unsynced), StoreError> {
+    write_sorted(
         PartWriter::create(store, schema, "insert")?,
         store,
         batch,
         schema,
-    )?;
-    sync_or_remove(part, unsynced)
+    )
 }
 
 /// Fsyncs a written part, or removes it when that fails.
