@@ -230,7 +230,7 @@ impl Group {
                         quorum_mode: block.quorum_mode,
                         members: vec![m],
                         lock: None,
-                        state: UnitState::Temp(temp, Some(unsynced)),
+                        state: UnitState::Temp(temp, unsynced),
                     }),
                 }
                 group.members.push(member);
@@ -441,13 +441,14 @@ async fn commit_pending(
             let unit = &mut group.units[u];
             let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
                 UnitState::Staged(s) if s.name == *name => Ok(s),
-                UnitState::Temp(t, unsynced) => {
-                    pending_sync.extend(unsynced);
+                UnitState::Temp(t, Some(unsynced)) => {
+                    pending_sync.push(unsynced);
                     replica.store.stage_unsynced(t, name).map(|(s, parent)| {
                         pending_sync.push(parent);
                         s
                     })
                 }
+                UnitState::Temp(t, None) => replica.store.stage(t, name),
                 UnitState::Staged(s) => replica.store.restage(s, name),
                 UnitState::Unwritten | UnitState::Done => Err(StoreError::Refused {
                     op: "staging a block",

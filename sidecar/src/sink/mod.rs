@@ -42,8 +42,8 @@ pub struct Block {
 pub enum Payload {
     /// Sorted by ORDER BY and checked against the table's Arrow schema.
     Rows(arrow::array::RecordBatch),
-    /// Written, with its fsyncs still to run (alongside the commit).
-    Written(TempPart, Unsynced),
+    /// Written; a quorum block's fsyncs are still to run (alongside the commit).
+    Written(TempPart, Option<Unsynced>),
 }
 
 impl Payload {
@@ -298,8 +298,20 @@ fn prepare_block(
     let schema = &replica.table.schema;
     let shared = quorum <= 1 && batch.get_array_memory_size() <= replica.cfg.coalesce_max_bytes;
     if !shared {
-        // The write sorts by the ORDER BY itself.
-        let (temp, unsynced) = crate::store::write_temp_unsynced(&replica.store, batch, schema)?;
+        // The writes sort by the ORDER BY themselves. A quorum insert is answered only
+        // once peers hold the part, so its own fsyncs can run alongside the commit; a big
+        // part without one is made durable first, so that a machine crash cannot lose it
+        // after its commit for as long as a big fsync takes.
+        let (temp, unsynced) = if quorum > 1 {
+            let (temp, unsynced) =
+                crate::store::write_temp_unsynced(&replica.store, batch, schema)?;
+            (temp, Some(unsynced))
+        } else {
+            (
+                crate::store::write_temp(&replica.store, batch, schema)?,
+                None,
+            )
+        };
         let hash = match &request.dedup_token {
             Some(token) => hash::token_hash(token, index),
             None => temp.data_hash(),
