@@ -169,7 +169,12 @@ async fn execute_get(
         } else {
             None
         };
-        let ack = Ack::plan(quorum, &have, &have, read);
+        // A covering part held here had its merge acknowledge the quorums it covers.
+        let ack = if quorum {
+            Ack::plan(quorum, &have, &have, read)
+        } else {
+            Ack::None
+        };
         record_acknowledged(replica, client, &item.node_name, &have, &header, ack).await?;
         replica.prefetched.forget(&name);
         replica.prefetched.forget(&have);
