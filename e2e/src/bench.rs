@@ -196,7 +196,7 @@ struct Bench {
     acked_rows: u64,
     /// Inserts that failed (their rows may or may not be committed).
     failed_inserts: u64,
-    /// `--concurrency`: the throughput windows to run (all when empty).
+    /// The throughput windows to run (`--concurrency`, or 1, 16 and 64).
     concurrencies: Vec<usize>,
 }
 
@@ -259,7 +259,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         notes: Vec::new(),
         acked_rows: 0,
         failed_inserts: 0,
-        concurrencies: args.concurrency.clone(),
+        concurrencies: if args.concurrency.is_empty() {
+            vec![1, 16, 64]
+        } else {
+            args.concurrency.clone()
+        },
     };
     let result = if args.only.is_empty() {
         bench.run_all().await
@@ -686,12 +690,7 @@ impl Bench {
     async fn throughput(&mut self, base: &zk::Client, sequential_zk: f64) -> anyhow::Result<u64> {
         let window = self.sizes.window;
         let mut peak_rss = 0u64;
-        let concurrencies = if self.concurrencies.is_empty() {
-            vec![1, 16, 64]
-        } else {
-            self.concurrencies.clone()
-        };
-        for concurrency in concurrencies {
+        for concurrency in self.concurrencies.clone() {
             println!(
                 "bench: throughput at concurrency {concurrency} ({}s bare multis, {}s 10-row inserts)...",
                 window.as_secs(),

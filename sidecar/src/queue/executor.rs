@@ -169,12 +169,7 @@ async fn execute_get(
         } else {
             None
         };
-        // A covering part held here had its merge acknowledge the quorums it covers.
-        let ack = if quorum {
-            Ack::plan(quorum, &have, &have, read)
-        } else {
-            Ack::None
-        };
+        let ack = Ack::plan(counts(quorum, &have, false), &have, &have, read);
         record_acknowledged(replica, client, &item.node_name, &have, &header, ack).await?;
         replica.prefetched.forget(&name);
         replica.prefetched.forget(&have);
@@ -220,7 +215,7 @@ async fn execute_get(
         fetched.part.rows,
         &fetched.part.checksums,
     );
-    let ack = Ack::plan(quorum, &source, &name, read);
+    let ack = Ack::plan(counts(quorum, &source, true), &source, &name, read);
     record_acknowledged(
         replica,
         client,
@@ -261,17 +256,24 @@ enum Ack {
     After,
 }
 
+/// Whether recording `recorded` counts this replica toward a quorum: the entry asked for
+/// one, or a merged part was just `fetched`, standing in for the parallel quorums of the
+/// parts it covers (a covering part already held was counted when it was merged or
+/// fetched here).
+fn counts(quorum: bool, recorded: &PartName, fetched: bool) -> bool {
+    quorum || (fetched && recorded.level > 0)
+}
+
 impl Ack {
-    /// `recorded`: the part recorded (the entry's, or one covering it); `read`: the
-    /// acknowledgement of `entry_part` read ahead, if it was.
+    /// `counts`: see [`counts`]; `recorded`: the part recorded (the entry's, or one
+    /// covering it); `read`: the acknowledgement of `entry_part` read ahead, if it was.
     fn plan(
-        quorum: bool,
+        counts: bool,
         recorded: &PartName,
         entry_part: &PartName,
         read: Option<Result<Option<quorum::PendingAck>, TreeError>>,
     ) -> Ack {
-        // Merged parts count toward the parallel quorums of the parts they cover.
-        if !quorum && recorded.level == 0 {
+        if !counts {
             return Ack::None;
         }
         match read {
@@ -292,20 +294,20 @@ async fn record_acknowledged(
     ack: Ack,
 ) -> Result<(), ExecuteError> {
     let name = part.to_string();
-    match ack {
+    let acknowledge_after = match ack {
         Ack::Folded(ack) => {
             if record_folded(replica, client, queue_node, &name, header, &ack).await? {
                 ack.log_done(replica);
                 return Ok(());
             }
-            commit_outcome(replica, client, queue_node, &name, header).await?;
-            quorum::acknowledge(replica, client, part).await?;
+            true
         }
-        Ack::None => commit_outcome(replica, client, queue_node, &name, header).await?,
-        Ack::After => {
-            commit_outcome(replica, client, queue_node, &name, header).await?;
-            quorum::acknowledge(replica, client, part).await?;
-        }
+        Ack::None => false,
+        Ack::After => true,
+    };
+    commit_outcome(replica, client, queue_node, &name, header).await?;
+    if acknowledge_after {
+        quorum::acknowledge(replica, client, part).await?;
     }
     Ok(())
 }
@@ -1000,7 +1002,7 @@ mod tests {
         // The node no longer needs this replica (reached, failed, or counted it already).
         assert!(matches!(Ack::plan(true, &p, &p, Some(Ok(None))), Ack::None));
         assert!(
-            matches!(Ack::plan(false, &p, &p, None), Ack::None),
+            matches!(Ack::plan(counts(false, &p, true), &p, &p, None), Ack::None),
             "no quorum asked"
         );
     }
@@ -1020,8 +1022,18 @@ mod tests {
         }));
         assert!(matches!(Ack::plan(true, &p, &p, failed), Ack::After));
         assert!(
-            matches!(Ack::plan(false, &covering, &covering, None), Ack::After),
+            matches!(
+                Ack::plan(counts(false, &covering, true), &covering, &covering, None),
+                Ack::After
+            ),
             "a merged part counts toward the quorums of the parts it covers"
+        );
+        assert!(
+            matches!(
+                Ack::plan(counts(false, &covering, false), &covering, &p, None),
+                Ack::None
+            ),
+            "a covering part held already was counted when it came"
         );
     }
 

@@ -441,14 +441,14 @@ async fn commit_pending(
             let unit = &mut group.units[u];
             let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
                 UnitState::Staged(s) if s.name == *name => Ok(s),
-                UnitState::Temp(t, Some(unsynced)) => {
-                    pending_sync.push(unsynced);
+                // The part's own fsyncs, if it deferred them, and its rename's.
+                UnitState::Temp(t, unsynced) => {
+                    pending_sync.extend(unsynced);
                     replica.store.stage_unsynced(t, name).map(|(s, parent)| {
                         pending_sync.push(parent);
                         s
                     })
                 }
-                UnitState::Temp(t, None) => replica.store.stage(t, name),
                 UnitState::Staged(s) => replica.store.restage(s, name),
                 UnitState::Unwritten | UnitState::Done => Err(StoreError::Refused {
                     op: "staging a block",
