@@ -454,6 +454,12 @@ fn already_held(replica: &Replica, data: &[u8]) -> bool {
         return false;
     };
     match &entry.kind {
+        // A quorum part recorded from its push was counted then: its entry is done.
+        rtable_protocol::LogEntryKind::Get { part } if entry.quorum > 0 => {
+            rtable_protocol::PartName::parse(part).is_ok_and(|name| {
+                replica.store.contains(&name) && replica.quorum_pushed.take(&name)
+            })
+        }
         rtable_protocol::LogEntryKind::Get { part } if entry.quorum == 0 => {
             rtable_protocol::PartName::parse(part).is_ok_and(|name| {
                 // A prefetched part is held but not recorded: its entry must be queued.
