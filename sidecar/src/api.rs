@@ -341,14 +341,25 @@ async fn receive_push(
         return axum::Json(json!({ "taken": false, "reason": reason })).into_response();
     }
     if query.quorum > 1 {
-        let taken = crate::queue::quorum_push::take(
-            replica.clone(),
-            &query.source,
-            &part,
-            query.quorum,
-            body.into_data_stream(),
-        )
-        .await;
+        // Its own task: a pusher that goes away (killed mid-insert) drops this handler,
+        // and a push dropped between its record and its activation would leave the part
+        // recorded here but not held.
+        let taken = tokio::spawn({
+            let replica = replica.clone();
+            let part = part.clone();
+            async move {
+                crate::queue::quorum_push::take(
+                    replica,
+                    &query.source,
+                    &part,
+                    query.quorum,
+                    body.into_data_stream(),
+                )
+                .await
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the push's task failed: {e}")));
         return axum::Json(quorum_answer(taken)).into_response();
     }
     let taken = crate::queue::prefetch::take_push(
