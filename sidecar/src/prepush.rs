@@ -1,7 +1,7 @@
 //! The inserter's side of a quorum part's push (the peer's side is `queue::quorum_push`).
 //!
-//! A parallel quorum insert's part is sent to every active peer while its commit multi is
-//! in flight, so the peers receive, verify and fsync it during the commit instead of
+//! A parallel quorum insert's part is sent to the peers its commit counts on while its
+//! commit multi is in flight, so the peers receive, verify and fsync it during the commit instead of
 //! after it. Once the commit's outcome is known, each peer gets a `go`: committed as log
 //! entry N (the peer records and counts the part at once), or aborted (it drops the
 //! part). The first peer whose record completes the quorum says so in its answer, which
@@ -97,8 +97,14 @@ async fn push_part(
     let Some(body) = read_body(&replica, &part).await else {
         return;
     };
+    // Only the peers the commit counts on (the first `quorum - 1` of the same cached list,
+    // see `sink::committer`): the others copy the part through their queue as usual,
+    // after the insert was answered, instead of competing with the commit for the disk
+    // and the cores.
+    let needed = (quorum as usize).saturating_sub(1);
     let sends = peers
         .iter()
+        .take(needed)
         .map(|peer| push_to(&replica, peer, &part, quorum, body.clone(), go.clone()));
     futures::future::join_all(sends).await;
 }

@@ -104,11 +104,26 @@ pub enum WaitOutcome {
 }
 
 /// Waits until the quorum node of `part` is gone, then tells reached from failed.
+/// A peer's report that it completed the quorum (see `prepush`) ends the wait at once,
+/// whatever ZooKeeper request the wait is in.
 pub async fn wait(replica: &Replica, mode: Mode, part: &str, timeout: Duration) -> WaitOutcome {
+    let registered = replica.quorum_waits.register(part);
+    tokio::select! {
+        () = registered.reported() => WaitOutcome::Reached,
+        outcome = wait_for_node(replica, mode, part, timeout) => outcome,
+    }
+}
+
+/// [`wait`] on ZooKeeper alone: the quorum node's deletion, or its failure.
+async fn wait_for_node(
+    replica: &Replica,
+    mode: Mode,
+    part: &str,
+    timeout: Duration,
+) -> WaitOutcome {
     let deadline = tokio::time::Instant::now() + timeout;
     let path = node_path(replica, mode, part);
     let start_generation = replica.sessions.view().generation;
-    let registered = replica.quorum_waits.register(part);
     loop {
         let Ok((client, generation)) = replica.sessions.active() else {
             return WaitOutcome::Unknown(
@@ -155,7 +170,6 @@ pub async fn wait(replica: &Replica, mode: Mode, part: &str, timeout: Duration) 
             }
             Some(watcher) => {
                 tokio::select! {
-                    () = registered.reported() => return WaitOutcome::Reached,
                     event = watcher.changed() => {
                         // Only a completed quorum deletes the node outright: a failure
                         // rewrites it in the same multi first, which fires this watch

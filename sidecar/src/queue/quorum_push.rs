@@ -109,6 +109,18 @@ impl Gates {
             .clone()
     }
 
+    /// Waits (at most `limit`) for the push of `part` under way here, if any, to record
+    /// the part or give up. The log pull calls this before deciding whether the part's
+    /// entry needs queueing: a part about to be recorded by its push does not, and
+    /// queueing it would put the queue multi ahead of the record on this session.
+    pub async fn settled(&self, part: &PartName, limit: Duration) {
+        let Some(gate) = self.open.lock().get(&part.to_string()).cloned() else {
+            return;
+        };
+        let mut result = gate.result.subscribe();
+        let _ = tokio::time::timeout(limit, result.wait_for(Option::is_some)).await;
+    }
+
     fn close(&self, part: &PartName, gate: &Arc<Gate>) {
         let mut open = self.open.lock();
         if open
