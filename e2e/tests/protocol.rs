@@ -158,19 +158,6 @@ async fn quorum_2_and_3_in_parallel_and_sequential_mode() {
         n
     };
     assert_eq!(quorum_inserts, 4);
-    // The two parallel quorum inserts were pushed while committing: at least one peer of
-    // each recorded and counted its part on the inserter's word (see `prepush`), and only
-    // those two inserts were (a sequential quorum's part is not pushed).
-    let mut recorded_from_push = 0;
-    for i in 0..3 {
-        recorded_from_push += status_json(&c, i).await["counters"]["quorum_pushes_recorded"]
-            .as_u64()
-            .expect("counters.quorum_pushes_recorded");
-    }
-    assert!(
-        (2..=4).contains(&recorded_from_push),
-        "quorum parts recorded from pushes: {recorded_from_push}"
-    );
 
     // Too few live replicas: fails fast with a message naming the setting; `auto` (the
     // majority, 2 of 3) still works.

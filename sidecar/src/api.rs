@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::warn;
 
 use rtable_protocol::PartName;
@@ -43,7 +43,6 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/parts/{name}", get(send_part))
         .route("/push/{name}", post(receive_push))
-        .route("/push/{name}/go", post(receive_push_go))
         .with_state(state)
 }
 
@@ -301,18 +300,7 @@ fn refuse_unauthenticated(replica: &Replica, headers: &HeaderMap) -> Option<Resp
 #[derive(serde::Deserialize)]
 struct PushQuery {
     source: String,
-    /// The part's log entry; absent for a quorum part, pushed before its commit.
-    log: Option<u64>,
-    /// The insert's quorum (parallel mode): the part is held until its `go`, then
-    /// recorded and counted (see `queue::quorum_push`).
-    #[serde(default)]
-    quorum: u32,
-}
-
-#[derive(serde::Deserialize)]
-struct GoQuery {
-    /// The committed part's log entry; absent when its commit did not happen.
-    log: Option<u64>,
+    log: u64,
 }
 
 /// Interserver: a peer pushes a part it just committed (see `push`). The answer says
@@ -325,42 +313,22 @@ async fn receive_push(
     body: Body,
 ) -> Response {
     let replica = &state.replica;
-    let part = match interserver_part(replica, &headers, &name) {
-        Ok(p) => p,
-        Err(refused) => return *refused,
-    };
-    if query.quorum <= 1 && query.log.is_none() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a push needs `log=<index>` (or `quorum=<n>` for a part still committing)".to_string(),
-        );
+    if let Some(refused) = refuse_unauthenticated(replica, &headers) {
+        return refused;
     }
+    let part = match PartName::parse(&name) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unsafe or invalid part name: {e}"),
+            );
+        }
+    };
     if let Some(reason) =
         crate::queue::prefetch::refuse_push(replica, &query.source, &part, query.log)
     {
         return axum::Json(json!({ "taken": false, "reason": reason })).into_response();
-    }
-    if query.quorum > 1 {
-        // Its own task: a pusher that goes away (killed mid-insert) drops this handler,
-        // and a push dropped between its record and its activation would leave the part
-        // recorded here but not held.
-        let taken = tokio::spawn({
-            let replica = replica.clone();
-            let part = part.clone();
-            async move {
-                crate::queue::quorum_push::take(
-                    replica,
-                    &query.source,
-                    &part,
-                    query.quorum,
-                    body.into_data_stream(),
-                )
-                .await
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the push's task failed: {e}")));
-        return axum::Json(quorum_answer(taken)).into_response();
     }
     let taken = crate::queue::prefetch::take_push(
         replica.clone(),
@@ -377,53 +345,6 @@ async fn receive_push(
     axum::Json(answer).into_response()
 }
 
-/// An interserver request's part: the 401 of a request without the secret, or the 400
-/// that names the part name unsafe.
-fn interserver_part(
-    replica: &Replica,
-    headers: &HeaderMap,
-    name: &str,
-) -> Result<PartName, Box<Response>> {
-    if let Some(refused) = refuse_unauthenticated(replica, headers) {
-        return Err(Box::new(refused));
-    }
-    PartName::parse(name).map_err(|e| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            format!("unsafe or invalid part name: {e}"),
-        ))
-    })
-}
-
-/// Interserver: the pusher's word on the commit of a quorum part it pushed (see
-/// `queue::quorum_push`). Answers once the push recorded the part, or gave it up.
-async fn receive_push_go(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    Query(query): Query<GoQuery>,
-    headers: HeaderMap,
-) -> Response {
-    let replica = &state.replica;
-    let part = match interserver_part(replica, &headers, &name) {
-        Ok(p) => p,
-        Err(refused) => return *refused,
-    };
-    let go = match query.log {
-        Some(index) => crate::queue::quorum_push::Go::Commit(index),
-        None => crate::queue::quorum_push::Go::Abort,
-    };
-    let taken = crate::queue::quorum_push::go(replica, &part, go).await;
-    axum::Json(quorum_answer(taken)).into_response()
-}
-
-/// What a quorum part's push or `go` is answered (read by `prepush`).
-fn quorum_answer(taken: Result<crate::queue::quorum_push::Taken, String>) -> Value {
-    match taken {
-        Ok(how) => json!({ "taken": true, "quorum": how.text() }),
-        Err(reason) => json!({ "taken": false, "reason": reason }),
-    }
-}
-
 /// Interserver: streams a part's files after the exchange header (see `exchange`).
 async fn send_part(
     State(state): State<AppState>,
@@ -431,9 +352,17 @@ async fn send_part(
     headers: HeaderMap,
 ) -> Response {
     let replica = &state.replica;
-    let part = match interserver_part(replica, &headers, &name) {
+    if let Some(refused) = refuse_unauthenticated(replica, &headers) {
+        return refused;
+    }
+    let part = match PartName::parse(&name) {
         Ok(p) => p,
-        Err(refused) => return *refused,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unsafe or invalid part name: {e}"),
+            );
+        }
     };
     let store = replica.store.clone();
     let opened =

@@ -18,7 +18,7 @@ use rtable_protocol::part_header::{Checksums, FileChecksum};
 
 use crate::exchange::{self, FileEntry};
 use crate::replica::{Replica, SECRET_HEADER};
-use crate::store::{ActivePart, CHECKSUMS_FILE, HeldPart, PartStore, StoreError};
+use crate::store::{ActivePart, CHECKSUMS_FILE, PartStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -69,7 +69,7 @@ pub enum FetchError {
 /// Holds a part's slot in `Replica::fetching` for the duration of one download. The slot
 /// is a watch sender that is never sent on: dropping it (download over, either way) is
 /// what wakes everyone waiting in [`wait_in_flight`].
-pub struct InFlight<'a> {
+struct InFlight<'a> {
     replica: &'a Replica,
     part: String,
 }
@@ -192,61 +192,16 @@ where
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let body = async { Ok(pushed_stream(source, part, body)) };
-    receive(replica, source, part, None, Purpose::Prefetch, body).await
-}
-
-/// A push request's body as a download's stream: a broken-off push is a fetch error.
-fn pushed_stream<'a, S, E>(
-    source: &'a str,
-    part: &'a PartName,
-    body: S,
-) -> impl futures::Stream<Item = Result<Bytes, FetchError>> + Unpin + 'a
-where
-    S: futures::Stream<Item = Result<Bytes, E>> + Unpin + 'a,
-    E: std::fmt::Display,
-{
-    body.map(move |chunk| {
-        chunk.map_err(|e| FetchError::Pushed {
-            source_replica: source.to_string(),
-            part: part.to_string(),
-            message: e.to_string(),
-        })
-    })
-}
-
-/// [`receive_pushed`] that leaves the verified, durable part held rather than installed
-/// (see `queue::quorum_push`), and keeps its in-flight slot: an entry of the same part
-/// waits on the slot, so it finds the part installed or not taken, never half-way.
-pub async fn receive_pushed_held<'a, S, E>(
-    replica: &'a Replica,
-    source: &str,
-    part: &PartName,
-    body: S,
-) -> Result<(HeldPart, InFlight<'a>, u64), FetchError>
-where
-    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    let Some(slot) = InFlight::claim(replica, part) else {
-        return Err(FetchError::InFlight(part.to_string()));
+    let body = async {
+        Ok(body.map(|chunk| {
+            chunk.map_err(|e| FetchError::Pushed {
+                source_replica: source.to_string(),
+                part: part.to_string(),
+                message: e.to_string(),
+            })
+        }))
     };
-    let body = async { Ok(pushed_stream(source, part, body)) };
-    let (landed, bytes, _) =
-        receive_claimed(replica, source, part, None, Purpose::Prefetch, true, body).await?;
-    match landed {
-        Landed::Held(held) => Ok((held, slot, bytes)),
-        Landed::Active(_) => Err(FetchError::Store(StoreError::Refused {
-            op: "holding a pushed part",
-            reason: "it was installed instead".to_string(),
-        })),
-    }
-}
-
-/// Where a download ended up.
-enum Landed {
-    Active(std::sync::Arc<ActivePart>),
-    Held(HeldPart),
+    receive(replica, source, part, None, Purpose::Prefetch, body).await
 }
 
 /// One download: a blocking thread prepares `tmp-fetch_<part>` while `body` starts (the
@@ -263,51 +218,11 @@ where
     B: std::future::Future<Output = Result<S, FetchError>>,
     S: futures::Stream<Item = Result<Bytes, FetchError>> + Unpin,
 {
-    let Some(_slot) = InFlight::claim(replica, part) else {
-        return Err(FetchError::InFlight(part.to_string()));
-    };
-    let (landed, bytes, seconds) = receive_claimed(
-        replica,
-        address,
-        part,
-        expected_checksums_hash,
-        purpose,
-        false,
-        body,
-    )
-    .await?;
-    match landed {
-        Landed::Active(part) => Ok(Fetched {
-            part,
-            bytes,
-            seconds,
-        }),
-        Landed::Held(held) => {
-            replica.store.discard_held(held);
-            Err(FetchError::Store(StoreError::Refused {
-                op: "installing a fetched part",
-                reason: "it was held instead".to_string(),
-            }))
-        }
-    }
-}
-
-/// [`receive`] once the part's in-flight slot is claimed; `hold`: leave the part held.
-async fn receive_claimed<B, S>(
-    replica: &Replica,
-    address: &str,
-    part: &PartName,
-    expected_checksums_hash: Option<Hash128>,
-    purpose: Purpose,
-    hold: bool,
-    body: B,
-) -> Result<(Landed, u64, f64), FetchError>
-where
-    B: std::future::Future<Output = Result<S, FetchError>>,
-    S: futures::Stream<Item = Result<Bytes, FetchError>> + Unpin,
-{
     let span = info_span!("fetch", replica = %replica.name, part = %part, from = %address);
     async move {
+        let Some(_slot) = InFlight::claim(replica, part) else {
+            return Err(FetchError::InFlight(part.to_string()));
+        };
         let started = Instant::now();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
         let receiver = Receiver {
@@ -317,7 +232,6 @@ where
             expected_checksums_hash,
             table: crate::rows::arrow_schema(&replica.table.schema),
             purpose,
-            hold,
         };
         // Started before the request, so preparing the directory overlaps the round trip.
         // The fetch span follows the disk work onto its thread, for its log lines.
@@ -351,7 +265,11 @@ where
         };
         let seconds = started.elapsed().as_secs_f64();
         debug!(bytes, seconds, "fetched part");
-        Ok((part, bytes, seconds))
+        Ok(Fetched {
+            part,
+            bytes,
+            seconds,
+        })
     }
     .instrument(span)
     .await
@@ -422,14 +340,15 @@ struct Receiver {
     /// same ways.
     table: arrow::datatypes::SchemaRef,
     purpose: Purpose,
-    /// Verify and fsync, but leave the part in its temporary directory.
-    hold: bool,
 }
 
 impl Receiver {
     /// Writes the body's files into a fresh `tmp-fetch_<part>`, verifies and installs them;
     /// on any failure the directory is removed. Returns the part and the bytes received.
-    fn run(self, rx: tokio::sync::mpsc::Receiver<Bytes>) -> Result<(Landed, u64), FetchError> {
+    fn run(
+        self,
+        rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
         let dir = self.store.fetch_dir(&self.part)?;
         let result = self.write_and_install(&dir, rx);
         if result.is_err() {
@@ -442,7 +361,7 @@ impl Receiver {
         &self,
         dir: &Path,
         mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-    ) -> Result<(Landed, u64), FetchError> {
+    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
         // Phase times (debug log below): where a slow fetch spends its time.
         let started = Instant::now();
         let (files, rest) = self.read_header(&mut rx)?;
@@ -466,12 +385,6 @@ impl Receiver {
                 })
                 .collect(),
         };
-        if self.hold {
-            let held = self
-                .store
-                .hold_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
-            return Ok((Landed::Held(held), bytes));
-        }
         let part = self
             .store
             .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
@@ -490,7 +403,7 @@ impl Receiver {
             tracing::error!(part = %self.part, "failpoint crash_before_recording_fetch: exiting with the part installed but not in ZooKeeper");
             std::process::abort();
         }
-        Ok((Landed::Active(part), bytes))
+        Ok((part, bytes))
     }
 
     fn corrupt(&self, message: impl Into<String>) -> FetchError {

@@ -13,7 +13,6 @@ pub mod fetcher;
 pub mod merge;
 pub mod metrics;
 pub mod outcome;
-pub mod prepush;
 pub mod push;
 pub mod queue;
 pub mod quorum;

@@ -26,7 +26,6 @@ pub struct Metrics {
     pub replicas_marked_lost: AtomicU64,
     pub merged_part_fetches: AtomicU64,
     pub pushed_parts_taken: AtomicU64,
-    pub quorum_pushes_recorded: AtomicU64,
 }
 
 impl Metrics {
@@ -40,7 +39,7 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 21] = [
+        let counters: [(&str, &str, &AtomicU64); 20] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -141,11 +140,6 @@ impl Metrics {
                 "Parts a peer pushed right after committing them and this replica installed (also counted in fetches)",
                 &self.pushed_parts_taken,
             ),
-            (
-                "rtable_quorum_pushes_recorded_total",
-                "Quorum parts a peer pushed while committing them, recorded and counted here on its word (also counted in pushed parts)",
-                &self.quorum_pushes_recorded,
-            ),
         ];
         let mut out = String::new();
         for (name, help, value) in counters {
@@ -177,7 +171,6 @@ pub struct Counters {
     pub merges: u64,
     pub merged_part_fetches: u64,
     pub pushed_parts_taken: u64,
-    pub quorum_pushes_recorded: u64,
     pub lost_parts: u64,
     pub cleanup_runs: u64,
     pub replicas_marked_lost: u64,
@@ -197,7 +190,6 @@ impl Metrics {
             merges: get(&self.merges),
             merged_part_fetches: get(&self.merged_part_fetches),
             pushed_parts_taken: get(&self.pushed_parts_taken),
-            quorum_pushes_recorded: get(&self.quorum_pushes_recorded),
             lost_parts: get(&self.lost_parts),
             cleanup_runs: get(&self.cleanup_runs),
             replicas_marked_lost: get(&self.replicas_marked_lost),

@@ -6,9 +6,9 @@
 //! that cannot take a push says so and fetches as usual; a push lost on the way costs
 //! nothing but its bytes.
 //!
-//! A parallel quorum insert's part is pushed too, earlier and differently (see `prepush`).
-//! Only small parts are pushed: a big part's transfer dwarfs the round trips saved, and a
-//! declined push would waste its bytes.
+//! Only parts without a quorum are pushed (a quorum part is acknowledged by the peer's
+//! queue entry), and only small ones: a big part's transfer dwarfs the round trips saved,
+//! and a declined push would waste its bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,31 +29,21 @@ const PEERS_TTL: Duration = Duration::from_secs(60);
 /// A push that takes longer than this is abandoned; the peer's entry fetches the part.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The other active replicas (name, interserver address), as last read from ZooKeeper.
-/// Pushes go to them, and a quorum insert's commit checks that enough of them are still
-/// active (see `sink::committer`).
+/// The other replicas' interserver addresses, as last read from ZooKeeper.
 #[derive(Default)]
 pub struct Peers {
-    cached: Mutex<Option<(Instant, Vec<Peer>)>>,
-}
-
-/// An active peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub name: String,
-    pub address: String,
+    cached: Mutex<Option<(Instant, Vec<String>)>>,
 }
 
 impl Peers {
-    fn fresh(&self) -> Option<Vec<Peer>> {
+    fn fresh(&self) -> Option<Vec<String>> {
         let cached = self.cached.lock();
-        let (at, peers) = cached.as_ref()?;
-        (at.elapsed() < PEERS_TTL).then(|| peers.clone())
+        let (at, addresses) = cached.as_ref()?;
+        (at.elapsed() < PEERS_TTL).then(|| addresses.clone())
     }
 
-    /// Forgets the list (a push failed to connect, or a peer the list has was found
-    /// inactive): the next use reads it again.
-    pub fn forget(&self) {
+    /// Forgets the list (a push failed to connect: a peer may have moved).
+    fn forget(&self) {
         self.cached.lock().take();
     }
 }
@@ -71,7 +61,7 @@ pub fn spawn(replica: Arc<Replica>, client: zk::Client, parts: Vec<Committed>) {
         return;
     }
     tokio::spawn(async move {
-        let peers = match active_peers(&replica, &client).await {
+        let peers = match peers(&replica, &client).await {
             Ok(p) => p,
             Err(e) => {
                 debug!(replica = %replica.name, error = %e, "cannot list peers to push to");
@@ -87,7 +77,7 @@ pub fn spawn(replica: Arc<Replica>, client: zk::Client, parts: Vec<Committed>) {
     });
 }
 
-async fn push_part(replica: &Arc<Replica>, peers: &[Peer], c: &Committed) {
+async fn push_part(replica: &Arc<Replica>, peers: &[String], c: &Committed) {
     let Some(active) = replica.store.get(&c.part) else {
         return;
     };
@@ -117,20 +107,13 @@ async fn push_part(replica: &Arc<Replica>, peers: &[Peer], c: &Committed) {
         }
         Err(_) => return,
     };
-    // Each answer is handled as it comes: the first peer to complete a quorum ends the
-    // inserter's wait, however long the others take.
-    let mut sends: futures::stream::FuturesUnordered<_> = peers
+    let sends = peers
         .iter()
-        .map(|peer| {
-            let body = body.clone();
-            let address = peer.address.as_str();
-            async move { (address, send(replica, address, c, body).await) }
-        })
-        .collect();
-    while let Some((address, result)) = futures::StreamExt::next(&mut sends).await {
+        .map(|address| send(replica, address, c, body.clone()));
+    for (address, result) in peers.iter().zip(futures::future::join_all(sends).await) {
         match result {
             Ok(answer) => {
-                debug!(replica = %replica.name, part = %c.part, peer = %address, %answer, "pushed part");
+                debug!(replica = %replica.name, part = %c.part, peer = %address, %answer, "pushed part")
             }
             Err(e) => {
                 debug!(replica = %replica.name, part = %c.part, peer = %address, error = %e, "push failed; the peer fetches the part itself");
@@ -160,9 +143,9 @@ async fn send(
     response.text().await
 }
 
-/// The other active replicas: cached, or read from ZooKeeper (one listing and one
-/// multi-read).
-pub async fn active_peers(replica: &Replica, client: &zk::Client) -> Result<Vec<Peer>, zk::Error> {
+/// The addresses of the other active replicas: cached, or read from ZooKeeper (one
+/// listing and one multi-read).
+async fn peers(replica: &Replica, client: &zk::Client) -> Result<Vec<String>, zk::Error> {
     if let Some(p) = replica.push_peers.fresh() {
         return Ok(p);
     }
@@ -179,8 +162,8 @@ pub async fn active_peers(replica: &Replica, client: &zk::Client) -> Result<Vec<
     } else {
         reader.commit().await?
     };
-    let mut peers = Vec::new();
-    for (name, pair) in others.iter().zip(results.chunks(2)) {
+    let mut addresses = Vec::new();
+    for pair in results.chunks(2) {
         let [active, host] = pair else { continue };
         let (zk::MultiReadResult::Data { .. }, zk::MultiReadResult::Data { data, .. }) =
             (active, host)
@@ -193,11 +176,8 @@ pub async fn active_peers(replica: &Replica, client: &zk::Client) -> Result<Vec<
         else {
             continue;
         };
-        peers.push(Peer {
-            name: (*name).clone(),
-            address: host.address(),
-        });
+        addresses.push(host.address());
     }
-    *replica.push_peers.cached.lock() = Some((Instant::now(), peers.clone()));
-    Ok(peers)
+    *replica.push_peers.cached.lock() = Some((Instant::now(), addresses.clone()));
+    Ok(addresses)
 }

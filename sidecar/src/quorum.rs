@@ -39,59 +39,20 @@ pub fn failed_path(replica: &Replica, part: &str) -> String {
     format!("{}/{part}", replica.paths.quorum_failed_parts())
 }
 
-/// Quorum waits in progress on this replica, and which of them a peer's answer to a push
-/// reported completed (see `push`): a peer says so only when its own multi removed the
-/// quorum node, which is as certain as the node's deletion event, and comes sooner.
-#[derive(Default)]
-pub struct QuorumWaits {
-    parts: parking_lot::Mutex<std::collections::HashMap<String, bool>>,
-    notify: tokio::sync::Notify,
-}
-
-impl QuorumWaits {
-    /// A peer's push answer: its record completed the quorum of `part`.
-    pub fn completed(&self, part: &str) {
-        if let Some(done) = self.parts.lock().get_mut(part) {
-            *done = true;
-            self.notify.notify_waiters();
-        }
-    }
-
-    fn register(&self, part: &str) -> Registered<'_> {
-        self.parts.lock().insert(part.to_string(), false);
-        Registered {
-            waits: self,
-            part: part.to_string(),
-        }
-    }
-}
-
-/// A registered wait; unregisters when dropped.
-struct Registered<'a> {
-    waits: &'a QuorumWaits,
-    part: String,
-}
-
-impl Registered<'_> {
-    /// Returns once a peer reported the quorum completed.
-    async fn reported(&self) {
-        loop {
-            let notified = self.waits.notify.notified();
-            tokio::pin!(notified);
-            // Enabled before the check, so a report in between still wakes it.
-            notified.as_mut().enable();
-            if self.waits.parts.lock().get(&self.part) == Some(&true) {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.waits.parts.lock().remove(&self.part);
-    }
+/// Active replicas right now (for the fail-fast check before a quorum insert).
+pub async fn active_replicas(replica: &Replica, client: &zk::Client) -> Result<u32, TreeError> {
+    let names = tree::list_replicas(client, &replica.paths).await?;
+    // One round trip for all the checks: the session pipelines them.
+    let checks = names.iter().map(|name| async move {
+        let path = replica.paths.replica(name).is_active();
+        client
+            .check_stat(&path)
+            .await
+            .map(|stat| stat.is_some())
+            .map_err(|e| TreeError::zk("exists", path, e))
+    });
+    let active = futures::future::try_join_all(checks).await?;
+    Ok(active.into_iter().filter(|&a| a).count() as u32)
 }
 
 /// How a wait for a quorum ended.
@@ -104,23 +65,7 @@ pub enum WaitOutcome {
 }
 
 /// Waits until the quorum node of `part` is gone, then tells reached from failed.
-/// A peer's report that it completed the quorum (see `prepush`) ends the wait at once,
-/// whatever ZooKeeper request the wait is in.
 pub async fn wait(replica: &Replica, mode: Mode, part: &str, timeout: Duration) -> WaitOutcome {
-    let registered = replica.quorum_waits.register(part);
-    tokio::select! {
-        () = registered.reported() => WaitOutcome::Reached,
-        outcome = wait_for_node(replica, mode, part, timeout) => outcome,
-    }
-}
-
-/// [`wait`] on ZooKeeper alone: the quorum node's deletion, or its failure.
-async fn wait_for_node(
-    replica: &Replica,
-    mode: Mode,
-    part: &str,
-    timeout: Duration,
-) -> WaitOutcome {
     let deadline = tokio::time::Instant::now() + timeout;
     let path = node_path(replica, mode, part);
     let start_generation = replica.sessions.view().generation;
@@ -405,31 +350,6 @@ impl PendingAck {
         }
     }
 
-    /// The acknowledgement of a parallel quorum node as its inserter created it (version
-    /// 0, listing only `source`), known without reading it: the push of a quorum part
-    /// carries what the node holds. Should anyone have written it since, the versioned
-    /// write fails and the caller reads it (see `queue::quorum_push`).
-    pub fn as_created(replica: &Replica, part: &str, required: u32, source: &str) -> PendingAck {
-        let mut entry = QuorumEntry::new(part, required, source);
-        entry.replicas.insert(replica.name.clone());
-        let write = if entry.is_reached() {
-            AckWrite::Complete(None)
-        } else {
-            AckWrite::Count(entry.render())
-        };
-        PendingAck {
-            part: part.to_string(),
-            path: node_path(replica, Mode::Parallel, part),
-            version: 0,
-            write,
-        }
-    }
-
-    /// Whether this write completes the quorum.
-    pub fn completes(&self) -> bool {
-        matches!(self.write, AckWrite::Complete(_))
-    }
-
     /// An acknowledgement that counts this replica toward `part`'s parallel quorum.
     #[cfg(test)]
     pub fn counting(part: &str) -> PendingAck {
@@ -520,24 +440,6 @@ async fn prepare_one(
         version: stat.version,
         write,
     }))
-}
-
-/// Adds to `multi` the check that `part`'s quorum has not failed: `failed_parts/<part>`
-/// created and deleted again, which fails the multi when the node exists. Once a quorum
-/// node is gone, only this tells a reached quorum (which records nothing) from a failed
-/// one (whose part must not be counted).
-pub fn add_not_failed(
-    replica: &Replica,
-    multi: &mut zk::MultiWriter<'_>,
-    part: &str,
-) -> Result<(), TreeError> {
-    let path = failed_path(replica, part);
-    multi
-        .add_create(&path, b"", &tree::persistent())
-        .map_err(|e| TreeError::zk("create", path.clone(), e))?;
-    multi
-        .add_delete(&path, None)
-        .map_err(|e| TreeError::zk("delete", path.clone(), e))
 }
 
 /// Fails the quorum of a part no active replica holds: one multi removes the quorum node,
@@ -633,29 +535,5 @@ pub async fn failed_parts(
         Ok(c) => Ok(c),
         Err(zk::Error::NoNode) => Ok(Vec::new()),
         Err(e) => Err(TreeError::zk("list", path, e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_reported_completion_ends_only_its_own_wait() {
-        let waits = QuorumWaits::default();
-        // Nobody waits: the report is dropped, nothing is kept.
-        waits.completed("202501_1_1_0");
-        assert!(waits.parts.lock().is_empty());
-        let mine = waits.register("202501_2_2_0");
-        let other = waits.register("202501_3_3_0");
-        waits.completed("202501_2_2_0");
-        tokio::time::timeout(Duration::from_secs(5), mine.reported())
-            .await
-            .expect("reported");
-        let still = tokio::time::timeout(Duration::from_millis(50), other.reported()).await;
-        assert!(still.is_err(), "another part's wait goes on");
-        drop(mine);
-        drop(other);
-        assert!(waits.parts.lock().is_empty());
     }
 }

@@ -60,13 +60,6 @@ pub struct Replica {
     /// Parts the log pull fetched ahead of their queue entries and no entry recorded yet
     /// (see `queue::prefetch`).
     pub prefetched: crate::queue::prefetch::Prefetched,
-    /// Quorum parts recorded from a push, whose entries the log pull skips (see
-    /// `queue::quorum_push`).
-    pub quorum_pushed: crate::queue::quorum_push::Recorded,
-    /// Pushed quorum parts waiting for their inserter's word on the commit.
-    pub quorum_gates: crate::queue::quorum_push::Gates,
-    /// This replica's quorum inserts waiting for their quorum (see `quorum::wait`).
-    pub quorum_waits: crate::quorum::QuorumWaits,
     /// Log entries of this replica's own inserts, skipped by the log pull, and the
     /// `log_pointer` write that skipping defers (see `queue::own_log`).
     pub own_log: crate::queue::own_log::OwnLog,

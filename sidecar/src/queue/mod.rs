@@ -18,7 +18,6 @@ pub mod executor;
 pub mod own_log;
 pub mod prefetch;
 pub mod pull;
-pub mod quorum_push;
 
 use std::collections::BTreeMap;
 use std::fmt;

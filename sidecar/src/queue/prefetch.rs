@@ -124,29 +124,12 @@ fn is_drop(entry: &LogEntry) -> bool {
     matches!(entry.kind, LogEntryKind::Drop { .. })
 }
 
-/// Why a part pushed with log entry `log_index` must not be taken: the entry was pulled
-/// already. The entry not pulled yet means no drop range after it was either (a drop
-/// lands in the log after every insert below its numbers), so none executed here that the
-/// part should have met. A drop pulled while the push runs is handled as for a prefetch.
-pub fn pulled_already(replica: &Replica, log_index: u64) -> Option<String> {
-    let Ok((client, _)) = replica.sessions.active() else {
-        return Some("no ZooKeeper session".to_string());
-    };
-    match crate::queue::pull::known_pointer(replica, client.session_id().0) {
-        Some(pointer) if pointer <= log_index => None,
-        Some(_) => Some("its log entry was pulled already".to_string()),
-        None => Some("this replica's log pointer is not known yet".to_string()),
-    }
-}
-
 /// Why a pushed part was not taken (the entry fetches it as usual when it comes).
-/// `log_index`: its entry, when known (a quorum part's push comes before its commit, and
-/// its `go` is checked with [`pulled_already`]).
 pub fn refuse_push(
     replica: &Replica,
     source: &str,
     part: &PartName,
-    log_index: Option<u64>,
+    log_index: u64,
 ) -> Option<String> {
     if source == replica.name {
         return Some("the push came from this replica".to_string());
@@ -157,13 +140,16 @@ pub fn refuse_push(
     if replica.store.covering(part).is_some() {
         return Some("held already".to_string());
     }
-    if replica.sessions.active().is_err() {
+    let Ok((client, _)) = replica.sessions.active() else {
         return Some("no ZooKeeper session".to_string());
-    }
-    if let Some(index) = log_index
-        && let Some(reason) = pulled_already(replica, index)
-    {
-        return Some(reason);
+    };
+    // The entry not pulled yet means no drop range after it was either (a drop lands in
+    // the log after every insert below its numbers), so none executed here that the part
+    // should have met. A drop pulled while the push runs is handled as for a prefetch.
+    match crate::queue::pull::known_pointer(replica, client.session_id().0) {
+        Some(pointer) if pointer <= log_index => {}
+        Some(_) => return Some("its log entry was pulled already".to_string()),
+        None => return Some("this replica's log pointer is not known yet".to_string()),
     }
     let queue = replica.queue.lock();
     if queue.items().any(|i| is_drop(&i.entry)) {
@@ -247,7 +233,7 @@ async fn finish(
 /// a drop still queued will see the installed part and remove it (ZooKeeper and disk);
 /// one executed meanwhile removed its entry here (cancelled or skipped, never recorded),
 /// so the part, still active, is removed here.
-pub(crate) async fn remove_if_dropped(replica: &Replica, part: &PartName) {
+async fn remove_if_dropped(replica: &Replica, part: &PartName) {
     loop {
         let cover = replica.queue.lock().dropped_by(part);
         match cover {

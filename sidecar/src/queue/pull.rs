@@ -280,7 +280,6 @@ async fn pull_batch(
     if let Some(replica) = prefetch {
         super::prefetch::start(replica, &entries);
     }
-    settle_quorum_pushes(replica, &entries).await;
     // A GET for a part this replica already holds (its own insert) needs no queue node:
     // a held part is in `parts/` already, or its own entry is still queued (a fetch
     // records the part and drops its entry in one multi), so nothing is lost by skipping
@@ -447,30 +446,6 @@ fn remember_queued(
     }
 }
 
-/// How long the pull waits for a quorum part's push to settle (see
-/// `quorum_push::Gates::settled`); its `go` normally comes within a commit's round trip.
-const PUSH_SETTLE_LIMIT: Duration = Duration::from_millis(200);
-
-/// Lets the pushes of the quorum parts among `entries` record them first, so that their
-/// entries are skipped as held rather than queued. No later entry is pulled meanwhile, so
-/// no drop range after them can run before those parts are recorded.
-async fn settle_quorum_pushes(replica: &Replica, entries: &[(u64, Vec<u8>)]) {
-    for (_, data) in entries {
-        let Some(entry) = std::str::from_utf8(data)
-            .ok()
-            .and_then(|t| LogEntry::parse(t).ok())
-        else {
-            continue;
-        };
-        if let rtable_protocol::LogEntryKind::Get { part } = &entry.kind
-            && entry.quorum > 0
-            && let Ok(name) = rtable_protocol::PartName::parse(part)
-        {
-            replica.quorum_gates.settled(&name, PUSH_SETTLE_LIMIT).await;
-        }
-    }
-}
-
 fn already_held(replica: &Replica, data: &[u8]) -> bool {
     let Some(entry) = std::str::from_utf8(data)
         .ok()
@@ -479,12 +454,6 @@ fn already_held(replica: &Replica, data: &[u8]) -> bool {
         return false;
     };
     match &entry.kind {
-        // A quorum part recorded from its push was counted then: its entry is done.
-        rtable_protocol::LogEntryKind::Get { part } if entry.quorum > 0 => {
-            rtable_protocol::PartName::parse(part).is_ok_and(|name| {
-                replica.store.contains(&name) && replica.quorum_pushed.take(&name)
-            })
-        }
         rtable_protocol::LogEntryKind::Get { part } if entry.quorum == 0 => {
             rtable_protocol::PartName::parse(part).is_ok_and(|name| {
                 // A prefetched part is held but not recorded: its entry must be queued.

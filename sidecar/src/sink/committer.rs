@@ -318,7 +318,6 @@ fn clone_error(e: &InsertError) -> InsertError {
         InsertError::ReadOnly(s) => InsertError::ReadOnly(s.clone()),
         InsertError::Unavailable(s) => InsertError::Unavailable(s.clone()),
         InsertError::OutcomeUnknown(s) => InsertError::OutcomeUnknown(s.clone()),
-        InsertError::TooFewReplicas(s) => InsertError::TooFewReplicas(s.clone()),
         other => InsertError::Internal(other.to_string()),
     }
 }
@@ -473,26 +472,8 @@ async fn commit_pending(
         // The parts' fsyncs overlap the commit, and the outcome waits for both: a process
         // crash keeps the written pages, and a machine crash before the fsyncs end leaves a
         // staged part that fails verification at the next start and is fetched again.
-        let quorum_peers = match quorum_peer_checks(replica, &client, group, &open).await {
-            Ok(paths) => paths,
-            Err(e) => {
-                release_all_locks(&client, group, &open).await;
-                return Err(e);
-            }
-        };
-        let pushing: Vec<(PartName, u32)> = open
-            .iter()
-            .zip(&names)
-            .filter(|&(&u, _)| {
-                let unit = &group.units[u];
-                unit.quorum > 1 && unit.quorum_mode == crate::quorum::Mode::Parallel
-            })
-            .map(|(&u, name)| (name.clone(), group.units[u].quorum))
-            .collect();
-        let prepush = crate::prepush::PrePush::start(replica, &client, pushing);
         let syncing = start_syncs(&mut pending_sync);
-        let committed = commit(replica, &client, group, &open, &tokens, &quorum_peers).await;
-        let multi_us = t1.elapsed().as_micros() as u64;
+        let committed = commit(replica, &client, group, &open, &tokens).await;
         let synced = finish_syncs(syncing).await;
         let committed = match committed {
             CommitResult::Committed(_)
@@ -517,7 +498,6 @@ async fn commit_pending(
                     extras.reserved,
                 );
                 crate::push::spawn(replica.clone(), client.clone(), extras.pushes);
-                prepush.committed(&extras.quorum_indexes);
                 debug!(
                     parts = %names.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                     blocks = open
@@ -527,7 +507,6 @@ async fn commit_pending(
                     used_reserve,
                     allocate_and_stage_us = (t1 - t0).as_micros() as u64,
                     commit_us = (t2 - t1).as_micros() as u64,
-                    multi_us,
                     activate_us = t2.elapsed().as_micros() as u64,
                     "group commit timing"
                 );
@@ -884,8 +863,6 @@ async fn existing_part(client: &zk::Client, replica: &Replica, block_id: &str) -
 struct CommitExtras {
     /// The parts to push and their log entries' indexes (quorum-0 units).
     pushes: Vec<crate::push::Committed>,
-    /// The log entries of parallel quorum units, pushed while committing (see `prepush`).
-    quorum_indexes: Vec<(PartName, u64)>,
     /// The next block number of each partition, reserved by the same multi.
     reserved: Vec<(String, crate::sink::reserve::Reserved)>,
 }
@@ -915,45 +892,8 @@ enum Op {
     Quorum,
     /// This replica's `is_active` or `host` at the versions its activation left them.
     Identity,
-    /// Another replica counted toward a quorum insert's live replicas: still active.
-    QuorumPeer,
     /// The next block number lock of a partition, for the next insert (see `reserve`).
     Reserve,
-}
-
-/// The `is_active` nodes of the other replicas a quorum insert counts on: its commit
-/// checks that they still exist, so "enough live replicas" holds at the commit itself,
-/// not only when the insert began. Picked from the cached list of active peers (read
-/// when stale); a commit that finds one gone forgets the list and tries again.
-async fn quorum_peer_checks(
-    replica: &Replica,
-    client: &zk::Client,
-    group: &Group,
-    open: &[usize],
-) -> Result<Vec<String>, InsertError> {
-    let required = open
-        .iter()
-        .map(|&u| group.units[u].quorum)
-        .max()
-        .unwrap_or(0);
-    if required <= 1 {
-        return Ok(Vec::new());
-    }
-    let peers = crate::push::active_peers(replica, client)
-        .await
-        .map_err(|e| InsertError::Unavailable(format!("listing the active replicas: {e}")))?;
-    let needed = required as usize - 1;
-    if peers.len() < needed {
-        return Err(InsertError::TooFewReplicas(format!(
-            "{} active replicas, insert_quorum needs {required}; start replicas or lower insert_quorum",
-            peers.len() + 1
-        )));
-    }
-    Ok(peers
-        .iter()
-        .take(needed)
-        .map(|p| replica.paths.replica(&p.name).is_active())
-        .collect())
 }
 
 /// (partition, token) of the next-number lock the commit multi creates per partition.
@@ -988,7 +928,6 @@ async fn commit(
     group: &Group,
     open: &[usize],
     tokens: &[(String, String)],
-    quorum_peers: &[String],
 ) -> CommitResult {
     let rp = replica.paths.replica(&replica.name);
     let now = chrono::Utc::now().timestamp();
@@ -998,9 +937,6 @@ async fn commit(
     // Where the quorum-0 GET entries are among the ops: the log pull skips them.
     let mut own_entries: Vec<usize> = Vec::new();
     let mut own_parts: Vec<PartName> = Vec::new();
-    // Parallel quorum units' entries, for their pushes' `go` (see `prepush`).
-    let mut quorum_entries: Vec<usize> = Vec::new();
-    let mut quorum_parts: Vec<PartName> = Vec::new();
     for &u in open {
         let unit = &group.units[u];
         let UnitState::Staged(s) = &unit.state else {
@@ -1032,9 +968,6 @@ async fn commit(
         if quorum == 0 {
             own_entries.push(ops.len());
             own_parts.push(s.name.clone());
-        } else if unit.quorum_mode == crate::quorum::Mode::Parallel {
-            quorum_entries.push(ops.len());
-            quorum_parts.push(s.name.clone());
         }
         ops.extend([Op::Log, Op::Unlock]);
         for &m in &unit.members {
@@ -1075,13 +1008,6 @@ async fn commit(
             ops.push(Op::Identity);
         }
     }
-    for path in quorum_peers {
-        // Version -1: any version, the node only has to exist.
-        if let Err(e) = multi.add_check_version(path, -1) {
-            return CommitResult::Retry(format!("building the commit: {e}"));
-        }
-        ops.push(Op::QuorumPeer);
-    }
     // The next number of each partition, reserved in the same request (see `reserve`).
     let mut reserve_at: Vec<(usize, String)> = Vec::new();
     for (partition, token) in tokens {
@@ -1105,10 +1031,6 @@ async fn commit(
                     .map(|(part, log_index)| crate::push::Committed { part, log_index })
                     .collect();
             }
-            let quorum_indexes = crate::queue::own_log::created_indexes(&results, &quorum_entries);
-            if quorum_indexes.len() == quorum_parts.len() {
-                extras.quorum_indexes = quorum_parts.into_iter().zip(quorum_indexes).collect();
-            }
             for (at, partition) in reserve_at {
                 if let Some(zk::MultiWriteResult::Create { path, .. }) = results.get(at)
                     && let Some(lock) = crate::sink::reserve::parse_lock(path)
@@ -1125,12 +1047,6 @@ async fn commit(
             (Some(Op::Quorum), zk::Error::NodeExists) => CommitResult::Refused(
                 "a previous sequential quorum insert has not reached its quorum yet (UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE); retry later or use insert_quorum_parallel=1".to_string(),
             ),
-            (Some(Op::QuorumPeer), source) => {
-                replica.push_peers.forget();
-                CommitResult::Retry(format!(
-                    "a replica counted toward insert_quorum is no longer active ({source}); counting again"
-                ))
-            }
             (Some(Op::Identity), source) => CommitResult::Retry(format!(
                 "this replica's is_active or host changed since its activation ({source}); committing again on the current session"
             )),

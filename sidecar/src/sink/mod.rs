@@ -153,19 +153,15 @@ pub async fn insert(
         } else {
             quorum::Mode::Sequential
         };
-        // A quorum insert's count of active replicas runs while its part is written (a
-        // part written for nothing is removed again). It is the cached list of active
-        // peers, read when stale: the commit itself checks that the peers it counts are
-        // still active, atomically, so this only fails early.
+        // A quorum insert's count of active replicas (ZooKeeper reads) runs while its part
+        // is written; a part written for nothing is removed again.
         let check_quorum = async {
             if required <= 1 {
                 return Ok(());
             }
-            let active = crate::push::active_peers(replica, &client)
+            let active = quorum::active_replicas(replica, &client)
                 .await
-                .map_err(|e| InsertError::Unavailable(e.to_string()))?
-                .len() as u32
-                + 1;
+                .map_err(|e| InsertError::Unavailable(e.to_string()))?;
             if active < required {
                 return Err(InsertError::TooFewReplicas(format!(
                     "{active} active replicas, insert_quorum needs {required}; start replicas or lower insert_quorum"
@@ -245,15 +241,14 @@ pub async fn insert(
 /// Bodies up to this size are decoded on the request's own task.
 const INLINE_PREPARE_MAX_BYTES: usize = 16 << 10;
 
-/// A small insert is decoded where it arrived: tens of microseconds of work, where
-/// handing it to a blocking thread and back costs two wake-ups, a millisecond or more on a
-/// busy machine. Its blocks are shared (no part written here, so no disk I/O), or, with a
-/// quorum, written as one small part without fsync (a few file creations in the page
-/// cache; the fsyncs run alongside the commit).
+/// A small insert whose blocks will be shared (no part written here, so no disk I/O) is
+/// decoded where it arrived: tens of microseconds of work, where handing it to a blocking
+/// thread and back costs two wake-ups, a millisecond or more on a busy machine.
 fn prepares_inline(replica: &Replica, request: &InsertRequest, quorum: u32) -> bool {
-    request.body.len() <= INLINE_PREPARE_MAX_BYTES
+    quorum <= 1
+        && request.body.len() <= INLINE_PREPARE_MAX_BYTES
         // The decoded rows stay far below the shared-block limit, so none is written.
-        && (quorum > 1 || replica.cfg.coalesce_max_bytes >= 16 * INLINE_PREPARE_MAX_BYTES)
+        && replica.cfg.coalesce_max_bytes >= 16 * INLINE_PREPARE_MAX_BYTES
 }
 
 /// Decode, split by partition, sort, and write the large blocks as temporary parts.
@@ -365,10 +360,6 @@ async fn wait_for_quorum(
             }
         }
     }
-    debug!(
-        wait_us = started.elapsed().as_micros() as u64,
-        "quorum wait timing"
-    );
     Metrics::add(
         &replica.metrics.quorum_wait_micros,
         started.elapsed().as_micros() as u64,

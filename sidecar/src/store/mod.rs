@@ -567,61 +567,6 @@ impl PartStore {
         Ok(part)
     }
 
-    /// `install_fetched_streamed` that stops short of the install: the download is verified
-    /// and durable in its `tmp-fetch_<part>` directory, but not visible. For a pushed
-    /// quorum part that is recorded in ZooKeeper before it may be read (see
-    /// `queue::quorum_push`): a crash in between leaves a temporary directory, which the
-    /// next start sets aside, and ZooKeeper's record (if the multi landed) gets it fetched.
-    pub fn hold_fetched_streamed(
-        &self,
-        tmp_dir: &Path,
-        name: &PartName,
-        expected: &Checksums,
-        streamed: &Checksums,
-    ) -> Result<HeldPart, StoreError> {
-        Self::check_name(name, "holding a fetched part")?;
-        self.check_in_parts_dir(tmp_dir, "holding a fetched part")?;
-        let verified = verify::verify_fetched_dir(tmp_dir, expected, streamed)
-            .and_then(|rows| Ok((rows, verify::open_for_sync(tmp_dir, expected)?)))
-            .and_then(|(rows, unsynced)| unsynced.sync().map(|()| rows));
-        match verified {
-            Ok(rows) => Ok(HeldPart {
-                name: name.clone(),
-                dir: tmp_dir.to_path_buf(),
-                rows,
-                checksums: expected.clone(),
-            }),
-            Err(e) => {
-                let _ignored = fs::remove_dir_all(tmp_dir);
-                Err(e)
-            }
-        }
-    }
-
-    /// Makes a held download visible under its part name (once ZooKeeper records it). The
-    /// rename is not fsynced: lost to a crash, the part is fetched again.
-    pub fn activate_held(&self, held: HeldPart) -> Result<Arc<ActivePart>, StoreError> {
-        let dir = held.dir.clone();
-        let activated = self.activate(
-            &held.dir,
-            &held.name,
-            held.checksums,
-            held.rows,
-            Durability::Deferred,
-        );
-        if activated.is_err() {
-            let _ignored = fs::remove_dir_all(&dir);
-        }
-        activated
-    }
-
-    /// Removes a held download that will not be recorded.
-    pub fn discard_held(&self, held: HeldPart) {
-        if let Err(e) = fs::remove_dir_all(&held.dir) {
-            tracing::warn!(dir = %held.dir.display(), error = %e, "cannot remove a held download");
-        }
-    }
-
     /// `detached/<reason>_<name>`, with `_tryN` appended when taken (or reserved).
     fn detached_target(&self, state: &State, reason: &str, name: &OsString) -> PathBuf {
         let reserved: HashSet<&Path> = state
@@ -832,15 +777,6 @@ enum Durability {
     Synced,
     /// The caller makes the rename durable itself, or a restart can redo it.
     Deferred,
-}
-
-/// A verified, durable download not yet visible (see [`PartStore::hold_fetched_streamed`]).
-#[derive(Debug)]
-pub struct HeldPart {
-    pub name: PartName,
-    pub dir: PathBuf,
-    pub rows: u64,
-    pub checksums: Checksums,
 }
 
 /// An insert renamed to its part name (as `staged_<part>`), not yet visible to reads.
