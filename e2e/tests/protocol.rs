@@ -158,6 +158,19 @@ async fn quorum_2_and_3_in_parallel_and_sequential_mode() {
         n
     };
     assert_eq!(quorum_inserts, 4);
+    // Both parallel-mode inserts were handed off to every peer their quorum needed
+    // before the commit (sequential mode never is): 1 + 2 copies taken.
+    let (mut sent, mut taken) = (0u64, 0u64);
+    for i in 0..3 {
+        let counters = &status_json(&c, i).await["counters"];
+        sent += counters["handoffs_sent"]
+            .as_u64()
+            .expect("counters.handoffs_sent");
+        taken += counters["handoffs_taken"]
+            .as_u64()
+            .expect("counters.handoffs_taken");
+    }
+    assert_eq!((sent, taken), (2, 3), "handoffs sent and taken");
 
     // Too few live replicas: fails fast with a message naming the setting; `auto` (the
     // majority, 2 of 3) still works.

@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/parts/{name}", get(send_part))
         .route("/push/{name}", post(receive_push))
+        .route("/handoff/{name}", post(receive_handoff))
         .with_state(state)
 }
 
@@ -297,6 +298,23 @@ fn refuse_unauthenticated(replica: &Replica, headers: &HeaderMap) -> Option<Resp
     ))
 }
 
+/// An interserver request's part: authenticated, and a safe part name.
+fn interserver_part(
+    replica: &Replica,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<PartName, Box<Response>> {
+    if let Some(refused) = refuse_unauthenticated(replica, headers) {
+        return Err(Box::new(refused));
+    }
+    PartName::parse(name).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("unsafe or invalid part name: {e}"),
+        ))
+    })
+}
+
 #[derive(serde::Deserialize)]
 struct PushQuery {
     source: String,
@@ -313,17 +331,9 @@ async fn receive_push(
     body: Body,
 ) -> Response {
     let replica = &state.replica;
-    if let Some(refused) = refuse_unauthenticated(replica, &headers) {
-        return refused;
-    }
-    let part = match PartName::parse(&name) {
+    let part = match interserver_part(replica, &headers, &name) {
         Ok(p) => p,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("unsafe or invalid part name: {e}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
     if let Some(reason) =
         crate::queue::prefetch::refuse_push(replica, &query.source, &part, query.log)
@@ -345,6 +355,42 @@ async fn receive_push(
     axum::Json(answer).into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct HandoffQuery {
+    source: String,
+    lock: String,
+}
+
+/// Interserver: a peer hands off a quorum insert's part before committing it (see
+/// `handoff`). `staged: true` means the copy is durable here and the commit may record
+/// it for this replica, checking `host_version`.
+async fn receive_handoff(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HandoffQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let replica = &state.replica;
+    let part = match interserver_part(replica, &headers, &name) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
+    };
+    let host_version = match crate::handoff::refuse(replica, &query.source, &part, &query.lock) {
+        Ok(v) => v,
+        Err(reason) => {
+            return axum::Json(json!({ "staged": false, "reason": reason })).into_response();
+        }
+    };
+    let taken =
+        crate::handoff::take(replica.clone(), query.source, part, body.into_data_stream()).await;
+    let answer = match taken {
+        Ok(()) => json!({ "staged": true, "host_version": host_version }),
+        Err(reason) => json!({ "staged": false, "reason": reason }),
+    };
+    axum::Json(answer).into_response()
+}
+
 /// Interserver: streams a part's files after the exchange header (see `exchange`).
 async fn send_part(
     State(state): State<AppState>,
@@ -352,17 +398,9 @@ async fn send_part(
     headers: HeaderMap,
 ) -> Response {
     let replica = &state.replica;
-    if let Some(refused) = refuse_unauthenticated(replica, &headers) {
-        return refused;
-    }
-    let part = match PartName::parse(&name) {
+    let part = match interserver_part(replica, &headers, &name) {
         Ok(p) => p,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("unsafe or invalid part name: {e}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
     let store = replica.store.clone();
     let opened =

@@ -18,6 +18,7 @@ use rtable_protocol::part_header::{Checksums, FileChecksum};
 
 use crate::exchange::{self, FileEntry};
 use crate::replica::{Replica, SECRET_HEADER};
+use crate::store::handoff::HandoffPart;
 use crate::store::{ActivePart, CHECKSUMS_FILE, PartStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +122,15 @@ pub enum Purpose {
     Entry,
     /// Ahead of the queue entry: the part is recorded when the entry executes.
     Prefetch,
+    /// A quorum insert's copy taken before its commit: kept durable but inactive (see
+    /// `crate::handoff`).
+    Handoff,
+}
+
+/// What a download installed.
+enum Installed {
+    Active(std::sync::Arc<ActivePart>),
+    Handoff(HandoffPart),
 }
 
 pub struct Fetched {
@@ -192,20 +202,31 @@ where
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let body = async {
-        Ok(body.map(|chunk| {
-            chunk.map_err(|e| FetchError::Pushed {
-                source_replica: source.to_string(),
-                part: part.to_string(),
-                message: e.to_string(),
-            })
-        }))
-    };
+    let body = async { Ok(pushed_stream(source, part, body)) };
     receive(replica, source, part, None, Purpose::Prefetch, body).await
 }
 
-/// One download: a blocking thread prepares `tmp-fetch_<part>` while `body` starts (the
-/// request's round trip), then writes, verifies and installs what the stream brings.
+/// Takes a quorum insert's part its inserter hands off before committing: the checks of
+/// a fetch, then fsynced as `handoff_<part>`, not made active. Returns it and its bytes.
+pub async fn receive_handoff<S, E>(
+    replica: &Replica,
+    source: &str,
+    part: &PartName,
+    body: S,
+) -> Result<(HandoffPart, u64), FetchError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let body = async { Ok(pushed_stream(source, part, body)) };
+    let (installed, bytes, _) =
+        receive_into(replica, source, part, None, Purpose::Handoff, body).await?;
+    match installed {
+        Installed::Handoff(h) => Ok((h, bytes)),
+        Installed::Active(_) => Err(corrupt(source, part, "installed as active, not handed off")),
+    }
+}
+
 async fn receive<B, S>(
     replica: &Replica,
     address: &str,
@@ -214,6 +235,58 @@ async fn receive<B, S>(
     purpose: Purpose,
     body: B,
 ) -> Result<Fetched, FetchError>
+where
+    B: std::future::Future<Output = Result<S, FetchError>>,
+    S: futures::Stream<Item = Result<Bytes, FetchError>> + Unpin,
+{
+    let (installed, bytes, seconds) = receive_into(
+        replica,
+        address,
+        part,
+        expected_checksums_hash,
+        purpose,
+        body,
+    )
+    .await?;
+    match installed {
+        Installed::Active(part) => Ok(Fetched {
+            part,
+            bytes,
+            seconds,
+        }),
+        Installed::Handoff(_) => Err(corrupt(address, part, "handed off, not installed")),
+    }
+}
+
+/// The body of a peer's request (push or handoff) as a download's stream.
+fn pushed_stream<'a, S, E>(
+    source: &'a str,
+    part: &'a PartName,
+    body: S,
+) -> impl futures::Stream<Item = Result<Bytes, FetchError>> + Unpin + 'a
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin + 'a,
+    E: std::fmt::Display,
+{
+    body.map(move |chunk| {
+        chunk.map_err(|e| FetchError::Pushed {
+            source_replica: source.to_string(),
+            part: part.to_string(),
+            message: e.to_string(),
+        })
+    })
+}
+
+/// One download: a blocking thread prepares `tmp-fetch_<part>` while `body` starts (the
+/// request's round trip), then writes, verifies and installs what the stream brings.
+async fn receive_into<B, S>(
+    replica: &Replica,
+    address: &str,
+    part: &PartName,
+    expected_checksums_hash: Option<Hash128>,
+    purpose: Purpose,
+    body: B,
+) -> Result<(Installed, u64, f64), FetchError>
 where
     B: std::future::Future<Output = Result<S, FetchError>>,
     S: futures::Stream<Item = Result<Bytes, FetchError>> + Unpin,
@@ -265,11 +338,7 @@ where
         };
         let seconds = started.elapsed().as_secs_f64();
         debug!(bytes, seconds, "fetched part");
-        Ok(Fetched {
-            part,
-            bytes,
-            seconds,
-        })
+        Ok((part, bytes, seconds))
     }
     .instrument(span)
     .await
@@ -345,11 +414,12 @@ struct Receiver {
 impl Receiver {
     /// Writes the body's files into a fresh `tmp-fetch_<part>`, verifies and installs them;
     /// on any failure the directory is removed. Returns the part and the bytes received.
-    fn run(
-        self,
-        rx: tokio::sync::mpsc::Receiver<Bytes>,
-    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
-        let dir = self.store.fetch_dir(&self.part)?;
+    fn run(self, rx: tokio::sync::mpsc::Receiver<Bytes>) -> Result<(Installed, u64), FetchError> {
+        let dir = if self.purpose == Purpose::Handoff {
+            self.store.new_handoff_dir(&self.part)?
+        } else {
+            self.store.fetch_dir(&self.part)?
+        };
         let result = self.write_and_install(&dir, rx);
         if result.is_err() {
             let _ignored = std::fs::remove_dir_all(&dir);
@@ -361,7 +431,7 @@ impl Receiver {
         &self,
         dir: &Path,
         mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
+    ) -> Result<(Installed, u64), FetchError> {
         // Phase times (debug log below): where a slow fetch spends its time.
         let started = Instant::now();
         let (files, rest) = self.read_header(&mut rx)?;
@@ -385,9 +455,17 @@ impl Receiver {
                 })
                 .collect(),
         };
-        let part = self
-            .store
-            .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
+        let part = if self.purpose == Purpose::Handoff {
+            Installed::Handoff(
+                self.store
+                    .install_handoff(dir, &self.part, &checksums, &streamed)?,
+            )
+        } else {
+            Installed::Active(
+                self.store
+                    .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?,
+            )
+        };
         debug!(
             header_ms = ms(header_at),
             written_ms = ms(written_at),

@@ -10,6 +10,7 @@ pub mod drop;
 pub mod exchange;
 pub mod failpoint;
 pub mod fetcher;
+pub mod handoff;
 pub mod merge;
 pub mod metrics;
 pub mod outcome;

@@ -173,6 +173,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         log_pointer_cache: parking_lot::Mutex::new(None),
         peer_addresses: Default::default(),
         push_peers: Default::default(),
+        handoffs: Default::default(),
         table_reload: TableReload::new(settings),
         cfg,
     });
@@ -190,6 +191,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     tokio::spawn(rtable_sidecar::merge::assign::run(replica.clone()));
     tokio::spawn(rtable_sidecar::cleanup::run(replica.clone()));
     tokio::spawn(rtable_sidecar::table_reload::run(replica.clone()));
+    tokio::spawn(rtable_sidecar::handoff::run(replica.clone()));
     let committer = Committer::start(replica.clone());
     let app = api::router(AppState {
         replica: replica.clone(),

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub replicas_marked_lost: AtomicU64,
     pub merged_part_fetches: AtomicU64,
     pub pushed_parts_taken: AtomicU64,
+    pub handoffs_sent: AtomicU64,
+    pub handoffs_taken: AtomicU64,
 }
 
 impl Metrics {
@@ -39,7 +41,7 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 20] = [
+        let counters: [(&str, &str, &AtomicU64); 22] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -140,6 +142,16 @@ impl Metrics {
                 "Parts a peer pushed right after committing them and this replica installed (also counted in fetches)",
                 &self.pushed_parts_taken,
             ),
+            (
+                "rtable_handoffs_sent_total",
+                "Quorum inserts whose peers took their part before the commit, which recorded it for them",
+                &self.handoffs_sent,
+            ),
+            (
+                "rtable_handoffs_taken_total",
+                "Parts a peer handed off to this replica before committing them",
+                &self.handoffs_taken,
+            ),
         ];
         let mut out = String::new();
         for (name, help, value) in counters {
@@ -171,6 +183,8 @@ pub struct Counters {
     pub merges: u64,
     pub merged_part_fetches: u64,
     pub pushed_parts_taken: u64,
+    pub handoffs_sent: u64,
+    pub handoffs_taken: u64,
     pub lost_parts: u64,
     pub cleanup_runs: u64,
     pub replicas_marked_lost: u64,
@@ -190,6 +204,8 @@ impl Metrics {
             merges: get(&self.merges),
             merged_part_fetches: get(&self.merged_part_fetches),
             pushed_parts_taken: get(&self.pushed_parts_taken),
+            handoffs_sent: get(&self.handoffs_sent),
+            handoffs_taken: get(&self.handoffs_taken),
             lost_parts: get(&self.lost_parts),
             cleanup_runs: get(&self.cleanup_runs),
             replicas_marked_lost: get(&self.replicas_marked_lost),

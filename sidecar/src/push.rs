@@ -29,21 +29,28 @@ const PEERS_TTL: Duration = Duration::from_secs(60);
 /// A push that takes longer than this is abandoned; the peer's entry fetches the part.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The other replicas' interserver addresses, as last read from ZooKeeper.
+/// The other active replicas' names and interserver addresses, as last read from ZooKeeper.
 #[derive(Default)]
 pub struct Peers {
-    cached: Mutex<Option<(Instant, Vec<String>)>>,
+    cached: Mutex<Option<(Instant, Vec<Peer>)>>,
+}
+
+/// An active peer: its replica name and interserver address.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub address: String,
 }
 
 impl Peers {
-    fn fresh(&self) -> Option<Vec<String>> {
+    fn fresh(&self) -> Option<Vec<Peer>> {
         let cached = self.cached.lock();
         let (at, addresses) = cached.as_ref()?;
         (at.elapsed() < PEERS_TTL).then(|| addresses.clone())
     }
 
     /// Forgets the list (a push failed to connect: a peer may have moved).
-    fn forget(&self) {
+    pub fn forget(&self) {
         self.cached.lock().take();
     }
 }
@@ -61,7 +68,7 @@ pub fn spawn(replica: Arc<Replica>, client: zk::Client, parts: Vec<Committed>) {
         return;
     }
     tokio::spawn(async move {
-        let peers = match peers(&replica, &client).await {
+        let peers = match active_peers(&replica, &client).await {
             Ok(p) => p,
             Err(e) => {
                 debug!(replica = %replica.name, error = %e, "cannot list peers to push to");
@@ -71,8 +78,9 @@ pub fn spawn(replica: Arc<Replica>, client: zk::Client, parts: Vec<Committed>) {
         if peers.is_empty() {
             return;
         }
+        let addresses: Vec<String> = peers.into_iter().map(|p| p.address).collect();
         for c in parts {
-            push_part(&replica, &peers, &c).await;
+            push_part(&replica, &addresses, &c).await;
         }
     });
 }
@@ -143,9 +151,9 @@ async fn send(
     response.text().await
 }
 
-/// The addresses of the other active replicas: cached, or read from ZooKeeper (one
-/// listing and one multi-read).
-async fn peers(replica: &Replica, client: &zk::Client) -> Result<Vec<String>, zk::Error> {
+/// The other active replicas: cached, or read from ZooKeeper (one listing and one
+/// multi-read).
+pub async fn active_peers(replica: &Replica, client: &zk::Client) -> Result<Vec<Peer>, zk::Error> {
     if let Some(p) = replica.push_peers.fresh() {
         return Ok(p);
     }
@@ -162,8 +170,8 @@ async fn peers(replica: &Replica, client: &zk::Client) -> Result<Vec<String>, zk
     } else {
         reader.commit().await?
     };
-    let mut addresses = Vec::new();
-    for pair in results.chunks(2) {
+    let mut peers = Vec::new();
+    for (name, pair) in others.iter().zip(results.chunks(2)) {
         let [active, host] = pair else { continue };
         let (zk::MultiReadResult::Data { .. }, zk::MultiReadResult::Data { data, .. }) =
             (active, host)
@@ -176,8 +184,11 @@ async fn peers(replica: &Replica, client: &zk::Client) -> Result<Vec<String>, zk
         else {
             continue;
         };
-        addresses.push(host.address());
+        peers.push(Peer {
+            name: (*name).clone(),
+            address: host.address(),
+        });
     }
-    *replica.push_peers.cached.lock() = Some((Instant::now(), addresses.clone()));
-    Ok(addresses)
+    *replica.push_peers.cached.lock() = Some((Instant::now(), peers.clone()));
+    Ok(peers)
 }

@@ -60,7 +60,9 @@ pub async fn before_activation(
     // insert or merge whose multi was cut off by the session's end): their resolver
     // activates them when `parts/<part>` exists, so that node must stay. Read before the
     // active parts: a part only moves from staged to active, so it is seen in one of them.
-    let staged = replica.store.staged_names();
+    // Copies handed off here are resolved after the activation (see `handoff`).
+    let mut staged = replica.store.staged_names();
+    staged.extend(replica.store.handoff_names());
     let local: BTreeSet<String> = replica
         .store
         .parts()
@@ -172,6 +174,8 @@ pub async fn after_activation(
     // failed the quorum of a part only this replica held (the check before activation
     // can't see that), and the client's retry has committed the rows anew since.
     set_aside_failed_quorum_parts(replica, client).await?;
+    // The activation moved `host` on: no commit counting on a copy left over can land now.
+    crate::handoff::resolve_left_over(replica, client).await?;
     let rp = replica.paths.replica(&replica.name);
     if tree::get_string(client, &rp.is_lost()).await?.as_deref() == Some("1") {
         clone_replica(replica, client).await?;

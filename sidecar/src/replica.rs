@@ -79,6 +79,8 @@ pub struct Replica {
     pub peer_addresses: Mutex<std::collections::HashMap<String, String>>,
     /// Where to push freshly committed small parts (see `push`).
     pub push_peers: crate::push::Peers,
+    /// Quorum inserts' parts peers handed off here before committing (see `handoff`).
+    pub handoffs: crate::handoff::Handoffs,
     /// The table file's settings that change live (quorum, quorum mode, dedup window); the
     /// file is re-read by `table_reload::run`. `table` stays what the replica started with.
     pub table_reload: crate::table_reload::TableReload,

@@ -478,3 +478,98 @@ fn pyarrow_and_duckdb_read_a_part() {
         "(1234, 0, 1233, 'TIMESTAMP WITH TIME ZONE', 1714521600)"
     );
 }
+
+/// A handed-off copy: verified in its own directory, invisible to reads, left alone by a
+/// reopen (recovery decides its fate), then activated or discarded.
+#[test]
+fn handed_off_copies_stay_inactive_until_activated() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let (origin, _) = open(src.path());
+    let part_dir = commit(&origin, &rows(20, 0), "202405_7_7_0");
+    let expected = origin
+        .get(&name("202405_7_7_0"))
+        .expect("part")
+        .checksums
+        .clone();
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (store, _) = open(tmp.path());
+    let into = |store: &PartStore, part: &str| {
+        let dir = store.new_handoff_dir(&name(part)).expect("handoff dir");
+        fs::copy(part_dir.join(DATA_FILE), dir.join(DATA_FILE)).expect("copy");
+        dir
+    };
+
+    // Tampered: refused and removed.
+    let dir = into(&store, "202405_7_7_0");
+    let mut bytes = fs::read(dir.join(DATA_FILE)).expect("read");
+    bytes[10] ^= 0xff;
+    fs::write(dir.join(DATA_FILE), &bytes).expect("write");
+    let err = store
+        .install_handoff(
+            &dir,
+            &name("202405_7_7_0"),
+            &expected,
+            &Checksums::default(),
+        )
+        .expect_err("tampered");
+    assert!(err.to_string().contains("data.parquet"), "{err}");
+    assert!(!dir.exists());
+
+    // Another part's directory is not this part's handoff directory.
+    let other = into(&store, "202405_8_8_0");
+    assert!(
+        store
+            .install_handoff(
+                &other,
+                &name("202405_7_7_0"),
+                &expected,
+                &Checksums::default()
+            )
+            .is_err()
+    );
+
+    let dir = into(&store, "202405_7_7_0");
+    let copy = store
+        .install_handoff(
+            &dir,
+            &name("202405_7_7_0"),
+            &expected,
+            &Checksums::default(),
+        )
+        .expect("installs");
+    assert_eq!(copy.rows, 20);
+    assert!(!store.contains(&name("202405_7_7_0")), "not visible yet");
+    assert!(store.handoff_names().contains("202405_7_7_0"));
+
+    // A reopen neither activates nor detaches it; the copy is found again, verified.
+    drop(store);
+    let (store, detached) = open(tmp.path());
+    assert!(detached.is_empty(), "{detached:?}");
+    assert!(!store.contains(&name("202405_7_7_0")));
+    let found = store.handoffs_on_disk();
+    // The unfinished one of the other part is broken and set aside.
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(!tmp.path().join("parts/handoff_202405_8_8_0").exists());
+    let copy = found.into_iter().next().expect("copy");
+    assert_eq!(copy.checksums, expected);
+
+    let active = store.activate_handoff(copy).expect("activates");
+    assert_eq!(active.rows, 20);
+    assert!(store.contains(&name("202405_7_7_0")));
+    assert!(store.handoff_names().is_empty());
+
+    // A second copy of a part already held cannot be activated; discarding removes it.
+    let dir = into(&store, "202405_7_7_0");
+    let copy = store
+        .install_handoff(
+            &dir,
+            &name("202405_7_7_0"),
+            &expected,
+            &Checksums::default(),
+        )
+        .expect("installs");
+    assert!(store.activate_handoff(copy.clone()).is_err());
+    store.discard_handoff(&copy);
+    assert!(!dir.exists());
+}

@@ -158,6 +158,23 @@ async fn execute_get(
     // The log pull's prefetch of this part (or another entry's fetch of it) is about to
     // install it: waiting beats failing with InFlight and backing off.
     fetcher::wait_in_flight(replica, &name, IN_FLIGHT_WAIT).await;
+    // The inserter handed the part off here before committing: this entry proves the
+    // commit, so the copy turns active.
+    let handed_off = match crate::handoff::consume(replica, &name) {
+        crate::handoff::Consumed::Arriving => {
+            return Err(ExecuteError::Postponed(format!(
+                "the handed-off part {name} is still arriving"
+            )));
+        }
+        crate::handoff::Consumed::Active(_) => true,
+        crate::handoff::Consumed::None => false,
+    };
+    if handed_off
+        && item.entry.quorum == 0
+        && only_remove_entry(replica, client, &item.node_name, &name).await?
+    {
+        return Ok(());
+    }
     if let Some(have) = replica.store.covering(&name) {
         // We hold it (our own insert, prefetched, or fetched before a restart): make sure
         // ZooKeeper agrees, then drop the entry.
@@ -350,6 +367,36 @@ async fn record_folded(
         Err(e) => {
             Err(tree::multi_error("record part and quorum", &[part_path, queue_path], e).into())
         }
+    }
+}
+
+/// A handed-off part whose commit reached its quorum: that commit recorded it here, so
+/// one multi checks the record and removes the entry. `false`: not so, record as usual.
+async fn only_remove_entry(
+    replica: &Replica,
+    client: &zk::Client,
+    queue_node: &str,
+    part: &PartName,
+) -> Result<bool, ExecuteError> {
+    let rp = replica.paths.replica(&replica.name);
+    let part_path = rp.part(&part.to_string());
+    let queue_path = rp.queue_entry(queue_node);
+    let mut multi = client.new_multi_writer();
+    multi
+        .add_check_version(&part_path, -1)
+        .map_err(|e| TreeError::zk("check", part_path.clone(), e))?;
+    multi
+        .add_delete(&queue_path, None)
+        .map_err(|e| TreeError::zk("delete", queue_path.clone(), e))?;
+    match multi.commit().await {
+        Ok(_) => Ok(true),
+        Err(zk::MultiWriteError::OperationFailed { .. }) => Ok(false),
+        Err(e) => Err(tree::multi_error(
+            "remove entry of a handed-off part",
+            &[part_path, queue_path],
+            e,
+        )
+        .into()),
     }
 }
 
@@ -694,6 +741,10 @@ async fn execute_drop(
             "waiting for parts inside {range} being committed here: {}",
             staged.join(", ")
         )));
+    }
+    // Copies handed off here inside the range go with their records, once settled.
+    if let Err(reason) = crate::handoff::settle_for_drop(replica, client, &range_name).await? {
+        return Err(ExecuteError::Postponed(reason));
     }
     let started = Instant::now();
     // One pipelined round of deletes rather than a round trip per node.

@@ -109,7 +109,7 @@ pub fn start(replica: &Arc<Replica>, entries: &[(u64, Vec<u8>)]) {
             entry,
             &replica.name,
             &addresses,
-            |p| replica.store.covering(p).is_some(),
+            |p| replica.store.covering(p).is_some() || replica.handoffs.contains(p),
             |p| replica.queue.lock().dropped_by(p).is_some(),
         );
         if let Some(c) = found
@@ -139,6 +139,9 @@ pub fn refuse_push(
     }
     if replica.store.covering(part).is_some() {
         return Some("held already".to_string());
+    }
+    if replica.handoffs.contains(part) {
+        return Some("handed off here before its commit".to_string());
     }
     let Ok((client, _)) = replica.sessions.active() else {
         return Some("no ZooKeeper session".to_string());

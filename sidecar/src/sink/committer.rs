@@ -24,6 +24,7 @@ use rtable_protocol::{LogEntry, PartName};
 
 use crate::metrics::Metrics;
 use crate::replica::Replica;
+use crate::sink::handoff::Accepted;
 use crate::sink::{Block, BlockOutcome, InsertError, Payload};
 use crate::store::verify::Unsynced;
 use crate::store::{StagedPart, StoreError, TempPart};
@@ -146,6 +147,9 @@ struct Unit {
     /// This attempt's `block_numbers/<partition>/block-N` lock.
     lock: Option<String>,
     state: UnitState,
+    /// The peers that took this attempt's part before the commit (all the quorum needs,
+    /// or none): the commit records it for them and no quorum node is needed.
+    handoff: Vec<Accepted>,
 }
 
 enum UnitState {
@@ -176,6 +180,8 @@ impl Unit {
 struct Group {
     members: Vec<Member>,
     units: Vec<Unit>,
+    /// A commit failed on a peer's changed `host`: the rest go without handoffs.
+    no_handoff: bool,
 }
 
 impl Group {
@@ -184,6 +190,7 @@ impl Group {
         let mut group = Group {
             members: Vec::new(),
             units: Vec::new(),
+            no_handoff: false,
         };
         let mut first_by_id: HashMap<String, usize> = HashMap::new();
         let mut shared_unit: HashMap<String, usize> = HashMap::new();
@@ -219,6 +226,7 @@ impl Group {
                                     members: Vec::new(),
                                     lock: None,
                                     state: UnitState::Unwritten,
+                                    handoff: Vec::new(),
                                 });
                                 group.units.len() - 1
                             });
@@ -231,6 +239,7 @@ impl Group {
                         members: vec![m],
                         lock: None,
                         state: UnitState::Temp(temp, unsynced),
+                        handoff: Vec::new(),
                     }),
                 }
                 group.members.push(member);
@@ -259,7 +268,7 @@ impl Group {
     fn outcome(&self, m: usize) -> Option<BlockOutcome> {
         match self.members[m].same_as {
             Some(first) => match self.members[first].outcome.as_ref()? {
-                BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part } => {
+                BlockOutcome::Committed { part, .. } | BlockOutcome::Duplicate { part } => {
                     Some(BlockOutcome::Duplicate { part: part.clone() })
                 }
             },
@@ -473,6 +482,8 @@ async fn commit_pending(
         // crash keeps the written pages, and a machine crash before the fsyncs end leaves a
         // staged part that fails verification at the next start and is fetched again.
         let syncing = start_syncs(&mut pending_sync);
+        hand_off_units(replica, &client, group, &open).await;
+        let handed_off_at = std::time::Instant::now();
         let committed = commit(replica, &client, group, &open, &tokens).await;
         let synced = finish_syncs(syncing).await;
         let committed = match committed {
@@ -506,7 +517,8 @@ async fn commit_pending(
                         .sum::<usize>(),
                     used_reserve,
                     allocate_and_stage_us = (t1 - t0).as_micros() as u64,
-                    commit_us = (t2 - t1).as_micros() as u64,
+                    handoff_us = (handed_off_at - t1).as_micros() as u64,
+                    commit_us = (t2 - handed_off_at).as_micros() as u64,
                     activate_us = t2.elapsed().as_micros() as u64,
                     "group commit timing"
                 );
@@ -519,6 +531,14 @@ async fn commit_pending(
                 release_all_locks(&client, group, &open).await;
                 group.duplicate(replica, u, m, existing);
                 attempt -= 1;
+            }
+            CommitResult::HandoffStale(reason) => {
+                info!(replica = %replica.name, %reason, "commit not applied; retrying without handoffs");
+                group.no_handoff = true;
+                release_all_locks(&client, group, &open).await;
+                if let Err(e) = synced {
+                    return Err(InsertError::Store(e));
+                }
             }
             CommitResult::Retry(reason) => {
                 debug!(replica = %replica.name, %reason, "commit not applied; retrying");
@@ -726,13 +746,20 @@ fn activate_all(replica: &Replica, group: &mut Group, open: &[usize]) {
             continue;
         };
         let part = s.name.to_string();
+        let quorum_reached = !unit.handoff.is_empty();
+        if quorum_reached {
+            Metrics::inc(&replica.metrics.handoffs_sent);
+        }
         if let Err(e) = replica.store.activate_staged(s) {
             // Committed in ZooKeeper but not renamed: the next start finds the staged
             // directory and activates it; peers can't fetch it until then.
             warn!(replica = %replica.name, %part, error = %e, "committed part could not be activated");
         }
         for &m in &unit.members {
-            group.members[m].outcome = Some(BlockOutcome::Committed { part: part.clone() });
+            group.members[m].outcome = Some(BlockOutcome::Committed {
+                part: part.clone(),
+                quorum_reached,
+            });
             group.members[m].rows = None;
         }
     }
@@ -873,6 +900,9 @@ enum CommitResult {
     Duplicate(usize, usize),
     /// Definitely not applied.
     Retry(String),
+    /// Definitely not applied: a peer that took the part is no longer the activation that
+    /// took it.
+    HandoffStale(String),
     /// Definitely not applied, and retrying cannot help.
     Refused(String),
     /// The connection dropped: applied or not, we can't tell yet.
@@ -890,6 +920,8 @@ enum Op {
     },
     Part,
     Quorum,
+    /// A peer's `host` at the version it handed out, or its `parts/<part>` (handoff).
+    Handoff,
     /// This replica's `is_active` or `host` at the versions its activation left them.
     Identity,
     /// The next block number lock of a partition, for the next insert (see `reserve`).
@@ -946,7 +978,11 @@ async fn commit(
             return CommitResult::Retry("unit without blocks".to_string());
         };
         let part = s.name.to_string();
-        let quorum = if unit.quorum > 1 { unit.quorum } else { 0 };
+        let requested = if unit.quorum > 1 { unit.quorum } else { 0 };
+        // Handed off to every peer the quorum needs: reached by this multi, so the entry
+        // asks for no quorum and no node tracks it.
+        let handed_off = requested > 0 && !unit.handoff.is_empty();
+        let quorum = if handed_off { 0 } else { requested };
         let entry = LogEntry::get(
             &replica.name,
             &group.members[first].block_id,
@@ -980,6 +1016,19 @@ async fn commit(
         }
         results.push(multi.add_create(&rp.part(&part), header.as_bytes(), &tree::persistent()));
         ops.push(Op::Part);
+        if handed_off {
+            for accepted in &unit.handoff {
+                let peer = replica.paths.replica(&accepted.peer);
+                results.push(multi.add_check_version(&peer.host(), accepted.host_version));
+                results.push(multi.add_create(
+                    &peer.part(&part),
+                    header.as_bytes(),
+                    &tree::persistent(),
+                ));
+                ops.extend([Op::Handoff, Op::Handoff]);
+            }
+            identity_checked = true;
+        }
         if quorum > 0 {
             let node = crate::quorum::node_path(replica, unit.quorum_mode, &part);
             let value = QuorumEntry::new(&part, quorum, &replica.name).render();
@@ -1047,6 +1096,9 @@ async fn commit(
             (Some(Op::Quorum), zk::Error::NodeExists) => CommitResult::Refused(
                 "a previous sequential quorum insert has not reached its quorum yet (UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE); retry later or use insert_quorum_parallel=1".to_string(),
             ),
+            (Some(Op::Handoff), source) => CommitResult::HandoffStale(format!(
+                "a peer that took the part changed since ({source})"
+            )),
             (Some(Op::Identity), source) => CommitResult::Retry(format!(
                 "this replica's is_active or host changed since its activation ({source}); committing again on the current session"
             )),
@@ -1058,6 +1110,52 @@ async fn commit(
         Err(zk::MultiWriteError::RequestFailed { source }) => {
             CommitResult::Unknown(format!("commit request failed: {source}"))
         }
+    }
+}
+
+/// Hands each open quorum unit's part to the peers its quorum needs (see `handoff`),
+/// all units at once; a unit keeps them only when every needed peer took it.
+async fn hand_off_units(
+    replica: &Arc<Replica>,
+    client: &zk::Client,
+    group: &mut Group,
+    open: &[usize],
+) {
+    for &u in open {
+        group.units[u].handoff.clear();
+    }
+    if group.no_handoff {
+        return;
+    }
+    let wanted: Vec<usize> = open
+        .iter()
+        .copied()
+        .filter(|&u| {
+            let unit = &group.units[u];
+            unit.quorum > 1
+                && unit.quorum_mode == crate::quorum::Mode::Parallel
+                && unit.lock.is_some()
+                && matches!(unit.state, UnitState::Staged(_))
+        })
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let sends = wanted.iter().map(|&u| {
+        let unit = &group.units[u];
+        let needed = unit.quorum as usize - 1;
+        async move {
+            match (&unit.state, &unit.lock) {
+                (UnitState::Staged(s), Some(lock)) => {
+                    crate::sink::handoff::hand_off(replica, client, s, lock, needed).await
+                }
+                _ => Vec::new(),
+            }
+        }
+    });
+    let handed = futures::future::join_all(sends).await;
+    for (u, accepted) in wanted.into_iter().zip(handed) {
+        group.units[u].handoff = accepted;
     }
 }
 

@@ -4,6 +4,7 @@
 //! ZooKeeper together with other concurrent inserts.
 
 pub mod committer;
+pub mod handoff;
 pub mod reserve;
 
 use std::sync::Arc;
@@ -59,11 +60,11 @@ impl Payload {
 pub enum BlockOutcome {
     Committed {
         part: String,
+        /// The commit itself reached the insert's quorum (its part was handed off).
+        quorum_reached: bool,
     },
     /// An earlier insert with the same dedup id committed `part`.
-    Duplicate {
-        part: String,
-    },
+    Duplicate { part: String },
 }
 
 #[derive(Debug, Serialize)]
@@ -218,7 +219,7 @@ pub async fn insert(
         };
         for o in outcomes {
             match o {
-                BlockOutcome::Committed { part } => answer.parts.push(part),
+                BlockOutcome::Committed { part, .. } => answer.parts.push(part),
                 BlockOutcome::Duplicate { part } => {
                     answer.parts.push(part.clone());
                     answer.deduplicated_parts.push(part);
@@ -340,14 +341,18 @@ async fn wait_for_quorum(
         // One insert_quorum_timeout for the whole insert, however many parts it made.
         let left = timeout.saturating_sub(started.elapsed());
         let outcome = match o {
-            BlockOutcome::Committed { part } => quorum::wait(replica, mode, part, left).await,
+            BlockOutcome::Committed {
+                quorum_reached: true,
+                ..
+            } => quorum::WaitOutcome::Reached,
+            BlockOutcome::Committed { part, .. } => quorum::wait(replica, mode, part, left).await,
             // A retry is acknowledged on the same terms as the first attempt would have been.
             BlockOutcome::Duplicate { part } => {
                 quorum::wait_existing(replica, mode, part, required, left).await
             }
         };
         let part = match o {
-            BlockOutcome::Committed { part } | BlockOutcome::Duplicate { part } => part,
+            BlockOutcome::Committed { part, .. } | BlockOutcome::Duplicate { part } => part,
         };
         match outcome {
             quorum::WaitOutcome::Reached => {}

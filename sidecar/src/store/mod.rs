@@ -6,6 +6,8 @@
 //!   `rtable_protocol::part_header::Checksums`) and `count.txt` (row count, decimal);
 //! - `parts/tmp_<kind>_<id>/`: a part being written (insert, merge);
 //! - `parts/tmp-fetch_<part>/`: a download in progress;
+//! - `parts/staged_<part>/`: an insert of this replica named before its commit;
+//! - `parts/handoff_<part>/`: a peer's quorum insert copied here before its commit;
 //! - `parts/deleting_<part>/`: a covered part being deleted;
 //! - `detached/<reason>_<name>[_tryN]`: anything set aside. rtable never deletes there.
 //!
@@ -14,6 +16,7 @@
 //! a file vanish. Call [`PartStore::collect_garbage`] from the cleanup loop to finish such
 //! deferred deletions. All methods do blocking I/O: call them from `spawn_blocking`.
 
+pub mod handoff;
 pub mod part_reader;
 pub mod part_writer;
 pub mod verify;
@@ -46,6 +49,8 @@ pub const DELETING_PREFIX: &str = "deleting_";
 /// An insert written under its final name whose ZooKeeper commit is in flight or unknown.
 /// `open` leaves these alone: recovery activates or discards them by asking ZooKeeper.
 pub const STAGED_PREFIX: &str = "staged_";
+/// A peer's copy of a quorum insert taken before its commit (see `handoff`).
+pub const HANDOFF_PREFIX: &str = "handoff_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -293,7 +298,9 @@ impl PartStore {
                 Some(t) if t.starts_with(TMP_PREFIX) => {
                     Err(("tmp", "temporary directory left by a stop".to_string()))
                 }
-                Some(t) if t.starts_with(STAGED_PREFIX) => continue,
+                Some(t) if t.starts_with(STAGED_PREFIX) || t.starts_with(HANDOFF_PREFIX) => {
+                    continue;
+                }
                 Some(t) if t.starts_with(DELETING_PREFIX) => {
                     Err(("deleting", "deletion interrupted by a stop".to_string()))
                 }
@@ -807,7 +814,11 @@ impl PartStore {
     /// its part is written (a reserved number): written there, it needs no rename.
     pub fn new_staged_dir(&self, name: &PartName) -> Result<PathBuf, StoreError> {
         Self::check_name(name, "staging a part")?;
-        let dir = self.staged_dir(name);
+        Self::create_fresh_dir(self.staged_dir(name), name)
+    }
+
+    /// Creates `dir` for part `name`; an existing one is refused, never reused.
+    fn create_fresh_dir(dir: PathBuf, name: &PartName) -> Result<PathBuf, StoreError> {
         match fs::create_dir(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -911,6 +922,11 @@ impl PartStore {
 
     /// `staged_<part>` directories: (directory name, part name, path).
     fn staged_entries(&self) -> Vec<(std::ffi::OsString, String, PathBuf)> {
+        self.prefixed_entries(STAGED_PREFIX)
+    }
+
+    /// `<prefix><part>` directories: (directory name, part name, path).
+    fn prefixed_entries(&self, prefix: &str) -> Vec<(std::ffi::OsString, String, PathBuf)> {
         let Ok(entries) = fs::read_dir(&self.inner.parts_dir) else {
             return Vec::new();
         };
@@ -918,32 +934,41 @@ impl PartStore {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let os = e.file_name();
-                let part = os.to_str()?.strip_prefix(STAGED_PREFIX)?.to_string();
+                let part = os.to_str()?.strip_prefix(prefix)?.to_string();
                 Some((os, part, e.path()))
             })
             .collect()
     }
 
-    /// Staged inserts a previous process left, verified; broken ones go to `detached/`.
-    pub fn staged_on_disk(&self) -> Vec<StagedPart> {
+    /// The `<prefix><part>` directories that verify, as (name, dir, checksums, rows);
+    /// broken ones go to `detached/`.
+    fn verified_with_prefix(&self, prefix: &str) -> Vec<(PartName, PathBuf, Checksums, u64)> {
         let mut out = Vec::new();
-        for (os, part, path) in self.staged_entries() {
+        for (os, part, path) in self.prefixed_entries(prefix) {
             match (part.parse::<PartName>(), verify::verify_part_dir(&path)) {
-                (Ok(name), Ok((checksums, rows))) => out.push(StagedPart {
-                    name,
-                    dir: path,
-                    rows,
-                    checksums,
-                }),
+                (Ok(name), Ok((checksums, rows))) => out.push((name, path, checksums, rows)),
                 _ => {
                     let mut state = self.lock();
                     if let Err(e) = self.move_to_detached(&mut state, &os, "broken") {
-                        tracing::warn!(dir = %path.display(), error = %e, "cannot detach a broken staged insert");
+                        tracing::warn!(dir = %path.display(), error = %e, "cannot detach a broken part directory");
                     }
                 }
             }
         }
         out
+    }
+
+    /// Staged inserts a previous process left, verified; broken ones go to `detached/`.
+    pub fn staged_on_disk(&self) -> Vec<StagedPart> {
+        self.verified_with_prefix(STAGED_PREFIX)
+            .into_iter()
+            .map(|(name, dir, checksums, rows)| StagedPart {
+                name,
+                dir,
+                rows,
+                checksums,
+            })
+            .collect()
     }
 
     /// Retires a part that another active part covers (after a merge or a fetch of a

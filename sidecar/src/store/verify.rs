@@ -260,6 +260,12 @@ impl Unsynced {
         Unsynced { handles }
     }
 
+    /// Adds one more file or directory to fsync with the rest.
+    pub fn with(mut self, path: PathBuf, file: File) -> Unsynced {
+        self.handles.push((path, file));
+        self
+    }
+
     /// Fsyncs every file and directory, writeback of all of them started first: the disk
     /// then works on them together, and the later fsyncs find little left to wait for.
     /// Each is still fsynced, so this is as durable as fsyncing them one after the other.

@@ -1,0 +1,376 @@
+//! Handoff, the receiving side: a quorum insert's inserter copies its part here *before*
+//! its commit, and the commit multi itself records the part for this replica
+//! (`replicas/<me>/parts/<part>`), so the insert reaches `insert_quorum` in one ZooKeeper
+//! write instead of a commit followed by this replica's fetch and record.
+//!
+//! The rules that keep "recorded here" and "on this disk" the same thing:
+//! - The copy is verified and fsynced (as `handoff_<part>`) before this replica answers;
+//!   the inserter records it only after that answer.
+//! - The answer carries the version of this replica's `host` node, which every activation
+//!   rewrites; the commit checks it. So a commit cut off in flight cannot land after this
+//!   replica restarted (or took a new session) and decided the copy's fate.
+//! - A copy is discarded only once its commit cannot land any more: its block number lock
+//!   (an ephemeral the commit deletes) is gone and `parts/<part>` is not there, or, at a
+//!   start, after the activation moved `host` on. Otherwise it is kept.
+//! - It turns active only with proof of the commit: its log entry (the queue executes the
+//!   GET and finds it here), or `parts/<part>` at a start. A drop range covering it removes
+//!   the record and the copy together once the commit's fate is settled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
+use zookeeper_client as zk;
+
+use rtable_protocol::PartName;
+use rtable_protocol::tree::TreeError;
+
+use crate::metrics::Metrics;
+use crate::replica::Replica;
+use crate::store::ActivePart;
+use crate::store::handoff::HandoffPart;
+
+/// How long a copy waits for its entry before its commit's fate is looked up.
+const SETTLE_AFTER: Duration = Duration::from_secs(10);
+/// How often unclaimed copies are looked at.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Copies taken (or being taken) whose commit's entry has not activated them yet.
+#[derive(Default)]
+pub struct Handoffs {
+    held: Mutex<HashMap<String, Held>>,
+}
+
+struct Held {
+    /// The inserter's block number lock, which its commit deletes.
+    lock: String,
+    since: Instant,
+    /// `None` while the copy is still arriving.
+    copy: Option<HandoffPart>,
+    /// The commit landed (`parts/<part>` seen with the lock gone): only its entry is awaited.
+    recorded: bool,
+}
+
+impl Handoffs {
+    pub fn contains(&self, part: &PartName) -> bool {
+        self.held.lock().contains_key(&part.to_string())
+    }
+
+    fn claim(&self, part: &PartName, lock: &str) -> bool {
+        match self.held.lock().entry(part.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Held {
+                    lock: lock.to_string(),
+                    since: Instant::now(),
+                    copy: None,
+                    recorded: false,
+                });
+                true
+            }
+        }
+    }
+
+    fn release(&self, part: &PartName) {
+        self.held.lock().remove(&part.to_string());
+    }
+
+    fn arrived(&self, part: &PartName, copy: HandoffPart) {
+        if let Some(held) = self.held.lock().get_mut(&part.to_string()) {
+            held.copy = Some(copy);
+        }
+    }
+
+    /// Parts held here that `range` contains.
+    fn in_range(&self, range: &PartName) -> Vec<PartName> {
+        self.held
+            .lock()
+            .keys()
+            .filter_map(|k| PartName::parse(k).ok())
+            .filter(|p| range.contains(p))
+            .collect()
+    }
+}
+
+/// Why a handoff is refused (the inserter then commits without counting on this replica),
+/// or the `host` version the inserter's commit must check.
+pub fn refuse(replica: &Replica, source: &str, part: &PartName, lock: &str) -> Result<i32, String> {
+    if source == replica.name {
+        return Err("the handoff came from this replica".to_string());
+    }
+    if part.is_drop_range() || part.level != 0 {
+        return Err("only a newly inserted part is handed off".to_string());
+    }
+    if !lock.starts_with(&replica.paths.block_numbers()) {
+        return Err(format!("`{lock}` is not a block number lock of this table"));
+    }
+    let view = replica.sessions.view();
+    let Some(activation) = view.activation else {
+        return Err("this replica is not active".to_string());
+    };
+    if replica.sessions.active().is_err() {
+        return Err("no ZooKeeper session".to_string());
+    }
+    if replica.store.covering(part).is_some() {
+        return Err("held already".to_string());
+    }
+    if replica.queue.lock().dropped_by(part).is_some() {
+        return Err("a drop range covers it".to_string());
+    }
+    if !replica.handoffs.claim(part, lock) {
+        return Err("already handed off here".to_string());
+    }
+    Ok(activation.host_version)
+}
+
+/// Receives a copy [`refuse`] accepted (and claimed). Runs in a task of its own, so an
+/// inserter that goes away mid-request cannot leave a claim without its outcome.
+pub async fn take<S, E>(
+    replica: Arc<Replica>,
+    source: String,
+    part: PartName,
+    body: S,
+) -> Result<(), String>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let task = tokio::spawn(async move {
+        match crate::fetcher::receive_handoff(&replica, &source, &part, body).await {
+            Ok((copy, bytes)) => {
+                replica.handoffs.arrived(&part, copy);
+                Metrics::inc(&replica.metrics.handoffs_taken);
+                debug!(replica = %replica.name, %part, %source, bytes, "took a handed-off part");
+                Ok(())
+            }
+            Err(e) => {
+                replica.handoffs.release(&part);
+                debug!(replica = %replica.name, %part, %source, error = %e, "handoff failed");
+                Err(e.to_string())
+            }
+        }
+    });
+    task.await
+        .map_err(|e| format!("handoff task failed: {e}"))?
+}
+
+/// What the queue executor found for a GET's part.
+pub enum Consumed {
+    /// No copy here.
+    None,
+    /// The copy is still arriving: try again shortly.
+    Arriving,
+    /// The copy is active now.
+    Active(Arc<ActivePart>),
+}
+
+/// Activates the copy of `part`, if one is here: its GET entry proves the commit.
+pub fn consume(replica: &Replica, part: &PartName) -> Consumed {
+    let copy = {
+        let mut held = replica.handoffs.held.lock();
+        let key = part.to_string();
+        match held.get(&key) {
+            None => return Consumed::None,
+            Some(h) if h.copy.is_none() => return Consumed::Arriving,
+            Some(_) => held.remove(&key).and_then(|h| h.copy),
+        }
+    };
+    let Some(copy) = copy else {
+        return Consumed::None;
+    };
+    match replica.store.activate_handoff(copy.clone()) {
+        Ok(active) => {
+            info!(replica = %replica.name, %part, "activated a handed-off part");
+            Consumed::Active(active)
+        }
+        Err(e) => {
+            // Held already through another path (a covering part): the copy is surplus.
+            warn!(replica = %replica.name, %part, error = %e, "cannot activate a handed-off part; discarding it");
+            replica.store.discard_handoff(&copy);
+            Consumed::None
+        }
+    }
+}
+
+/// Whether the commit that would record `lock`'s part can still land: its lock exists.
+async fn may_still_commit(client: &zk::Client, lock: &str) -> Result<bool, TreeError> {
+    client
+        .check_stat(lock)
+        .await
+        .map(|s| s.is_some())
+        .map_err(|e| TreeError::zk("exists", lock.to_string(), e))
+}
+
+async fn recorded_here(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+) -> Result<bool, TreeError> {
+    let path = replica.paths.replica(&replica.name).part(&part.to_string());
+    client
+        .check_stat(&path)
+        .await
+        .map(|s| s.is_some())
+        .map_err(|e| TreeError::zk("exists", path, e))
+}
+
+/// A drop range about to run over copies held here: each must be settled first. Its
+/// record (if the commit landed) goes with the copy. `Err`: why the drop must wait.
+pub async fn settle_for_drop(
+    replica: &Replica,
+    client: &zk::Client,
+    range: &PartName,
+) -> Result<Result<(), String>, TreeError> {
+    for part in replica.handoffs.in_range(range) {
+        let (lock, copy) = {
+            let held = replica.handoffs.held.lock();
+            match held.get(&part.to_string()) {
+                None => continue,
+                Some(h) => (h.lock.clone(), h.copy.clone()),
+            }
+        };
+        let Some(copy) = copy else {
+            return Ok(Err(format!(
+                "waiting for the handed-off part {part} to arrive"
+            )));
+        };
+        if may_still_commit(client, &lock).await? {
+            return Ok(Err(format!(
+                "waiting for the commit of the handed-off part {part}"
+            )));
+        }
+        let path = replica.paths.replica(&replica.name).part(&part.to_string());
+        match client.delete(&path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(TreeError::zk("delete", path, e)),
+        }
+        replica.handoffs.release(&part);
+        replica.store.discard_handoff(&copy);
+        info!(replica = %replica.name, %part, %range, "a drop range removed a handed-off part");
+    }
+    Ok(Ok(()))
+}
+
+/// Looks after copies no entry claimed: a copy whose commit can no longer land and did not
+/// record it is discarded (a commit that failed, or an inserter that died before it).
+pub async fn run(replica: Arc<Replica>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let due: Vec<(PartName, String, HandoffPart)> = replica
+            .handoffs
+            .held
+            .lock()
+            .iter()
+            .filter(|(_, h)| !h.recorded && h.since.elapsed() >= SETTLE_AFTER)
+            .filter_map(|(k, h)| Some((PartName::parse(k).ok()?, h.lock.clone(), h.copy.clone()?)))
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        let Ok((client, _)) = replica.sessions.active() else {
+            continue;
+        };
+        for (part, lock, copy) in due {
+            if let Err(e) = settle(&replica, &client, &part, &lock, &copy).await {
+                debug!(replica = %replica.name, %part, error = %e, "cannot settle a handed-off part yet");
+            }
+        }
+    }
+}
+
+async fn settle(
+    replica: &Replica,
+    client: &zk::Client,
+    part: &PartName,
+    lock: &str,
+    copy: &HandoffPart,
+) -> Result<(), TreeError> {
+    if may_still_commit(client, lock).await? {
+        return Ok(());
+    }
+    // The lock is gone: the commit landed before that, or never will.
+    if recorded_here(replica, client, part).await? {
+        if let Some(h) = replica.handoffs.held.lock().get_mut(&part.to_string()) {
+            h.recorded = true;
+        }
+        return Ok(());
+    }
+    let removed = {
+        let mut held = replica.handoffs.held.lock();
+        match held.get(&part.to_string()) {
+            Some(h) if h.copy.is_some() => held.remove(&part.to_string()).is_some(),
+            _ => false,
+        }
+    };
+    if removed {
+        info!(replica = %replica.name, %part, "discarding a handed-off part whose commit did not happen");
+        replica.store.discard_handoff(copy);
+    }
+    Ok(())
+}
+
+/// After an activation: copies a previous process left are activated when their commit
+/// recorded them here and discarded otherwise. The activation moved `host` on, so no
+/// commit counting on them can land any more.
+pub async fn resolve_left_over(replica: &Replica, client: &zk::Client) -> Result<(), TreeError> {
+    let store = replica.store.clone();
+    let on_disk = tokio::task::spawn_blocking(move || store.handoffs_on_disk())
+        .await
+        .unwrap_or_default();
+    for copy in on_disk {
+        if replica.handoffs.contains(&copy.name) {
+            continue;
+        }
+        let part = copy.name.clone();
+        if recorded_here(replica, client, &part).await? {
+            info!(replica = %replica.name, %part, "activating a handed-off part its commit recorded");
+            if let Err(e) = replica.store.activate_handoff(copy.clone()) {
+                warn!(replica = %replica.name, %part, error = %e, "cannot activate a handed-off part; discarding it");
+                replica.store.discard_handoff(&copy);
+            }
+        } else {
+            info!(replica = %replica.name, %part, "discarding a handed-off part no commit recorded");
+            replica.store.discard_handoff(&copy);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> PartName {
+        PartName::parse(s).expect("part name")
+    }
+
+    #[test]
+    fn a_part_is_claimed_once_and_a_drop_finds_what_it_covers() {
+        let h = Handoffs::default();
+        assert!(h.claim(
+            &p("202501_5_5_0"),
+            "/t/block_numbers/202501/block-0000000005"
+        ));
+        assert!(!h.claim(
+            &p("202501_5_5_0"),
+            "/t/block_numbers/202501/block-0000000005"
+        ));
+        assert!(h.claim(
+            &p("202501_9_9_0"),
+            "/t/block_numbers/202501/block-0000000009"
+        ));
+        assert!(h.claim(
+            &p("202502_1_1_0"),
+            "/t/block_numbers/202502/block-0000000001"
+        ));
+        assert!(h.contains(&p("202501_5_5_0")));
+        let mut covered = h.in_range(&p("202501_0_6_999999999"));
+        covered.sort();
+        assert_eq!(covered, vec![p("202501_5_5_0")]);
+        h.release(&p("202501_5_5_0"));
+        assert!(!h.contains(&p("202501_5_5_0")));
+        assert!(h.in_range(&p("202501_0_6_999999999")).is_empty());
+    }
+}
