@@ -132,6 +132,8 @@ struct Member {
     /// written again without a block that turned out to be a duplicate.
     rows: Option<RecordBatch>,
     outcome: Option<BlockOutcome>,
+    /// Refused before its commit: too few active replicas for its quorum.
+    refused: Option<String>,
     /// Same dedup id as an earlier member of this group: answered as its duplicate.
     same_as: Option<usize>,
 }
@@ -150,6 +152,8 @@ struct Unit {
     /// The peers that took this attempt's part before the commit (all the quorum needs,
     /// or none): the commit records it for them and no quorum node is needed.
     handoff: Vec<Accepted>,
+    /// The active replicas were counted for its quorum (by the insert, or here).
+    quorum_checked: bool,
 }
 
 enum UnitState {
@@ -204,6 +208,7 @@ impl Group {
                     block_id: block.block_id.clone(),
                     rows: None,
                     outcome: None,
+                    refused: None,
                     same_as: None,
                 };
                 if let Some(&first) = first_by_id.get(&block.block_id) {
@@ -227,6 +232,7 @@ impl Group {
                                     lock: None,
                                     state: UnitState::Unwritten,
                                     handoff: Vec::new(),
+                                    quorum_checked: true,
                                 });
                                 group.units.len() - 1
                             });
@@ -240,6 +246,7 @@ impl Group {
                         lock: None,
                         state: UnitState::Temp(temp, unsynced),
                         handoff: Vec::new(),
+                        quorum_checked: block.quorum_checked,
                     }),
                 }
                 group.members.push(member);
@@ -262,6 +269,12 @@ impl Group {
         (0..self.units.len())
             .filter(|&u| self.units[u].is_open())
             .collect()
+    }
+
+    /// Why a member (or the first with its dedup id) was refused before its commit.
+    fn refused(&self, m: usize) -> Option<String> {
+        let m = self.members[m].same_as.unwrap_or(m);
+        self.members[m].refused.clone()
     }
 
     /// Every member's answer, `None` where the group did not reach one.
@@ -305,6 +318,10 @@ async fn commit_group(replica: &Arc<Replica>, known_partitions: &KnownPartitions
         match (group.outcome(m), &mut per_job[job]) {
             (Some(o), Ok(outcomes)) => outcomes.push((group.members[m].slot, o)),
             (Some(_), Err(_)) => {}
+            (None, answer) if group.refused(m).is_some() => {
+                let reason = group.refused(m).unwrap_or_default();
+                *answer = Err(InsertError::TooFewReplicas(reason));
+            }
             (None, answer) => {
                 *answer = Err(match &result {
                     Err(e) => clone_error(e),
@@ -475,15 +492,21 @@ async fn commit_pending(
             }
         }
         let t1 = std::time::Instant::now();
-        // Each reservation's lock carries a token of its own, so one created by a multi
-        // whose outcome was unknown can be found and given back.
-        let tokens = reservation_tokens(replica, group, &open);
         // The parts' fsyncs overlap the commit, and the outcome waits for both: a process
         // crash keeps the written pages, and a machine crash before the fsyncs end leaves a
         // staged part that fails verification at the next start and is fetched again.
         let syncing = start_syncs(&mut pending_sync);
         hand_off_units(replica, &client, group, &open).await;
+        let open = refuse_short_quorums(replica, &client, group, open).await;
         let handed_off_at = std::time::Instant::now();
+        if open.is_empty() {
+            // Every unit was refused; what remains is their parts' fsyncs.
+            let _ = finish_syncs(syncing).await;
+            continue;
+        }
+        // Each reservation's lock carries a token of its own, so one created by a multi
+        // whose outcome was unknown can be found and given back.
+        let tokens = reservation_tokens(replica, group, &open);
         let committed = commit(replica, &client, group, &open, &tokens).await;
         let synced = finish_syncs(syncing).await;
         let committed = match committed {
@@ -1157,6 +1180,69 @@ async fn hand_off_units(
     for (u, accepted) in wanted.into_iter().zip(handed) {
         group.units[u].handoff = accepted;
     }
+}
+
+/// Counts the active replicas for each quorum unit no peer took before its commit and
+/// whose insert skipped that count, and refuses the units whose quorum cannot be reached,
+/// as the insert would have before writing them. Returns the units still to commit.
+async fn refuse_short_quorums(
+    replica: &Replica,
+    client: &zk::Client,
+    group: &mut Group,
+    open: Vec<usize>,
+) -> Vec<usize> {
+    let unchecked: Vec<usize> = open
+        .iter()
+        .copied()
+        .filter(|&u| {
+            let unit = &group.units[u];
+            unit.quorum > 1 && !unit.quorum_checked && unit.handoff.is_empty()
+        })
+        .collect();
+    let Some(&most) = unchecked.iter().map(|&u| &group.units[u].quorum).max() else {
+        return open;
+    };
+    for &u in &unchecked {
+        group.units[u].quorum_checked = true;
+    }
+    // A failed count proves nothing: those units commit and wait for their quorum.
+    let active = match crate::quorum::active_replicas(replica, client).await {
+        Ok(active) if active < most => active,
+        Ok(_) => return open,
+        Err(e) => {
+            debug!(replica = %replica.name, error = %e, "cannot count the active replicas; committing anyway");
+            return open;
+        }
+    };
+    // An insert is refused whole: its other parts (one per partition) go with it.
+    let refused_jobs: HashSet<usize> = unchecked
+        .iter()
+        .filter(|&&u| group.units[u].quorum > active)
+        .flat_map(|&u| group.units[u].members.iter().map(|&m| group.members[m].job))
+        .collect();
+    for &u in &open {
+        let unit = &group.units[u];
+        let quorum = unit.quorum;
+        if quorum <= 1
+            || !unit
+                .members
+                .iter()
+                .any(|&m| refused_jobs.contains(&group.members[m].job))
+        {
+            continue;
+        }
+        let reason = crate::sink::too_few_replicas(active, quorum);
+        if let Some(lock) = group.units[u].lock.take() {
+            let _ = client.delete(&lock, None).await;
+        }
+        group.units[u].discard(replica);
+        for m in std::mem::take(&mut group.units[u].members) {
+            group.members[m].refused = Some(reason.clone());
+        }
+    }
+    open.into_iter()
+        .filter(|&u| group.units[u].is_open())
+        .collect()
 }
 
 async fn wait_for_new_session(replica: &Replica, generation: u64) {

@@ -35,6 +35,9 @@ pub struct Block {
     /// Replicas that must hold the part before the insert is acknowledged (<= 1: none).
     pub quorum: u32,
     pub quorum_mode: quorum::Mode,
+    /// The active replicas were counted for this insert's quorum before it was written.
+    /// When not, the committer counts them for a part no peer took before its commit.
+    pub quorum_checked: bool,
 }
 
 /// A block's rows, either kept for the committer to write together with other small
@@ -155,31 +158,31 @@ pub async fn insert(
             quorum::Mode::Sequential
         };
         // A quorum insert's count of active replicas (ZooKeeper reads) runs while its part
-        // is written; a part written for nothing is removed again.
+        // is written; a part written for nothing is removed again. A parallel quorum with
+        // enough peers in the cached list skips it: the handoff before its commit proves
+        // those peers alive, and the committer counts them when the handoff fails.
+        let skip_check = required > 1
+            && mode == quorum::Mode::Parallel
+            && crate::push::cached_peer_count(replica).is_some_and(|n| n + 1 >= required as usize);
         let check_quorum = async {
-            if required <= 1 {
+            if required <= 1 || skip_check {
                 return Ok(());
             }
-            let active = quorum::active_replicas(replica, &client)
-                .await
-                .map_err(|e| InsertError::Unavailable(e.to_string()))?;
-            if active < required {
-                return Err(InsertError::TooFewReplicas(format!(
-                    "{active} active replicas, insert_quorum needs {required}; start replicas or lower insert_quorum"
-                )));
-            }
-            Ok(())
+            count_active(replica, &client, required).await
         };
         let prepare = async {
+            let quorum = QuorumAsk {
+                required,
+                mode,
+                checked: !skip_check,
+            };
             if prepares_inline(replica, &request, required) {
-                prepare_blocks(replica, request, required, mode)
+                prepare_blocks(replica, request, quorum)
             } else {
                 let replica = replica.clone();
-                tokio::task::spawn_blocking(move || {
-                    prepare_blocks(&replica, request, required, mode)
-                })
-                .await
-                .map_err(|e| InsertError::Internal(e.to_string()))?
+                tokio::task::spawn_blocking(move || prepare_blocks(&replica, request, quorum))
+                    .await
+                    .map_err(|e| InsertError::Internal(e.to_string()))?
             }
         };
         let (checked, prepared_blocks) = tokio::join!(check_quorum, prepare);
@@ -239,6 +242,37 @@ pub async fn insert(
     .await
 }
 
+/// Fails a quorum insert at once when too few replicas are active to reach it.
+async fn count_active(
+    replica: &Replica,
+    client: &zookeeper_client::Client,
+    required: u32,
+) -> Result<(), InsertError> {
+    let active = quorum::active_replicas(replica, client)
+        .await
+        .map_err(|e| InsertError::Unavailable(e.to_string()))?;
+    if active < required {
+        return Err(InsertError::TooFewReplicas(too_few_replicas(
+            active, required,
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn too_few_replicas(active: u32, required: u32) -> String {
+    format!(
+        "{active} active replicas, insert_quorum needs {required}; start replicas or lower insert_quorum"
+    )
+}
+
+/// What an insert's quorum asks of its blocks.
+#[derive(Clone, Copy)]
+struct QuorumAsk {
+    required: u32,
+    mode: quorum::Mode,
+    checked: bool,
+}
+
 /// Bodies up to this size are decoded on the request's own task.
 const INLINE_PREPARE_MAX_BYTES: usize = 16 << 10;
 
@@ -257,22 +291,22 @@ fn prepares_inline(replica: &Replica, request: &InsertRequest, quorum: u32) -> b
 fn prepare_blocks(
     replica: &Replica,
     request: InsertRequest,
-    quorum: u32,
-    quorum_mode: quorum::Mode,
+    ask: QuorumAsk,
 ) -> Result<Vec<Block>, InsertError> {
     let schema = &replica.table.schema;
     let batch = rows::decode(request.format, &request.body, schema)?;
     let partitions = rows::partition_split(&batch, schema)?;
     let mut blocks: Vec<Block> = Vec::with_capacity(partitions.len());
     for (index, (partition_id, part_batch)) in partitions.into_iter().enumerate() {
-        match prepare_block(replica, &request, index, &part_batch, quorum) {
+        match prepare_block(replica, &request, index, &part_batch, ask.required) {
             Ok((hash, payload)) => blocks.push(Block {
                 block_id: hash::block_id(&partition_id, hash),
                 partition_id,
                 rows: part_batch.num_rows() as u64,
                 payload,
-                quorum,
-                quorum_mode,
+                quorum: ask.required,
+                quorum_mode: ask.mode,
+                quorum_checked: ask.checked,
             }),
             Err(e) => {
                 for b in blocks {

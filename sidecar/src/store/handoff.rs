@@ -54,12 +54,20 @@ impl PartStore {
             });
         }
         let parts_dir = &self.inner.parts_dir;
+        let t0 = std::time::Instant::now();
         let result = verify::verify_fetched_dir(dir, expected, streamed).and_then(|rows| {
+            let t1 = std::time::Instant::now();
             let parent =
                 fs::File::open(parts_dir).map_err(|e| StoreError::io("opening", parts_dir, e))?;
             verify::open_for_sync(dir, expected)?
                 .with(parts_dir.clone(), parent)
                 .sync()?;
+            tracing::debug!(
+                part = %name,
+                verify_us = (t1 - t0).as_micros() as u64,
+                sync_us = t1.elapsed().as_micros() as u64,
+                "handoff install timing"
+            );
             Ok(rows)
         });
         match result {
