@@ -725,6 +725,63 @@ async fn a_quorum_timeout_is_an_unknown_outcome_and_the_retry_lands_once() {
     report_line("quorum_timeout", started, &report);
 }
 
+/// A quorum insert's part handed off to a peer is recorded for it by the commit while
+/// the peer's fsync still runs; the insert is acknowledged only once the peer says the
+/// copy is durable. Here that fsync fails (the `handoff_fsync_fails` failpoint, armed on
+/// every replica, so whichever follower is chosen fails): the peer discards its copy, the
+/// client is told the outcome is unknown rather than acknowledged, the peer's GET entry
+/// fetches the part instead, and the retry with the same token is acknowledged as a
+/// duplicate: the rows land exactly once on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_handoff_fsync_fails_is_not_counted_for_the_quorum() {
+    let _serial = serial();
+    let started = Instant::now();
+    let c = Cluster::start(ClusterOptions {
+        // Only the followers are handed parts: replica 0 takes every insert.
+        env: vec![(
+            "RTABLE_FAILPOINTS".to_string(),
+            "handoff_fsync_fails".to_string(),
+        )],
+        ..ClusterOptions::ensemble()
+    })
+    .await
+    .expect("cluster starts");
+    wait_active(&c, 0, 3).await;
+    let checker = Arc::new(Checker::new());
+    let plan = checker.plan("handoff-fsync", 10, 0, false);
+    let body = plan.body();
+    let (url, name) = (c.replicas[0].url(), c.replicas[0].name().to_string());
+    let first = checker
+        .try_insert(&big_http(), &url, &name, &plan, &body, Some(2))
+        .await;
+    match &first {
+        Attempt::Unavailable { status: 503, error } => assert!(
+            error.contains("outcome unknown") && error.contains("did not confirm its copy durable"),
+            "the 503 must say the outcome is unknown and why: {error}"
+        ),
+        other => panic!("an unconfirmed handoff must be an unknown outcome (503), got {other:?}"),
+    }
+    let failed_on: Vec<usize> = (1..3)
+        .filter(|&i| {
+            std::fs::read_to_string(c.replicas[i].log_path())
+                .is_ok_and(|log| log.contains("cannot fsync a handed-off part"))
+        })
+        .collect();
+    assert_eq!(
+        failed_on.len(),
+        1,
+        "exactly one peer was handed the part and failed its fsync"
+    );
+    let retry = checker
+        .try_insert(&big_http(), &url, &name, &plan, &body, Some(2))
+        .await;
+    assert_eq!(retry, Attempt::Acked { deduplicated: true });
+    let report = checker.verify(&c).await.expect("checker");
+    assert_eq!((report.acked, report.acked_rows), (1, 10));
+    assert_eq!(report.tries_503, 1);
+    report_line("handoff_fsync_fails", started, &report);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_of_every_process_under_load() {
     let _serial = serial();

@@ -359,11 +359,18 @@ async fn receive_push(
 struct HandoffQuery {
     source: String,
     lock: String,
+    /// Answer once the copy is verified, and again once it is durable (an inserter that
+    /// overlaps the fsync with its commit). Without it the one answer waits for both.
+    #[serde(default)]
+    early: bool,
 }
 
 /// Interserver: a peer hands off a quorum insert's part before committing it (see
-/// `handoff`). `staged: true` means the copy is durable here and the commit may record
-/// it for this replica, checking `host_version`.
+/// `handoff`). `staged: true` means the commit may record the copy for this replica,
+/// checking `host_version`. With `early=true` the body is two JSON lines: the first says
+/// `durable: false` once the copy is verified, the second `durable: true` once it is
+/// fsynced (or `false` and why it was discarded). Otherwise one answer comes once it is
+/// durable.
 async fn receive_handoff(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -384,11 +391,37 @@ async fn receive_handoff(
     };
     let taken =
         crate::handoff::take(replica.clone(), query.source, part, body.into_data_stream()).await;
-    let answer = match taken {
-        Ok(()) => json!({ "staged": true, "host_version": host_version }),
-        Err(reason) => json!({ "staged": false, "reason": reason }),
+    let durable = match taken {
+        Ok(durable) => durable,
+        Err(reason) => {
+            return axum::Json(json!({ "staged": false, "reason": reason })).into_response();
+        }
     };
-    axum::Json(answer).into_response()
+    let durable_line = |outcome: Result<Result<(), String>, _>| match outcome {
+        Ok(Ok(())) => json!({ "durable": true }),
+        Ok(Err(reason)) => json!({ "durable": false, "reason": reason }),
+        Err(_) => json!({ "durable": false, "reason": "the handoff task failed" }),
+    };
+    if !query.early {
+        let answer = match durable_line(durable.await) {
+            line if line["durable"] == true => {
+                json!({ "staged": true, "host_version": host_version })
+            }
+            line => json!({ "staged": false, "reason": line["reason"] }),
+        };
+        return axum::Json(answer).into_response();
+    }
+    let verified = json!({ "staged": true, "host_version": host_version, "durable": false });
+    let lines = futures::stream::once(async move { verified })
+        .chain(futures::stream::once(
+            async move { durable_line(durable.await) },
+        ))
+        .map(|line| Ok::<_, std::convert::Infallible>(format!("{line}\n")));
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 /// Interserver: streams a part's files after the exchange header (see `exchange`).

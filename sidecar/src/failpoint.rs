@@ -15,6 +15,10 @@ pub const COMMIT_REPLY_LOST: &str = "commit_reply_lost";
 /// `replicas/<me>/parts/<part>` is created (a crash in that gap).
 pub const CRASH_BEFORE_RECORDING_FETCH: &str = "crash_before_recording_fetch";
 
+/// A peer's fsync of a copy handed off to it fails (a disk that refuses it) after the
+/// copy was verified and answered: the inserter's commit records the copy regardless.
+pub const HANDOFF_FSYNC_FAILS: &str = "handoff_fsync_fails";
+
 /// `None` when nothing is armed (production): then `fire` costs a load, no lock, on the
 /// commit path it sits on.
 fn armed() -> Option<&'static Mutex<HashSet<String>>> {

@@ -19,6 +19,7 @@ use rtable_protocol::part_header::{Checksums, FileChecksum};
 use crate::exchange::{self, FileEntry};
 use crate::replica::{Replica, SECRET_HEADER};
 use crate::store::handoff::HandoffPart;
+use crate::store::verify::Unsynced;
 use crate::store::{ActivePart, CHECKSUMS_FILE, PartStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +131,7 @@ pub enum Purpose {
 /// What a download installed.
 enum Installed {
     Active(std::sync::Arc<ActivePart>),
-    Handoff(HandoffPart),
+    Handoff(HandoffPart, Unsynced),
 }
 
 pub struct Fetched {
@@ -207,13 +208,14 @@ where
 }
 
 /// Takes a quorum insert's part its inserter hands off before committing: the checks of
-/// a fetch, then fsynced as `handoff_<part>`, not made active. Returns it and its bytes.
+/// a fetch, kept as `handoff_<part>`, not made active. Returns it, the fsync still to run
+/// before it may be used, and its bytes.
 pub async fn receive_handoff<S, E>(
     replica: &Replica,
     source: &str,
     part: &PartName,
     body: S,
-) -> Result<(HandoffPart, u64), FetchError>
+) -> Result<(HandoffPart, Unsynced, u64), FetchError>
 where
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -222,7 +224,7 @@ where
     let (installed, bytes, _) =
         receive_into(replica, source, part, None, Purpose::Handoff, body).await?;
     match installed {
-        Installed::Handoff(h) => Ok((h, bytes)),
+        Installed::Handoff(h, unsynced) => Ok((h, unsynced, bytes)),
         Installed::Active(_) => Err(corrupt(source, part, "installed as active, not handed off")),
     }
 }
@@ -254,7 +256,7 @@ where
             bytes,
             seconds,
         }),
-        Installed::Handoff(_) => Err(corrupt(address, part, "handed off, not installed")),
+        Installed::Handoff(..) => Err(corrupt(address, part, "handed off, not installed")),
     }
 }
 
@@ -456,10 +458,10 @@ impl Receiver {
                 .collect(),
         };
         let part = if self.purpose == Purpose::Handoff {
-            Installed::Handoff(
-                self.store
-                    .install_handoff(dir, &self.part, &checksums, &streamed)?,
-            )
+            let (copy, unsynced) = self
+                .store
+                .install_handoff(dir, &self.part, &checksums, &streamed)?;
+            Installed::Handoff(copy, unsynced)
         } else {
             Installed::Active(
                 self.store

@@ -4,8 +4,12 @@
 //! write instead of a commit followed by this replica's fetch and record.
 //!
 //! The rules that keep "recorded here" and "on this disk" the same thing:
-//! - The copy is verified and fsynced (as `handoff_<part>`) before this replica answers;
-//!   the inserter records it only after that answer.
+//! - The copy is verified (as `handoff_<part>`) before this replica answers; the inserter
+//!   records it only after that answer. Its fsync overlaps the inserter's commit, and the
+//!   inserter acknowledges only once a second answer says the copy is durable. Until then
+//!   the copy cannot turn active, and a failed fsync discards it: the record then names a
+//!   part this replica does not hold, which its GET entry fetches like any other (the
+//!   same window as a machine crash before an inserter's own fsync ends).
 //! - The answer carries the version of this replica's `host` node, which every activation
 //!   rewrites; the commit checks it. So a commit cut off in flight cannot land after this
 //!   replica restarted (or took a new session) and decided the copy's fate.
@@ -41,6 +45,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Handoffs {
     held: Mutex<HashMap<String, Held>>,
+    /// Woken whenever a copy turns durable or is given up, for entries waiting on one.
+    settled: tokio::sync::Notify,
 }
 
 struct Held {
@@ -75,12 +81,14 @@ impl Handoffs {
 
     fn release(&self, part: &PartName) {
         self.held.lock().remove(&part.to_string());
+        self.settled.notify_waiters();
     }
 
     fn arrived(&self, part: &PartName, copy: HandoffPart) {
         if let Some(held) = self.held.lock().get_mut(&part.to_string()) {
             held.copy = Some(copy);
         }
+        self.settled.notify_waiters();
     }
 
     /// Parts held here that `range` contains.
@@ -125,35 +133,71 @@ pub fn refuse(replica: &Replica, source: &str, part: &PartName, lock: &str) -> R
     Ok(activation.host_version)
 }
 
-/// Receives a copy [`refuse`] accepted (and claimed). Runs in a task of its own, so an
-/// inserter that goes away mid-request cannot leave a claim without its outcome.
+/// The outcome of a verified copy's fsync: `Ok` once it is durable here, or why it was
+/// discarded.
+pub type Durable = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
+/// Receives a copy [`refuse`] accepted (and claimed), and answers once it is verified;
+/// its fsync then runs on, and its outcome arrives through the returned [`Durable`]. The
+/// inserter's commit overlaps that fsync and its acknowledgement waits for it, the way an
+/// insert's own part is fsynced alongside its commit.
+///
+/// Runs in a task of its own, so an inserter that goes away mid-request cannot leave a
+/// claim without its outcome. Until its fsync succeeded the copy stays "arriving": no
+/// entry activates it, and a failed fsync discards it, so its GET entry fetches the part
+/// like any other.
 pub async fn take<S, E>(
     replica: Arc<Replica>,
     source: String,
     part: PartName,
     body: S,
-) -> Result<(), String>
+) -> Result<Durable, String>
 where
     S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin + Send + 'static,
     E: std::fmt::Display + Send + 'static,
 {
-    let task = tokio::spawn(async move {
-        match crate::fetcher::receive_handoff(&replica, &source, &part, body).await {
-            Ok((copy, bytes)) => {
+    let (verified_tx, verified_rx) = tokio::sync::oneshot::channel();
+    let (durable_tx, durable_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (copy, unsynced, bytes) =
+            match crate::fetcher::receive_handoff(&replica, &source, &part, body).await {
+                Ok(taken) => taken,
+                Err(e) => {
+                    replica.handoffs.release(&part);
+                    debug!(replica = %replica.name, %part, %source, error = %e, "handoff failed");
+                    let _ = verified_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+        let _ = verified_tx.send(Ok(()));
+        let started = Instant::now();
+        let synced = match tokio::task::spawn_blocking(move || unsynced.sync()).await {
+            _ if crate::failpoint::fire(crate::failpoint::HANDOFF_FSYNC_FAILS) => {
+                Err("failpoint handoff_fsync_fails".to_string())
+            }
+            Ok(synced) => synced.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the fsync task failed: {e}")),
+        };
+        match synced {
+            Ok(()) => {
                 replica.handoffs.arrived(&part, copy);
                 Metrics::inc(&replica.metrics.handoffs_taken);
-                debug!(replica = %replica.name, %part, %source, bytes, "took a handed-off part");
-                Ok(())
+                debug!(replica = %replica.name, %part, %source, bytes, sync_us = started.elapsed().as_micros() as u64, "took a handed-off part");
+                let _ = durable_tx.send(Ok(()));
             }
-            Err(e) => {
+            Err(reason) => {
                 replica.handoffs.release(&part);
-                debug!(replica = %replica.name, %part, %source, error = %e, "handoff failed");
-                Err(e.to_string())
+                replica.store.discard_handoff(&copy);
+                warn!(replica = %replica.name, %part, %source, error = %reason, "cannot fsync a handed-off part; discarded it, its entry will fetch the part");
+                let _ = durable_tx.send(Err(reason));
             }
         }
     });
-    task.await
-        .map_err(|e| format!("handoff task failed: {e}"))?
+    match verified_rx.await {
+        Ok(Ok(())) => Ok(durable_rx),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Err("the handoff task failed".to_string()),
+    }
 }
 
 /// What the queue executor found for a GET's part.
@@ -164,6 +208,25 @@ pub enum Consumed {
     Arriving,
     /// The copy is active now.
     Active(Arc<ActivePart>),
+}
+
+/// How long a GET entry waits for its copy to finish arriving (its fsync overlaps the
+/// commit, so the entry can come first) before it is postponed.
+const ARRIVAL_PATIENCE: Duration = Duration::from_secs(2);
+
+/// [`consume`], waiting a little for a copy still arriving.
+pub async fn consume_when_ready(replica: &Replica, part: &PartName) -> Consumed {
+    let deadline = tokio::time::Instant::now() + ARRIVAL_PATIENCE;
+    loop {
+        // Taken before looking, so a copy that settles in between still wakes us.
+        let settled = replica.handoffs.settled.notified();
+        match consume(replica, part) {
+            Consumed::Arriving if tokio::time::Instant::now() < deadline => {
+                let _ = tokio::time::timeout_at(deadline, settled).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Activates the copy of `part`, if one is here: its GET entry proves the commit.

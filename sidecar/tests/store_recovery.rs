@@ -530,7 +530,7 @@ fn handed_off_copies_stay_inactive_until_activated() {
     );
 
     let dir = into(&store, "202405_7_7_0");
-    let copy = store
+    let (copy, unsynced) = store
         .install_handoff(
             &dir,
             &name("202405_7_7_0"),
@@ -538,6 +538,7 @@ fn handed_off_copies_stay_inactive_until_activated() {
             &Checksums::default(),
         )
         .expect("installs");
+    unsynced.sync().expect("fsyncs");
     assert_eq!(copy.rows, 20);
     assert!(!store.contains(&name("202405_7_7_0")), "not visible yet");
     assert!(store.handoff_names().contains("202405_7_7_0"));
@@ -561,7 +562,7 @@ fn handed_off_copies_stay_inactive_until_activated() {
 
     // A second copy of a part already held cannot be activated; discarding removes it.
     let dir = into(&store, "202405_7_7_0");
-    let copy = store
+    let (copy, _unsynced) = store
         .install_handoff(
             &dir,
             &name("202405_7_7_0"),

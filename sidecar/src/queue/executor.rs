@@ -160,7 +160,7 @@ async fn execute_get(
     fetcher::wait_in_flight(replica, &name, IN_FLIGHT_WAIT).await;
     // The inserter handed the part off here before committing: this entry proves the
     // commit, so the copy turns active.
-    let handed_off = match crate::handoff::consume(replica, &name) {
+    let handed_off = match crate::handoff::consume_when_ready(replica, &name).await {
         crate::handoff::Consumed::Arriving => {
             return Err(ExecuteError::Postponed(format!(
                 "the handed-off part {name} is still arriving"

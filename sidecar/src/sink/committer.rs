@@ -136,6 +136,8 @@ struct Member {
     refused: Option<String>,
     /// Same dedup id as an earlier member of this group: answered as its duplicate.
     same_as: Option<usize>,
+    /// Committed, but a peer the commit recorded a copy for did not confirm it durable.
+    unconfirmed: Option<String>,
 }
 
 /// One part to commit: the shared part of a partition's small blocks, or the own part of
@@ -210,6 +212,7 @@ impl Group {
                     outcome: None,
                     refused: None,
                     same_as: None,
+                    unconfirmed: None,
                 };
                 if let Some(&first) = first_by_id.get(&block.block_id) {
                     block.payload.discard(replica);
@@ -277,6 +280,12 @@ impl Group {
         self.members[m].refused.clone()
     }
 
+    /// Why a member (or the first with its dedup id) is committed but not acknowledged.
+    fn unconfirmed(&self, m: usize) -> Option<String> {
+        let m = self.members[m].same_as.unwrap_or(m);
+        self.members[m].unconfirmed.clone()
+    }
+
     /// Every member's answer, `None` where the group did not reach one.
     fn outcome(&self, m: usize) -> Option<BlockOutcome> {
         match self.members[m].same_as {
@@ -321,6 +330,10 @@ async fn commit_group(replica: &Arc<Replica>, known_partitions: &KnownPartitions
             (None, answer) if group.refused(m).is_some() => {
                 let reason = group.refused(m).unwrap_or_default();
                 *answer = Err(InsertError::TooFewReplicas(reason));
+            }
+            (None, answer) if group.unconfirmed(m).is_some() => {
+                let reason = group.unconfirmed(m).unwrap_or_default();
+                *answer = Err(InsertError::OutcomeUnknown(reason));
             }
             (None, answer) => {
                 *answer = Err(match &result {
@@ -524,7 +537,8 @@ async fn commit_pending(
             CommitResult::Committed(extras) => {
                 Metrics::inc(&replica.metrics.insert_commits);
                 report_sync_failure(replica, &names, synced);
-                activate_all(replica, group, &open);
+                let unconfirmed = confirm_handoffs(replica, group, &open).await;
+                activate_all(replica, group, &open, &unconfirmed);
                 replica.block_reserve.keep(
                     replica.clone(),
                     client.clone(),
@@ -580,7 +594,8 @@ async fn commit_pending(
                     Some(true) => {
                         Metrics::inc(&replica.metrics.insert_commits);
                         report_sync_failure(replica, &names, synced);
-                        activate_all(replica, group, &open);
+                        let unconfirmed = confirm_handoffs(replica, group, &open).await;
+                        activate_all(replica, group, &open, &unconfirmed);
                         tokio::spawn(crate::sink::reserve::give_back_tokens(
                             replica.clone(),
                             tokens,
@@ -762,7 +777,44 @@ fn clone_store_error(e: &StoreError) -> StoreError {
     }
 }
 
-fn activate_all(replica: &Replica, group: &mut Group, open: &[usize]) {
+/// Waits for the word of every peer whose copy a commit recorded before it was durable.
+/// Returns the units some peer failed, with why: the part is committed (and the peer's
+/// GET entry fetches it), but the insert cannot be acknowledged as on `insert_quorum`
+/// replicas.
+async fn confirm_handoffs(
+    replica: &Replica,
+    group: &mut Group,
+    open: &[usize],
+) -> HashMap<usize, String> {
+    let patience = replica.cfg.insert_quorum_timeout();
+    let mut waits = Vec::new();
+    for &u in open {
+        for accepted in &mut group.units[u].handoff {
+            if let Some(durable) = accepted.durable.take() {
+                let peer = accepted.peer.clone();
+                waits.push(async move { (u, peer, durable.wait(patience).await) });
+            }
+        }
+    }
+    let mut failed = HashMap::new();
+    for (u, peer, outcome) in futures::future::join_all(waits).await {
+        if let Err(reason) = outcome {
+            warn!(replica = %replica.name, %peer, %reason, "a peer did not confirm its handed-off copy durable");
+            failed.entry(u).or_insert(format!(
+                "the part is committed, but replica {peer} did not confirm its copy durable ({reason}); \
+                 a retry with the same dedup token is answered once the part is on insert_quorum replicas"
+            ));
+        }
+    }
+    failed
+}
+
+fn activate_all(
+    replica: &Replica,
+    group: &mut Group,
+    open: &[usize],
+    unconfirmed: &HashMap<usize, String>,
+) {
     for &u in open {
         let unit = &mut group.units[u];
         let UnitState::Staged(s) = std::mem::replace(&mut unit.state, UnitState::Done) else {
@@ -779,11 +831,17 @@ fn activate_all(replica: &Replica, group: &mut Group, open: &[usize]) {
             warn!(replica = %replica.name, %part, error = %e, "committed part could not be activated");
         }
         for &m in &unit.members {
-            group.members[m].outcome = Some(BlockOutcome::Committed {
-                part: part.clone(),
-                quorum_reached,
-            });
-            group.members[m].rows = None;
+            let member = &mut group.members[m];
+            match unconfirmed.get(&u) {
+                Some(reason) => member.unconfirmed = Some(reason.clone()),
+                None => {
+                    member.outcome = Some(BlockOutcome::Committed {
+                        part: part.clone(),
+                        quorum_reached,
+                    })
+                }
+            }
+            member.rows = None;
         }
     }
 }

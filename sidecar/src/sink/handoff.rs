@@ -10,6 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::BoxStream;
 use serde::Deserialize;
 use tracing::debug;
 use zookeeper_client as zk;
@@ -23,17 +26,54 @@ use crate::store::StagedPart;
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A peer that took the part, and the version of its `host` node the commit must check.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Accepted {
     pub peer: String,
     pub host_version: i32,
+    /// The peer's word that its copy is durable, still to come: its fsync overlaps the
+    /// commit, and the insert is acknowledged only once it arrived. `None`: durable already.
+    pub durable: Option<Confirmation>,
 }
 
+/// The second line of a peer's answer, once its copy is fsynced (or was discarded).
+/// (In a mutex only to be `Sync`, as the group holding it is shared across awaits.)
+pub struct Confirmation(parking_lot::Mutex<BoxFuture<'static, Result<(), String>>>);
+
+impl std::fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Confirmation")
+    }
+}
+
+impl Confirmation {
+    /// Waits up to `patience` for the peer's word; `Err` says why the copy cannot be counted.
+    pub async fn wait(self, patience: Duration) -> Result<(), String> {
+        match tokio::time::timeout(patience, self.0.into_inner()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!(
+                "no word that the copy is durable within {} ms",
+                patience.as_millis()
+            )),
+        }
+    }
+}
+
+/// The first line of a peer's answer (the only one from a peer that answers once durable).
 #[derive(Deserialize)]
 struct Answer {
     staged: bool,
     #[serde(default)]
     host_version: Option<i32>,
+    #[serde(default)]
+    reason: Option<String>,
+    /// `Some(false)`: verified, and a second line follows once fsynced.
+    #[serde(default)]
+    durable: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct DurableLine {
+    durable: bool,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -82,15 +122,19 @@ pub async fn hand_off(
     let mut accepted = Vec::with_capacity(needed);
     for (peer, result) in chosen.iter().zip(futures::future::join_all(sends).await) {
         match result {
-            Ok(Answer {
-                staged: true,
-                host_version: Some(host_version),
-                ..
-            }) => accepted.push(Accepted {
+            Ok((
+                Answer {
+                    staged: true,
+                    host_version: Some(host_version),
+                    ..
+                },
+                durable,
+            )) => accepted.push(Accepted {
                 peer: peer.name.clone(),
                 host_version,
+                durable,
             }),
-            Ok(answer) => {
+            Ok((answer, _)) => {
                 debug!(replica = %replica.name, part = %part.name, peer = %peer.name, reason = answer.reason.as_deref().unwrap_or(""), "peer did not take the handoff");
             }
             Err(e) => {
@@ -130,23 +174,81 @@ async fn read_part(part: &StagedPart) -> std::io::Result<bytes::Bytes> {
         .map_err(std::io::Error::other)?
 }
 
+/// Sends the part and reads the first line of the answer within [`HANDOFF_TIMEOUT`];
+/// the second line, when one follows, is left to the returned [`Confirmation`].
 async fn send(
     replica: &Replica,
     address: &str,
     part: &StagedPart,
     lock: &str,
     body: bytes::Bytes,
-) -> Result<Answer, HandoffError> {
+) -> Result<(Answer, Option<Confirmation>), HandoffError> {
     let mut url = reqwest::Url::parse(&format!("http://{address}/handoff/{}", part.name))
         .map_err(|e| HandoffError::Address(address.to_string(), e.to_string()))?;
     url.query_pairs_mut()
         .append_pair("source", &replica.name)
-        .append_pair("lock", lock);
-    let mut request = replica.http.post(url).timeout(HANDOFF_TIMEOUT).body(body);
+        .append_pair("lock", lock)
+        .append_pair("early", "true");
+    let mut request = replica.http.post(url).body(body);
     if let Some(secret) = &replica.secret {
         request = request.header(SECRET_HEADER, secret);
     }
-    Ok(request.send().await?.error_for_status()?.json().await?)
+    let first = async {
+        let response = request.send().await?.error_for_status()?;
+        let mut lines = Lines {
+            stream: Box::pin(response.bytes_stream()),
+            buf: Vec::new(),
+        };
+        let line = lines.next().await?.ok_or(HandoffError::Empty)?;
+        let answer: Answer = serde_json::from_slice(&line)?;
+        Ok::<_, HandoffError>((answer, lines))
+    };
+    let (answer, mut lines) = tokio::time::timeout(HANDOFF_TIMEOUT, first)
+        .await
+        .map_err(|_| HandoffError::Timeout)??;
+    if !(answer.staged && answer.durable == Some(false)) {
+        return Ok((answer, None));
+    }
+    let durable = async move {
+        let line = lines
+            .next()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the peer ended its answer before its copy was durable")?;
+        let line: DurableLine = serde_json::from_slice(&line)
+            .map_err(|e| format!("unreadable second line from the peer: {e}"))?;
+        if line.durable {
+            Ok(())
+        } else {
+            Err(line.reason.unwrap_or_else(|| "no reason given".to_string()))
+        }
+    };
+    Ok((
+        answer,
+        Some(Confirmation(parking_lot::Mutex::new(durable.boxed()))),
+    ))
+}
+
+/// Newline-separated lines of a streamed answer.
+struct Lines {
+    stream: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, HandoffError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return Ok(Some(line));
+            }
+            match self.stream.next().await {
+                Some(chunk) => self.buf.extend_from_slice(&chunk?),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Ok(Some(std::mem::take(&mut self.buf))),
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,14 +257,21 @@ enum HandoffError {
     Address(String, String),
     #[error(transparent)]
     Http(#[from] reqwest::Error),
+    #[error("no answer within {} ms", HANDOFF_TIMEOUT.as_millis())]
+    Timeout,
+    #[error("the peer's answer was empty")]
+    Empty,
+    #[error("unreadable answer: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 impl HandoffError {
     /// The peer may have moved: its address is read again next time.
     fn is_unreachable(&self) -> bool {
         match self {
-            HandoffError::Address(..) => true,
+            HandoffError::Address(..) | HandoffError::Timeout => true,
             HandoffError::Http(e) => e.is_connect() || e.is_timeout(),
+            HandoffError::Empty | HandoffError::Json(_) => false,
         }
     }
 }

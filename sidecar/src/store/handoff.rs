@@ -1,5 +1,5 @@
 //! Handed-off parts: a peer's copy of a quorum insert, taken before the inserter's commit
-//! (see `crate::handoff`). It lives as `parts/handoff_<part>/`, verified and fsynced, but
+//! (see `crate::handoff`). It lives as `parts/handoff_<part>/`, verified, then fsynced, but
 //! is not active: it turns into `parts/<part>` only once the commit is known to have
 //! recorded it (its log entry, or `replicas/<me>/parts/<part>` after a restart).
 
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rtable_protocol::part_header::Checksums;
 use rtable_protocol::part_name::PartName;
 
+use super::verify::Unsynced;
 use super::{ActivePart, Durability, HANDOFF_PREFIX, PartStore, StoreError, verify};
 
 /// A verified, durable copy waiting for its commit's outcome.
@@ -35,16 +36,17 @@ impl PartStore {
     }
 
     /// Verifies a copy received into [`PartStore::new_handoff_dir`] as a fetch is
-    /// verified, and fsyncs its files, its directory and the parts directory together:
-    /// once this returns, a machine crash keeps the copy, which is what the inserter counts
-    /// on when it records it for this replica. On failure the directory is removed.
+    /// verified, and opens its files, its directory and the parts directory for the fsync
+    /// that makes it durable. The copy may only be used (answered as durable, or activated)
+    /// once that [`Unsynced::sync`] succeeded; a copy whose fsync failed is discarded. On a
+    /// failed verification the directory is removed.
     pub fn install_handoff(
         &self,
         dir: &Path,
         name: &PartName,
         expected: &Checksums,
         streamed: &Checksums,
-    ) -> Result<HandoffPart, StoreError> {
+    ) -> Result<(HandoffPart, Unsynced), StoreError> {
         Self::check_name(name, "installing a handed-off part")?;
         self.check_in_parts_dir(dir, "installing a handed-off part")?;
         if dir != self.handoff_dir(name) {
@@ -54,29 +56,22 @@ impl PartStore {
             });
         }
         let parts_dir = &self.inner.parts_dir;
-        let t0 = std::time::Instant::now();
         let result = verify::verify_fetched_dir(dir, expected, streamed).and_then(|rows| {
-            let t1 = std::time::Instant::now();
             let parent =
                 fs::File::open(parts_dir).map_err(|e| StoreError::io("opening", parts_dir, e))?;
-            verify::open_for_sync(dir, expected)?
-                .with(parts_dir.clone(), parent)
-                .sync()?;
-            tracing::debug!(
-                part = %name,
-                verify_us = (t1 - t0).as_micros() as u64,
-                sync_us = t1.elapsed().as_micros() as u64,
-                "handoff install timing"
-            );
-            Ok(rows)
+            let unsynced = verify::open_for_sync(dir, expected)?.with(parts_dir.clone(), parent);
+            Ok((rows, unsynced))
         });
         match result {
-            Ok(rows) => Ok(HandoffPart {
-                name: name.clone(),
-                dir: dir.to_path_buf(),
-                rows,
-                checksums: expected.clone(),
-            }),
+            Ok((rows, unsynced)) => Ok((
+                HandoffPart {
+                    name: name.clone(),
+                    dir: dir.to_path_buf(),
+                    rows,
+                    checksums: expected.clone(),
+                },
+                unsynced,
+            )),
             Err(e) => {
                 let _ignored = fs::remove_dir_all(dir);
                 Err(e)

@@ -251,6 +251,7 @@ pub fn verify_fetched_dir(
 /// Open descriptors of a part's files and directories, fsynced later (after the rename that
 /// installs a download, or alongside the commit of an insert): they reach the same inodes
 /// whatever the paths are by then.
+#[derive(Debug)]
 pub struct Unsynced {
     handles: Vec<(PathBuf, File)>,
 }
