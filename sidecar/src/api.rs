@@ -389,8 +389,10 @@ async fn receive_handoff(
             return axum::Json(json!({ "staged": false, "reason": reason })).into_response();
         }
     };
+    let started = std::time::Instant::now();
     let taken =
         crate::handoff::take(replica.clone(), query.source, part, body.into_data_stream()).await;
+    tracing::debug!(replica = %replica.name, take_us = started.elapsed().as_micros() as u64, "handoff taken");
     let durable = match taken {
         Ok(durable) => durable,
         Err(reason) => {

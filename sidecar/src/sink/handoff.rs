@@ -90,6 +90,7 @@ pub async fn hand_off(
     if needed == 0 || part.checksums.total_bytes() > replica.cfg.push_max_bytes {
         return Vec::new();
     }
+    let started = std::time::Instant::now();
     let peers = match crate::push::active_peers(replica, client).await {
         Ok(p) => p,
         Err(e) => {
@@ -116,6 +117,7 @@ pub async fn hand_off(
             return Vec::new();
         }
     };
+    let read_at = started.elapsed();
     let sends = chosen
         .iter()
         .map(|peer| send(replica, &peer.address, part, lock, body.clone()));
@@ -145,6 +147,13 @@ pub async fn hand_off(
             }
         }
     }
+    debug!(
+        replica = %replica.name,
+        part = %part.name,
+        read_us = read_at.as_micros() as u64,
+        answered_us = started.elapsed().as_micros() as u64,
+        "handoff timing"
+    );
     if accepted.len() < needed {
         return Vec::new();
     }
