@@ -56,21 +56,12 @@ pub async fn multi_latency(client: &zk::Client, n: usize) -> anyhow::Result<Samp
     Ok(samples)
 }
 
-/// `n` sequential multis, each `pause` after the previous one; their round trips.
-pub async fn multi_latency_paced(
-    client: &zk::Client,
-    n: usize,
-    pause: Duration,
-) -> anyhow::Result<Samples> {
-    let mut samples = Samples::with_capacity(n);
-    for i in 0..n {
-        tokio::time::sleep(pause).await;
-        let path = format!("{ROOT}/paced-{i}");
-        let started = Instant::now();
-        multi_once(client, &path).await?;
-        samples.push(started.elapsed());
-    }
-    Ok(samples)
+/// The round trip of one bare multi (create + delete of `paced-<i>`).
+pub async fn timed_multi(client: &zk::Client, i: usize) -> anyhow::Result<Duration> {
+    let path = format!("{ROOT}/paced-{i}");
+    let started = Instant::now();
+    multi_once(client, &path).await?;
+    Ok(started.elapsed())
 }
 
 /// `concurrency` tasks doing multis back to back on one session for `window`; completed
