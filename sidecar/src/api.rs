@@ -399,25 +399,21 @@ async fn receive_handoff(
             return axum::Json(json!({ "staged": false, "reason": reason })).into_response();
         }
     };
-    let durable_line = |outcome: Result<Result<(), String>, _>| match outcome {
-        Ok(Ok(())) => json!({ "durable": true }),
-        Ok(Err(reason)) => json!({ "durable": false, "reason": reason }),
-        Err(_) => json!({ "durable": false, "reason": "the handoff task failed" }),
-    };
     if !query.early {
-        let answer = match durable_line(durable.await) {
-            line if line["durable"] == true => {
-                json!({ "staged": true, "host_version": host_version })
-            }
-            line => json!({ "staged": false, "reason": line["reason"] }),
+        let answer = match durable.wait().await {
+            Ok(()) => json!({ "staged": true, "host_version": host_version }),
+            Err(reason) => json!({ "staged": false, "reason": reason }),
         };
         return axum::Json(answer).into_response();
     }
     let verified = json!({ "staged": true, "host_version": host_version, "durable": false });
     let lines = futures::stream::once(async move { verified })
-        .chain(futures::stream::once(
-            async move { durable_line(durable.await) },
-        ))
+        .chain(futures::stream::once(async move {
+            match durable.wait().await {
+                Ok(()) => json!({ "durable": true }),
+                Err(reason) => json!({ "durable": false, "reason": reason }),
+            }
+        }))
         .map(|line| Ok::<_, std::convert::Infallible>(format!("{line}\n")));
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],

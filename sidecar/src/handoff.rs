@@ -133,9 +133,17 @@ pub fn refuse(replica: &Replica, source: &str, part: &PartName, lock: &str) -> R
     Ok(activation.host_version)
 }
 
-/// The outcome of a verified copy's fsync: `Ok` once it is durable here, or why it was
-/// discarded.
-pub type Durable = tokio::sync::oneshot::Receiver<Result<(), String>>;
+/// The outcome of a verified copy's fsync, still to come.
+pub struct Durable(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    /// `Ok` once the copy is durable here, or why it was discarded.
+    pub async fn wait(self) -> Result<(), String> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err("the handoff task failed".to_string()))
+    }
+}
 
 /// Receives a copy [`refuse`] accepted (and claimed), and answers once it is verified;
 /// its fsync then runs on, and its outcome arrives through the returned [`Durable`]. The
@@ -194,7 +202,7 @@ where
         }
     });
     match verified_rx.await {
-        Ok(Ok(())) => Ok(durable_rx),
+        Ok(Ok(())) => Ok(Durable(durable_rx)),
         Ok(Err(reason)) => Err(reason),
         Err(_) => Err("the handoff task failed".to_string()),
     }

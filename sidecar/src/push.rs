@@ -49,8 +49,9 @@ impl Peers {
         (at.elapsed() < PEERS_TTL).then(|| addresses.clone())
     }
 
-    /// How many peers the fresh list holds, without copying it.
-    fn fresh_len(&self) -> Option<usize> {
+    /// How many other replicas were active when the list was last read, if that was
+    /// recently (without copying the list).
+    pub fn fresh_len(&self) -> Option<usize> {
         let cached = self.cached.lock();
         let (at, peers) = cached.as_ref()?;
         (at.elapsed() < PEERS_TTL).then_some(peers.len())
@@ -156,11 +157,6 @@ async fn send(
     }
     let response = request.send().await?.error_for_status()?;
     response.text().await
-}
-
-/// How many other replicas were active when the list was last read, if that was recently.
-pub fn cached_peer_count(replica: &Replica) -> Option<usize> {
-    replica.push_peers.fresh_len()
 }
 
 /// The other active replicas: cached, or read from ZooKeeper (one listing and one

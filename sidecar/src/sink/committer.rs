@@ -789,19 +789,24 @@ async fn confirm_handoffs(
     let patience = replica.cfg.insert_quorum_timeout();
     let mut waits = Vec::new();
     for &u in open {
-        for accepted in &mut group.units[u].handoff {
+        let unit = &mut group.units[u];
+        let part = match &unit.state {
+            UnitState::Staged(s) => s.name.to_string(),
+            _ => continue,
+        };
+        for accepted in &mut unit.handoff {
             if let Some(durable) = accepted.durable.take() {
-                let peer = accepted.peer.clone();
-                waits.push(async move { (u, peer, durable.wait(patience).await) });
+                let (peer, part) = (accepted.peer.clone(), part.clone());
+                waits.push(async move { (u, peer, part, durable.wait(patience).await) });
             }
         }
     }
     let mut failed = HashMap::new();
-    for (u, peer, outcome) in futures::future::join_all(waits).await {
+    for (u, peer, part, outcome) in futures::future::join_all(waits).await {
         if let Err(reason) = outcome {
-            warn!(replica = %replica.name, %peer, %reason, "a peer did not confirm its handed-off copy durable");
+            warn!(replica = %replica.name, %peer, %part, %reason, "a peer did not confirm its handed-off copy durable");
             failed.entry(u).or_insert(format!(
-                "the part is committed, but replica {peer} did not confirm its copy durable ({reason}); \
+                "part {part} is committed, but replica {peer} did not confirm its copy durable ({reason}); \
                  a retry with the same dedup token is answered once the part is on insert_quorum replicas"
             ));
         }

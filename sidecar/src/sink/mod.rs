@@ -163,7 +163,10 @@ pub async fn insert(
         // those peers alive, and the committer counts them when the handoff fails.
         let skip_check = required > 1
             && mode == quorum::Mode::Parallel
-            && crate::push::cached_peer_count(replica).is_some_and(|n| n + 1 >= required as usize);
+            && replica
+                .push_peers
+                .fresh_len()
+                .is_some_and(|n| n + 1 >= required as usize);
         let check_quorum = async {
             if required <= 1 || skip_check {
                 return Ok(());
