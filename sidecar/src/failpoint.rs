@@ -39,6 +39,16 @@ fn parse(spec: &str) -> HashSet<String> {
         .collect()
 }
 
+/// The failpoints still armed, sorted (logged at start, so a test's log shows them).
+pub fn armed_names() -> Vec<String> {
+    let mut names: Vec<String> = match armed().map(Mutex::lock) {
+        Some(Ok(set)) => set.iter().cloned().collect(),
+        _ => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
 /// True once for an armed point, then never again.
 pub fn fire(name: &str) -> bool {
     match armed().map(Mutex::lock) {

@@ -18,8 +18,6 @@ use rtable_protocol::part_header::{Checksums, FileChecksum};
 
 use crate::exchange::{self, FileEntry};
 use crate::replica::{Replica, SECRET_HEADER};
-use crate::store::handoff::HandoffPart;
-use crate::store::verify::Unsynced;
 use crate::store::{ActivePart, CHECKSUMS_FILE, PartStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +69,13 @@ pub enum FetchError {
 /// Holds a part's slot in `Replica::fetching` for the duration of one download. The slot
 /// is a watch sender that is never sent on: dropping it (download over, either way) is
 /// what wakes everyone waiting in [`wait_in_flight`].
-struct InFlight<'a> {
+pub(crate) struct InFlight<'a> {
     replica: &'a Replica,
     part: String,
 }
 
 impl<'a> InFlight<'a> {
-    fn claim(replica: &'a Replica, part: &PartName) -> Option<Self> {
+    pub(crate) fn claim(replica: &'a Replica, part: &PartName) -> Option<Self> {
         let part = part.to_string();
         // Decide under the lock, build the guard after it: dropping a guard re-locks.
         let claimed = match replica.fetching.lock().entry(part.clone()) {
@@ -123,15 +121,6 @@ pub enum Purpose {
     Entry,
     /// Ahead of the queue entry: the part is recorded when the entry executes.
     Prefetch,
-    /// A quorum insert's copy taken before its commit: kept durable but inactive (see
-    /// `crate::handoff`).
-    Handoff,
-}
-
-/// What a download installed.
-enum Installed {
-    Active(std::sync::Arc<ActivePart>),
-    Handoff(HandoffPart, Unsynced),
 }
 
 pub struct Fetched {
@@ -207,28 +196,6 @@ where
     receive(replica, source, part, None, Purpose::Prefetch, body).await
 }
 
-/// Takes a quorum insert's part its inserter hands off before committing: the checks of
-/// a fetch, kept as `handoff_<part>`, not made active. Returns it, the fsync still to run
-/// before it may be used, and its bytes.
-pub async fn receive_handoff<S, E>(
-    replica: &Replica,
-    source: &str,
-    part: &PartName,
-    body: S,
-) -> Result<(HandoffPart, Unsynced, u64), FetchError>
-where
-    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    let body = async { Ok(pushed_stream(source, part, body)) };
-    let (installed, bytes, _) =
-        receive_into(replica, source, part, None, Purpose::Handoff, body).await?;
-    match installed {
-        Installed::Handoff(h, unsynced) => Ok((h, unsynced, bytes)),
-        Installed::Active(_) => Err(corrupt(source, part, "installed as active, not handed off")),
-    }
-}
-
 async fn receive<B, S>(
     replica: &Replica,
     address: &str,
@@ -250,14 +217,11 @@ where
         body,
     )
     .await?;
-    match installed {
-        Installed::Active(part) => Ok(Fetched {
-            part,
-            bytes,
-            seconds,
-        }),
-        Installed::Handoff(..) => Err(corrupt(address, part, "handed off, not installed")),
-    }
+    Ok(Fetched {
+        part: installed,
+        bytes,
+        seconds,
+    })
 }
 
 /// The body of a peer's request (push or handoff) as a download's stream.
@@ -288,7 +252,7 @@ async fn receive_into<B, S>(
     expected_checksums_hash: Option<Hash128>,
     purpose: Purpose,
     body: B,
-) -> Result<(Installed, u64, f64), FetchError>
+) -> Result<(std::sync::Arc<ActivePart>, u64, f64), FetchError>
 where
     B: std::future::Future<Output = Result<S, FetchError>>,
     S: futures::Stream<Item = Result<Bytes, FetchError>> + Unpin,
@@ -416,12 +380,11 @@ struct Receiver {
 impl Receiver {
     /// Writes the body's files into a fresh `tmp-fetch_<part>`, verifies and installs them;
     /// on any failure the directory is removed. Returns the part and the bytes received.
-    fn run(self, rx: tokio::sync::mpsc::Receiver<Bytes>) -> Result<(Installed, u64), FetchError> {
-        let dir = if self.purpose == Purpose::Handoff {
-            self.store.new_handoff_dir(&self.part)?
-        } else {
-            self.store.fetch_dir(&self.part)?
-        };
+    fn run(
+        self,
+        rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
+        let dir = self.store.fetch_dir(&self.part)?;
         let result = self.write_and_install(&dir, rx);
         if result.is_err() {
             let _ignored = std::fs::remove_dir_all(&dir);
@@ -433,7 +396,7 @@ impl Receiver {
         &self,
         dir: &Path,
         mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-    ) -> Result<(Installed, u64), FetchError> {
+    ) -> Result<(std::sync::Arc<ActivePart>, u64), FetchError> {
         // Phase times (debug log below): where a slow fetch spends its time.
         let started = Instant::now();
         let (files, rest) = self.read_header(&mut rx)?;
@@ -457,17 +420,9 @@ impl Receiver {
                 })
                 .collect(),
         };
-        let part = if self.purpose == Purpose::Handoff {
-            let (copy, unsynced) = self
-                .store
-                .install_handoff(dir, &self.part, &checksums, &streamed)?;
-            Installed::Handoff(copy, unsynced)
-        } else {
-            Installed::Active(
-                self.store
-                    .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?,
-            )
-        };
+        let part = self
+            .store
+            .install_fetched_streamed(dir, &self.part, &checksums, &streamed)?;
         debug!(
             header_ms = ms(header_at),
             written_ms = ms(written_at),

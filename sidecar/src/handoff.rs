@@ -4,10 +4,11 @@
 //! write instead of a commit followed by this replica's fetch and record.
 //!
 //! The rules that keep "recorded here" and "on this disk" the same thing:
-//! - The copy is verified (as `handoff_<part>`) before this replica answers; the inserter
-//!   records it only after that answer. Its fsync overlaps the inserter's commit, and the
-//!   inserter acknowledges only once a second answer says the copy is durable. Until then
-//!   the copy cannot turn active, and a failed fsync discards it: the record then names a
+//! - The copy is verified (in memory) before this replica answers; the inserter records it
+//!   only after that answer. Writing it as `handoff_<part>` and its fsync overlap the
+//!   inserter's commit, and the inserter acknowledges only once a second answer says the
+//!   copy is durable. Until then the copy cannot turn active, and a failed write or fsync
+//!   discards it: the record then names a
 //!   part this replica does not hold, which its GET entry fetches like any other (the
 //!   same window as a machine crash before an inserter's own fsync ends).
 //! - The answer carries the version of this replica's `host` node, which every activation
@@ -145,15 +146,16 @@ impl Durable {
     }
 }
 
-/// Receives a copy [`refuse`] accepted (and claimed), and answers once it is verified;
-/// its fsync then runs on, and its outcome arrives through the returned [`Durable`]. The
-/// inserter's commit overlaps that fsync and its acknowledgement waits for it, the way an
-/// insert's own part is fsynced alongside its commit.
+/// Receives a copy [`refuse`] accepted (and claimed) and answers once it is verified,
+/// which happens in memory (see `store::received`); writing and fsyncing it then run on,
+/// and their outcome arrives through the returned [`Durable`]. The inserter's commit
+/// overlaps them and its acknowledgement waits for them, the way an insert's own part is
+/// fsynced alongside its commit.
 ///
 /// Runs in a task of its own, so an inserter that goes away mid-request cannot leave a
 /// claim without its outcome. Until its fsync succeeded the copy stays "arriving": no
-/// entry activates it, and a failed fsync discards it, so its GET entry fetches the part
-/// like any other.
+/// entry activates it, and a failed write or fsync discards it, so its GET entry fetches
+/// the part like any other.
 pub async fn take<S, E>(
     replica: Arc<Replica>,
     source: String,
@@ -167,27 +169,51 @@ where
     let (verified_tx, verified_rx) = tokio::sync::oneshot::channel();
     let (durable_tx, durable_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (copy, unsynced, bytes) =
-            match crate::fetcher::receive_handoff(&replica, &source, &part, body).await {
-                Ok(taken) => taken,
-                Err(e) => {
-                    replica.handoffs.release(&part);
-                    debug!(replica = %replica.name, %part, %source, error = %e, "handoff failed");
-                    let _ = verified_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
+        // A download of the same part (a prefetch) waits for this copy rather than race it.
+        let Some(_in_flight) = crate::fetcher::InFlight::claim(&replica, &part) else {
+            replica.handoffs.release(&part);
+            let _ = verified_tx.send(Err("a download of the part is in flight".to_string()));
+            return;
+        };
+        let received = match receive(&replica, body).await {
+            Ok(r) => r,
+            Err(reason) => {
+                replica.handoffs.release(&part);
+                debug!(replica = %replica.name, %part, %source, error = %reason, "handoff refused");
+                let _ = verified_tx.send(Err(reason));
+                return;
+            }
+        };
         let _ = verified_tx.send(Ok(()));
         let started = Instant::now();
-        let synced = match tokio::task::spawn_blocking(move || unsynced.sync()).await {
+        let store = replica.store.clone();
+        let name = part.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let (copy, unsynced) = store
+                .write_handoff(&name, &received)
+                .map_err(|e| e.to_string())?;
+            match unsynced.sync() {
+                Ok(()) => Ok(copy),
+                Err(e) => {
+                    store.discard_handoff(&copy);
+                    Err(e.to_string())
+                }
+            }
+        })
+        .await;
+        let written = match written {
             _ if crate::failpoint::fire(crate::failpoint::HANDOFF_FSYNC_FAILS) => {
+                if let Ok(Ok(copy)) = &written {
+                    replica.store.discard_handoff(copy);
+                }
                 Err("failpoint handoff_fsync_fails".to_string())
             }
-            Ok(synced) => synced.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("the fsync task failed: {e}")),
+            Ok(written) => written,
+            Err(e) => Err(format!("the write task failed: {e}")),
         };
-        match synced {
-            Ok(()) => {
+        match written {
+            Ok(copy) => {
+                let bytes = copy.checksums.total_bytes();
                 replica.handoffs.arrived(&part, copy);
                 Metrics::inc(&replica.metrics.handoffs_taken);
                 debug!(replica = %replica.name, %part, %source, bytes, sync_us = started.elapsed().as_micros() as u64, "took a handed-off part");
@@ -195,8 +221,7 @@ where
             }
             Err(reason) => {
                 replica.handoffs.release(&part);
-                replica.store.discard_handoff(&copy);
-                warn!(replica = %replica.name, %part, %source, error = %reason, "cannot fsync a handed-off part; discarded it, its entry will fetch the part");
+                warn!(replica = %replica.name, %part, %source, error = %reason, "cannot write or fsync a handed-off part; discarded it, its entry will fetch the part");
                 let _ = durable_tx.send(Err(reason));
             }
         }
@@ -206,6 +231,39 @@ where
         Ok(Err(reason)) => Err(reason),
         Err(_) => Err("the handoff task failed".to_string()),
     }
+}
+
+/// The most a handoff body may hold: a part the inserter may hand off (its
+/// `--push-max-bytes`, at least the default 1 MiB, as replicas may differ) and its header.
+fn body_limit(replica: &Replica) -> usize {
+    let part = usize::try_from(replica.cfg.push_max_bytes).unwrap_or(usize::MAX);
+    part.max(1 << 20)
+        .saturating_add(crate::exchange::MAX_HEADER_BYTES)
+}
+
+/// Reads the whole body and verifies it in memory.
+async fn receive<S, E>(
+    replica: &Replica,
+    mut body: S,
+) -> Result<crate::store::received::ReceivedPart, String>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    use futures::StreamExt;
+    let limit = body_limit(replica);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading the handoff body: {e}"))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(format!(
+                "a handoff body is at most {limit} bytes; larger parts are fetched"
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let table = crate::rows::arrow_schema(&replica.table.schema);
+    crate::store::received::verify_received(buf.freeze(), &table).map_err(|e| e.to_string())
 }
 
 /// What the queue executor found for a GET's part.

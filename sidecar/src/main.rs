@@ -185,6 +185,10 @@ async fn run(cfg: Config) -> Result<(), String> {
         dedup_window = replica.settings().dedup_window,
         "starting replica"
     );
+    let failpoints = rtable_sidecar::failpoint::armed_names();
+    if !failpoints.is_empty() {
+        warn!(replica = %replica.name, failpoints = %failpoints.join(","), "failpoints armed (RTABLE_FAILPOINTS): for fault tests only");
+    }
     tokio::spawn(session::run(replica.clone()));
     tokio::spawn(queue::pull::run(replica.clone()));
     tokio::spawn(queue::executor::run(replica.clone()));

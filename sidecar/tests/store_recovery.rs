@@ -10,6 +10,7 @@ use rtable_protocol::part_header::{Checksums, FileChecksum};
 use rtable_protocol::part_name::PartName;
 use rtable_protocol::schema::{Column, TableSchema};
 use rtable_sidecar::rows::{self, InputFormat};
+use rtable_sidecar::store::received::verify_received;
 use rtable_sidecar::store::{
     self, CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StoreError, read_part, write_temp,
 };
@@ -479,8 +480,18 @@ fn pyarrow_and_duckdb_read_a_part() {
     );
 }
 
-/// A handed-off copy: verified in its own directory, invisible to reads, left alone by a
-/// reopen (recovery decides its fate), then activated or discarded.
+/// The exchange body a peer sends for a part directory (what a handoff carries).
+fn exchange_body(dir: &Path, checksums: &Checksums) -> Vec<u8> {
+    let mut outgoing = rtable_sidecar::exchange::OutgoingPart::open(dir, checksums).expect("open");
+    let mut body = Vec::new();
+    while let Some(chunk) = outgoing.next_chunk(1 << 20).expect("read") {
+        body.extend_from_slice(&chunk);
+    }
+    body
+}
+
+/// A handed-off copy: verified in memory, written to its own directory, invisible to
+/// reads, left alone by a reopen (recovery decides its fate), then activated or discarded.
 #[test]
 fn handed_off_copies_stay_inactive_until_activated() {
     let src = tempfile::tempdir().expect("tempdir");
@@ -491,57 +502,39 @@ fn handed_off_copies_stay_inactive_until_activated() {
         .expect("part")
         .checksums
         .clone();
+    let body = exchange_body(&part_dir, &expected);
+    let arrow_table = rows::arrow_schema(&table());
+    let verify = |body: Vec<u8>| verify_received(bytes::Bytes::from(body), &arrow_table);
+
+    // Tampered: refused, naming the file, before anything is written.
+    let mut tampered = body.clone();
+    let at = tampered.len() - 200;
+    tampered[at] ^= 0xff;
+    let err = verify(tampered).expect_err("tampered");
+    assert!(err.to_string().contains("hash mismatch"), "{err}");
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let (store, _) = open(tmp.path());
-    let into = |store: &PartStore, part: &str| {
-        let dir = store.new_handoff_dir(&name(part)).expect("handoff dir");
-        fs::copy(part_dir.join(DATA_FILE), dir.join(DATA_FILE)).expect("copy");
-        dir
-    };
-
-    // Tampered: refused and removed.
-    let dir = into(&store, "202405_7_7_0");
-    let mut bytes = fs::read(dir.join(DATA_FILE)).expect("read");
-    bytes[10] ^= 0xff;
-    fs::write(dir.join(DATA_FILE), &bytes).expect("write");
-    let err = store
-        .install_handoff(
-            &dir,
-            &name("202405_7_7_0"),
-            &expected,
-            &Checksums::default(),
-        )
-        .expect_err("tampered");
-    assert!(err.to_string().contains("data.parquet"), "{err}");
-    assert!(!dir.exists());
-
-    // Another part's directory is not this part's handoff directory.
-    let other = into(&store, "202405_8_8_0");
-    assert!(
-        store
-            .install_handoff(
-                &other,
-                &name("202405_7_7_0"),
-                &expected,
-                &Checksums::default()
-            )
-            .is_err()
-    );
-
-    let dir = into(&store, "202405_7_7_0");
+    let received = verify(body.clone()).expect("verifies");
+    assert_eq!(received.rows, 20);
+    assert_eq!(received.checksums, expected);
     let (copy, unsynced) = store
-        .install_handoff(
-            &dir,
-            &name("202405_7_7_0"),
-            &expected,
-            &Checksums::default(),
-        )
-        .expect("installs");
+        .write_handoff(&name("202405_7_7_0"), &received)
+        .expect("writes");
     unsynced.sync().expect("fsyncs");
     assert_eq!(copy.rows, 20);
     assert!(!store.contains(&name("202405_7_7_0")), "not visible yet");
     assert!(store.handoff_names().contains("202405_7_7_0"));
+    // A second copy of the same part while one is here is refused.
+    assert!(
+        store
+            .write_handoff(&name("202405_7_7_0"), &received)
+            .is_err()
+    );
+    // A copy cut short by a crash: only its data file was written.
+    let unfinished = tmp.path().join("parts/handoff_202405_8_8_0");
+    fs::create_dir(&unfinished).expect("mkdir");
+    fs::copy(part_dir.join(DATA_FILE), unfinished.join(DATA_FILE)).expect("copy");
 
     // A reopen neither activates nor detaches it; the copy is found again, verified.
     drop(store);
@@ -551,7 +544,7 @@ fn handed_off_copies_stay_inactive_until_activated() {
     let found = store.handoffs_on_disk();
     // The unfinished one of the other part is broken and set aside.
     assert_eq!(found.len(), 1, "{found:?}");
-    assert!(!tmp.path().join("parts/handoff_202405_8_8_0").exists());
+    assert!(!unfinished.exists());
     let copy = found.into_iter().next().expect("copy");
     assert_eq!(copy.checksums, expected);
 
@@ -561,15 +554,10 @@ fn handed_off_copies_stay_inactive_until_activated() {
     assert!(store.handoff_names().is_empty());
 
     // A second copy of a part already held cannot be activated; discarding removes it.
-    let dir = into(&store, "202405_7_7_0");
     let (copy, _unsynced) = store
-        .install_handoff(
-            &dir,
-            &name("202405_7_7_0"),
-            &expected,
-            &Checksums::default(),
-        )
-        .expect("installs");
+        .write_handoff(&name("202405_7_7_0"), &received)
+        .expect("writes");
+    let dir = copy.dir.clone();
     assert!(store.activate_handoff(copy.clone()).is_err());
     store.discard_handoff(&copy);
     assert!(!dir.exists());

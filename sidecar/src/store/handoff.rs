@@ -5,14 +5,16 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rtable_protocol::part_header::Checksums;
 use rtable_protocol::part_name::PartName;
 
+use super::received::ReceivedPart;
 use super::verify::Unsynced;
-use super::{ActivePart, Durability, HANDOFF_PREFIX, PartStore, StoreError, verify};
+use super::{ActivePart, COUNT_FILE, Durability, HANDOFF_PREFIX, PartStore, StoreError, verify};
 
 /// A verified, durable copy waiting for its commit's outcome.
 #[derive(Debug, Clone)]
@@ -28,60 +30,70 @@ impl PartStore {
         self.inner.parts_dir.join(format!("{HANDOFF_PREFIX}{name}"))
     }
 
-    /// A fresh `handoff_<name>/` to receive a copy into. Written in place (no rename): a
-    /// start that finds one incomplete fails its verification and detaches it.
-    pub fn new_handoff_dir(&self, name: &PartName) -> Result<PathBuf, StoreError> {
-        Self::check_name(name, "receiving a handed-off part")?;
-        Self::create_fresh_dir(self.handoff_dir(name), name)
-    }
-
-    /// Verifies a copy received into [`PartStore::new_handoff_dir`] as a fetch is
-    /// verified, and opens its files, its directory and the parts directory for the fsync
-    /// that makes it durable. The copy may only be used (answered as durable, or activated)
-    /// once that [`Unsynced::sync`] succeeded; a copy whose fsync failed is discarded. On a
-    /// failed verification the directory is removed.
-    pub fn install_handoff(
+    /// Writes a copy verified in memory (see [`super::received`]) into a fresh
+    /// `handoff_<name>/`, and opens its files, its directory and the parts directory for
+    /// the fsync that makes it durable. Written in place (no rename): a start that finds one
+    /// incomplete fails its verification and detaches it. The copy may only be used
+    /// (answered as durable, or activated) once that [`Unsynced::sync`] succeeded; a copy
+    /// whose fsync failed is discarded. On a failed write the directory is removed.
+    pub fn write_handoff(
         &self,
-        dir: &Path,
         name: &PartName,
-        expected: &Checksums,
-        streamed: &Checksums,
+        received: &ReceivedPart,
     ) -> Result<(HandoffPart, Unsynced), StoreError> {
-        Self::check_name(name, "installing a handed-off part")?;
-        self.check_in_parts_dir(dir, "installing a handed-off part")?;
-        if dir != self.handoff_dir(name) {
-            return Err(StoreError::Refused {
-                op: "installing a handed-off part",
-                reason: format!("{} is not its handoff directory", dir.display()),
-            });
-        }
-        let parts_dir = &self.inner.parts_dir;
-        let result = verify::verify_fetched_dir(dir, expected, streamed).and_then(|rows| {
-            let parent =
-                fs::File::open(parts_dir).map_err(|e| StoreError::io("opening", parts_dir, e))?;
-            let unsynced = verify::open_for_sync(dir, expected)?.with(parts_dir.clone(), parent);
-            Ok((rows, unsynced))
+        Self::check_name(name, "writing a handed-off part")?;
+        let dir = Self::create_fresh_dir(self.handoff_dir(name), name)?;
+        let written = Self::write_files(&dir, received).and_then(|mut handles| {
+            let parts_dir = &self.inner.parts_dir;
+            for path in [dir.clone(), parts_dir.clone()] {
+                let file =
+                    fs::File::open(&path).map_err(|e| StoreError::io("opening", &path, e))?;
+                handles.push((path, file));
+            }
+            Ok(Unsynced::new(handles))
         });
-        match result {
-            Ok((rows, unsynced)) => Ok((
+        match written {
+            Ok(unsynced) => Ok((
                 HandoffPart {
                     name: name.clone(),
-                    dir: dir.to_path_buf(),
-                    rows,
-                    checksums: expected.clone(),
+                    dir,
+                    rows: received.rows,
+                    checksums: received.checksums.clone(),
                 },
                 unsynced,
             )),
             Err(e) => {
-                let _ignored = fs::remove_dir_all(dir);
+                let _ignored = fs::remove_dir_all(&dir);
                 Err(e)
             }
         }
     }
 
-    /// Makes a handed-off copy active, once its commit recorded it. Like a staged insert's
-    /// activation the rename is not fsynced: a restart finds the copy again and activates
-    /// it by the same rule.
+    fn write_files(
+        dir: &Path,
+        received: &ReceivedPart,
+    ) -> Result<Vec<(PathBuf, fs::File)>, StoreError> {
+        let count = received
+            .count_file
+            .as_ref()
+            .map(|text| (COUNT_FILE, text.as_bytes()));
+        let files = received
+            .files
+            .iter()
+            .map(|(name, bytes)| (name.as_str(), bytes.as_ref()))
+            .chain(count);
+        let mut handles = Vec::with_capacity(received.files.len() + 3);
+        for (name, bytes) in files {
+            let path = dir.join(name);
+            let mut file =
+                fs::File::create(&path).map_err(|e| StoreError::io("creating", &path, e))?;
+            file.write_all(bytes)
+                .map_err(|e| StoreError::io("writing", &path, e))?;
+            handles.push((path, file));
+        }
+        Ok(handles)
+    }
+
     pub fn activate_handoff(&self, part: HandoffPart) -> Result<Arc<ActivePart>, StoreError> {
         self.activate(
             &part.dir,

@@ -19,6 +19,7 @@
 pub mod handoff;
 pub mod part_reader;
 pub mod part_writer;
+pub mod received;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashSet};

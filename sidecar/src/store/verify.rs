@@ -71,7 +71,7 @@ pub fn parquet_rows(path: &Path) -> Result<u64, StoreError> {
     u64::try_from(rows).map_err(|_| StoreError::corrupt(path, format!("negative row count {rows}")))
 }
 
-fn parse_count(text: &str) -> Option<u64> {
+pub(super) fn parse_count(text: &str) -> Option<u64> {
     let t = text.strip_suffix('\n').unwrap_or(text);
     if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
         return None;
