@@ -35,6 +35,12 @@ pub struct SidecarStatus {
     #[serde(rename = "parts_count")]
     pub parts: u32,
     pub rows: u64,
+    /// A definition change in the table file (columns, keys, ensemble) that the sidecar
+    /// only takes when its pod restarts, and why.
+    pub pending_definition_change: Option<String>,
+    /// The table file (the mounted ConfigMap) could not be read or validated: the sidecar
+    /// keeps every setting as it was.
+    pub table_file_error: Option<String>,
 }
 
 /// One replica as read from ZooKeeper, plus its sidecar's answer when it gave one.
@@ -183,6 +189,22 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
                 ),
             ));
         }
+        let file_errors: Vec<String> = replicas
+            .iter()
+            .filter_map(|r| {
+                let error = r.sidecar.as_ref()?.table_file_error.as_ref()?;
+                Some(format!("{}: {error}", r.name))
+            })
+            .collect();
+        if !file_errors.is_empty() {
+            problems.push((
+                "TableFileError",
+                format!(
+                    "sidecars cannot apply the table file and keep their settings: {}",
+                    file_errors.join("; ")
+                ),
+            ));
+        }
         if missing > 0 && obs.pods.replicas as u32 >= obs.desired_replicas {
             // Pods exist but never registered: they are starting or crash-looping.
             problems.push((
@@ -218,6 +240,13 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
         ),
     };
 
+    let pending_definition: Vec<String> = replicas
+        .iter()
+        .filter_map(|r| {
+            let change = r.sidecar.as_ref()?.pending_definition_change.as_ref()?;
+            Some(format!("{}: {change}", r.name))
+        })
+        .collect();
     let desired_i32 = i32::try_from(obs.desired_replicas).unwrap_or(i32::MAX);
     let progress: Option<(&'static str, String)> =
         if matches!(obs.tree, TreeObservation::InvalidSpec(_)) {
@@ -241,6 +270,16 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
             Some((
                 "RollingUpdate",
                 format!("{} of {desired_i32} pods updated", obs.pods.updated),
+            ))
+        } else if !pending_definition.is_empty() {
+            // Pods already rolled but a sidecar still runs its old definition: it restarts
+            // with the new one (the schema hash rolls the pods), or its restart is stuck.
+            Some((
+                "DefinitionPending",
+                format!(
+                    "waiting for sidecars to restart with the new definition: {}",
+                    pending_definition.join("; ")
+                ),
             ))
         } else if !cloning.is_empty() {
             Some((
@@ -594,6 +633,74 @@ mod tests {
                 .iter()
                 .all(|c| c.observed_generation == Some(7))
         );
+    }
+
+    #[test]
+    fn a_sidecar_waiting_to_restart_for_a_new_definition_is_progressing() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree
+            && let Some(sidecar) = &mut r[1].sidecar
+        {
+            sidecar.pending_definition_change = Some("spec.columns changed".into());
+        }
+        let s = compute(&o, &[], &t(100));
+        expect(
+            &s,
+            [
+                ("Ready", "False", "DefinitionPending"),
+                ("Available", "True", "QuorumActive"),
+                ("Progressing", "True", "DefinitionPending"),
+                ("Degraded", "False", "AsExpected"),
+            ],
+        );
+        assert!(
+            get(&s, "Progressing")
+                .message
+                .contains("events-1: spec.columns changed")
+        );
+        // A rolling update in progress explains it first.
+        o.pods.updated = 1;
+        let s = compute(&o, &[], &t(100));
+        assert_eq!(get(&s, "Progressing").reason, "RollingUpdate");
+    }
+
+    #[test]
+    fn an_unreadable_table_file_degrades_and_names_the_replica() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree
+            && let Some(sidecar) = &mut r[2].sidecar
+        {
+            sidecar.table_file_error = Some("spec.replicas: must be at least 1".into());
+        }
+        let s = compute(&o, &[], &t(100));
+        expect(
+            &s,
+            [
+                ("Ready", "False", "TableFileError"),
+                ("Available", "True", "QuorumActive"),
+                ("Progressing", "False", "Stable"),
+                ("Degraded", "True", "TableFileError"),
+            ],
+        );
+        assert!(
+            get(&s, "Degraded")
+                .message
+                .contains("events-2: spec.replicas: must be at least 1")
+        );
+    }
+
+    #[test]
+    fn sidecar_status_json_carries_the_table_file_fields() {
+        let s: SidecarStatus = serde_json::from_str(
+            r#"{"replica_name":"events-0","parts_count":3,"pending_definition_change":"spec.orderBy changed","table_file_error":null}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            s.pending_definition_change.as_deref(),
+            Some("spec.orderBy changed")
+        );
+        assert_eq!(s.table_file_error, None);
+        assert_eq!(s.parts, 3);
     }
 
     #[test]
