@@ -8,9 +8,9 @@
 //!   only after that answer. Writing it as `handoff_<part>` and its fsync overlap the
 //!   inserter's commit, and the inserter acknowledges only once a second answer says the
 //!   copy is durable. Until then the copy cannot turn active, and a failed write or fsync
-//!   discards it: the record then names a
-//!   part this replica does not hold, which its GET entry fetches like any other (the
-//!   same window as a machine crash before an inserter's own fsync ends).
+//!   discards it: the record then names a part this replica does not hold, which its GET
+//!   entry fetches like any other (the same window as a machine crash before an
+//!   inserter's own fsync ends).
 //! - The answer carries the version of this replica's `host` node, which every activation
 //!   rewrites; the commit checks it. So a commit cut off in flight cannot land after this
 //!   replica restarted (or took a new session) and decided the copy's fate.

@@ -94,6 +94,9 @@ impl PartStore {
         Ok(handles)
     }
 
+    /// Makes a handed-off copy active, once its commit recorded it. Like a staged insert's
+    /// activation the rename is not fsynced: a restart finds the copy again and activates
+    /// it by the same rule.
     pub fn activate_handoff(&self, part: HandoffPart) -> Result<Arc<ActivePart>, StoreError> {
         self.activate(
             &part.dir,

@@ -9,9 +9,9 @@ use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rtable_protocol::hash::{Hash128, file_hash};
-use rtable_protocol::part_header::{Checksums, is_safe_file_name};
+use rtable_protocol::part_header::Checksums;
 
-use super::verify::parse_count;
+use super::verify::{listing_problem, parse_count};
 use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE};
 use crate::exchange;
 
@@ -90,13 +90,8 @@ fn split(mut body: Bytes) -> Result<Vec<SentFile>, ReceivedError> {
     let entries = exchange::parse_header(text).map_err(|e| refuse(e.to_string()))?;
     let _header = body.split_to(start);
     let mut sent: Vec<SentFile> = Vec::with_capacity(entries.len());
+    // `parse_header` refused unsafe and repeated names already.
     for entry in entries {
-        if !is_safe_file_name(&entry.name) {
-            return Err(refuse(format!("unsafe file name `{}`", entry.name)));
-        }
-        if sent.iter().any(|f| f.name == entry.name) {
-            return Err(refuse(format!("`{}` sent twice", entry.name)));
-        }
         let size = usize::try_from(entry.size).unwrap_or(usize::MAX);
         if size > body.len() {
             return Err(refuse(format!(
@@ -138,20 +133,11 @@ fn listed_checksums(sent: &[SentFile]) -> Result<Checksums, ReceivedError> {
 /// The files sent are exactly those `checksums.txt` lists (plus it and `count.txt`), each
 /// with its listed size and hash.
 fn check_listing(sent: &[SentFile], listed: &Checksums) -> Result<(), ReceivedError> {
-    if !listed.files.contains_key(DATA_FILE) {
-        return Err(refuse(format!(
-            "{CHECKSUMS_FILE} does not list {DATA_FILE}"
-        )));
+    if let Some(problem) = listing_problem(listed) {
+        return Err(refuse(problem));
     }
-    for name in listed.files.keys() {
-        if !is_safe_file_name(name) || name == CHECKSUMS_FILE || name == COUNT_FILE {
-            return Err(refuse(format!(
-                "{CHECKSUMS_FILE} lists `{name}`, which a part may not hold"
-            )));
-        }
-        if file(sent, name).is_none() {
-            return Err(refuse(format!("`{name}` is missing")));
-        }
+    if let Some(name) = listed.files.keys().find(|name| file(sent, name).is_none()) {
+        return Err(refuse(format!("`{name}` is missing")));
     }
     for f in sent {
         if f.name == CHECKSUMS_FILE || f.name == COUNT_FILE {
@@ -247,33 +233,21 @@ mod tests {
         assert!(good.checksums.files.contains_key(DATA_FILE));
 
         // Without count.txt the count comes from the footer.
-        let without: Vec<_> = files
-            .iter()
-            .filter(|(n, _)| n != COUNT_FILE)
-            .cloned()
-            .collect();
-        let ok = verify_received(body(&without), &arrow).expect("verifies");
+        let without = |name: &str| -> Vec<(String, Vec<u8>)> {
+            files.iter().filter(|(n, _)| n != name).cloned().collect()
+        };
+        let ok = verify_received(body(&without(COUNT_FILE)), &arrow).expect("verifies");
         assert_eq!(ok.count_file.as_deref(), Some("3\n"));
 
         let with = |name: &str, bytes: &[u8]| -> Vec<(String, Vec<u8>)> {
-            let mut f: Vec<_> = files.iter().filter(|(n, _)| n != name).cloned().collect();
+            let mut f = without(name);
             f.push((name.to_string(), bytes.to_vec()));
             f
         };
         assert!(refusal(&with(COUNT_FILE, b"4\n")).contains("count.txt holds `4`"));
         assert!(refusal(&with("extra.bin", b"x")).contains("unexpected file `extra.bin`"));
-        let no_data: Vec<_> = files
-            .iter()
-            .filter(|(n, _)| n != DATA_FILE)
-            .cloned()
-            .collect();
-        assert!(refusal(&no_data).contains("`data.parquet` is missing"));
-        let no_checksums: Vec<_> = files
-            .iter()
-            .filter(|(n, _)| n != CHECKSUMS_FILE)
-            .cloned()
-            .collect();
-        assert!(refusal(&no_checksums).contains("no checksums.txt sent"));
+        assert!(refusal(&without(DATA_FILE)).contains("`data.parquet` is missing"));
+        assert!(refusal(&without(CHECKSUMS_FILE)).contains("no checksums.txt sent"));
 
         let mut trailing = body(&files).to_vec();
         trailing.push(b'!');

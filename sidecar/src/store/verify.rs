@@ -113,23 +113,28 @@ fn check_entries(dir: &Path, listed: &Checksums, optional: &[&str]) -> Result<()
     Ok(())
 }
 
+/// What is wrong with a `checksums.txt` listing itself, if anything: it must list
+/// `data.parquet`, and only names a part may hold. Shared by the directory checks and the
+/// in-memory ones of a handed-off part.
+pub(super) fn listing_problem(listed: &Checksums) -> Option<String> {
+    if !listed.files.contains_key(DATA_FILE) {
+        return Some(format!("{CHECKSUMS_FILE} does not list {DATA_FILE}"));
+    }
+    listed
+        .files
+        .keys()
+        .find(|name| !is_safe_file_name(name) || *name == CHECKSUMS_FILE || *name == COUNT_FILE)
+        .map(|name| format!("{CHECKSUMS_FILE} lists `{name}`, which a part may not hold"))
+}
+
 /// Checks every listed file's size and hash. A file in `streamed` was hashed from its
 /// bytes as they were written into this directory; it is not read back (for a big
 /// fetched part that second read cost as much as the download itself).
 fn check_files(dir: &Path, listed: &Checksums, streamed: &Checksums) -> Result<(), StoreError> {
-    if !listed.files.contains_key(DATA_FILE) {
-        return Err(StoreError::corrupt(
-            dir,
-            format!("{CHECKSUMS_FILE} does not list {DATA_FILE}"),
-        ));
+    if let Some(problem) = listing_problem(listed) {
+        return Err(StoreError::corrupt(dir, problem));
     }
     for (name, want) in &listed.files {
-        if !is_safe_file_name(name) || name == CHECKSUMS_FILE || name == COUNT_FILE {
-            return Err(StoreError::corrupt(
-                dir,
-                format!("{CHECKSUMS_FILE} lists `{name}`, which a part may not hold"),
-            ));
-        }
         let path = dir.join(name);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
