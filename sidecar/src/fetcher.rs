@@ -66,33 +66,47 @@ pub enum FetchError {
     InFlight(String),
 }
 
+/// The downloads in flight, by part name (see `Replica::fetching`).
+pub(crate) type Slots =
+    parking_lot::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<()>>>;
+
 /// Holds a part's slot in `Replica::fetching` for the duration of one download. The slot
 /// is a watch sender that is never sent on: dropping it (download over, either way) is
 /// what wakes everyone waiting in [`wait_in_flight`].
 pub(crate) struct InFlight<'a> {
-    replica: &'a Replica,
+    slots: &'a Slots,
     part: String,
 }
 
 impl<'a> InFlight<'a> {
     pub(crate) fn claim(replica: &'a Replica, part: &PartName) -> Option<Self> {
+        Self::claim_in(&replica.fetching, part)
+    }
+
+    fn claim_in(slots: &'a Slots, part: &PartName) -> Option<Self> {
         let part = part.to_string();
         // Decide under the lock, build the guard after it: dropping a guard re-locks.
-        let claimed = match replica.fetching.lock().entry(part.clone()) {
+        let claimed = match slots.lock().entry(part.clone()) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(tokio::sync::watch::channel(()).0);
                 true
             }
         };
-        claimed.then_some(InFlight { replica, part })
+        // Built only when claimed: a guard that exists releases the slot when dropped, so
+        // one made for a refused claim would free the holder's slot under its feet.
+        if claimed {
+            Some(InFlight { slots, part })
+        } else {
+            None
+        }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         // Bound to a local so the sender is dropped after the lock is released.
-        let _slot = self.replica.fetching.lock().remove(&self.part);
+        let _slot = self.slots.lock().remove(&self.part);
     }
 }
 
@@ -262,6 +276,13 @@ where
         let Some(_slot) = InFlight::claim(replica, part) else {
             return Err(FetchError::InFlight(part.to_string()));
         };
+        // The download we waited out (or lost the claim to) may have installed it already.
+        if replica.store.contains(part) {
+            return Err(FetchError::Store(StoreError::AlreadyExists {
+                name: part.to_string(),
+                path: replica.store.parts_dir().join(part.to_string()),
+            }));
+        }
         let started = Instant::now();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
         let receiver = Receiver {
@@ -554,5 +575,45 @@ impl Receiver {
             }
         }
         Ok(checksums)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(name: &str) -> PartName {
+        PartName::parse(name).expect("part name")
+    }
+
+    #[test]
+    fn a_refused_claim_leaves_the_holders_slot_alone() {
+        let slots = Slots::default();
+        let first = InFlight::claim_in(&slots, &part("all_0_5_1")).expect("first claim");
+        assert!(InFlight::claim_in(&slots, &part("all_0_5_1")).is_none());
+        // The refusal above must not have released the first download's slot.
+        assert!(slots.lock().contains_key("all_0_5_1"));
+        assert!(InFlight::claim_in(&slots, &part("all_0_5_1")).is_none());
+        // Other parts are independent.
+        let other = InFlight::claim_in(&slots, &part("all_6_6_0")).expect("other part");
+        drop(first);
+        assert!(!slots.lock().contains_key("all_0_5_1"));
+        let again = InFlight::claim_in(&slots, &part("all_0_5_1")).expect("claim after release");
+        drop(again);
+        drop(other);
+        assert!(slots.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_wakes_when_the_holder_finishes() {
+        let slots = Slots::default();
+        let holder = InFlight::claim_in(&slots, &part("all_1_1_0")).expect("claim");
+        let mut waiter = slots
+            .lock()
+            .get("all_1_1_0")
+            .map(|s| s.subscribe())
+            .expect("slot");
+        drop(holder);
+        assert!(waiter.changed().await.is_err(), "the sender is gone");
     }
 }

@@ -56,7 +56,7 @@ pub struct Replica {
     /// (two GET_PARTs answered by one merged part, a MERGE fetched while a GET finds it);
     /// the second waits instead of reusing the first one's temp directory. Each download's
     /// sender is dropped when it ends, which wakes `fetcher::wait_in_flight`.
-    pub fetching: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<()>>>,
+    pub fetching: crate::fetcher::Slots,
     /// Parts the log pull fetched ahead of their queue entries and no entry recorded yet
     /// (see `queue::prefetch`).
     pub prefetched: crate::queue::prefetch::Prefetched,
