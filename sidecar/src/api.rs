@@ -434,6 +434,7 @@ async fn send_part(
         Err(refused) => return *refused,
     };
     let store = replica.store.clone();
+    let part_name = part.clone();
     let opened =
         tokio::task::spawn_blocking(move || exchange::open_for_sending(&store, &part)).await;
     let (mut outgoing, first, active) = match opened {
@@ -445,10 +446,11 @@ async fn send_part(
             );
         }
         Ok(Err(e)) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reading part {name}: {e}"),
-            );
+            let message = format!("reading part {name}: {e}");
+            replica
+                .part_check
+                .report(&replica.name, &part_name, &message);
+            return error(StatusCode::INTERNAL_SERVER_ERROR, message);
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
@@ -463,6 +465,7 @@ async fn send_part(
         // A blocking thread reads ahead in big chunks while the connection sends; the
         // bounded channel keeps a fetch to a few MiB of memory however big the part is.
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(2);
+        let replica = replica.clone();
         tokio::task::spawn_blocking(move || {
             // Holding `active` keeps the part's snapshot alive while the body streams.
             let _keep = active;
@@ -470,7 +473,13 @@ async fn send_part(
                 let item = match outgoing.next_chunk(exchange::CHUNK_BYTES) {
                     Ok(Some(chunk)) => Ok(bytes::Bytes::from(chunk)),
                     Ok(None) => return,
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        let message = format!("sending part {part_name}: {e}");
+                        replica
+                            .part_check
+                            .report(&replica.name, &part_name, &message);
+                        Err(e)
+                    }
                 };
                 let failed = item.is_err();
                 // A closed channel: the peer went away.

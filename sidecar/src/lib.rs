@@ -14,6 +14,7 @@ pub mod handoff;
 pub mod merge;
 pub mod metrics;
 pub mod outcome;
+pub mod part_check;
 pub mod push;
 pub mod queue;
 pub mod quorum;

@@ -166,6 +166,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         },
         lost_part_count: std::sync::atomic::AtomicU64::new(0),
         fetching: Default::default(),
+        part_check: Default::default(),
         prefetched: Default::default(),
         own_log: Default::default(),
         pull_lock: tokio::sync::Mutex::new(()),
@@ -196,6 +197,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     tokio::spawn(rtable_sidecar::cleanup::run(replica.clone()));
     tokio::spawn(rtable_sidecar::table_reload::run(replica.clone()));
     tokio::spawn(rtable_sidecar::handoff::run(replica.clone()));
+    tokio::spawn(rtable_sidecar::part_check::run(replica.clone()));
     let committer = Committer::start(replica.clone());
     let app = api::router(AppState {
         replica: replica.clone(),

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub pushed_parts_taken: AtomicU64,
     pub handoffs_sent: AtomicU64,
     pub handoffs_taken: AtomicU64,
+    pub broken_parts: AtomicU64,
 }
 
 impl Metrics {
@@ -41,7 +42,7 @@ impl Metrics {
 
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 22] = [
+        let counters: [(&str, &str, &AtomicU64); 23] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -76,6 +77,11 @@ impl Metrics {
                 "rtable_failed_fetches_total",
                 "Part fetches that failed (ReplicatedPartFailedFetches)",
                 &self.failed_fetches,
+            ),
+            (
+                "rtable_broken_parts_total",
+                "Active parts found damaged on disk, detached and fetched again",
+                &self.broken_parts,
             ),
             (
                 "rtable_fetched_bytes_total",
@@ -185,6 +191,7 @@ pub struct Counters {
     pub pushed_parts_taken: u64,
     pub handoffs_sent: u64,
     pub handoffs_taken: u64,
+    pub broken_parts: u64,
     pub lost_parts: u64,
     pub cleanup_runs: u64,
     pub replicas_marked_lost: u64,
@@ -206,6 +213,7 @@ impl Metrics {
             pushed_parts_taken: get(&self.pushed_parts_taken),
             handoffs_sent: get(&self.handoffs_sent),
             handoffs_taken: get(&self.handoffs_taken),
+            broken_parts: get(&self.broken_parts),
             lost_parts: get(&self.lost_parts),
             cleanup_runs: get(&self.cleanup_runs),
             replicas_marked_lost: get(&self.replicas_marked_lost),

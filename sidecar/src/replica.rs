@@ -57,6 +57,8 @@ pub struct Replica {
     /// the second waits instead of reusing the first one's temp directory. Each download's
     /// sender is dropped when it ends, which wakes `fetcher::wait_in_flight`.
     pub fetching: crate::fetcher::Slots,
+    /// Parts a failed read reported, waiting for `part_check` to verify them.
+    pub part_check: crate::part_check::PartCheck,
     /// Parts the log pull fetched ahead of their queue entries and no entry recorded yet
     /// (see `queue::prefetch`).
     pub prefetched: crate::queue::prefetch::Prefetched,

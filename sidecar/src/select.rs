@@ -85,6 +85,14 @@ fn produce(
             .get(&p.name.partition_id)
             .is_some_and(|max| p.name.max_block <= *max),
     };
+    // A part that cannot be read is reported for a check (it may be damaged on disk).
+    let damaged = |part: &crate::store::ActivePart, e: &dyn std::fmt::Display| {
+        let message = format!("reading part {}: {e}", part.name);
+        replica
+            .part_check
+            .report(&replica.name, &part.name, &message);
+        message
+    };
     let mut out = ChannelWriter {
         tx,
         buf: Vec::with_capacity(CHUNK),
@@ -98,10 +106,10 @@ fn produce(
                 rows::ParquetOutput::new(&mut out, table.clone()).map_err(|e| e.to_string())?;
             for part in snapshot.parts().iter().filter(shown) {
                 for batch in
-                    part_reader::read_part_batches(part, &table).map_err(|e| e.to_string())?
+                    part_reader::read_part_batches(part, &table).map_err(|e| damaged(part, &e))?
                 {
                     writer
-                        .write(&batch.map_err(|e| e.to_string())?)
+                        .write(&batch.map_err(|e| damaged(part, &e))?)
                         .map_err(|e| e.to_string())?;
                 }
             }
@@ -112,10 +120,15 @@ fn produce(
             let mut buf = Vec::with_capacity(CHUNK);
             for part in snapshot.parts().iter().filter(shown) {
                 for batch in
-                    part_reader::read_part_batches(part, &table).map_err(|e| e.to_string())?
+                    part_reader::read_part_batches(part, &table).map_err(|e| damaged(part, &e))?
                 {
-                    rows::encode_text(text, &batch.map_err(|e| e.to_string())?, &mut buf, first)
-                        .map_err(|e| e.to_string())?;
+                    rows::encode_text(
+                        text,
+                        &batch.map_err(|e| damaged(part, &e))?,
+                        &mut buf,
+                        first,
+                    )
+                    .map_err(|e| e.to_string())?;
                     first = false;
                     if buf.len() >= CHUNK {
                         out.write_all(&buf).map_err(|e| e.to_string())?;
