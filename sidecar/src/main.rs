@@ -104,6 +104,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     for d in &detached {
         warn!(replica = %cfg.replica, detached = ?d, "moved a directory aside at start");
     }
+    store.start_spares();
     let (host, port) = cfg
         .advertise
         .rsplit_once(':')

@@ -14,7 +14,9 @@ use rtable_protocol::part_name::PartName;
 
 use super::received::ReceivedPart;
 use super::verify::Unsynced;
-use super::{ActivePart, COUNT_FILE, Durability, HANDOFF_PREFIX, PartStore, StoreError, verify};
+use super::{
+    ActivePart, COUNT_FILE, Durability, HANDOFF_PREFIX, PartStore, StoreError, spare, verify,
+};
 
 /// A verified, durable copy waiting for its commit's outcome.
 #[derive(Debug, Clone)]
@@ -42,7 +44,15 @@ impl PartStore {
         received: &ReceivedPart,
     ) -> Result<(HandoffPart, Unsynced), StoreError> {
         Self::check_name(name, "writing a handed-off part")?;
-        let dir = Self::create_fresh_dir(self.handoff_dir(name), name)?;
+        // A spare directory holds exactly the files of a part as rtable writes it.
+        let mut names: Vec<&str> = received.files.iter().map(|(n, _)| n.as_str()).collect();
+        if received.count_file.is_some() {
+            names.push(COUNT_FILE);
+        }
+        names.sort_unstable();
+        let mut standard = spare::SPARE_FILES;
+        standard.sort_unstable();
+        let dir = self.create_fresh_dir(self.handoff_dir(name), name, names == standard)?;
         let written = Self::write_files(&dir, received).and_then(|mut handles| {
             let parts_dir = &self.inner.parts_dir;
             for path in [dir.clone(), parts_dir.clone()] {

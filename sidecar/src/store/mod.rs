@@ -4,7 +4,8 @@
 //! - `parts/<part>/`: an active part: `data.parquet` (zstd, rows sorted by ORDER BY),
 //!   `checksums.txt` (size and XXH3-128 of `data.parquet`, rendered by
 //!   `rtable_protocol::part_header::Checksums`) and `count.txt` (row count, decimal);
-//! - `parts/tmp_<kind>_<id>/`: a part being written (insert, merge);
+//! - `parts/tmp_<kind>_<id>/`, `parts/tmp_spare_<id>/`: a part being written (insert, merge);
+//!   an unused spare holds the three files empty (see `spare`);
 //! - `parts/tmp-fetch_<part>/`: a download in progress;
 //! - `parts/staged_<part>/`: an insert of this replica named before its commit;
 //! - `parts/handoff_<part>/`: a peer's quorum insert copied here before its commit;
@@ -20,6 +21,7 @@ pub mod handoff;
 pub mod part_reader;
 pub mod part_writer;
 pub mod received;
+mod spare;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashSet};
@@ -199,6 +201,8 @@ struct Inner {
     detached_dir: PathBuf,
     state: Mutex<State>,
     tmp_counter: AtomicU64,
+    /// Directories made ahead for new parts (see `spare`), once `start_spares` ran.
+    spares: std::sync::OnceLock<spare::Spares>,
 }
 
 /// The set of active parts of one replica and the directories behind them. Cheap to clone.
@@ -275,6 +279,7 @@ impl PartStore {
                 detached_dir,
                 state: Mutex::new(State::default()),
                 tmp_counter: AtomicU64::new(0),
+                spares: std::sync::OnceLock::new(),
             }),
         };
         let mut names = Vec::new();
@@ -296,6 +301,12 @@ impl PartStore {
             let verdict: Result<ActivePart, (&str, String)> = match text {
                 None => Err(("unknown", "the name is not UTF-8".to_string())),
                 Some(_) if !is_dir => Err(("unknown", "not a directory".to_string())),
+                Some(t) if t.starts_with(spare::SPARE_PREFIX) && spare::is_unused_spare(&path) => {
+                    // Made ahead and never used: it holds no data.
+                    fs::remove_dir_all(&path)
+                        .map_err(|e| StoreError::io("removing an unused spare", &path, e))?;
+                    continue;
+                }
                 Some(t) if t.starts_with(TMP_PREFIX) => {
                     Err(("tmp", "temporary directory left by a stop".to_string()))
                 }
@@ -367,13 +378,45 @@ impl PartStore {
         &self.inner.detached_dir
     }
 
-    /// A fresh `parts/tmp_<kind>_<unique>/` directory.
+    /// Keeps a few part directories made ahead (see `spare`), so that writing a part does
+    /// not wait for the filesystem's journal to create its directory and files. Only for
+    /// directories whose writer writes exactly `data.parquet`, `checksums.txt` and
+    /// `count.txt`. Call once, after `open`.
+    pub fn start_spares(&self) {
+        let _ = self
+            .inner
+            .spares
+            .set(spare::Spares::start(&self.inner.parts_dir));
+    }
+
+    /// Puts a spare directory at `target` when one is ready: `Ok(true)`. `Ok(false)`: none
+    /// was, create it. An existing `target` is refused (`AlreadyExists`).
+    fn place_spare(&self, target: &Path) -> std::io::Result<bool> {
+        let Some(spare) = self.inner.spares.get().and_then(spare::Spares::take) else {
+            return Ok(false);
+        };
+        match spare::place(&spare, target) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let _ignored = fs::remove_dir_all(&spare);
+                Err(e)
+            }
+        }
+    }
+
+    /// A fresh `parts/tmp_<kind>_<unique>/` directory, or a spare `parts/tmp_spare_<id>/`
+    /// holding the part files empty when one is ready (the part writer writes all three).
     pub fn new_tmp_dir(&self, kind: &str) -> Result<PathBuf, StoreError> {
         if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(StoreError::Refused {
                 op: "creating a temporary part directory",
                 reason: format!("kind `{kind}` may only hold letters, digits and `-`"),
             });
+        }
+        // A spare is a temporary directory already: used under its own name, it costs no
+        // rename either (the name's kind only helps a human reading `parts/`).
+        if let Some(spare) = self.inner.spares.get().and_then(spare::Spares::take) {
+            return Ok(spare);
         }
         loop {
             let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
@@ -815,12 +858,28 @@ impl PartStore {
     /// its part is written (a reserved number): written there, it needs no rename.
     pub fn new_staged_dir(&self, name: &PartName) -> Result<PathBuf, StoreError> {
         Self::check_name(name, "staging a part")?;
-        Self::create_fresh_dir(self.staged_dir(name), name)
+        self.create_fresh_dir(self.staged_dir(name), name, true)
     }
 
-    /// Creates `dir` for part `name`; an existing one is refused, never reused.
-    fn create_fresh_dir(dir: PathBuf, name: &PartName) -> Result<PathBuf, StoreError> {
-        match fs::create_dir(&dir) {
+    /// Creates `dir` for part `name`; an existing one is refused, never reused. With
+    /// `spare`, a spare directory (the three part files, empty) may be put there instead.
+    fn create_fresh_dir(
+        &self,
+        dir: PathBuf,
+        name: &PartName,
+        spare: bool,
+    ) -> Result<PathBuf, StoreError> {
+        let placed = if spare {
+            self.place_spare(&dir)
+        } else {
+            Ok(false)
+        };
+        let created = match placed {
+            Ok(true) => Ok(()),
+            Ok(false) => fs::create_dir(&dir),
+            Err(e) => Err(e),
+        };
+        match created {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(StoreError::AlreadyExists {
