@@ -7,6 +7,7 @@
 //! failed for another reason (the disk was full, a descriptor limit).
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
+use rtable_protocol::PartName;
 use rtable_protocol::tree::{self, TreeError};
-use rtable_protocol::{LogEntry, PartName};
 
 use crate::metrics::Metrics;
 use crate::replica::Replica;
@@ -46,6 +47,28 @@ impl PartCheck {
             .into_iter()
             .collect()
     }
+}
+
+/// The sources of a failed merge worth a check. An error naming a file or directory of a
+/// source points at that source; one about the parts directory itself (the merge reading
+/// batches, without saying whose) at all of them; anything else, such as writing the
+/// merged part on a full disk, at none: a merge that keeps failing for its output must not
+/// re-hash its sources on every retry.
+pub fn merge_suspects(
+    error_path: Option<&Path>,
+    parts_dir: &Path,
+    sources: &[(PartName, PathBuf)],
+) -> Vec<PartName> {
+    let Some(path) = error_path else {
+        return Vec::new();
+    };
+    if let Some((name, _)) = sources.iter().find(|(_, dir)| path.starts_with(dir)) {
+        return vec![name.clone()];
+    }
+    if path == parts_dir {
+        return sources.iter().map(|(name, _)| name.clone()).collect();
+    }
+    Vec::new()
 }
 
 /// Runs forever: checks each reported part, repairs the damaged ones.
@@ -117,9 +140,10 @@ async fn check(replica: &Arc<Replica>, part: &PartName) {
     }
 }
 
-/// Forgets `replicas/<me>/parts/<part>` and queues a GET_PART for it, in one multi.
-/// Returns the queue node, or `None` when ZooKeeper did not list the part: it was not
-/// recorded yet, and the entry that installed it finds it gone and fetches it again.
+/// Forgets `replicas/<me>/parts/<part>` and queues a GET_PART for it, in one multi (the
+/// startup re-queue's operations, `recovery::add_refetch`). Returns the queue node, or
+/// `None` when ZooKeeper did not list the part: it was not recorded yet, and the entry
+/// that installed it finds it gone and fetches it again.
 async fn requeue(
     replica: &Replica,
     client: &zk::Client,
@@ -127,35 +151,26 @@ async fn requeue(
 ) -> Result<Option<String>, TreeError> {
     let rp = replica.paths.replica(&replica.name);
     let name = part.to_string();
-    let part_path = rp.part(&name);
-    let Some(stat) = client
-        .check_stat(&part_path)
-        .await
-        .map_err(|e| TreeError::zk("exists", part_path.clone(), e))?
-    else {
-        return Ok(None);
-    };
-    // Sourced from this replica, like the startup re-queue: the executor then asks
-    // ZooKeeper which replica holds the part (or one covering it).
-    let entry = LogEntry::get(&replica.name, "", &name, 0, chrono::Utc::now().timestamp());
     let mut multi = client.new_multi_writer();
-    multi
-        .add_delete(&part_path, Some(stat.version))
-        .map_err(|e| TreeError::zk("delete", part_path.clone(), e))?;
-    multi
-        .add_create(
-            &rp.queue_entry_prefix(),
-            entry.render().as_bytes(),
-            &tree::persistent_sequential(),
-        )
-        .map_err(|e| TreeError::zk("create", rp.queue_entry_prefix(), e))?;
-    let results = multi.commit().await.map_err(|e| {
-        tree::multi_error(
-            "re-queue a broken part",
-            &[part_path.clone(), rp.queue_entry_prefix()],
-            e,
-        )
-    })?;
+    let entry = crate::recovery::add_refetch(
+        &mut multi,
+        &replica.name,
+        &rp,
+        &name,
+        chrono::Utc::now().timestamp(),
+    )?;
+    let results = match multi.commit().await {
+        Ok(results) => results,
+        // The delete (operation 0) found no node: nothing to forget, nothing was queued.
+        Err(zk::MultiWriteError::OperationFailed {
+            index: 0,
+            source: zk::Error::NoNode,
+        }) => return Ok(None),
+        Err(e) => {
+            let paths = [rp.part(&name), rp.queue_entry_prefix()];
+            return Err(tree::multi_error("re-queue a broken part", &paths, e));
+        }
+    };
     let node = results.iter().find_map(|r| match r {
         zk::MultiWriteResult::Create { path, .. } => path.rsplit('/').next().map(str::to_string),
         _ => None,
@@ -183,5 +198,27 @@ mod tests {
         assert!(check.take().is_empty());
         check.report("r1", &a, "damaged again later");
         assert_eq!(check.take(), vec![a]);
+    }
+
+    #[test]
+    fn a_failed_merge_points_at_the_source_its_error_names() {
+        let parts = Path::new("/data/parts");
+        let a = PartName::parse("all_1_1_0").expect("part");
+        let b = PartName::parse("all_2_2_0").expect("part");
+        let sources = vec![
+            (a.clone(), parts.join("all_1_1_0")),
+            (b.clone(), parts.join("all_2_2_0")),
+        ];
+        let data_of_b = parts.join("all_2_2_0").join("data.parquet");
+        assert_eq!(
+            merge_suspects(Some(&data_of_b), parts, &sources),
+            vec![b.clone()]
+        );
+        // Reading batches, source unknown: every source.
+        assert_eq!(merge_suspects(Some(parts), parts, &sources), vec![a, b]);
+        // Writing the merged part, or no path at all: none.
+        let output = parts.join("tmp_spare_00ff").join("data.parquet");
+        assert!(merge_suspects(Some(&output), parts, &sources).is_empty());
+        assert!(merge_suspects(None, parts, &sources).is_empty());
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
-use rtable_protocol::paths::sequence_of;
+use rtable_protocol::paths::{ReplicaPaths, sequence_of};
 use rtable_protocol::tree::{self, TreeError};
 use rtable_protocol::{LogEntry, PartName};
 
@@ -106,19 +106,9 @@ pub async fn before_activation(
         let mut multi = client.new_multi_writer();
         let mut paths = Vec::new();
         for name in chunk {
-            let entry = LogEntry::get(&replica.name, "", name, 0, now).render();
-            let part_path = rp.part(name);
-            multi
-                .add_delete(&part_path, None)
-                .map_err(|e| TreeError::zk("delete", part_path.clone(), e))?;
-            multi
-                .add_create(
-                    &rp.queue_entry_prefix(),
-                    entry.as_bytes(),
-                    &tree::persistent_sequential(),
-                )
-                .map_err(|e| TreeError::zk("create", rp.queue_entry_prefix(), e))?;
-            paths.push(part_path);
+            add_refetch(&mut multi, &replica.name, &rp, name, now)?;
+            paths.push(rp.part(name));
+            paths.push(rp.queue_entry_prefix());
         }
         multi
             .commit()
@@ -126,6 +116,32 @@ pub async fn before_activation(
             .map_err(|e| tree::multi_error("re-queue lost parts", &paths, e))?;
     }
     Ok(())
+}
+
+/// Adds the two operations that make replica `me` fetch `part` again: its
+/// `replicas/<me>/parts/<part>` node goes, and a GET_PART sourced from `me` is queued (the
+/// executor then asks ZooKeeper which replica holds the part, or one covering it). In one
+/// multi, nothing is forgotten without its fetch. Returns the queued entry.
+pub(crate) fn add_refetch(
+    multi: &mut zk::MultiWriter<'_>,
+    me: &str,
+    rp: &ReplicaPaths,
+    part: &str,
+    now: i64,
+) -> Result<LogEntry, TreeError> {
+    let entry = LogEntry::get(me, "", part, 0, now);
+    let part_path = rp.part(part);
+    multi
+        .add_delete(&part_path, None)
+        .map_err(|e| TreeError::zk("delete", part_path, e))?;
+    multi
+        .add_create(
+            &rp.queue_entry_prefix(),
+            entry.render().as_bytes(),
+            &tree::persistent_sequential(),
+        )
+        .map_err(|e| TreeError::zk("create", rp.queue_entry_prefix(), e))?;
+    Ok(entry)
 }
 
 /// The parts that the entries of `replicas/<me>/queue` produce.

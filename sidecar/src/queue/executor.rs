@@ -609,18 +609,22 @@ async fn execute_merge(
     let started = Instant::now();
     let store = replica.store.clone();
     let schema = replica.table.schema.clone();
-    let names: Vec<PartName> = local.iter().map(|p| p.name.clone()).collect();
+    let sources_on_disk: Vec<(PartName, std::path::PathBuf)> = local
+        .iter()
+        .map(|p| (p.name.clone(), p.dir.clone()))
+        .collect();
     let temp = tokio::task::spawn_blocking(move || {
         crate::merge::local::merge_parts(&store, &local, &schema)
     })
     .await
     .map_err(|e| ExecuteError::Postponed(format!("merge task failed: {e}")))?
     .map_err(|e| {
-        // A source damaged on disk would fail this merge on every retry: have them
-        // checked (an intact one is left alone).
+        // A source damaged on disk would fail this merge on every retry: have it checked
+        // (an intact one is left alone).
         let message = format!("merge failed: {e}");
-        for name in &names {
-            replica.part_check.report(&replica.name, name, &message);
+        let parts_dir = replica.store.parts_dir();
+        for name in crate::part_check::merge_suspects(e.path(), parts_dir, &sources_on_disk) {
+            replica.part_check.report(&replica.name, &name, &message);
         }
         ExecuteError::Postponed(message)
     })?;

@@ -44,15 +44,9 @@ impl PartStore {
         received: &ReceivedPart,
     ) -> Result<(HandoffPart, Unsynced), StoreError> {
         Self::check_name(name, "writing a handed-off part")?;
-        // A spare directory holds exactly the files of a part as rtable writes it.
-        let mut names: Vec<&str> = received.files.iter().map(|(n, _)| n.as_str()).collect();
-        if received.count_file.is_some() {
-            names.push(COUNT_FILE);
-        }
-        names.sort_unstable();
-        let mut standard = spare::SPARE_FILES;
-        standard.sort_unstable();
-        let dir = self.create_fresh_dir(self.handoff_dir(name), name, names == standard)?;
+        let names = received.files.iter().map(|(n, _)| n.as_str());
+        let written = names.chain(received.count_file.as_ref().map(|_| COUNT_FILE));
+        let dir = self.create_fresh_dir(self.handoff_dir(name), name, spare::fits(written))?;
         let written = Self::write_files(&dir, received).and_then(|mut handles| {
             let parts_dir = &self.inner.parts_dir;
             for path in [dir.clone(), parts_dir.clone()] {

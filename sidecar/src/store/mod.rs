@@ -113,6 +113,18 @@ impl StoreError {
         }
     }
 
+    /// The file or directory the error is about, when it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            StoreError::Io { path, .. }
+            | StoreError::Parquet { path, .. }
+            | StoreError::Arrow { path, .. }
+            | StoreError::Corrupt { path, .. }
+            | StoreError::AlreadyExists { path, .. } => Some(path),
+            StoreError::NotActive { .. } | StoreError::Refused { .. } => None,
+        }
+    }
+
     pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
         StoreError::Corrupt {
             path: path.to_path_buf(),
@@ -389,19 +401,20 @@ impl PartStore {
             .set(spare::Spares::start(&self.inner.parts_dir));
     }
 
-    /// Puts a spare directory at `target` when one is ready: `Ok(true)`. `Ok(false)`: none
-    /// was, create it. An existing `target` is refused (`AlreadyExists`).
-    fn place_spare(&self, target: &Path) -> std::io::Result<bool> {
-        let Some(spare) = self.inner.spares.get().and_then(spare::Spares::take) else {
-            return Ok(false);
-        };
-        match spare::place(&spare, target) {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let _ignored = fs::remove_dir_all(&spare);
-                Err(e)
-            }
+    /// A spare directory, when one is ready.
+    fn take_spare(&self) -> Option<PathBuf> {
+        self.inner.spares.get().and_then(spare::Spares::take)
+    }
+
+    /// Puts a spare directory at `target`; `None` when none was ready. An existing
+    /// `target` is refused (`AlreadyExists`).
+    fn place_spare(&self, target: &Path) -> Option<std::io::Result<()>> {
+        let spare = self.take_spare()?;
+        let placed = spare::place(&spare, target);
+        if placed.is_err() {
+            let _ignored = fs::remove_dir_all(&spare);
         }
+        Some(placed)
     }
 
     /// A fresh `parts/tmp_<kind>_<unique>/` directory, or a spare `parts/tmp_spare_<id>/`
@@ -415,7 +428,7 @@ impl PartStore {
         }
         // A spare is a temporary directory already: used under its own name, it costs no
         // rename either (the name's kind only helps a human reading `parts/`).
-        if let Some(spare) = self.inner.spares.get().and_then(spare::Spares::take) {
+        if let Some(spare) = self.take_spare() {
             return Ok(spare);
         }
         loop {
@@ -869,17 +882,8 @@ impl PartStore {
         name: &PartName,
         spare: bool,
     ) -> Result<PathBuf, StoreError> {
-        let placed = if spare {
-            self.place_spare(&dir)
-        } else {
-            Ok(false)
-        };
-        let created = match placed {
-            Ok(true) => Ok(()),
-            Ok(false) => fs::create_dir(&dir),
-            Err(e) => Err(e),
-        };
-        match created {
+        let placed = spare.then(|| self.place_spare(&dir)).flatten();
+        match placed.unwrap_or_else(|| fs::create_dir(&dir)) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(StoreError::AlreadyExists {

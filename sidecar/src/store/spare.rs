@@ -33,7 +33,7 @@ const READY: usize = 4;
 pub(super) struct Spares {
     ready: Arc<Mutex<Vec<PathBuf>>>,
     /// Wakes the refill thread; dropped with the store, which ends the thread.
-    kick: Mutex<Option<mpsc::Sender<()>>>,
+    kick: Option<mpsc::Sender<()>>,
 }
 
 impl Spares {
@@ -62,16 +62,13 @@ impl Spares {
                 None
             }
         };
-        Spares {
-            ready,
-            kick: Mutex::new(kick),
-        }
+        Spares { ready, kick }
     }
 
     /// Takes a spare, if one is ready, and asks for a new one.
     pub(super) fn take(&self) -> Option<PathBuf> {
         let taken = lock(&self.ready).pop();
-        if let Some(kick) = lock(&self.kick).as_ref() {
+        if let Some(kick) = &self.kick {
             let _ = kick.send(());
         }
         taken
@@ -113,6 +110,15 @@ fn make_spare(parts_dir: &Path) -> std::io::Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Whether a directory that will hold exactly the files `names` may be a spare.
+pub(super) fn fits<'a>(names: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_unstable();
+    let mut spare = SPARE_FILES;
+    spare.sort_unstable();
+    names == spare
 }
 
 /// Whether `dir` is an unused spare: only the spare files, all empty. `open` removes
@@ -185,6 +191,13 @@ mod tests {
     fn a_used_spare_is_a_temporary_directory_to_open() {
         // `PartStore::open` sets aside what it finds under a `tmp` name.
         assert!(SPARE_PREFIX.starts_with(super::super::TMP_PREFIX));
+    }
+
+    #[test]
+    fn only_the_three_part_files_fit_a_spare() {
+        assert!(fits([COUNT_FILE, DATA_FILE, CHECKSUMS_FILE]));
+        assert!(!fits([DATA_FILE, CHECKSUMS_FILE]));
+        assert!(!fits([DATA_FILE, CHECKSUMS_FILE, COUNT_FILE, "extra.bin"]));
     }
 
     #[test]
