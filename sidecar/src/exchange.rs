@@ -72,6 +72,33 @@ pub fn render_header(files: &[FileEntry]) -> String {
     out
 }
 
+/// The body [`OutgoingPart`] sends for a part directory holding exactly `files`, built from
+/// bytes in memory (a part not yet on disk, or being written while it is sent).
+pub fn body_of(files: &[(&str, bytes::Bytes)]) -> bytes::Bytes {
+    let mut sorted: Vec<&(&str, bytes::Bytes)> = files.iter().collect();
+    sorted.sort_by_key(|(name, _)| *name);
+    let entries: Vec<FileEntry> = sorted
+        .iter()
+        .map(|(name, bytes)| {
+            let mut hasher = FileHasher::new();
+            hasher.update(bytes);
+            FileEntry {
+                name: name.to_string(),
+                size: bytes.len() as u64,
+                hash: hasher.finish(),
+            }
+        })
+        .collect();
+    let header = render_header(&entries);
+    let mut body =
+        Vec::with_capacity(header.len() + files.iter().map(|(_, b)| b.len()).sum::<usize>());
+    body.extend_from_slice(header.as_bytes());
+    for (_, bytes) in sorted {
+        body.extend_from_slice(bytes);
+    }
+    bytes::Bytes::from(body)
+}
+
 /// Parses the header text without its terminating empty line.
 pub fn parse_header(text: &str) -> Result<Vec<FileEntry>, ExchangeError> {
     let mut lines = text.lines();
@@ -316,6 +343,26 @@ mod tests {
         let bad_hash = format!("{MAGIC}\ndata.parquet\t1\txyz\n");
         assert!(parse_header(&bad_hash).is_err());
         assert!(parse_header(&format!("{MAGIC}\n")).is_err());
+    }
+
+    #[test]
+    fn a_body_built_in_memory_is_the_one_read_from_the_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let files: Vec<(&str, bytes::Bytes)> = vec![
+            ("data.parquet", bytes::Bytes::from(vec![7u8; 5000])),
+            ("checksums.txt", bytes::Bytes::from_static(b"sums\n")),
+            ("count.txt", bytes::Bytes::from_static(b"3\n")),
+        ];
+        for (name, bytes) in &files {
+            std::fs::write(tmp.path().join(name), bytes).expect("write");
+        }
+        let mut outgoing = OutgoingPart::open(tmp.path(), &Checksums::default()).expect("open");
+        let mut from_disk = Vec::new();
+        while let Some(chunk) = outgoing.next_chunk(CHUNK_BYTES).expect("read") {
+            from_disk.extend_from_slice(&chunk);
+        }
+        assert_eq!(body_of(&files).as_ref(), from_disk.as_slice());
+        assert!(from_disk.starts_with(MAGIC.as_bytes()));
     }
 
     #[test]

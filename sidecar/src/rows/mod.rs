@@ -43,7 +43,10 @@ use arrow::error::ArrowError;
 use rtable_protocol::schema::{ColumnType, TableSchema};
 
 pub use decode::{InputFormat, decode};
-pub use encode::{OutputFormat, ParquetOutput, encode_text, parquet_writer_properties};
+pub use encode::{
+    OutputFormat, ParquetOutput, encode_text, parquet_writer_properties,
+    parquet_writer_properties_for,
+};
 pub use error::InputError;
 pub use fingerprint::rows_hash;
 pub use partition::partition_split;

@@ -27,7 +27,7 @@ use crate::replica::Replica;
 use crate::sink::handoff::Accepted;
 use crate::sink::{Block, BlockOutcome, InsertError, Payload};
 use crate::store::verify::Unsynced;
-use crate::store::{StagedPart, StoreError, TempPart};
+use crate::store::{EncodedPart, StagedPart, StoreError, TempPart};
 
 /// At most a log entry, lock removal, blocks node and parts node per block: 100 blocks
 /// keep a multi far below ZooKeeper's 1 MB packet limit.
@@ -163,6 +163,9 @@ enum UnitState {
     Unwritten,
     /// Written as a temporary part; its fsyncs, if still to run, go with the commit.
     Temp(TempPart, Option<Unsynced>),
+    /// A quorum block's own part, in memory until its number is known (see
+    /// [`start_encoded_writes`]).
+    Encoded(EncodedPart),
     Staged(StagedPart),
     Done,
 }
@@ -177,7 +180,7 @@ impl Unit {
         match std::mem::replace(&mut self.state, UnitState::Unwritten) {
             UnitState::Temp(t, _) => replica.store.discard_temp(t),
             UnitState::Staged(s) => replica.store.discard_staged(s),
-            UnitState::Unwritten => {}
+            UnitState::Unwritten | UnitState::Encoded(_) => {}
             UnitState::Done => self.state = UnitState::Done,
         }
     }
@@ -248,6 +251,16 @@ impl Group {
                         members: vec![m],
                         lock: None,
                         state: UnitState::Temp(temp, unsynced),
+                        handoff: Vec::new(),
+                        quorum_checked: block.quorum_checked,
+                    }),
+                    Payload::Encoded(encoded) => group.units.push(Unit {
+                        partition_id: block.partition_id.clone(),
+                        quorum: block.quorum,
+                        quorum_mode: block.quorum_mode,
+                        members: vec![m],
+                        lock: None,
+                        state: UnitState::Encoded(encoded),
                         handoff: Vec::new(),
                         quorum_checked: block.quorum_checked,
                     }),
@@ -476,9 +489,15 @@ async fn commit_pending(
             names.push(PartName::new_insert(&unit.partition_id, number));
             unit.lock = Some(lock);
         }
+        let mut encoded: Vec<(usize, PartName, EncodedPart)> = Vec::new();
         for (&u, name) in open.iter().zip(&names) {
             let unit = &mut group.units[u];
             let staged = match std::mem::replace(&mut unit.state, UnitState::Unwritten) {
+                UnitState::Encoded(e) => {
+                    encoded.push((u, name.clone(), e.clone()));
+                    unit.state = UnitState::Encoded(e);
+                    continue;
+                }
                 UnitState::Staged(s) if s.name == *name => Ok(s),
                 // The part's own fsyncs, if it deferred them, and its rename's.
                 UnitState::Temp(t, unsynced) => {
@@ -505,11 +524,21 @@ async fn commit_pending(
             }
         }
         let t1 = std::time::Instant::now();
-        // The parts' fsyncs overlap the commit, and the outcome waits for both: a process
-        // crash keeps the written pages, and a machine crash before the fsyncs end leaves a
-        // staged part that fails verification at the next start and is fetched again.
-        let syncing = start_syncs(&mut pending_sync);
-        hand_off_units(replica, &client, group, &open).await;
+        // The parts' fsyncs overlap the handoff and the commit, and the outcome waits for
+        // them: a process crash keeps the written pages, and a machine crash before the
+        // fsyncs end leaves a staged part that fails verification at the next start and is
+        // fetched again. Encoded parts are written, and their fsyncs started, while the
+        // same bytes go to the peers.
+        let mut syncing: Vec<Syncing> = start_syncs(&mut pending_sync).into_iter().collect();
+        let writing = start_encoded_writes(replica, encoded);
+        hand_off_units(replica, &client, group, &open, &names).await;
+        if let Some((written, encoded_syncing)) = writing {
+            syncing.push(encoded_syncing);
+            if let Err(e) = finish_encoded_writes(group, written).await {
+                release_all_locks(&client, group, &open).await;
+                return Err(InsertError::Store(e));
+            }
+        }
         let open = refuse_short_quorums(replica, &client, group, open).await;
         let handed_off_at = std::time::Instant::now();
         if open.is_empty() {
@@ -628,6 +657,62 @@ enum Written {
 
 type Syncing = tokio::task::JoinHandle<Result<(), StoreError>>;
 
+type EncodedWrites = oneshot::Receiver<Vec<(usize, Result<StagedPart, StoreError>)>>;
+
+/// Writes the encoded parts under their staged names on a blocking thread, while the
+/// committer hands the same bytes to the peers, and then fsyncs them: what was written
+/// comes first, the fsyncs' outcome with the returned handle.
+fn start_encoded_writes(
+    replica: &Replica,
+    encoded: Vec<(usize, PartName, EncodedPart)>,
+) -> Option<(EncodedWrites, Syncing)> {
+    if encoded.is_empty() {
+        return None;
+    }
+    let store = replica.store.clone();
+    let (written_tx, written_rx) = oneshot::channel();
+    let syncing = tokio::task::spawn_blocking(move || {
+        let mut unsynced = Vec::with_capacity(encoded.len());
+        let written = encoded
+            .into_iter()
+            .map(|(u, name, part)| {
+                let staged = crate::store::write_encoded_staged(&store, &part, &name);
+                (
+                    u,
+                    staged.map(|(s, files)| {
+                        unsynced.push(files);
+                        s
+                    }),
+                )
+            })
+            .collect();
+        let _ = written_tx.send(written);
+        unsynced.into_iter().try_for_each(Unsynced::sync)
+    });
+    Some((written_rx, syncing))
+}
+
+/// Each written part becomes its unit's staged part. On a failed write the units keep
+/// what they hold (a staged part is discarded with its group), and the error fails the
+/// inserts as a failed rename would.
+async fn finish_encoded_writes(
+    group: &mut Group,
+    written: EncodedWrites,
+) -> Result<(), StoreError> {
+    let written = written.await.map_err(|e| StoreError::Refused {
+        op: "writing inserted parts",
+        reason: e.to_string(),
+    })?;
+    let mut failed = None;
+    for (u, result) in written {
+        match result {
+            Ok(staged) => group.units[u].state = UnitState::Staged(staged),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
 fn start_syncs(pending: &mut Vec<Unsynced>) -> Option<Syncing> {
     if pending.is_empty() {
         return None;
@@ -638,14 +723,18 @@ fn start_syncs(pending: &mut Vec<Unsynced>) -> Option<Syncing> {
     }))
 }
 
-async fn finish_syncs(syncing: Option<Syncing>) -> Result<(), StoreError> {
-    match syncing {
-        None => Ok(()),
-        Some(handle) => handle.await.map_err(|e| StoreError::Refused {
+async fn finish_syncs(syncing: Vec<Syncing>) -> Result<(), StoreError> {
+    let mut outcome = Ok(());
+    for handle in syncing {
+        let synced = handle.await.map_err(|e| StoreError::Refused {
             op: "fsyncing inserted parts",
             reason: e.to_string(),
-        })?,
+        });
+        if outcome.is_ok() {
+            outcome = synced.and_then(|r| r);
+        }
     }
+    outcome
 }
 
 /// A committed part whose fsync failed is still acknowledged: ZooKeeper names it, a retry
@@ -1206,6 +1295,7 @@ async fn hand_off_units(
     client: &zk::Client,
     group: &mut Group,
     open: &[usize],
+    names: &[PartName],
 ) {
     for &u in open {
         group.units[u].handoff.clear();
@@ -1221,21 +1311,27 @@ async fn hand_off_units(
             unit.quorum > 1
                 && unit.quorum_mode == crate::quorum::Mode::Parallel
                 && unit.lock.is_some()
-                && matches!(unit.state, UnitState::Staged(_))
+                && matches!(unit.state, UnitState::Staged(_) | UnitState::Encoded(_))
         })
         .collect();
     if wanted.is_empty() {
         return;
     }
+    let name_of: HashMap<usize, &PartName> = open.iter().copied().zip(names).collect();
     let sends = wanted.iter().map(|&u| {
         let unit = &group.units[u];
         let needed = unit.quorum as usize - 1;
+        let name = name_of.get(&u).copied();
         async move {
-            match (&unit.state, &unit.lock) {
-                (UnitState::Staged(s), Some(lock)) => {
-                    crate::sink::handoff::hand_off(replica, client, s, lock, needed).await
-                }
-                _ => Vec::new(),
+            use crate::sink::handoff::{Source, hand_off};
+            let source = match (&unit.state, name) {
+                (UnitState::Staged(s), _) => Source::Staged(s),
+                (UnitState::Encoded(e), Some(name)) => Source::Encoded(name, e),
+                _ => return Vec::new(),
+            };
+            match &unit.lock {
+                Some(lock) => hand_off(replica, client, source, lock, needed).await,
+                None => Vec::new(),
             }
         }
     });

@@ -19,7 +19,8 @@ use zookeeper_client as zk;
 
 use crate::exchange;
 use crate::replica::{Replica, SECRET_HEADER};
-use crate::store::StagedPart;
+use crate::store::{EncodedPart, StagedPart};
+use rtable_protocol::PartName;
 
 /// A peer that answers slower than this is not waited for: the commit goes ahead
 /// without counting on it.
@@ -78,18 +79,49 @@ struct DurableLine {
     reason: Option<String>,
 }
 
+/// The part to hand off: staged on disk, or encoded in memory while it is being written
+/// (sent from memory, so the copy and the local write overlap).
+pub enum Source<'a> {
+    Staged(&'a StagedPart),
+    Encoded(&'a PartName, &'a EncodedPart),
+}
+
+impl Source<'_> {
+    fn name(&self) -> &PartName {
+        match self {
+            Source::Staged(s) => &s.name,
+            Source::Encoded(name, _) => name,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Source::Staged(s) => s.checksums.total_bytes(),
+            Source::Encoded(_, e) => e.checksums.total_bytes(),
+        }
+    }
+
+    async fn body(&self) -> std::io::Result<bytes::Bytes> {
+        match self {
+            Source::Staged(s) => read_part(s).await,
+            Source::Encoded(_, e) => Ok(exchange::body_of(&e.files())),
+        }
+    }
+}
+
 /// Hands `part` (committed under block number lock `lock`) to `needed` peers. Returns
 /// them all, or nothing when any of them did not take it.
 pub async fn hand_off(
     replica: &Arc<Replica>,
     client: &zk::Client,
-    part: &StagedPart,
+    part: Source<'_>,
     lock: &str,
     needed: usize,
 ) -> Vec<Accepted> {
-    if needed == 0 || part.checksums.total_bytes() > replica.cfg.push_max_bytes {
+    if needed == 0 || part.bytes() > replica.cfg.push_max_bytes {
         return Vec::new();
     }
+    let name = part.name();
     let started = std::time::Instant::now();
     let peers = match crate::push::active_peers(replica, client).await {
         Ok(p) => p,
@@ -110,17 +142,17 @@ pub async fn hand_off(
         .take(needed)
         .cloned()
         .collect();
-    let body = match read_part(part).await {
+    let body = match part.body().await {
         Ok(b) => b,
         Err(e) => {
-            debug!(replica = %replica.name, part = %part.name, error = %e, "cannot read a part to hand off");
+            debug!(replica = %replica.name, part = %name, error = %e, "cannot read a part to hand off");
             return Vec::new();
         }
     };
     let read_at = started.elapsed();
     let sends = chosen
         .iter()
-        .map(|peer| send(replica, &peer.address, part, lock, body.clone()));
+        .map(|peer| send(replica, &peer.address, name, lock, body.clone()));
     let mut accepted = Vec::with_capacity(needed);
     for (peer, result) in chosen.iter().zip(futures::future::join_all(sends).await) {
         match result {
@@ -137,10 +169,10 @@ pub async fn hand_off(
                 durable,
             }),
             Ok((answer, _)) => {
-                debug!(replica = %replica.name, part = %part.name, peer = %peer.name, reason = answer.reason.as_deref().unwrap_or(""), "peer did not take the handoff");
+                debug!(replica = %replica.name, part = %name, peer = %peer.name, reason = answer.reason.as_deref().unwrap_or(""), "peer did not take the handoff");
             }
             Err(e) => {
-                debug!(replica = %replica.name, part = %part.name, peer = %peer.name, error = %e, "handoff failed");
+                debug!(replica = %replica.name, part = %name, peer = %peer.name, error = %e, "handoff failed");
                 if e.is_unreachable() {
                     replica.push_peers.forget();
                 }
@@ -149,7 +181,7 @@ pub async fn hand_off(
     }
     debug!(
         replica = %replica.name,
-        part = %part.name,
+        part = %name,
         read_us = read_at.as_micros() as u64,
         answered_us = started.elapsed().as_micros() as u64,
         "handoff timing"
@@ -188,11 +220,11 @@ async fn read_part(part: &StagedPart) -> std::io::Result<bytes::Bytes> {
 async fn send(
     replica: &Replica,
     address: &str,
-    part: &StagedPart,
+    part: &PartName,
     lock: &str,
     body: bytes::Bytes,
 ) -> Result<(Answer, Option<Confirmation>), HandoffError> {
-    let mut url = reqwest::Url::parse(&format!("http://{address}/handoff/{}", part.name))
+    let mut url = reqwest::Url::parse(&format!("http://{address}/handoff/{part}"))
         .map_err(|e| HandoffError::Address(address.to_string(), e.to_string()))?;
     url.query_pairs_mut()
         .append_pair("source", &replica.name)

@@ -22,7 +22,7 @@ use crate::quorum;
 use crate::replica::Replica;
 use crate::rows::{self, InputError, InputFormat};
 use crate::store::verify::Unsynced;
-use crate::store::{StoreError, TempPart};
+use crate::store::{EncodedPart, StoreError, TempPart};
 
 pub use committer::Committer;
 
@@ -48,6 +48,9 @@ pub enum Payload {
     Rows(arrow::array::RecordBatch),
     /// Written; a quorum block's fsyncs are still to run (alongside the commit).
     Written(TempPart, Option<Unsynced>),
+    /// A small quorum block's own part, encoded but not written: its number, and so its
+    /// name, comes in the committer, which writes it while handing it to the peers.
+    Encoded(EncodedPart),
 }
 
 impl Payload {
@@ -279,14 +282,19 @@ struct QuorumAsk {
 /// Bodies up to this size are decoded on the request's own task.
 const INLINE_PREPARE_MAX_BYTES: usize = 16 << 10;
 
-/// A small insert whose blocks will be shared (no part written here, so no disk I/O) is
-/// decoded where it arrived: tens of microseconds of work, where handing it to a blocking
-/// thread and back costs two wake-ups, a millisecond or more on a busy machine.
+/// A small insert whose blocks will be shared or encoded (no part written here, so no
+/// disk I/O) is decoded where it arrived: tens of microseconds of work, where handing it
+/// to a blocking thread and back costs two wake-ups, a millisecond or more on a busy
+/// machine.
 fn prepares_inline(replica: &Replica, request: &InsertRequest, quorum: u32) -> bool {
-    quorum <= 1
-        && request.body.len() <= INLINE_PREPARE_MAX_BYTES
-        // The decoded rows stay far below the shared-block limit, so none is written.
-        && replica.cfg.coalesce_max_bytes >= 16 * INLINE_PREPARE_MAX_BYTES
+    // The decoded rows stay far below the shared-block limit (or, with a quorum, the
+    // limit for encoding in memory), so none is written.
+    let limit = if quorum <= 1 {
+        replica.cfg.coalesce_max_bytes as u64
+    } else {
+        replica.cfg.push_max_bytes
+    };
+    request.body.len() <= INLINE_PREPARE_MAX_BYTES && limit >= 16 * INLINE_PREPARE_MAX_BYTES as u64
 }
 
 /// Decode, split by partition, sort, and write the large blocks as temporary parts.
@@ -335,6 +343,16 @@ fn prepare_block(
 ) -> Result<(Hash128, Payload), InsertError> {
     let schema = &replica.table.schema;
     let shared = quorum <= 1 && batch.get_array_memory_size() <= replica.cfg.coalesce_max_bytes;
+    // A quorum block small enough to hand off is encoded in memory (the same bytes and
+    // so the same hash as written) and written by the committer once it has a number.
+    if quorum > 1 && batch.get_array_memory_size() as u64 <= replica.cfg.push_max_bytes {
+        let encoded = crate::store::encode(&replica.store, batch, schema)?;
+        let hash = match &request.dedup_token {
+            Some(token) => hash::token_hash(token, index),
+            None => encoded.data_hash(),
+        };
+        return Ok((hash, Payload::Encoded(encoded)));
+    }
     if !shared {
         // The writes sort by the ORDER BY themselves. A quorum insert is answered only
         // once peers hold the part, so its own fsyncs can run alongside the commit; a big

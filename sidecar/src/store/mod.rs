@@ -1,7 +1,7 @@
 //! The part store: immutable part directories under `<data_dir>/parts/`.
 //!
 //! Layout:
-//! - `parts/<part>/`: an active part: `data.parquet` (zstd, rows sorted by ORDER BY),
+//! - `parts/<part>/`: an active part: `data.parquet` (zstd unless tiny, rows sorted by ORDER BY),
 //!   `checksums.txt` (size and XXH3-128 of `data.parquet`, rendered by
 //!   `rtable_protocol::part_header::Checksums`) and `count.txt` (row count, decimal);
 //! - `parts/tmp_<kind>_<id>/`, `parts/tmp_spare_<id>/`: a part being written (insert, merge);
@@ -39,8 +39,8 @@ use verify::Unsynced;
 
 pub use part_reader::{PartBatches, columns_in, part_columns, read_part, read_part_batches};
 pub use part_writer::{
-    PartWriter, TempPart, conform, write_shared, write_shared_staged, write_temp,
-    write_temp_unsynced,
+    EncodedPart, PartWriter, TempPart, conform, encode, write_encoded_staged, write_shared,
+    write_shared_staged, write_temp, write_temp_unsynced,
 };
 
 pub const DATA_FILE: &str = "data.parquet";

@@ -18,8 +18,10 @@ use rtable_protocol::schema::TableSchema;
 use super::verify::Unsynced;
 use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StagedPart, StoreError};
 use crate::rows::{
-    arrow_schema, parquet_writer_properties, sort_by_key, storage_schema, to_storage,
+    arrow_schema, parquet_writer_properties, parquet_writer_properties_for, sort_by_key,
+    storage_schema, to_storage,
 };
+use parquet::file::properties::WriterProperties;
 use rtable_protocol::PartName;
 
 /// A written, fsynced, not yet active part. Commit it with [`PartStore::commit_temp`] or
@@ -91,25 +93,40 @@ impl PartWriter {
         kind: &str,
     ) -> Result<PartWriter, StoreError> {
         let dir = store.new_tmp_dir(kind)?;
-        Self::start_in(dir, None, table)
+        Self::start_in(dir, None, table, parquet_writer_properties())
     }
 
-    /// Creates `parts/staged_<name>/data.parquet` for an insert whose number is known.
-    pub fn create_staged(
+    /// Creates `parts/staged_<name>/data.parquet` for an insert whose number is known,
+    /// with the settings for writing `rows` in one go.
+    fn create_staged_for(
         store: &PartStore,
         table: &TableSchema,
         name: &PartName,
+        rows: &RecordBatch,
     ) -> Result<PartWriter, StoreError> {
         let dir = store.new_staged_dir(name)?;
-        Self::start_in(dir, Some(store.parts_dir().to_path_buf()), table)
+        let parent = Some(store.parts_dir().to_path_buf());
+        Self::start_in(dir, parent, table, parquet_writer_properties_for(rows))
+    }
+
+    /// [`PartWriter::create`] with the settings for writing `rows` in one go.
+    fn create_for(
+        store: &PartStore,
+        table: &TableSchema,
+        kind: &str,
+        rows: &RecordBatch,
+    ) -> Result<PartWriter, StoreError> {
+        let dir = store.new_tmp_dir(kind)?;
+        Self::start_in(dir, None, table, parquet_writer_properties_for(rows))
     }
 
     fn start_in(
         dir: PathBuf,
         parent_to_sync: Option<PathBuf>,
         table: &TableSchema,
+        properties: WriterProperties,
     ) -> Result<PartWriter, StoreError> {
-        match Self::start(dir.clone(), parent_to_sync, table) {
+        match Self::start(dir.clone(), parent_to_sync, table, properties) {
             Ok(w) => Ok(w),
             Err(e) => {
                 let _ignored = fs::remove_dir_all(&dir);
@@ -122,6 +139,7 @@ impl PartWriter {
         dir: PathBuf,
         parent_to_sync: Option<PathBuf>,
         table: &TableSchema,
+        properties: WriterProperties,
     ) -> Result<PartWriter, StoreError> {
         let data_path = dir.join(DATA_FILE);
         let file =
@@ -132,12 +150,8 @@ impl PartWriter {
             hasher: FileHasher::default(),
             size: 0,
         };
-        let writer = ArrowWriter::try_new(
-            sink,
-            storage_schema(&schema),
-            Some(parquet_writer_properties()),
-        )
-        .map_err(|e| StoreError::parquet("starting", &data_path, e))?;
+        let writer = ArrowWriter::try_new(sink, storage_schema(&schema), Some(properties))
+            .map_err(|e| StoreError::parquet("starting", &data_path, e))?;
         Ok(PartWriter {
             dir,
             parent_to_sync,
@@ -216,24 +230,9 @@ impl PartWriter {
             .inner
             .into_inner()
             .map_err(|e| StoreError::io("writing", &data_path, e.into_error()))?;
-        let mut checksums = Checksums::default();
-        checksums.files.insert(DATA_FILE.to_string(), data);
-        let checksums_path = dir.join(CHECKSUMS_FILE);
-        let count_path = dir.join(COUNT_FILE);
-        let checksums_file = write_file(&checksums_path, checksums.render().as_bytes())?;
-        let count_file = write_file(&count_path, format!("{rows}\n").as_bytes())?;
-        let dir_file = File::open(&dir).map_err(|e| StoreError::io("opening", &dir, e))?;
-        let mut handles = vec![
-            (data_path, file),
-            (checksums_path, checksums_file),
-            (count_path, count_file),
-            (dir.clone(), dir_file),
-        ];
-        if let Some(parent) = parent_to_sync {
-            let parent_file =
-                File::open(&parent).map_err(|e| StoreError::io("opening", &parent, e))?;
-            handles.push((parent, parent_file));
-        }
+        let checksums = checksums_of(data);
+        let unsynced =
+            write_small_files(&dir, parent_to_sync, (data_path, file), &checksums, rows)?;
         let bytes = checksums.total_bytes();
         Ok((
             TempPart {
@@ -242,8 +241,148 @@ impl PartWriter {
                 rows,
                 bytes,
             },
-            Unsynced::new(handles),
+            unsynced,
         ))
+    }
+}
+
+fn checksums_of(data: FileChecksum) -> Checksums {
+    let mut checksums = Checksums::default();
+    checksums.files.insert(DATA_FILE.to_string(), data);
+    checksums
+}
+
+/// Writes `checksums.txt` and `count.txt` next to the written data file, and opens what
+/// the part's fsyncs need: the three files, the directory, and `parent` when given.
+fn write_small_files(
+    dir: &Path,
+    parent: Option<PathBuf>,
+    data: (PathBuf, File),
+    checksums: &Checksums,
+    rows: u64,
+) -> Result<Unsynced, StoreError> {
+    let checksums_path = dir.join(CHECKSUMS_FILE);
+    let count_path = dir.join(COUNT_FILE);
+    let checksums_file = write_file(&checksums_path, checksums.render().as_bytes())?;
+    let count_file = write_file(&count_path, count_text(rows).as_bytes())?;
+    let dir_file = File::open(dir).map_err(|e| StoreError::io("opening", dir, e))?;
+    let mut handles = vec![
+        data,
+        (checksums_path, checksums_file),
+        (count_path, count_file),
+        (dir.to_path_buf(), dir_file),
+    ];
+    if let Some(parent) = parent {
+        let parent_file = File::open(&parent).map_err(|e| StoreError::io("opening", &parent, e))?;
+        handles.push((parent, parent_file));
+    }
+    Ok(Unsynced::new(handles))
+}
+
+fn count_text(rows: u64) -> String {
+    format!("{rows}\n")
+}
+
+/// A small part encoded in memory and not yet on disk: a quorum insert's own part. Its
+/// number, and so its directory's name, is known only in the committer, which writes it
+/// under its staged name while the same bytes go to the peers (no read back from disk).
+#[derive(Debug, Clone)]
+pub struct EncodedPart {
+    pub data: bytes::Bytes,
+    pub checksums: Checksums,
+    pub rows: u64,
+}
+
+impl EncodedPart {
+    /// The XXH3-128 of `data.parquet`, as [`TempPart::data_hash`] gives for the same rows.
+    pub fn data_hash(&self) -> Hash128 {
+        self.checksums
+            .files
+            .get(DATA_FILE)
+            .map(|c| c.hash)
+            .unwrap_or(Hash128(0))
+    }
+
+    /// The part's files, named as in its directory.
+    pub fn files(&self) -> [(&'static str, bytes::Bytes); 3] {
+        [
+            (DATA_FILE, self.data.clone()),
+            (
+                CHECKSUMS_FILE,
+                bytes::Bytes::from(self.checksums.render().into_bytes()),
+            ),
+            (
+                COUNT_FILE,
+                bytes::Bytes::from(count_text(self.rows).into_bytes()),
+            ),
+        ]
+    }
+}
+
+/// Sorts one insert's rows by ORDER BY and encodes them as the part [`write_temp`] would
+/// write (the same bytes), in memory.
+pub fn encode(
+    store: &PartStore,
+    batch: &RecordBatch,
+    schema: &TableSchema,
+) -> Result<EncodedPart, StoreError> {
+    let context = store.parts_dir();
+    let conformed = conform(store, batch, schema)?;
+    let stored = to_storage(&conformed)
+        .map_err(|e| StoreError::arrow("converting rows to storage types for", context, e))?;
+    let mut writer = ArrowWriter::try_new(
+        Vec::new(),
+        storage_schema(&arrow_schema(schema)),
+        Some(parquet_writer_properties_for(batch)),
+    )
+    .map_err(|e| StoreError::parquet("starting", context, e))?;
+    writer
+        .write(&stored)
+        .map_err(|e| StoreError::parquet("writing", context, e))?;
+    let data = writer
+        .into_inner()
+        .map_err(|e| StoreError::parquet("finishing", context, e))?;
+    let mut hasher = FileHasher::default();
+    hasher.update(&data);
+    let checksum = FileChecksum {
+        size: data.len() as u64,
+        hash: hasher.finish(),
+    };
+    Ok(EncodedPart {
+        data: bytes::Bytes::from(data),
+        checksums: checksums_of(checksum),
+        rows: conformed.num_rows() as u64,
+    })
+}
+
+/// Writes an encoded part straight into `staged_<name>`, its fsyncs (files, directory and
+/// `parts/`, which holds the new name) left to the caller.
+pub fn write_encoded_staged(
+    store: &PartStore,
+    part: &EncodedPart,
+    name: &PartName,
+) -> Result<(StagedPart, Unsynced), StoreError> {
+    let dir = store.new_staged_dir(name)?;
+    let written = (|| {
+        let data_path = dir.join(DATA_FILE);
+        let file = write_file(&data_path, &part.data)?;
+        let parent = Some(store.parts_dir().to_path_buf());
+        write_small_files(&dir, parent, (data_path, file), &part.checksums, part.rows)
+    })();
+    match written {
+        Ok(unsynced) => Ok((
+            StagedPart {
+                name: name.clone(),
+                dir,
+                rows: part.rows,
+                checksums: part.checksums.clone(),
+            },
+            unsynced,
+        )),
+        Err(e) => {
+            let _ignored = fs::remove_dir_all(&dir);
+            Err(e)
+        }
     }
 }
 
@@ -274,7 +413,7 @@ pub fn write_temp_unsynced(
     schema: &TableSchema,
 ) -> Result<(TempPart, Unsynced), StoreError> {
     write_sorted(
-        PartWriter::create(store, schema, "insert")?,
+        PartWriter::create_for(store, schema, "insert", batch)?,
         store,
         batch,
         schema,
@@ -343,7 +482,7 @@ pub fn write_shared_staged(
     name: &PartName,
 ) -> Result<(StagedPart, Unsynced), StoreError> {
     let combined = combine(store, blocks, schema)?;
-    let writer = PartWriter::create_staged(store, schema, name)?;
+    let writer = PartWriter::create_staged_for(store, schema, name, &combined)?;
     let (temp, unsynced) = write_sorted(writer, store, &combined, schema)?;
     Ok((
         StagedPart {
@@ -374,4 +513,89 @@ fn combine(
 ) -> Result<RecordBatch, StoreError> {
     arrow::compute::concat_batches(&arrow_schema(schema), blocks.iter().copied())
         .map_err(|e| StoreError::arrow("combining inserts for", store.parts_dir(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rows::{self, InputFormat};
+    use crate::store::verify;
+    use rtable_protocol::schema::{Column, TableSchema};
+
+    fn table() -> TableSchema {
+        TableSchema::new(
+            vec![
+                Column {
+                    name: "id".into(),
+                    ty: "UInt64".parse().expect("type"),
+                },
+                Column {
+                    name: "name".into(),
+                    ty: "Nullable(String)".parse().expect("type"),
+                },
+            ],
+            vec!["id".into()],
+            "tuple()".parse().expect("partition key"),
+        )
+        .expect("schema")
+    }
+
+    #[test]
+    fn an_encoded_part_is_the_part_written_to_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = PartStore::open(dir.path()).expect("store");
+        let table = table();
+        // Unsorted on purpose: both ways sort by ORDER BY.
+        let body =
+            "{\"id\":3,\"name\":\"c\"}\n{\"id\":1,\"name\":null}\n{\"id\":2,\"name\":\"b\"}\n";
+        let batch = rows::decode(InputFormat::JsonEachRow, body.as_bytes(), &table).expect("rows");
+        let written = write_temp(&store, &batch, &table).expect("write");
+        let encoded = encode(&store, &batch, &table).expect("encode");
+        assert_eq!(encoded.rows, 3);
+        assert_eq!(encoded.checksums, written.checksums);
+        assert_eq!(encoded.data_hash(), written.data_hash());
+        let on_disk = fs::read(written.dir.join(DATA_FILE)).expect("read");
+        assert_eq!(encoded.data.as_ref(), on_disk.as_slice());
+        for (file, bytes) in encoded.files() {
+            let disk = fs::read(written.dir.join(file)).expect("read");
+            assert_eq!(bytes.as_ref(), disk.as_slice(), "{file}");
+        }
+
+        let name: PartName = "all_7_7_0".parse().expect("name");
+        let (staged, unsynced) = write_encoded_staged(&store, &encoded, &name).expect("stage");
+        unsynced.sync().expect("fsync");
+        assert_eq!(staged.dir, store.parts_dir().join("staged_all_7_7_0"));
+        let (checksums, rows) = verify::verify_part_dir(&staged.dir).expect("verifies");
+        assert_eq!((checksums, rows), (written.checksums.clone(), 3));
+        // A second part under the same name is refused, never written over the first.
+        assert!(write_encoded_staged(&store, &encoded, &name).is_err());
+        assert!(verify::verify_part_dir(&staged.dir).is_ok());
+    }
+
+    fn compression_of(data: &bytes::Bytes) -> parquet::basic::Compression {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let reader = SerializedFileReader::new(data.clone()).expect("parquet");
+        reader.metadata().row_group(0).column(0).compression()
+    }
+
+    #[test]
+    fn tiny_inserts_are_stored_uncompressed_and_larger_ones_zstd() {
+        use parquet::basic::Compression;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = PartStore::open(dir.path()).expect("store");
+        let table = table();
+        let rows = |n: u64| {
+            let body: String = (0..n)
+                .map(|i| format!("{{\"id\":{i},\"name\":\"user number {i}\"}}\n"))
+                .collect();
+            rows::decode(InputFormat::JsonEachRow, body.as_bytes(), &table).expect("rows")
+        };
+        let tiny = encode(&store, &rows(3), &table).expect("encode");
+        assert_eq!(compression_of(&tiny.data), Compression::UNCOMPRESSED);
+        let large = encode(&store, &rows(5000), &table).expect("encode");
+        assert!(matches!(compression_of(&large.data), Compression::ZSTD(_)));
+        // Written to disk, the same rows give the same bytes either way.
+        let written = write_temp(&store, &rows(5000), &table).expect("write");
+        assert_eq!(written.checksums, large.checksums);
+    }
 }
