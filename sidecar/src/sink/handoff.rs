@@ -260,7 +260,9 @@ async fn send(
             .map_err(|e| format!("unreadable second line from the peer: {e}"))?;
         // Read to the end, so that the connection goes back to the pool: a body dropped
         // unfinished closes it, and the next handoff would pay for a new one.
-        tokio::spawn(async move { while let Some(Ok(_)) = lines.stream.next().await {} });
+        tokio::spawn(tokio::time::timeout(HANDOFF_TIMEOUT, async move {
+            while let Some(Ok(_)) = lines.stream.next().await {}
+        }));
         if line.durable {
             Ok(())
         } else {
