@@ -68,6 +68,8 @@ impl Peers {
 pub struct Committed {
     pub part: PartName,
     pub log_index: u64,
+    /// Peers that hold the part already (they took it as a quorum handoff).
+    pub holders: Vec<String>,
 }
 
 /// Pushes every part to every active peer, in the background.
@@ -86,9 +88,15 @@ pub fn spawn(replica: Arc<Replica>, client: zk::Client, parts: Vec<Committed>) {
         if peers.is_empty() {
             return;
         }
-        let addresses: Vec<String> = peers.into_iter().map(|p| p.address).collect();
         for c in parts {
-            push_part(&replica, &addresses, &c).await;
+            let addresses: Vec<String> = peers
+                .iter()
+                .filter(|p| !c.holders.contains(&p.name))
+                .map(|p| p.address.clone())
+                .collect();
+            if !addresses.is_empty() {
+                push_part(&replica, &addresses, &c).await;
+            }
         }
     });
 }

@@ -1143,7 +1143,8 @@ async fn commit(
     let mut identity_checked = false;
     // Where the quorum-0 GET entries are among the ops: the log pull skips them.
     let mut own_entries: Vec<usize> = Vec::new();
-    let mut own_parts: Vec<PartName> = Vec::new();
+    // With the peers that took each part as a handoff (a push to them is declined).
+    let mut own_parts: Vec<(PartName, Vec<String>)> = Vec::new();
     for &u in open {
         let unit = &group.units[u];
         let UnitState::Staged(s) = &unit.state else {
@@ -1178,7 +1179,8 @@ async fn commit(
         ];
         if quorum == 0 {
             own_entries.push(ops.len());
-            own_parts.push(s.name.clone());
+            let holders = unit.handoff.iter().map(|a| a.peer.clone()).collect();
+            own_parts.push((s.name.clone(), holders));
         }
         ops.extend([Op::Log, Op::Unlock]);
         for &m in &unit.members {
@@ -1252,7 +1254,11 @@ async fn commit(
                 extras.pushes = own_parts
                     .into_iter()
                     .zip(indexes)
-                    .map(|(part, log_index)| crate::push::Committed { part, log_index })
+                    .map(|((part, holders), log_index)| crate::push::Committed {
+                        part,
+                        log_index,
+                        holders,
+                    })
                     .collect();
             }
             for (at, partition) in reserve_at {
