@@ -86,7 +86,8 @@ pub fn merge_parts(
     let output = output_schema(sources, schema)?;
     let target = crate::rows::arrow_schema(&output);
     let keys = KeyMaker::new(&output).map_err(arrow_err)?;
-    let mut writer = PartWriter::create(store, &output, "merge")?;
+    let properties = crate::rows::parquet_writer_properties();
+    let mut writer = PartWriter::create(store, &output, "merge", properties)?;
     let merged = run(sources, &target, &keys, &mut writer, &arrow_err);
     match merged {
         Ok(()) => writer.finish(),

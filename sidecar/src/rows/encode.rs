@@ -327,12 +327,17 @@ impl<W: Write + Send> ParquetOutput<W> {
     /// `schema` is the in-memory schema (e.g. `arrow_schema(table)`); the file stores
     /// DateTime as milliseconds (see [`super::to_storage`]).
     pub fn new(sink: W, schema: SchemaRef) -> Result<Self, ParquetError> {
+        Self::with_properties(sink, schema, parquet_writer_properties())
+    }
+
+    /// [`ParquetOutput::new`] with other settings (see [`parquet_writer_properties_for`]).
+    pub fn with_properties(
+        sink: W,
+        schema: SchemaRef,
+        properties: WriterProperties,
+    ) -> Result<Self, ParquetError> {
         Ok(ParquetOutput {
-            writer: ArrowWriter::try_new(
-                sink,
-                super::storage_schema(&schema),
-                Some(parquet_writer_properties()),
-            )?,
+            writer: ArrowWriter::try_new(sink, super::storage_schema(&schema), Some(properties))?,
         })
     }
 

@@ -1309,10 +1309,12 @@ async fn hand_off_units(
     if group.no_handoff {
         return;
     }
-    let wanted: Vec<usize> = open
+    use crate::sink::handoff::{Source, hand_off};
+    let wanted: Vec<(usize, &PartName)> = open
         .iter()
         .copied()
-        .filter(|&u| {
+        .zip(names)
+        .filter(|&(u, _)| {
             let unit = &group.units[u];
             unit.quorum > 1
                 && unit.quorum_mode == crate::quorum::Mode::Parallel
@@ -1323,26 +1325,23 @@ async fn hand_off_units(
     if wanted.is_empty() {
         return;
     }
-    let name_of: HashMap<usize, &PartName> = open.iter().copied().zip(names).collect();
-    let sends = wanted.iter().map(|&u| {
+    let sends = wanted.iter().map(|&(u, name)| {
         let unit = &group.units[u];
         let needed = unit.quorum as usize - 1;
-        let name = name_of.get(&u).copied();
+        let source = match &unit.state {
+            UnitState::Encoded(e) => Some(Source::Encoded(name, e)),
+            UnitState::Staged(s) => Some(Source::Staged(s)),
+            _ => None,
+        };
         async move {
-            use crate::sink::handoff::{Source, hand_off};
-            let source = match (&unit.state, name) {
-                (UnitState::Staged(s), _) => Source::Staged(s),
-                (UnitState::Encoded(e), Some(name)) => Source::Encoded(name, e),
-                _ => return Vec::new(),
-            };
-            match &unit.lock {
-                Some(lock) => hand_off(replica, client, source, lock, needed).await,
-                None => Vec::new(),
+            match (source, &unit.lock) {
+                (Some(source), Some(lock)) => hand_off(replica, client, source, lock, needed).await,
+                _ => Vec::new(),
             }
         }
     });
     let handed = futures::future::join_all(sends).await;
-    for (u, accepted) in wanted.into_iter().zip(handed) {
+    for ((u, _), accepted) in wanted.into_iter().zip(handed) {
         group.units[u].handoff = accepted;
     }
 }

@@ -258,11 +258,6 @@ async fn send(
             .ok_or("the peer ended its answer before its copy was durable")?;
         let line: DurableLine = serde_json::from_slice(&line)
             .map_err(|e| format!("unreadable second line from the peer: {e}"))?;
-        // Read to the end, so that the connection goes back to the pool: a body dropped
-        // unfinished closes it, and the next handoff would pay for a new one.
-        tokio::spawn(tokio::time::timeout(HANDOFF_TIMEOUT, async move {
-            while let Some(Ok(_)) = lines.stream.next().await {}
-        }));
         if line.durable {
             Ok(())
         } else {

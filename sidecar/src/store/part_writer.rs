@@ -18,8 +18,8 @@ use rtable_protocol::schema::TableSchema;
 use super::verify::Unsynced;
 use super::{CHECKSUMS_FILE, COUNT_FILE, DATA_FILE, PartStore, StagedPart, StoreError};
 use crate::rows::{
-    arrow_schema, parquet_writer_properties, parquet_writer_properties_for, sort_by_key,
-    storage_schema, to_storage,
+    ParquetOutput, arrow_schema, parquet_writer_properties_for, sort_by_key, storage_schema,
+    to_storage,
 };
 use parquet::file::properties::WriterProperties;
 use rtable_protocol::PartName;
@@ -87,37 +87,28 @@ pub struct PartWriter {
 
 impl PartWriter {
     /// Creates `parts/tmp_<kind>_<unique>/data.parquet`; `kind` is e.g. `insert` or `merge`.
+    /// `properties`: `rows::parquet_writer_properties` for a merge, `..._for(rows)` for
+    /// rows written in one go.
     pub fn create(
         store: &PartStore,
         table: &TableSchema,
         kind: &str,
+        properties: WriterProperties,
     ) -> Result<PartWriter, StoreError> {
         let dir = store.new_tmp_dir(kind)?;
-        Self::start_in(dir, None, table, parquet_writer_properties())
+        Self::start_in(dir, None, table, properties)
     }
 
-    /// Creates `parts/staged_<name>/data.parquet` for an insert whose number is known,
-    /// with the settings for writing `rows` in one go.
-    fn create_staged_for(
+    /// Creates `parts/staged_<name>/data.parquet` for an insert whose number is known.
+    fn create_staged(
         store: &PartStore,
         table: &TableSchema,
         name: &PartName,
-        rows: &RecordBatch,
+        properties: WriterProperties,
     ) -> Result<PartWriter, StoreError> {
         let dir = store.new_staged_dir(name)?;
         let parent = Some(store.parts_dir().to_path_buf());
-        Self::start_in(dir, parent, table, parquet_writer_properties_for(rows))
-    }
-
-    /// [`PartWriter::create`] with the settings for writing `rows` in one go.
-    fn create_for(
-        store: &PartStore,
-        table: &TableSchema,
-        kind: &str,
-        rows: &RecordBatch,
-    ) -> Result<PartWriter, StoreError> {
-        let dir = store.new_tmp_dir(kind)?;
-        Self::start_in(dir, None, table, parquet_writer_properties_for(rows))
+        Self::start_in(dir, parent, table, properties)
     }
 
     fn start_in(
@@ -328,19 +319,14 @@ pub fn encode(
 ) -> Result<EncodedPart, StoreError> {
     let context = store.parts_dir();
     let conformed = conform(store, batch, schema)?;
-    let stored = to_storage(&conformed)
-        .map_err(|e| StoreError::arrow("converting rows to storage types for", context, e))?;
-    let mut writer = ArrowWriter::try_new(
-        Vec::new(),
-        storage_schema(&arrow_schema(schema)),
-        Some(parquet_writer_properties_for(batch)),
-    )
-    .map_err(|e| StoreError::parquet("starting", context, e))?;
-    writer
-        .write(&stored)
+    let properties = parquet_writer_properties_for(batch);
+    let mut output = ParquetOutput::with_properties(Vec::new(), conformed.schema(), properties)
+        .map_err(|e| StoreError::parquet("starting", context, e))?;
+    output
+        .write(&conformed)
         .map_err(|e| StoreError::parquet("writing", context, e))?;
-    let data = writer
-        .into_inner()
+    let data = output
+        .finish()
         .map_err(|e| StoreError::parquet("finishing", context, e))?;
     let mut hasher = FileHasher::default();
     hasher.update(&data);
@@ -413,7 +399,12 @@ pub fn write_temp_unsynced(
     schema: &TableSchema,
 ) -> Result<(TempPart, Unsynced), StoreError> {
     write_sorted(
-        PartWriter::create_for(store, schema, "insert", batch)?,
+        PartWriter::create(
+            store,
+            schema,
+            "insert",
+            parquet_writer_properties_for(batch),
+        )?,
         store,
         batch,
         schema,
@@ -482,7 +473,8 @@ pub fn write_shared_staged(
     name: &PartName,
 ) -> Result<(StagedPart, Unsynced), StoreError> {
     let combined = combine(store, blocks, schema)?;
-    let writer = PartWriter::create_staged_for(store, schema, name, &combined)?;
+    let properties = parquet_writer_properties_for(&combined);
+    let writer = PartWriter::create_staged(store, schema, name, properties)?;
     let (temp, unsynced) = write_sorted(writer, store, &combined, schema)?;
     Ok((
         StagedPart {
