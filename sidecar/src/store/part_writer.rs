@@ -39,11 +39,7 @@ pub struct TempPart {
 impl TempPart {
     /// The XXH3-128 of `data.parquet`: the data hash of the insert's dedup block id.
     pub fn data_hash(&self) -> Hash128 {
-        self.checksums
-            .files
-            .get(DATA_FILE)
-            .map(|c| c.hash)
-            .unwrap_or(Hash128(0))
+        data_hash(&self.checksums)
     }
 
     /// Removes the temporary directory (an insert that failed before its commit).
@@ -237,6 +233,14 @@ impl PartWriter {
     }
 }
 
+fn data_hash(checksums: &Checksums) -> Hash128 {
+    checksums
+        .files
+        .get(DATA_FILE)
+        .map(|c| c.hash)
+        .unwrap_or(Hash128(0))
+}
+
 fn checksums_of(data: FileChecksum) -> Checksums {
     let mut checksums = Checksums::default();
     checksums.files.insert(DATA_FILE.to_string(), data);
@@ -287,11 +291,7 @@ pub struct EncodedPart {
 impl EncodedPart {
     /// The XXH3-128 of `data.parquet`, as [`TempPart::data_hash`] gives for the same rows.
     pub fn data_hash(&self) -> Hash128 {
-        self.checksums
-            .files
-            .get(DATA_FILE)
-            .map(|c| c.hash)
-            .unwrap_or(Hash128(0))
+        data_hash(&self.checksums)
     }
 
     /// The part's files, named as in its directory.
