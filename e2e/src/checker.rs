@@ -23,8 +23,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use serde::Deserialize;
 use serde_json::{Value, json};
+
+use rtable_protocol::status::ReplicaStatus;
 
 use crate::client::ReplicaClient;
 use crate::cluster::Cluster;
@@ -150,37 +151,6 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Checker {
     state: Mutex<State>,
-}
-
-/// What one live replica looked like when the cluster had converged.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ReplicaStatus {
-    pub replica_name: String,
-    pub is_readonly: bool,
-    #[serde(default)]
-    pub readonly_reason: Option<String>,
-    pub is_session_expired: bool,
-    pub queue_size: u64,
-    #[serde(default)]
-    pub inserts_in_queue: u64,
-    #[serde(default)]
-    pub log_max_index: Option<u64>,
-    #[serde(default)]
-    pub log_pointer: Option<u64>,
-    #[serde(default)]
-    pub absolute_delay: u64,
-    #[serde(default)]
-    pub total_replicas: Option<u64>,
-    #[serde(default)]
-    pub active_replicas: Option<u64>,
-    #[serde(default)]
-    pub lost_part_count: u64,
-    #[serde(default)]
-    pub parts: Vec<String>,
-    #[serde(default)]
-    pub rows: u64,
-    #[serde(default)]
-    pub zookeeper_exception: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -371,7 +341,7 @@ impl Checker {
             .filter(|i| cluster.replicas[*i].pid().is_some())
             .collect();
         anyhow::ensure!(!live.is_empty(), "no replica is running");
-        let total = cluster.replicas.len() as u64;
+        let total = cluster.replicas.len() as u32;
         let clients: Vec<(usize, String, ReplicaClient)> = live
             .iter()
             .map(|i| {
@@ -397,7 +367,7 @@ impl Checker {
                 let parts_dirs = parts_dirs.clone();
                 let zk = zk.clone();
                 let paths = paths.clone();
-                let live_count = live.len() as u64;
+                let live_count = live.len() as u32;
                 async move {
                     let mut snaps = Vec::new();
                     for ((_, name, c), parts_dir) in clients.iter().zip(&parts_dirs) {
@@ -539,12 +509,12 @@ impl Checker {
         Ok(report)
     }
 
-    fn check(&self, snaps: &[Snapshot], total: u64, converge_secs: f64) -> anyhow::Result<Report> {
+    fn check(&self, snaps: &[Snapshot], total: u32, converge_secs: f64) -> anyhow::Result<Report> {
         let s = self.lock();
         let mut report = Report {
             inserts: s.inserts.len(),
             live_replicas: snaps.len(),
-            total_replicas: total,
+            total_replicas: u64::from(total),
             converge_secs,
             ..Report::default()
         };
@@ -622,7 +592,7 @@ impl Checker {
                     snap.status.readonly_reason
                 ));
             }
-            if snap.status.active_replicas != Some(snaps.len() as u64) {
+            if snap.status.active_replicas != Some(snaps.len() as u32) {
                 problems.push(format!(
                     "{name}: active_replicas {:?}, {} sidecars are live",
                     snap.status.active_replicas,

@@ -6,6 +6,8 @@ use anyhow::Context as _;
 use serde::Deserialize;
 use serde_json::Value;
 
+use rtable_protocol::status::ReplicaStatus;
+
 /// The secret header of interserver requests.
 pub const SECRET_HEADER: &str = "X-Rtable-Secret";
 
@@ -39,33 +41,6 @@ pub struct InsertAnswer {
     pub parts: Vec<String>,
     pub rows: u64,
     pub deduplicated: bool,
-}
-
-/// The fields of `/status` the tests rely on (the sidecar sends more).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Status {
-    pub replica_name: String,
-    pub is_readonly: bool,
-    pub is_session_expired: bool,
-    #[serde(default)]
-    pub readonly_reason: Option<String>,
-    pub queue_size: u64,
-    #[serde(default)]
-    pub inserts_in_queue: u64,
-    #[serde(default)]
-    pub log_max_index: Option<u64>,
-    #[serde(default)]
-    pub log_pointer: Option<u64>,
-    #[serde(default)]
-    pub absolute_delay: u64,
-    #[serde(default)]
-    pub total_replicas: Option<u64>,
-    #[serde(default)]
-    pub active_replicas: Option<u64>,
-    #[serde(default)]
-    pub parts: Vec<String>,
-    #[serde(default)]
-    pub rows: u64,
 }
 
 /// One row of `/queue`.
@@ -194,7 +169,7 @@ impl ReplicaClient {
         Ok(lines)
     }
 
-    pub async fn status(&self) -> anyhow::Result<Status> {
+    pub async fn status(&self) -> anyhow::Result<ReplicaStatus> {
         let r = self.get("/status").await?;
         anyhow::ensure!(
             r.status == 200,

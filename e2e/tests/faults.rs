@@ -104,7 +104,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Waits until replica `observer` sees `n` active replicas.
-async fn wait_active(c: &Cluster, observer: usize, n: u64) {
+async fn wait_active(c: &Cluster, observer: usize, n: u32) {
     let client = c.client(observer).clone();
     poll_until(
         &format!("{n} active replicas"),

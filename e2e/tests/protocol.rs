@@ -1006,7 +1006,7 @@ async fn a_lagging_replica_skips_gets_of_a_dropped_partition_instead_of_losing_t
             let b = c.client(1).clone();
             async move {
                 let (sa, sb) = (a.status().await?, b.status().await?);
-                let january = |s: &rtable_e2e::client::Status| {
+                let january = |s: &rtable_protocol::status::ReplicaStatus| {
                     s.parts.iter().any(|p| p.starts_with("202501_"))
                 };
                 Ok(

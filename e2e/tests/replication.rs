@@ -79,10 +79,10 @@ async fn inserts_spread_over_all_replicas_converge_to_identical_rows() {
         assert_eq!(seen.rows, 150);
         assert_eq!(seen.queue_size, 0);
         assert_eq!(
-            u64::from(seen.parts),
+            seen.parts_count,
             raw["parts_count"].as_u64().expect("count")
         );
-        assert!(seen.parts > 0);
+        assert!(seen.parts_count > 0);
         assert_eq!(seen.log_pointer, Some(log_max + 1));
         assert_eq!(seen.active_replicas, Some(3));
     }

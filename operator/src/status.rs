@@ -3,7 +3,6 @@
 //! unit test.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use serde::Deserialize;
 
 use crate::crd::{ReplicaStatus, ReplicatedTableStatus};
 
@@ -15,33 +14,9 @@ pub const DEGRADED: &str = "Degraded";
 /// A replica further behind than this is reported as lagging.
 pub const LAG_THRESHOLD_SECONDS: u64 = 300;
 
-/// What a sidecar's `GET /status` answers (the fields the operator uses).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
-#[serde(default)]
-pub struct SidecarStatus {
-    pub replica_name: String,
-    pub is_readonly: bool,
-    pub is_session_expired: bool,
-    pub readonly_reason: Option<String>,
-    pub queue_size: u32,
-    pub inserts_in_queue: u32,
-    /// `None` while the sidecar has no ZooKeeper answer for it.
-    pub log_max_index: Option<u64>,
-    pub log_pointer: Option<u64>,
-    pub absolute_delay: u64,
-    pub total_replicas: Option<u32>,
-    pub active_replicas: Option<u32>,
-    /// The sidecar sends the count as `parts_count` (its `parts` is the list of names).
-    #[serde(rename = "parts_count")]
-    pub parts: u32,
-    pub rows: u64,
-    /// A definition change in the table file (columns, keys, ensemble) that the sidecar
-    /// only takes when its pod restarts, and why.
-    pub pending_definition_change: Option<String>,
-    /// The table file (the mounted ConfigMap) could not be read or validated: the sidecar
-    /// keeps every setting as it was.
-    pub table_file_error: Option<String>,
-}
+/// A sidecar's `GET /status` answer. The operator's own `ReplicaStatus` is the CRD's
+/// per-replica status, hence the name here.
+pub use rtable_protocol::status::ReplicaStatus as SidecarStatus;
 
 /// One replica as read from ZooKeeper, plus its sidecar's answer when it gave one.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -345,11 +320,19 @@ fn replica_status(r: &ReplicaObservation) -> ReplicaStatus {
         active: r.active,
         lost: r.lost,
         log_pointer: r.log_pointer,
-        queue_size: r.sidecar.as_ref().map_or(r.queue_size, |s| s.queue_size),
-        inserts_in_queue: r.sidecar.as_ref().map_or(0, |s| s.inserts_in_queue),
+        queue_size: r
+            .sidecar
+            .as_ref()
+            .map_or(r.queue_size, |s| count(s.queue_size)),
+        inserts_in_queue: r.sidecar.as_ref().map_or(0, |s| count(s.inserts_in_queue)),
         absolute_delay_seconds: r.sidecar.as_ref().map(|s| s.absolute_delay),
-        parts: r.sidecar.as_ref().map_or(r.parts, |s| s.parts),
+        parts: r.sidecar.as_ref().map_or(r.parts, |s| count(s.parts_count)),
     }
+}
+
+/// A sidecar's count in the CRD's 32-bit field; a count past it shows as the maximum.
+fn count(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn condition(
@@ -438,7 +421,7 @@ mod tests {
             parts: 4,
             sidecar: Some(SidecarStatus {
                 replica_name: format!("events-{i}"),
-                parts: 4,
+                parts_count: 4,
                 log_pointer: Some(10),
                 log_max_index: Some(9),
                 absolute_delay: 1,
@@ -689,18 +672,29 @@ mod tests {
         );
     }
 
+    /// A sidecar's whole `/status` answer with `fields` replaced: the shared type is read
+    /// strictly, so a test answer carries every field as a real sidecar's does.
+    fn sidecar_json(fields: serde_json::Value) -> String {
+        let mut v = serde_json::to_value(SidecarStatus::default()).expect("serializes");
+        for (k, x) in fields.as_object().expect("an object") {
+            v[k] = x.clone();
+        }
+        v.to_string()
+    }
+
     #[test]
     fn sidecar_status_json_carries_the_table_file_fields() {
-        let s: SidecarStatus = serde_json::from_str(
-            r#"{"replica_name":"events-0","parts_count":3,"pending_definition_change":"spec.orderBy changed","table_file_error":null}"#,
-        )
+        let s: SidecarStatus = serde_json::from_str(&sidecar_json(serde_json::json!({
+            "replica_name": "events-0", "parts_count": 3,
+            "pending_definition_change": "spec.orderBy changed", "table_file_error": null
+        })))
         .expect("parses");
         assert_eq!(
             s.pending_definition_change.as_deref(),
             Some("spec.orderBy changed")
         );
         assert_eq!(s.table_file_error, None);
-        assert_eq!(s.parts, 3);
+        assert_eq!(s.parts_count, 3);
     }
 
     #[test]
@@ -775,18 +769,33 @@ mod tests {
 
     #[test]
     fn sidecar_status_json_parses() {
-        let s: SidecarStatus = serde_json::from_str(
-            r#"{"replica_name":"events-0","is_readonly":false,"is_session_expired":false,"readonly_reason":null,
-                "queue_size":3,"inserts_in_queue":1,"log_max_index":12,"log_pointer":null,"absolute_delay":2,
-                "total_replicas":3,"active_replicas":null,"parts_count":2,"parts":["all_1_1_0","all_2_2_0"],
-                "rows":1000,"bytes":4096,"is_leader":true}"#,
-        )
+        let s: SidecarStatus = serde_json::from_str(&sidecar_json(serde_json::json!({
+            "replica_name": "events-0", "is_readonly": false, "is_session_expired": false,
+            "readonly_reason": null, "queue_size": 3, "inserts_in_queue": 1, "log_max_index": 12,
+            "log_pointer": null, "absolute_delay": 2, "total_replicas": 3, "active_replicas": null,
+            "parts_count": 2, "parts": ["all_1_1_0", "all_2_2_0"], "rows": 1000, "bytes": 4096,
+            "is_leader": true
+        })))
         .expect("parses");
         assert_eq!(
-            (s.queue_size, s.inserts_in_queue, s.absolute_delay, s.parts),
+            (
+                s.queue_size,
+                s.inserts_in_queue,
+                s.absolute_delay,
+                s.parts_count
+            ),
             (3, 1, 2, 2)
         );
         assert_eq!((s.log_max_index, s.log_pointer), (Some(12), None));
         assert_eq!((s.total_replicas, s.active_replicas), (Some(3), None));
+    }
+
+    #[test]
+    fn a_sidecar_answer_missing_a_field_is_refused_not_read_as_zero() {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&sidecar_json(serde_json::json!({}))).expect("json");
+        v.as_object_mut().expect("object").remove("queue_size");
+        let err = serde_json::from_value::<SidecarStatus>(v).expect_err("strict");
+        assert!(err.to_string().contains("queue_size"), "{err}");
     }
 }

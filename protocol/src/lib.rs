@@ -17,6 +17,7 @@ pub mod part_name;
 pub mod paths;
 pub mod quorum;
 pub mod schema;
+pub mod status;
 pub mod tree;
 
 pub use manifest::{ReplicatedTableManifest, TableSpec, ZooKeeperSpec};

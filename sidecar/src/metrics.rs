@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rtable_protocol::status::Counters;
+
 #[derive(Default)]
 pub struct Metrics {
     pub inserts: AtomicU64,
@@ -176,28 +178,8 @@ impl Metrics {
     }
 }
 
-/// The counters `/status` repeats, so one request shows what the replica has been doing.
-#[derive(Debug, serde::Serialize)]
-pub struct Counters {
-    pub inserts: u64,
-    pub deduplicated_inserts: u64,
-    pub quorum_inserts: u64,
-    pub quorum_failed_inserts: u64,
-    pub quorum_wait_ms: u64,
-    pub fetches: u64,
-    pub failed_fetches: u64,
-    pub merges: u64,
-    pub merged_part_fetches: u64,
-    pub pushed_parts_taken: u64,
-    pub handoffs_sent: u64,
-    pub handoffs_taken: u64,
-    pub broken_parts: u64,
-    pub lost_parts: u64,
-    pub cleanup_runs: u64,
-    pub replicas_marked_lost: u64,
-}
-
 impl Metrics {
+    /// The counters `/status` repeats, so one request shows what the replica has been doing.
     pub fn counters(&self) -> Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Counters {

@@ -1,47 +1,12 @@
-//! `/status`: this replica in the shape of ClickHouse's system.replicas.
+//! `/status`: this replica in the shape of ClickHouse's system.replicas
+//! (`rtable_protocol::status::ReplicaStatus`, the type the operator reads too).
 
-use serde::Serialize;
 use zookeeper_client as zk;
 
+use rtable_protocol::status::ReplicaStatus;
 use rtable_protocol::tree::{self, TreeError};
 
 use crate::replica::Replica;
-
-#[derive(Debug, Serialize)]
-pub struct ReplicaStatus {
-    pub replica_name: String,
-    pub table_path: String,
-    /// Every replica may assign merges (ClickHouse >= 21.12 "multiple leaders").
-    pub is_leader: bool,
-    pub is_readonly: bool,
-    pub readonly_reason: Option<String>,
-    pub is_session_expired: bool,
-    pub zookeeper_exception: Option<String>,
-    pub queue_size: usize,
-    pub inserts_in_queue: usize,
-    pub log_max_index: Option<u64>,
-    pub log_pointer: Option<u64>,
-    pub last_queue_update: Option<i64>,
-    pub last_queue_update_exception: Option<String>,
-    pub absolute_delay: u64,
-    pub total_replicas: Option<u32>,
-    pub active_replicas: Option<u32>,
-    pub replica_is_active: bool,
-    pub lost_part_count: u64,
-    pub parts_count: usize,
-    pub parts: Vec<String>,
-    pub rows: u64,
-    pub bytes: u64,
-    /// Entries in the queue that are merges, and those postponed at least once.
-    pub merges_in_queue: usize,
-    pub postponed_in_queue: usize,
-    /// A change of the table's definition (or ensemble) in the table file that this running
-    /// replica does not apply; see `table_reload`.
-    pub pending_definition_change: Option<String>,
-    /// Why the table file could not be reloaded (settings stay as they were).
-    pub table_file_error: Option<String>,
-    pub counters: crate::metrics::Counters,
-}
 
 /// system.replicas' absolute_delay: how far behind the newest data this replica is, in
 /// seconds. Before the first log pull it counts from process start (ClickHouse says
@@ -70,8 +35,8 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
     let (queue_size, inserts_in_queue, last_queue_update, last_queue_update_exception) = {
         let q = replica.queue.lock();
         (
-            q.len(),
-            q.inserts_in_queue(),
+            q.len() as u64,
+            q.inserts_in_queue() as u64,
             q.last_queue_update,
             q.last_queue_update_exception.clone(),
         )
@@ -81,8 +46,8 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
         (
             q.items()
                 .filter(|i| i.entry.type_name() == "MERGE_PARTS")
-                .count(),
-            q.items().filter(|i| i.postpone_reason.is_some()).count(),
+                .count() as u64,
+            q.items().filter(|i| i.postpone_reason.is_some()).count() as u64,
         )
     };
     let mut status = ReplicaStatus {
@@ -106,7 +71,7 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
         lost_part_count: replica
             .lost_part_count
             .load(std::sync::atomic::Ordering::Relaxed),
-        parts_count: parts.len(),
+        parts_count: parts.len() as u64,
         parts,
         rows,
         bytes,

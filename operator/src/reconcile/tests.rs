@@ -166,7 +166,7 @@ impl Backend for FakeBackend {
             }
             Some(SidecarStatus {
                 absolute_delay: 0,
-                parts: 2,
+                parts_count: 2,
                 ..SidecarStatus::default()
             })
         })
@@ -474,7 +474,7 @@ async fn status_update_reports_every_replica_and_publishes_transitions() {
             queue_size: 7,
             inserts_in_queue: 2,
             absolute_delay: 900,
-            parts: 5,
+            parts_count: 5,
             ..SidecarStatus::default()
         },
     ));
