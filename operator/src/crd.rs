@@ -233,6 +233,7 @@ pub struct ZooKeeperAuth {
 pub struct StorageSpec {
     /// Size of each replica's volume.
     #[serde(default = "default_storage_size")]
+    #[schemars(schema_with = "storage_size_schema")]
     pub size: Quantity,
     /// StorageClass of the volumes; the cluster default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -371,10 +372,29 @@ fn insert_quorum_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     // in every CEL evaluator that checks these rules (kube's client-side one lacks it).
     schemars::json_schema!({
         "x-kubernetes-int-or-string": true,
+        // kube marks an optional int-or-string nullable; the API server then keeps a null
+        // instead of defaulting it, and no quorum can be read from a null.
+        "nullable": false,
         "description": "Replicas that must hold a part before an insert is acknowledged: a number, or `auto` (a majority).",
         "x-kubernetes-validations": [{
             "rule": "string(self).matches('^([1-9][0-9]?|auto)$')",
             "message": "spec.insertQuorum must be a positive number of replicas or `auto`"
+        }]
+    })
+}
+
+fn storage_size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    // A positive quantity a volume can have: the API server refuses `10 gigs`, `-1Gi` and
+    // `null` here instead of the StatefulSet refusing it later (or the watch failing on it).
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        // kube marks an optional int-or-string nullable; a null size is no size.
+        "nullable": false,
+        "description": "Size of each replica's volume (a Kubernetes quantity such as 10Gi).",
+        "default": "10Gi",
+        "x-kubernetes-validations": [{
+            "rule": "string(self).matches('^([0-9]+[.]?[0-9]*|[.][0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$') && !string(self).matches('^[0.]+[A-Za-z]*$')",
+            "message": "spec.storage.size must be a Kubernetes quantity such as 10Gi (a positive number with an optional suffix: Ki, Mi, Gi, Ti, k, M, G, T)"
         }]
     })
 }
@@ -597,6 +617,53 @@ mod tests {
     }
 
     #[test]
+    fn cel_refuses_partition_keys_the_operator_cannot_parse() {
+        for ok in ["", "ts", "toYYYYMM(ts)", "toYYYYMMDD( ts )", "tuple()"] {
+            let mut s = base_spec();
+            s["partitionBy"] = json!(ok);
+            assert_eq!(cel(&table(s), None), Vec::<String>::new(), "{ok}");
+            assert!(ok.parse::<PartitionKey>().is_ok(), "{ok}");
+        }
+        for bad in ["toDate(ts)", "toYYYYMM(ts", "a b", "toYYYYMM(a+b)"] {
+            let mut s = base_spec();
+            s["partitionBy"] = json!(bad);
+            let errs = cel(&table(s), None);
+            assert!(
+                errs.iter()
+                    .any(|e| e.contains("spec.partitionBy must be empty")),
+                "{bad}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cel_refuses_storage_sizes_that_are_not_positive_quantities() {
+        for ok in [
+            json!("10Gi"),
+            json!("1.5Gi"),
+            json!("500M"),
+            json!(1073741824),
+        ] {
+            let mut s = base_spec();
+            s["storage"] = json!({ "size": ok });
+            assert_eq!(cel(&table(s), None), Vec::<String>::new(), "{ok}");
+        }
+        for bad in ["10 gigs", "-1Gi", "0", "0Gi", "10GB"] {
+            let mut s = base_spec();
+            s["storage"] = json!({ "size": bad });
+            let errs = cel(&table(s), None);
+            assert!(
+                errs.iter()
+                    .any(|e| e.contains("spec.storage.size must be a Kubernetes quantity")),
+                "{bad}: {errs:?}"
+            );
+        }
+        let s = schema();
+        let size = &s["properties"]["spec"]["properties"]["storage"]["properties"]["size"];
+        assert_eq!(size["nullable"], json!(false), "{size}");
+    }
+
+    #[test]
     fn cel_makes_table_path_and_shard_immutable() {
         let old = table(base_spec());
         let mut s = base_spec();
@@ -769,7 +836,7 @@ mod tests {
         }
         let (mut found, mut problems) = (vec![], vec![]);
         walk(&schema(), "", &mut found, &mut problems);
-        assert_eq!(found.len(), 5, "{found:#?}");
+        assert_eq!(found.len(), 7, "{found:#?}");
         assert!(problems.is_empty(), "{problems:#?}");
     }
 

@@ -84,8 +84,9 @@ fn default_session_timeout() -> u32 {
     30
 }
 
-/// `insertQuorum`: a number of replicas, or `auto` (a majority).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// `insertQuorum`: a number of replicas, or `auto` (a majority). The CRD declares it an
+/// int-or-string, so a number written as a string (`"2"`) is read as that number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum InsertQuorum {
     Replicas(u32),
@@ -96,6 +97,26 @@ pub enum InsertQuorum {
 pub enum AutoQuorum {
     #[serde(rename = "auto")]
     Auto,
+}
+
+impl<'de> Deserialize<'de> for InsertQuorum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(InsertQuorum::Replicas(n)),
+            Raw::Text(t) if t == "auto" => Ok(InsertQuorum::Auto(AutoQuorum::Auto)),
+            Raw::Text(t) => t.trim().parse().map(InsertQuorum::Replicas).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "insertQuorum `{t}` is neither a number of replicas nor `auto`"
+                ))
+            }),
+        }
+    }
 }
 
 impl Default for InsertQuorum {
@@ -293,6 +314,29 @@ impl ReplicatedTableManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insert_quorum_reads_a_number_auto_and_a_number_as_text() {
+        let read = |v: serde_json::Value| serde_json::from_value::<InsertQuorum>(v);
+        assert_eq!(
+            read(serde_json::json!(2)).expect("number"),
+            InsertQuorum::Replicas(2)
+        );
+        assert_eq!(
+            read(serde_json::json!("2")).expect("text"),
+            InsertQuorum::Replicas(2)
+        );
+        assert_eq!(
+            read(serde_json::json!("auto")).expect("auto"),
+            InsertQuorum::Auto(AutoQuorum::Auto)
+        );
+        let err = read(serde_json::json!("most")).expect_err("refused");
+        assert!(err.to_string().contains("insertQuorum `most`"), "{err}");
+        assert_eq!(
+            serde_json::to_value(InsertQuorum::Replicas(2)).expect("json"),
+            serde_json::json!(2)
+        );
+    }
 
     const EXAMPLE: &str = r#"
 apiVersion: rtable.io/v1alpha1

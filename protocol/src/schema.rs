@@ -165,7 +165,7 @@ impl JsonSchema for ColumnType {
         schemars::json_schema!({
             "type": "string",
             "description": "ClickHouse type name: UInt8..UInt64, Int8..Int64, Float32, Float64, String, Bool, Date, DateTime or Nullable(T)",
-            "pattern": "^(Nullable\\()?(U?Int(8|16|32|64)|Float(32|64)|String|Bool|Date|DateTime)\\)?$"
+            "pattern": "^(U?Int(8|16|32|64)|Float(32|64)|String|Bool|Date|DateTime|Nullable\\((U?Int(8|16|32|64)|Float(32|64)|String|Bool|Date|DateTime)\\))$"
         })
     }
 }
@@ -251,6 +251,9 @@ impl<'de> Deserialize<'de> for PartitionKey {
     }
 }
 
+/// The CEL rule that accepts exactly what `PartitionKey::from_str` accepts.
+pub const PARTITION_BY_RULE: &str = r"self.matches('^\\s*(|tuple\\(\\)|all|[A-Za-z_][A-Za-z0-9_]*|toYYYYMM(DD)?\\(\\s*[A-Za-z_][A-Za-z0-9_]*\\s*\\))\\s*$')";
+
 impl JsonSchema for PartitionKey {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "PartitionKey".into()
@@ -259,7 +262,14 @@ impl JsonSchema for PartitionKey {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "description": "Partition expression: empty (one partition `all`), a column name, toYYYYMM(col) or toYYYYMMDD(col)"
+            "description": "Partition expression: empty (one partition `all`), a column name, toYYYYMM(col) or toYYYYMMDD(col)",
+            "maxLength": 160,
+            // The API server refuses what `FromStr` would refuse, so a bad key never reaches
+            // the operator's watch.
+            "x-kubernetes-validations": [{
+                "rule": PARTITION_BY_RULE,
+                "message": "spec.partitionBy must be empty, a column name, toYYYYMM(column) or toYYYYMMDD(column)"
+            }]
         })
     }
 }
