@@ -8,6 +8,7 @@ pub mod checker;
 pub mod client;
 pub mod cluster;
 pub mod driver;
+pub mod kube;
 pub mod poll;
 pub mod ports;
 pub mod process;
@@ -73,12 +74,14 @@ pub fn keep_dirs() -> bool {
 /// The last `lines` lines of a text file, or a note saying why there are none.
 pub fn tail(path: &std::path::Path, lines: usize) -> String {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            let start = all.len().saturating_sub(lines);
-            all[start..].join("\n")
-        }
+        Ok(bytes) => tail_text(&String::from_utf8_lossy(&bytes), lines),
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail_text(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    all[start..].join("\n")
 }
