@@ -4,19 +4,21 @@
 //! while its pod has not been restarted, or anything else (a schema mismatch). Pure.
 
 use crate::columns;
+use crate::metadata::TableMetadata;
 use crate::schema::Column;
 
 /// The relation of a local definition (`metadata` and `columns` texts rendered from a
 /// manifest) to the tree's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DefinitionChange {
-    /// Byte-identical `metadata` and `columns`.
+    /// The same table: byte-identical `columns`, and `metadata` equal but for the lines a
+    /// newer ClickHouse adds (see `TableMetadata::same_table`).
     Same,
     /// The tree's columns are a strict prefix of the local ones (same names and types, in
-    /// order) and the `metadata` texts are equal: the local definition appends `added`.
+    /// order) and the `metadata` is the same table's: the local definition appends `added`.
     Append { added: Vec<Column> },
-    /// The local columns are a strict prefix of the tree's and the `metadata` texts are
-    /// equal: the tree already has `missing` appended (an older definition, e.g. a pod not
+    /// The local columns are a strict prefix of the tree's and the `metadata` is the same
+    /// table's: the tree already has `missing` appended (an older definition, e.g. a pod not
     /// restarted yet since a column was appended).
     Behind { missing: Vec<Column> },
     /// Anything else: a differing `metadata`, a column renamed, retyped, removed or
@@ -34,7 +36,15 @@ pub fn classify(
     tree_columns: &str,
 ) -> DefinitionChange {
     if local_metadata != tree_metadata {
-        return DefinitionChange::Incompatible;
+        let (Ok(local), Ok(tree)) = (
+            TableMetadata::parse(local_metadata),
+            TableMetadata::parse(tree_metadata),
+        ) else {
+            return DefinitionChange::Incompatible;
+        };
+        if !local.same_table(&tree) {
+            return DefinitionChange::Incompatible;
+        }
     }
     if local_columns == tree_columns {
         return DefinitionChange::Same;
@@ -71,7 +81,6 @@ pub fn classify_columns(local: &[Column], tree: &[Column]) -> DefinitionChange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metadata::TableMetadata;
     use crate::schema::{PartitionKey, TableSchema};
 
     fn col(name: &str, ty: &str) -> Column {
@@ -110,6 +119,17 @@ mod tests {
     fn same_definition_is_same() {
         let t = texts(base(), &["user_id"], "toYYYYMM(ts)");
         assert_eq!(relation(t.clone(), t), DefinitionChange::Same);
+    }
+
+    #[test]
+    fn a_tree_a_newer_clickhouse_wrote_is_the_same_table() {
+        let local = texts(base(), &["user_id"], "toYYYYMM(ts)");
+        let mut tree = local.clone();
+        tree.0.push_str("granularity bytes: 10485760\n");
+        assert_eq!(relation(local.clone(), tree), DefinitionChange::Same);
+        let mut resorted = local.clone();
+        resorted.0.push_str("sorting key: user_id, ts\n");
+        assert_eq!(relation(local, resorted), DefinitionChange::Incompatible);
     }
 
     #[test]

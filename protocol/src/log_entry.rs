@@ -98,6 +98,7 @@ impl LogEntry {
             quorum,
             create_time,
         )
+        .making_a_part()
     }
 
     pub fn merge(
@@ -118,6 +119,14 @@ impl LogEntry {
             0,
             create_time,
         )
+        .making_a_part()
+    }
+
+    /// An rtable part is one data file holding every column, what ClickHouse calls a
+    /// Compact part; ClickHouse names the type of every non-Wide part an entry makes.
+    fn making_a_part(mut self) -> LogEntry {
+        self.compact = true;
+        self
     }
 
     pub fn drop_range(source_replica: &str, range: &str, create_time: i64) -> LogEntry {
@@ -423,6 +432,25 @@ fn parse_merge(body: &Body<'_>) -> Result<LogEntryKind, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_that_make_a_part_name_its_type_as_clickhouse_does() {
+        let get = LogEntry::get("r1", "b", "all_1_1_0", 0, 0).render();
+        assert!(
+            get.ends_with("get\nall_1_1_0\npart_type: Compact\n"),
+            "{get}"
+        );
+        let merge = LogEntry::merge("r1", vec!["all_1_1_0".into()], "all_1_1_1", 0).render();
+        assert!(
+            merge.contains("deduplicate: 0\npart_type: Compact\n"),
+            "{merge}"
+        );
+        let drop = LogEntry::drop_range("r1", "all_0_9_999999999", 0).render();
+        assert!(!drop.contains("part_type"), "{drop}");
+        for text in [get, merge] {
+            assert!(LogEntry::parse(&text).expect("parses").compact);
+        }
+    }
 
     // Verbatim from the reference (ClickHouse's format version 4).
     const GET: &str = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: 202405_4811843427362810870_12736421098634214512\nget\n202405_17_17_0\npart_type: Compact\nquorum: 2\n";

@@ -86,6 +86,29 @@ impl TableMetadata {
         })
     }
 
+    /// Whether `tree` describes this table. Every field rtable writes must be equal. Lines a
+    /// newer ClickHouse appends (`granularity bytes:`, `merge params format version:`, ...)
+    /// are accepted, except a `sorting key:` that is not this table's sort key: ClickHouse
+    /// writes one when the sort key differs from the primary key.
+    pub fn same_table(&self, tree: &TableMetadata) -> bool {
+        let sorting_key = |m: &TableMetadata| {
+            m.extra
+                .iter()
+                .find_map(|l| l.strip_prefix("sorting key: "))
+                .map(str::to_string)
+                .unwrap_or_else(|| m.primary_key.clone())
+        };
+        self.date_column == tree.date_column
+            && self.sampling_expression == tree.sampling_expression
+            && self.index_granularity == tree.index_granularity
+            && self.mode == tree.mode
+            && self.sign_column == tree.sign_column
+            && self.primary_key == tree.primary_key
+            && self.data_format_version == tree.data_format_version
+            && self.partition_key == tree.partition_key
+            && sorting_key(self) == sorting_key(tree)
+    }
+
     /// One line per differing field, local value first.
     pub fn diff(&self, tree: &TableMetadata) -> Vec<String> {
         let mut out = Vec::new();
@@ -138,6 +161,25 @@ impl TableMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_newer_clickhouses_extra_lines_are_the_same_table_unless_they_change_the_sort() {
+        let ours = TableMetadata::parse(
+            "metadata format version: 1\ndate column: \nsampling expression: \nindex granularity: 8192\nmode: 0\nsign column: \nprimary key: user_id, ts\ndata format version: 1\npartition key: toYYYYMM(ts)\n",
+        )
+        .expect("parses");
+        let newer = |extra: &str| {
+            TableMetadata::parse(&format!("{}{extra}", ours.render())).expect("parses")
+        };
+        assert!(ours.same_table(&newer(
+            "granularity bytes: 10485760\nmerge params format version: 2\n"
+        )));
+        assert!(ours.same_table(&newer("sorting key: user_id, ts\n")));
+        assert!(!ours.same_table(&newer("sorting key: user_id, ts, event\n")));
+        let mut other_key = ours.clone();
+        other_key.partition_key = "toYYYYMMDD(ts)".into();
+        assert!(!ours.same_table(&other_key));
+    }
     use crate::schema::{Column, PartitionKey};
 
     fn schema() -> TableSchema {

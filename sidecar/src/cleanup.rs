@@ -133,9 +133,12 @@ pub fn plan_log_cleanup(
     } else {
         0
     };
+    // A lost replica that is active again is recovering (cloning a peer, then pulling the
+    // log from the pointer it copied): it still needs those entries, as in ClickHouse's
+    // cleanup. Only a lost replica that is not running is left out.
     let counted: Vec<&PointerInfo> = replicas
         .iter()
-        .filter(|r| !r.lost && r.host_version.is_some())
+        .filter(|r| (!r.lost || r.active) && r.host_version.is_some())
         .collect();
     let mut min_pointer = u64::MAX;
     for r in &counted {
@@ -424,6 +427,16 @@ mod tests {
         lost.lost = true;
         let plan = plan_log_cleanup(&entries, &[r("a", true, 100), ghost, lost], 10, 1000);
         assert_eq!(plan.delete_below, 90);
+        assert!(plan.mark_lost.is_empty());
+    }
+
+    #[test]
+    fn a_lost_replica_that_is_recovering_keeps_the_entries_it_still_needs() {
+        let entries: Vec<u64> = (0..100).collect();
+        let mut recovering = r("recovering", true, 20);
+        recovering.lost = true;
+        let plan = plan_log_cleanup(&entries, &[r("a", true, 100), recovering], 10, 1000);
+        assert_eq!(plan.delete_below, 20);
         assert!(plan.mark_lost.is_empty());
     }
 
