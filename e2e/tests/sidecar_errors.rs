@@ -1,7 +1,7 @@
 //! What the sidecar says when it cannot do what it was asked: bad command lines and table
 //! files stop the process with the reason, a replica whose table definition differs from
-//! the tree stays read-only and shows both, and a fetch with no source waits in the queue
-//! with its reason.
+//! the tree stays read-only and shows both, a fetch with no source waits in the queue
+//! with its reason, and a background task that panics is restarted and counted.
 
 mod common;
 
@@ -524,4 +524,82 @@ async fn the_queue_shows_a_postponed_fetch_with_its_reason() {
     assert_eq!(s.queue_size, 0, "{s:?}");
     assert!(s.parts.contains(&part), "events-1 holds {part}: {s:?}");
     assert!(c.client(1).queue().await.expect("queue").is_empty());
+}
+
+/// The queue executor panics once at its start (the `executor_panics` failpoint): the
+/// supervisor logs it, counts the restart in `/metrics` and starts it again, after which
+/// `/readyz` is 200 and the replica still replicates what another replica inserts.
+#[tokio::test]
+async fn a_queue_executor_that_panicked_is_restarted_and_replicates() {
+    let _serial = serial();
+    let mut c = Cluster::start(ClusterOptions {
+        replicas: 2,
+        env: vec![(
+            "RTABLE_FAILPOINTS".to_string(),
+            "executor_panics".to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let client = c.client(0).clone();
+    let restarted = "rtable_task_restarts_total{replica=\"events-0\",task=\"queue_executor\"} 1";
+    let up = "rtable_task_up{replica=\"events-0\",task=\"queue_executor\"} 1";
+    poll_until(
+        "events-0 to count the executor's restart",
+        CONVERGE,
+        Duration::from_millis(100),
+        || {
+            let client = client.clone();
+            async move {
+                let text = client.metrics().await?;
+                let lines: Vec<&str> = text.lines().collect();
+                Ok(if lines.contains(&restarted) && lines.contains(&up) {
+                    Check::Done(())
+                } else {
+                    Check::Wait(
+                        lines
+                            .iter()
+                            .filter(|l| l.starts_with("rtable_task_"))
+                            .copied()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    )
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", rtable_e2e::tail(c.replicas[0].log_path(), 40)));
+    let log = std::fs::read_to_string(c.replicas[0].log_path()).expect("events-0 log");
+    assert!(
+        log.lines().any(|l| l.contains("background task failed")
+            && l.contains("queue_executor")
+            && l.contains("panicked: failpoint executor_panics")),
+        "the supervisor logs the panic naming the task:\n{}",
+        rtable_e2e::tail(c.replicas[0].log_path(), 40)
+    );
+
+    let answer = c
+        .client(1)
+        .insert_json(&january_rows(0, 20))
+        .await
+        .expect("insert on events-1");
+    assert_eq!(answer.parts.len(), 1, "{answer:?}");
+    let lines = c
+        .wait_converged_rows(20, CONVERGE)
+        .await
+        .expect("events-0 fetches the part with its restarted executor");
+    assert_eq!(common::user_ids(&lines), (0..20).collect::<Vec<u64>>());
+    let s = c.client(0).status().await.expect("status");
+    assert!(s.parts.contains(&answer.parts[0]), "{s:?}");
+    assert_eq!(
+        c.client(0).readyz().await.expect("readyz"),
+        (200, "ready\n".to_string())
+    );
+    let text = c.client(0).metrics().await.expect("metrics");
+    assert!(
+        text.lines().any(|l| l == restarted),
+        "restarted once, not again: {text}"
+    );
 }

@@ -23,12 +23,15 @@ use crate::metrics::Metrics;
 use crate::replica::{Replica, SECRET_HEADER};
 use crate::rows::{InputFormat, OutputFormat};
 use crate::sink::{self, Committer, InsertRequest};
+use crate::supervisor::Health;
 use crate::{select, status};
 
 #[derive(Clone)]
 pub struct AppState {
     pub replica: Arc<Replica>,
     pub committer: Committer,
+    /// The background tasks' health (see `supervisor`), for `/readyz` and `/metrics`.
+    pub tasks: Health,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -230,6 +233,11 @@ async fn get_queue(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
+    // A task that is down stops part of replication while the session may look fine (a
+    // dead session task even leaves the last session published): checked first.
+    if let Err(down) = state.tasks.check() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, down.to_string());
+    }
     match state.replica.sessions.active() {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.reason),
@@ -274,12 +282,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
             replica.store.parts().len() as f64,
         ),
     ];
+    let mut text = replica.metrics.render(&replica.name, &gauges);
+    state.tasks.write_metrics(&replica.name, &mut text);
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        replica.metrics.render(&replica.name, &gauges),
+        text,
     )
         .into_response()
 }

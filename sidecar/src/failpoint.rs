@@ -19,6 +19,10 @@ pub const CRASH_BEFORE_RECORDING_FETCH: &str = "crash_before_recording_fetch";
 /// copy was verified and answered: the inserter's commit records the copy regardless.
 pub const HANDOFF_FSYNC_FAILS: &str = "handoff_fsync_fails";
 
+/// The queue executor panics once at its start, so a test sees the supervisor report it
+/// (`/readyz`, `rtable_task_restarts_total`) and restart it.
+pub const EXECUTOR_PANICS: &str = "executor_panics";
+
 /// `None` when nothing is armed (production): then `fire` costs a load, no lock, on the
 /// commit path it sits on.
 fn armed() -> Option<&'static Mutex<HashSet<String>>> {

@@ -26,4 +26,5 @@ pub mod session;
 pub mod sink;
 pub mod status;
 pub mod store;
+pub mod supervisor;
 pub mod table_reload;

@@ -17,9 +17,14 @@ use rtable_sidecar::metrics::Metrics;
 use rtable_sidecar::queue::{self, QueueState};
 use rtable_sidecar::replica::Replica;
 use rtable_sidecar::session::{self, Sessions};
-use rtable_sidecar::sink::Committer;
+use rtable_sidecar::sink::{Committer, committer};
 use rtable_sidecar::store::PartStore;
-use rtable_sidecar::table_reload::{LiveSettings, TableReload};
+use rtable_sidecar::supervisor::Supervisor;
+use rtable_sidecar::table_reload::{self, LiveSettings, TableReload};
+use rtable_sidecar::{cleanup, handoff, merge, part_check};
+
+/// How long the background tasks get to stop once the HTTP server has.
+const SHUTDOWN_TASKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
@@ -159,7 +164,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         startup_recovery_done: AtomicBool::new(false),
         started_at: std::time::Instant::now(),
         merge_notify: tokio::sync::Notify::new(),
-        merge_policy: rtable_sidecar::merge::policy::MergePolicy {
+        merge_policy: merge::policy::MergePolicy {
             min_parts: cfg.merge_min_parts.max(2),
             max_parts: cfg.merge_max_parts.max(2),
             max_bytes: cfg.merge_max_bytes,
@@ -191,18 +196,23 @@ async fn run(cfg: Config) -> Result<(), String> {
     if !failpoints.is_empty() {
         warn!(replica = %replica.name, failpoints = %failpoints.join(","), "failpoints armed (RTABLE_FAILPOINTS): for fault tests only");
     }
-    tokio::spawn(session::run(replica.clone()));
-    tokio::spawn(queue::pull::run(replica.clone()));
-    tokio::spawn(queue::executor::run(replica.clone()));
-    tokio::spawn(rtable_sidecar::merge::assign::run(replica.clone()));
-    tokio::spawn(rtable_sidecar::cleanup::run(replica.clone()));
-    tokio::spawn(rtable_sidecar::table_reload::run(replica.clone()));
-    tokio::spawn(rtable_sidecar::handoff::run(replica.clone()));
-    tokio::spawn(rtable_sidecar::part_check::run(replica.clone()));
-    let committer = Committer::start(replica.clone());
+    // Every background task runs under the supervisor, which restarts one that panics
+    // or returns and reports it in /readyz and /metrics while it is down.
+    let mut tasks = Supervisor::new(&replica.name);
+    tasks.spawn_with("session", replica.clone(), session::run);
+    tasks.spawn_with("queue_pull", replica.clone(), queue::pull::run);
+    tasks.spawn_with("queue_executor", replica.clone(), queue::executor::run);
+    tasks.spawn_with("merge_assign", replica.clone(), merge::assign::run);
+    tasks.spawn_with("cleanup", replica.clone(), cleanup::run);
+    tasks.spawn_with("table_reload", replica.clone(), table_reload::run);
+    tasks.spawn_with("handoff", replica.clone(), handoff::run);
+    tasks.spawn_with("part_check", replica.clone(), part_check::run);
+    let (committer, collector) = Committer::new(replica.clone());
+    tasks.spawn_with("committer", collector, committer::collect);
     let app = api::router(AppState {
         replica: replica.clone(),
         committer,
+        tasks: tasks.health(),
     });
     // Small answers (part headers, insert acks) must not wait for a delayed ACK (Nagle).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -214,6 +224,14 @@ async fn run(cfg: Config) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("HTTP server failed: {e}"))?;
+    // The server has answered its last request: stop the tasks before leaving, so that
+    // neither the session task nor the executor acts on a replica removing its is_active.
+    if tokio::time::timeout(SHUTDOWN_TASKS_TIMEOUT, tasks.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(replica = %replica.name, "background tasks did not stop in time; leaving anyway");
+    }
     deactivate(&replica).await;
     info!(replica = %replica.name, "shut down");
     Ok(())

@@ -41,6 +41,12 @@ pub enum ExecuteError {
 
 /// Runs forever: executes entries while the replica is active.
 pub async fn run(replica: Arc<Replica>) {
+    if crate::failpoint::fire(crate::failpoint::EXECUTOR_PANICS) {
+        panic!(
+            "failpoint {}: the queue executor panics at its start",
+            crate::failpoint::EXECUTOR_PANICS
+        );
+    }
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     loop {
         let (client, generation) = replica.sessions.wait_active().await;
@@ -67,7 +73,11 @@ pub async fn run(replica: Arc<Replica>) {
                         );
                     }
                 }
-                let _ = done.send(());
+                // Gone when the executor that started this entry was restarted (see
+                // `supervisor`): wake the new one, which waits on `queue_notify` only.
+                if done.send(()).is_err() {
+                    replica.queue_notify.notify_one();
+                }
             });
         }
         for item in selection.run {
@@ -111,7 +121,11 @@ pub async fn run(replica: Arc<Replica>) {
                         );
                     }
                 }
-                let _ = done.send(());
+                // Gone when the executor that started this entry was restarted (see
+                // `supervisor`): wake the new one, which waits on `queue_notify` only.
+                if done.send(()).is_err() {
+                    replica.queue_notify.notify_one();
+                }
             });
         }
         let wake = replica.queue.lock().next_wakeup();

@@ -46,10 +46,18 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(replica: Arc<Replica>) -> Committer {
+    /// The committer inserts hand their blocks to, and the task that commits them, for the
+    /// caller to run with [`collect`] under the supervisor (which may start it again).
+    pub fn new(replica: Arc<Replica>) -> (Committer, Arc<Collector>) {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(run(replica, rx));
-        Committer { tx }
+        let slots = tokio::sync::Semaphore::new(replica.cfg.commit_groups_in_flight.max(1));
+        let collector = Collector {
+            rx: tokio::sync::Mutex::new(rx),
+            slots: Arc::new(slots),
+            known: KnownPartitions::default(),
+            replica,
+        };
+        (Committer { tx }, Arc::new(collector))
     }
 
     pub async fn commit(&self, blocks: Vec<Block>) -> Result<Vec<BlockOutcome>, InsertError> {
@@ -61,38 +69,75 @@ impl Committer {
             .send(Job { blocks, reply })
             .await
             .map_err(|_| InsertError::Internal("committer stopped".to_string()))?;
-        rx.await
-            .map_err(|_| InsertError::Internal("committer dropped the insert".to_string()))?
+        // Unanswered only when the task committing its group died (a panic) part way:
+        // the commit may have happened.
+        rx.await.map_err(|_| {
+            InsertError::OutcomeUnknown(
+                "the task committing this insert failed before answering".to_string(),
+            )
+        })?
     }
 }
 
 /// Partitions whose `block_numbers/<partition>` node is known to exist.
 type KnownPartitions = Arc<parking_lot::Mutex<HashSet<String>>>;
 
+/// What the collecting task keeps across restarts: the queue of waiting inserts (which a
+/// restart must not lose), the group slots (groups still committing hold theirs) and the
+/// partitions known to exist.
+pub struct Collector {
+    replica: Arc<Replica>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    known: KnownPartitions,
+}
+
+/// Inserts taken off the queue and not yet handed to a group commit. When the collecting
+/// task dies with them (a panic, or an abort at shutdown) they are answered that nothing
+/// was committed, rather than dropped unanswered, so their clients retry at once.
+struct Held(Vec<Job>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for job in self.0.drain(..) {
+            let _ = job.reply.send(Err(InsertError::Interrupted(
+                "the commit task stopped before committing it".to_string(),
+            )));
+        }
+    }
+}
+
 /// Collects waiting inserts into groups and commits up to `--commit-groups-in-flight` of
 /// them at once (one by default: every insert that arrives while a group commits joins
 /// the next one). Groups stay independent (a
 /// dedup id committed by two groups at once fails the second's commit on `blocks/<id>` and
 /// is answered as a duplicate), and block-number locks keep merges away from what is in
-/// flight.
-async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
-    let known: KnownPartitions = Arc::default();
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        replica.cfg.commit_groups_in_flight.max(1),
-    ));
+/// flight. Runs until shutdown; started again after a panic, it resumes with the inserts
+/// still queued.
+pub async fn collect(collector: Arc<Collector>) {
+    let replica = &collector.replica;
+    // Free: a previous run released it when it unwound or was aborted.
+    let mut rx = collector.rx.lock().await;
     let delay = Duration::from_micros(replica.cfg.commit_delay_us);
     let mut previous_jobs = 0;
-    while let Some(first) = rx.recv().await {
+    let mut held = Held(Vec::new());
+    loop {
+        let Some(first) = rx.recv().await else {
+            // Every `Committer` is gone: the HTTP server stopped and the process is
+            // shutting down. Returning would read as a failure to the supervisor.
+            std::future::pending::<()>().await;
+            return;
+        };
+        held.0.push(first);
         // Waiting for a slot before collecting lets the group gather every insert that
         // arrived meanwhile.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Ok(slot) = collector.slots.clone().acquire_owned().await else {
             return;
         };
         // Without the delay, concurrent clients split into two cohorts that take turns:
         // the one just answered resends while the other's group commits.
         let deadline = lingers(previous_jobs, delay).then(|| tokio::time::Instant::now() + delay);
-        let mut jobs = vec![first];
-        let mut n = jobs[0].blocks.len();
+        let mut n = held.0[0].blocks.len();
         while n < MAX_GROUP_BLOCKS {
             let job = match (rx.try_recv(), deadline) {
                 (Ok(job), _) => job,
@@ -105,11 +150,12 @@ async fn run(replica: Arc<Replica>, mut rx: mpsc::Receiver<Job>) {
                 (Err(_), _) => break,
             };
             n += job.blocks.len();
-            jobs.push(job);
+            held.0.push(job);
         }
+        let jobs = std::mem::take(&mut held.0);
         previous_jobs = jobs.len();
         let replica = replica.clone();
-        let known = known.clone();
+        let known = collector.known.clone();
         tokio::spawn(async move {
             commit_group(&replica, &known, jobs).await;
             drop(slot);
@@ -1457,5 +1503,19 @@ mod tests {
         assert!(lingers(2, delay));
         assert!(lingers(16, delay));
         assert!(!lingers(16, Duration::ZERO), "turned off");
+    }
+
+    #[test]
+    fn inserts_held_by_a_collector_that_dies_are_answered_nothing_was_committed() {
+        let (reply, mut answer) = oneshot::channel();
+        let held = Held(vec![Job {
+            blocks: Vec::new(),
+            reply,
+        }]);
+        drop(held);
+        match answer.try_recv() {
+            Ok(Err(InsertError::Interrupted(_))) => {}
+            other => panic!("expected Interrupted, got {other:?}"),
+        }
     }
 }

@@ -98,6 +98,10 @@ pub enum InsertError {
     /// is idempotent.
     #[error("outcome unknown, retry (the retry is deduplicated): {0}")]
     OutcomeUnknown(String),
+    /// Stopped before its commit (the commit task failed and restarts): nothing was
+    /// committed, retrying is safe.
+    #[error("insert interrupted, nothing was committed: {0}; retry")]
+    Interrupted(String),
     #[error("too few live replicas for insert_quorum: {0}")]
     TooFewReplicas(String),
     /// No active replica held the part: nothing stays committed; retrying is safe.
@@ -115,6 +119,7 @@ impl InsertError {
             InsertError::Input(_) => 400,
             InsertError::ReadOnly(_)
             | InsertError::Unavailable(_)
+            | InsertError::Interrupted(_)
             | InsertError::OutcomeUnknown(_)
             | InsertError::TooFewReplicas(_)
             | InsertError::QuorumFailed(_) => 503,
