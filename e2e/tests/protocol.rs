@@ -1106,3 +1106,23 @@ async fn dedup_blocks_beyond_the_window_are_cleaned() {
         .expect("retry of the oldest");
     assert!(!oldest.deduplicated, "{oldest:?}");
 }
+
+/// ClickHouse bumps `block_numbers`' data version with each partition node it creates, so a
+/// transaction can check that the set of partitions did not change.
+#[tokio::test]
+async fn a_new_partition_bumps_the_version_of_block_numbers() {
+    let _serial = serial();
+    let c = cluster(ClusterOptions::default()).await;
+    let zk = c.zk_client().await.expect("zk");
+    // Two months from one replica, January again from another: two partitions in all.
+    for (replica, body) in [(0, rows(0, 20)), (1, january_rows(100, 5))] {
+        let (status, answer) = insert_with(&c, replica, "", json_lines(&body)).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let path = c.paths().block_numbers();
+    let mut partitions = zk.list_children(&path).await.expect("list block_numbers");
+    partitions.sort();
+    assert_eq!(partitions, ["202501", "202502"]);
+    let (_, stat) = zk.get_data(&path).await.expect("block_numbers");
+    assert_eq!(stat.version, 2, "one bump per partition created");
+}

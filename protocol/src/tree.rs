@@ -112,6 +112,37 @@ pub fn multi_error(op: &'static str, paths: &[String], e: zk::MultiWriteError) -
     }
 }
 
+/// Makes `block_numbers/<partition>` if it is missing. As in ClickHouse, the same multi
+/// bumps the data version of `block_numbers`, so that a transaction can check that the
+/// set of partitions did not change (ZooKeeper has no check on a node's children).
+pub async fn ensure_partition_node(
+    client: &zk::Client,
+    paths: &TablePaths,
+    partition_id: &str,
+) -> Result<(), TreeError> {
+    let partition = paths.block_numbers_partition(partition_id);
+    let parent = paths.block_numbers();
+    let mut multi = client.new_multi_writer();
+    multi
+        .add_create(&partition, b"", &persistent())
+        .map_err(|e| TreeError::zk("create", partition.clone(), e))?;
+    multi
+        .add_set_data(&parent, b"", None)
+        .map_err(|e| TreeError::zk("set", parent.clone(), e))?;
+    match multi.commit().await {
+        Ok(_)
+        | Err(zk::MultiWriteError::OperationFailed {
+            index: 0,
+            source: zk::Error::NodeExists,
+        }) => Ok(()),
+        Err(e) => Err(multi_error(
+            "create a partition's block_numbers node",
+            &[partition, parent],
+            e,
+        )),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateOutcome {
     Created,

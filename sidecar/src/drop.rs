@@ -54,11 +54,7 @@ pub async fn drop_partition(replica: &Replica, partition: &str) -> Result<String
         .sessions
         .active()
         .map_err(|e| DropError::ReadOnly(e.reason))?;
-    let parent = replica.paths.block_numbers_partition(partition);
-    match client.create(&parent, b"", &tree::persistent()).await {
-        Ok(_) | Err(zk::Error::NodeExists) => {}
-        Err(e) => return Err(TreeError::zk("create", parent, e).into()),
-    }
+    tree::ensure_partition_node(&client, &replica.paths, partition).await?;
     // This replica's own reservation would hold the drop back until it idles out.
     replica
         .block_reserve

@@ -998,13 +998,8 @@ async fn ensure_partitions(
         if known.lock().contains(pid) {
             continue;
         }
-        let path = replica.paths.block_numbers_partition(pid);
-        match client.create(&path, b"", &tree::persistent()).await {
-            Ok(_) | Err(zk::Error::NodeExists) => {
-                known.lock().insert(pid.clone());
-            }
-            Err(e) => return Err(TreeError::zk("create", path, e)),
-        }
+        tree::ensure_partition_node(client, &replica.paths, pid).await?;
+        known.lock().insert(pid.clone());
     }
     Ok(())
 }
