@@ -63,20 +63,22 @@ impl SidecarConfig {
 /// Where the `rtable-sidecar` binary is: `RTABLE_SIDECAR_BIN`, else the workspace's
 /// `target/debug` (or `target/release` when only that exists, or `RTABLE_PROFILE=release`).
 pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(bin) = std::env::var("RTABLE_SIDECAR_BIN") {
+    workspace_binary("rtable-sidecar", "RTABLE_SIDECAR_BIN", "rtable-sidecar")
+}
+
+/// A binary of this workspace: `$env_var` if set, else `target/debug/<name>` (or
+/// `target/release`, see [`sidecar_binary`]); the error names the package to build.
+pub fn workspace_binary(name: &str, env_var: &str, package: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(bin) = std::env::var(env_var) {
         let path = PathBuf::from(bin);
-        anyhow::ensure!(
-            path.exists(),
-            "RTABLE_SIDECAR_BIN={} does not exist",
-            path.display()
-        );
+        anyhow::ensure!(path.exists(), "{env_var}={} does not exist", path.display());
         return Ok(path);
     }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| crate::repo_root().join("target"));
-    let debug = target.join("debug").join("rtable-sidecar");
-    let release = target.join("release").join("rtable-sidecar");
+    let debug = target.join("debug").join(name);
+    let release = target.join("release").join(name);
     let prefer_release = std::env::var("RTABLE_PROFILE").is_ok_and(|p| p == "release");
     let order = if prefer_release {
         [&release, &debug]
@@ -89,7 +91,7 @@ pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
         .cloned()
         .with_context(|| {
             format!(
-                "the sidecar binary is not built ({} missing): run `cargo build -p rtable-sidecar` (scripts/test.sh does)",
+                "{name} is not built ({} missing): run `cargo build -p {package}` (scripts/test.sh does)",
                 debug.display()
             )
         })

@@ -24,6 +24,17 @@ impl Daemon {
         args: &[String],
         dir: &Path,
     ) -> anyhow::Result<Daemon> {
+        Self::spawn_with_env(name, program, args, &[], dir)
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        dir: &Path,
+    ) -> anyhow::Result<Daemon> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out
@@ -38,6 +49,7 @@ impl Daemon {
         let mut command = Command::new(program);
         command
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

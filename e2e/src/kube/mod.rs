@@ -6,6 +6,8 @@ pub mod control_plane;
 pub mod daemon;
 pub mod kubectl;
 pub mod pki;
+pub mod shared;
 
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use kubectl::Cli;
+pub use shared::Shared;

@@ -1,0 +1,124 @@
+//! One control plane for every scenario of a test binary: starting one takes seconds, and
+//! the scenarios each work in a namespace of their own.
+//!
+//! The processes are started from a thread of their own that lives as long as the test
+//! binary: they are tied to the thread that started them (PR_SET_PDEATHSIG), and libtest
+//! runs each test on a thread that ends with it. At exit the plane is stopped; its
+//! directory (logs, certificates, kubeconfig) is kept when a scenario failed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use super::binaries::Binaries;
+use super::control_plane::{ControlPlane, ControlPlaneOptions};
+use super::kubectl::Cli;
+
+/// What scenarios use of the shared plane.
+#[derive(Debug)]
+pub struct Shared {
+    pub kubeconfig: PathBuf,
+    pub server: String,
+    pub binaries: Binaries,
+    pub dir: PathBuf,
+    failed: AtomicBool,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+static PLANE: Mutex<Option<ControlPlane>> = Mutex::new(None);
+
+impl Shared {
+    /// The plane, started on first use with `opts` (later calls get the same plane).
+    /// Panics when it cannot start: this is for tests, and every scenario needs it.
+    pub fn get(opts: ControlPlaneOptions) -> &'static Shared {
+        SHARED.get_or_init(|| match start(opts) {
+            Ok(shared) => shared,
+            Err(e) => panic!("starting the control plane: {e:#}"),
+        })
+    }
+
+    pub fn kubectl(&self) -> Cli {
+        Cli::new(&self.binaries.path("kubectl"), &self.kubeconfig)
+    }
+
+    pub fn helm(&self) -> Cli {
+        Cli::new(&self.binaries.path("helm"), &self.kubeconfig)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        super::control_plane::client_for(&self.kubeconfig).await
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Held for a scenario: if the scenario panics, the plane's logs are printed and its
+    /// directory kept when the test binary exits.
+    pub fn scenario(&'static self) -> ScenarioGuard {
+        ScenarioGuard(self)
+    }
+}
+
+pub struct ScenarioGuard(&'static Shared);
+
+impl Drop for ScenarioGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.failed.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn start(opts: ControlPlaneOptions) -> anyhow::Result<Shared> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("control-plane".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let started = match runtime {
+                Ok(rt) => rt.block_on(ControlPlane::start(opts)),
+                Err(e) => Err(anyhow::Error::new(e).context("building a runtime")),
+            };
+            let failed = started.is_err();
+            let _ = tx.send(started);
+            if !failed {
+                // The processes die with this thread: keep it until the process exits.
+                loop {
+                    std::thread::park();
+                }
+            }
+        })?;
+    let plane = rx.recv()??;
+    let shared = Shared {
+        kubeconfig: plane.kubeconfig.clone(),
+        server: plane.server.clone(),
+        binaries: plane.binaries().clone(),
+        dir: plane.dir().to_path_buf(),
+        failed: AtomicBool::new(false),
+    };
+    *PLANE.lock().unwrap_or_else(|p| p.into_inner()) = Some(plane);
+    // SAFETY: atexit(3) only records the function pointer; `stop_at_exit` is an
+    // `extern "C" fn()` that never unwinds.
+    if unsafe { libc::atexit(stop_at_exit) } != 0 {
+        eprintln!(
+            "control plane: cannot register its stop at exit; its processes die with the test binary"
+        );
+    }
+    Ok(shared)
+}
+
+extern "C" fn stop_at_exit() {
+    let plane = PLANE.lock().map(|mut p| p.take()).unwrap_or(None);
+    if let Some(mut plane) = plane {
+        if SHARED
+            .get()
+            .is_some_and(|s| s.failed.load(Ordering::SeqCst))
+        {
+            plane.keep();
+        }
+        drop(plane);
+    }
+}
