@@ -208,3 +208,226 @@ async fn the_api_server_refuses_invalid_tables_with_the_crds_messages() {
         .ok("appending a column")
         .unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// The operator as a process of this host with an admin kubeconfig (the node agent that
+/// runs it as a pod of the chart is the next step), reconciling against the real API server.
+fn start_operator(shared: &Shared, name: &str) -> (rtable_e2e::kube::daemon::Daemon, u16) {
+    let bin = rtable_e2e::sidecar_proc::workspace_binary(
+        "rtable-operator",
+        "RTABLE_OPERATOR_BIN",
+        "rtable-operator",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let port = rtable_e2e::ports::free_ports(1).expect("a free port")[0];
+    let args = [
+        format!("--listen=127.0.0.1:{port}"),
+        "--leader-election=false".to_string(),
+        "--resync-seconds=5".to_string(),
+        "--log-format=text".to_string(),
+    ];
+    let env = [("KUBECONFIG", shared.kubeconfig.display().to_string())];
+    let daemon =
+        rtable_e2e::kube::daemon::Daemon::spawn_with_env(name, &bin, &args, &env, shared.dir())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    (daemon, port)
+}
+
+/// `kubectl get <what> -n <ns> -o json`, parsed.
+async fn get_json(p: &Plane, ns: &str, what: &str) -> Option<serde_json::Value> {
+    let out = p
+        .kubectl
+        .run(&["get", what, "-n", ns, "-o", "json"], None)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    out.success
+        .then(|| serde_json::from_str(&out.stdout).expect("kubectl prints JSON"))
+}
+
+/// Polls `check` every 500 ms until it returns `Some`, for at most `secs`.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Restarting the operator while a table it cannot read exists (stored under a looser
+/// CRD, which was then tightened): every other table is reconciled into its ZooKeeper tree
+/// and objects, with conditions for the current generation, and the bad one is reported
+/// with a Warning Event naming the fix.
+#[tokio::test]
+async fn the_operator_reconciles_every_readable_table_and_reports_an_unreadable_one() {
+    let p = plane().await;
+    let _scenario = p.shared.scenario();
+    let legacy = namespace(&p, "legacy").await;
+    let ns = namespace(&p, "reconcile").await;
+    let zk_dir = p.shared.dir().join("zookeeper-reconcile");
+    let zk = rtable_e2e::ZkEnsemble::start(1, &zk_dir, rtable_e2e::zk_ensemble::Jit::QuickStart)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
+
+    // A CRD without the partitionBy rule stores a key the operator cannot parse.
+    let crd_path = rtable_e2e::repo_root().join("charts/rtable-operator/crds/replicatedtable.yaml");
+    let crd_text = std::fs::read_to_string(&crd_path).expect("the chart's CRD");
+    let mut loose: serde_yaml::Value = serde_yaml::from_str(&crd_text).expect("CRD YAML");
+    loose["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["partitionBy"]
+        .as_mapping_mut()
+        .expect("partitionBy's schema")
+        .remove("x-kubernetes-validations");
+    let loose = serde_yaml::to_string(&loose).expect("yaml");
+    for (what, crd) in [
+        ("the looser CRD", loose.as_str()),
+        ("the real CRD", crd_text.as_str()),
+    ] {
+        p.kubectl
+            .run(
+                &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+                Some(crd),
+            )
+            .await
+            .and_then(|o| o.ok(what))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        if what == "the looser CRD" {
+            let bad = events_manifest(&legacy, |d| {
+                d["spec"]["partitionBy"] = "toDate(ts)".into();
+                d["spec"]["zookeeper"]["nodes"] = nodes.clone().into();
+            });
+            // Rules are cached by the API server for a moment after a CRD update: retry.
+            eventually("the looser CRD to accept toDate(ts)", 30, || async {
+                apply(&p, &bad).await.success.then_some(())
+            })
+            .await;
+        }
+    }
+
+    let (_operator, _port) = start_operator(p.shared, "operator-reconcile");
+    let good = events_manifest(&ns, |d| {
+        d["spec"]["zookeeper"]["nodes"] = nodes.clone().into();
+    });
+    apply(&p, &good)
+        .await
+        .ok("applying the readable table")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // The readable table: objects owned by it, a tree, conditions of this generation.
+    let sts = eventually("the StatefulSet of rt/events", 60, || {
+        get_json(&p, &ns, "statefulset/events")
+    })
+    .await;
+    assert_eq!(
+        sts["metadata"]["ownerReferences"][0]["kind"],
+        "ReplicatedTable"
+    );
+    assert_eq!(sts["spec"]["replicas"], 3);
+    for what in [
+        "service/events",
+        "service/events-replicas",
+        "configmap/events-table",
+        "secret/events-interserver",
+        "poddisruptionbudget/events",
+    ] {
+        eventually(what, 30, || get_json(&p, &ns, what)).await;
+    }
+    let rt = eventually("conditions of the current generation", 60, || async {
+        let rt = get_json(&p, &ns, "rt/events").await?;
+        let generation = rt["metadata"]["generation"].clone();
+        let conditions = rt["status"]["conditions"].as_array()?.clone();
+        (conditions.len() == 4
+            && conditions
+                .iter()
+                .all(|c| c["observedGeneration"] == generation))
+        .then_some(rt)
+    })
+    .await;
+    let table_path = rt["status"]["tablePath"]
+        .as_str()
+        .expect("status.tablePath")
+        .to_string();
+    let client = rtable_protocol::tree::connect(
+        &zk.connect_string(),
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .expect("a ZooKeeper session");
+    let metadata = rtable_protocol::TablePaths::new(table_path.clone()).metadata();
+    assert!(
+        client
+            .check_stat(&metadata)
+            .await
+            .expect("exists")
+            .is_some(),
+        "the operator created {metadata}"
+    );
+    let wide = p
+        .kubectl
+        .run(&["get", "rt", "-n", &ns, "-o", "wide"], None)
+        .await
+        .and_then(|o| o.ok("kubectl get rt -o wide"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let header: Vec<&str> = wide
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "REPLICAS", "ACTIVE", "READY", "MAX", "DELAY", "AGE", "QUORUM", "STATUS",
+            "PATH"
+        ],
+        "{}",
+        wide.stdout
+    );
+    let row: Vec<&str> = wide
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[0], row[1]), ("events", "3"), "{}", wide.stdout);
+    assert_eq!(
+        row.last().copied(),
+        Some(table_path.as_str()),
+        "{}",
+        wide.stdout
+    );
+
+    // The unreadable table: reported on itself.
+    let events = eventually("an InvalidSpec Event on legacy/events", 60, || async {
+        let list = get_json(&p, &legacy, "events").await?;
+        let found: Vec<serde_json::Value> = list["items"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["reason"] == "InvalidSpec")
+            .cloned()
+            .collect();
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    let note = events[0]["note"]
+        .as_str()
+        .or(events[0]["message"].as_str())
+        .unwrap_or_default();
+    assert_eq!(events[0]["type"], "Warning");
+    assert!(
+        note.contains("toDate(ts)") && note.contains("kubectl edit rt/events -n legacy"),
+        "{note}"
+    );
+    drop(zk);
+}

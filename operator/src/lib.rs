@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod build;
 pub mod crd;
+pub mod guard;
 pub mod install;
 pub mod leader;
 pub mod metrics;

@@ -16,9 +16,10 @@ use kube::{Api, Client};
 use prometheus_client::registry::Registry;
 use rtable_operator::backend::ZooKeeperBackend;
 use rtable_operator::build::BuildConfig;
-use rtable_operator::crd::{ReplicatedTable, crd_yaml};
+use rtable_operator::crd::crd_yaml;
+use rtable_operator::guard::{GuardedTable, error_policy_guarded, reconcile_guarded};
 use rtable_operator::metrics::Metrics;
-use rtable_operator::reconcile::{Context, error_policy, reconcile};
+use rtable_operator::reconcile::Context;
 
 #[derive(Parser)]
 #[command(
@@ -189,7 +190,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         zookeeper_grace: Duration::from_secs(args.zookeeper_grace_seconds),
         resync: Duration::from_secs(args.resync_seconds),
     });
-    let tables: Api<ReplicatedTable> = Api::all(client.clone());
+    // Guarded: one table this operator cannot read must not stop the watch of all others.
+    let tables: Api<GuardedTable> = Api::all(client.clone());
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=rtable-operator");
     let controller = Controller::new(tables, watcher::Config::default().any_semantic())
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
@@ -197,10 +199,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile_guarded, error_policy_guarded, ctx)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile failed");
+            use kube::runtime::controller::Error as ControllerError;
+            match result {
+                Ok(_) => {}
+                // Logged by the error policy, with the table's name.
+                Err(ControllerError::ReconcilerFailed(..)) => {}
+                // A table deleted while it waited in the queue.
+                Err(e @ ControllerError::ObjectNotFound(_)) => {
+                    tracing::debug!(error = %e, "queued table is gone")
+                }
+                // The watch itself failing (API server down, RBAC): every table waits on it.
+                Err(e) => tracing::warn!(error = %e, "controller error"),
             }
         });
 
