@@ -9,6 +9,7 @@ pub mod client;
 pub mod cluster;
 pub mod driver;
 pub mod kube;
+pub mod node;
 pub mod poll;
 pub mod ports;
 pub mod process;
