@@ -77,24 +77,46 @@ impl ZooKeeperBackend {
     }
 
     async fn client(&self, target: &ZkTarget) -> Result<zk::Client, TreeError> {
-        let mut sessions = self.sessions.lock().await;
-        if let Some(c) = sessions.get(target)
+        if let Some(c) = self.sessions.lock().await.get(target)
             && !c.state().is_terminated()
         {
             return Ok(c.clone());
         }
+        // Connected without holding the map, and within a deadline of our own: one table's
+        // unreachable or unresolvable ensemble must not hold up every other table's reconcile
+        // (the client's connection timeout does not bound a name that does not resolve).
         let mut connector = zk::Client::connector()
             .with_session_timeout(target.session_timeout)
             .with_connection_timeout(self.connect_timeout);
         if let Some(auth) = &target.auth {
             connector = connector.with_auth("digest", auth.as_bytes());
         }
-        let client = connector
-            .connect(&target.connect)
-            .await
-            .map_err(|e| TreeError::zk("connect", target.connect.clone(), e))?;
-        sessions.insert(target.clone(), client.clone());
-        Ok(client)
+        let client = match tokio::time::timeout(
+            self.connect_timeout * 2,
+            connector.connect(&target.connect),
+        )
+        .await
+        {
+            Ok(connected) => {
+                connected.map_err(|e| TreeError::zk("connect", target.connect.clone(), e))?
+            }
+            Err(_) => {
+                return Err(TreeError::zk(
+                    "connect",
+                    target.connect.clone(),
+                    zk::Error::Timeout,
+                ));
+            }
+        };
+        let mut sessions = self.sessions.lock().await;
+        // Another reconcile of the same ensemble may have connected meanwhile: keep one.
+        match sessions.get(target) {
+            Some(c) if !c.state().is_terminated() => Ok(c.clone()),
+            _ => {
+                sessions.insert(target.clone(), client.clone());
+                Ok(client)
+            }
+        }
     }
 
     /// Forgets a session after a transient failure: a fresh one is built next time.

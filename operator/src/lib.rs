@@ -13,6 +13,7 @@ pub(crate) mod mock;
 pub mod reconcile;
 pub mod status;
 pub mod validate;
+pub mod watch;
 pub mod zookeeper_address;
 
 /// The Kubernetes types the status is made of (`Condition`, `Time`), re-exported so a

@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::Reporter;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client};
 use prometheus_client::registry::Registry;
 use rtable_operator::backend::ZooKeeperBackend;
@@ -193,7 +193,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Guarded: one table this operator cannot read must not stop the watch of all others.
     let tables: Api<GuardedTable> = Api::all(client.clone());
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=rtable-operator");
-    let controller = Controller::new(tables, watcher::Config::default().any_semantic())
+    let (reader, writer) = reflector::store();
+    let changes = watcher(tables, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(rtable_operator::watch::relevant_change, Default::default());
+    let controller = Controller::for_stream(changes, reader)
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
