@@ -212,6 +212,14 @@ async fn the_api_server_refuses_invalid_tables_with_the_crds_messages() {
 /// The operator as a process of this host with an admin kubeconfig (the node agent that
 /// runs it as a pod of the chart is the next step), reconciling against the real API server.
 fn start_operator(shared: &Shared, name: &str) -> (rtable_e2e::kube::daemon::Daemon, u16) {
+    start_operator_with(shared, name, &[])
+}
+
+fn start_operator_with(
+    shared: &Shared,
+    name: &str,
+    extra: &[&str],
+) -> (rtable_e2e::kube::daemon::Daemon, u16) {
     let bin = rtable_e2e::sidecar_proc::workspace_binary(
         "rtable-operator",
         "RTABLE_OPERATOR_BIN",
@@ -219,12 +227,13 @@ fn start_operator(shared: &Shared, name: &str) -> (rtable_e2e::kube::daemon::Dae
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     let port = rtable_e2e::ports::free_ports(1).expect("a free port")[0];
-    let args = [
+    let mut args = vec![
         format!("--listen=127.0.0.1:{port}"),
         "--leader-election=false".to_string(),
         "--resync-seconds=5".to_string(),
         "--log-format=text".to_string(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     let env = [("KUBECONFIG", shared.kubeconfig.display().to_string())];
     let daemon =
         rtable_e2e::kube::daemon::Daemon::spawn_with_env(name, &bin, &args, &env, shared.dir())
@@ -516,4 +525,123 @@ async fn status_writes_do_not_retrigger_reconciles() {
         window.as_secs()
     );
     drop(zk);
+}
+
+/// The names of the Events recorded on `kind/name` in `ns` with `reason`.
+async fn events_with_reason(p: &Plane, ns: &str, reason: &str) -> Vec<serde_json::Value> {
+    let Some(list) = get_json(p, ns, "events").await else {
+        return Vec::new();
+    };
+    list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|e| e["reason"] == reason)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `kubectl delete rt/NAME` of a table with `deletionPolicy: Delete`: the finalizer removes
+/// its ZooKeeper tree. With its ensemble stopped, the grace period ends with a Warning
+/// Event naming the tree left behind, and the object goes all the same.
+#[tokio::test]
+async fn deleting_a_table_removes_its_tree_or_lets_go_after_the_grace_period() {
+    let p = plane().await;
+    let _scenario = p.shared.scenario();
+    let ns = namespace(&p, "deletion").await;
+    let zk_dir = p.shared.dir().join("zookeeper-deletion");
+    let zk = rtable_e2e::ZkEnsemble::start(
+        1,
+        &zk_dir.join("a"),
+        rtable_e2e::zk_ensemble::Jit::QuickStart,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let doomed = rtable_e2e::ZkEnsemble::start(
+        1,
+        &zk_dir.join("b"),
+        rtable_e2e::zk_ensemble::Jit::QuickStart,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let grace = 10;
+    let (_operator, _) = start_operator_with(
+        p.shared,
+        "operator-deletion",
+        &[&format!("--zookeeper-grace-seconds={grace}")],
+    );
+    let mut paths = Vec::new();
+    for (name, ensemble) in [("events", &zk), ("orphan", &doomed)] {
+        let nodes = vec![serde_yaml::Value::from(ensemble.connect_string())];
+        let table = events_manifest(&ns, |d| {
+            d["metadata"]["name"] = name.into();
+            d["spec"]["deletionPolicy"] = "Delete".into();
+            d["spec"]["zookeeper"]["nodes"] = nodes.into();
+        });
+        apply(&p, &table)
+            .await
+            .ok("applying a table")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let path = eventually("status.tablePath", 60, || async {
+            let rt = get_json(&p, &ns, &format!("rt/{name}")).await?;
+            rt["status"]["tablePath"].as_str().map(str::to_string)
+        })
+        .await;
+        paths.push(path);
+    }
+    let client = rtable_protocol::tree::connect(
+        &zk.connect_string(),
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .expect("a ZooKeeper session");
+    assert!(
+        client
+            .check_stat(&paths[0])
+            .await
+            .expect("exists")
+            .is_some()
+    );
+
+    p.kubectl
+        .run(&["delete", "rt/events", "-n", &ns, "--timeout=60s"], None)
+        .await
+        .and_then(|o| o.ok("kubectl delete rt/events"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        client
+            .check_stat(&paths[0])
+            .await
+            .expect("exists")
+            .is_none(),
+        "the finalizer removed {}",
+        paths[0]
+    );
+    assert!(
+        !events_with_reason(&p, &ns, "ZooKeeperTreeRemoved")
+            .await
+            .is_empty()
+    );
+
+    drop(doomed);
+    let started = std::time::Instant::now();
+    p.kubectl
+        .run(&["delete", "rt/orphan", "-n", &ns, "--timeout=90s"], None)
+        .await
+        .and_then(|o| o.ok("kubectl delete rt/orphan with its ensemble stopped"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let took = started.elapsed().as_secs();
+    assert!(
+        took >= grace - 1,
+        "the finalizer waited for the grace period, {took}s"
+    );
+    let abandoned = events_with_reason(&p, &ns, "ZooKeeperTreeAbandoned").await;
+    let note = abandoned
+        .first()
+        .and_then(|e| e["message"].as_str().or(e["note"].as_str()))
+        .unwrap_or_else(|| panic!("a ZooKeeperTreeAbandoned Event in {ns}"));
+    assert!(note.contains(&paths[1]), "{note}");
+    assert_eq!(abandoned[0]["type"], "Warning");
 }
