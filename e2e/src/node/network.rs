@@ -129,6 +129,12 @@ fn host_veth(uid: &str) -> String {
     format!("rtv{hex}")
 }
 
+/// `0a:58:` and the address's four bytes: a locally administered unicast MAC.
+fn mac_of(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
 /// A pod's network, as created.
 #[derive(Debug, Clone)]
 pub struct PodNetwork {
@@ -245,6 +251,18 @@ impl Network {
         ])
         .await?;
         ip(&["link", "set", &veth, "master", &self.bridge, "up"]).await?;
+        // The MAC follows from the address (as the CNI bridge plugin did): a reused address
+        // keeps its MAC, so neighbour caches on the host and in other pods stay right.
+        ip(&[
+            "-n",
+            &netns,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &mac_of(ip_addr),
+        ])
+        .await?;
         let address = format!("{ip_addr}/{}", self.cidr.prefix);
         ip(&["-n", &netns, "addr", "add", &address, "dev", "eth0"]).await?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"]).await?;
@@ -282,5 +300,6 @@ mod tests {
         assert_eq!(host_veth(uid), "rtv0c6f3a2e5d1b");
         assert!(host_veth(uid).len() <= 15);
         assert_eq!(netns_name(uid), format!("rtable-{uid}"));
+        assert_eq!(mac_of(Ipv4Addr::new(10, 244, 0, 2)), "0a:58:0a:f4:00:02");
     }
 }

@@ -1,0 +1,719 @@
+//! `rtable-node` on a real control plane: the kube-scheduler binds a StatefulSet's pods to
+//! the node, the agent runs them as processes in namespaces of their own, and everything a
+//! pod relies on is checked from inside the pods (through a tiny agnhost-like HTTP program
+//! mapped from a `python` image) and through the API: addresses, names, volumes, the
+//! downward API, the service-account token, restarts in place and replacement.
+//!
+//! Needs root and `ip` (iproute2). Run with
+//! `cargo test -p rtable-e2e --test kube_pods -- --nocapture`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams, PostParams};
+use rtable_e2e::kube::{Cli, ControlPlane, ControlPlaneOptions};
+use rtable_e2e::node::process::{Bridge, NodeProcess};
+use rtable_e2e::node::{NodeConfig, provisioner};
+use rtable_e2e::{Check, poll_until};
+use serde_json::Value;
+
+const NS: &str = "pods-e2e";
+const NODE: &str = "node-1";
+const CLAIM: u64 = 64 << 20;
+
+/// The pods' program: answers what a test asks about the pod from inside it.
+const AGNHOST: &str = r#"
+import http.server, json, os, socket, ssl, urllib.parse, urllib.request
+
+SA = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+def df(path):
+    s = os.statvfs(path)
+    return {"total": s.f_blocks * s.f_frsize, "free": s.f_bavail * s.f_frsize}
+
+def whoami():
+    token = open(SA + "/token").read()
+    ctx = ssl.create_default_context(cafile=SA + "/ca.crt")
+    port = os.environ["KUBERNETES_SERVICE_PORT"]
+    body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode()
+    req = urllib.request.Request(
+        "https://kubernetes.default.svc:%s/apis/authentication.k8s.io/v1/selfsubjectreviews" % port,
+        data=body, method="POST",
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+        return json.load(r)["status"]["userInfo"]["username"]
+
+def fill(path):
+    written = 0
+    chunk = b"x" * (1 << 20)
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(chunk)
+                f.flush()
+                written += len(chunk)
+    except OSError as e:
+        error = e.strerror
+    os.remove(path)
+    return {"written": written, "error": error}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, value):
+        body = json.dumps(value).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        q = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+        try:
+            if url.path == "/healthz":
+                return self.reply(200, "ok")
+            if url.path == "/info":
+                token = open(SA + "/token").read() if os.path.exists(SA + "/token") else ""
+                return self.reply(200, {
+                    "hostname": socket.gethostname(),
+                    "env": {k: os.environ.get(k) for k in ("POD_NAME", "POD_IP", "NODE_NAME", "POD_UID", "GREETING", "KUBERNETES_SERVICE_HOST")},
+                    "pid": os.getpid(),
+                    "data": df("/data"),
+                    "token_parts": len(token.split(".")) if token else 0,
+                    "namespace": open(SA + "/namespace").read() if os.path.exists(SA + "/namespace") else None,
+                    "ca": os.path.exists(SA + "/ca.crt"),
+                    "labels": open("/etc/podinfo/labels").read(),
+                    "resolv": open("/etc/resolv.conf").read(),
+                    "hosts": open("/etc/hosts").read(),
+                })
+            if url.path == "/fetch":
+                address = socket.gethostbyname(q["host"])
+                with urllib.request.urlopen("http://%s:8080/info" % q["host"], timeout=5) as r:
+                    return self.reply(200, {"address": address, "peer": json.load(r)})
+            if url.path == "/whoami":
+                return self.reply(200, whoami())
+            if url.path == "/write":
+                with open(q["path"], "w") as f:
+                    f.write(q["value"])
+                return self.reply(200, "ok")
+            if url.path == "/read":
+                return self.reply(200, open(q["path"]).read())
+            if url.path == "/fill":
+                return self.reply(200, fill(q["path"]))
+            return self.reply(404, "no such path")
+        except Exception as e:
+            return self.reply(500, "%s: %s" % (type(e).__name__, e))
+
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+"#;
+
+fn manifests() -> String {
+    let script: String = AGNHOST.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: {NS}}}
+spec:
+  clusterIP: None
+  selector: {{app: web}}
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: agnhost, namespace: {NS}}}
+data:
+  agnhost.py: |
+{script}---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: web, namespace: {NS}}}
+spec:
+  serviceName: web
+  replicas: 2
+  podManagementPolicy: Parallel
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web, tier: demo}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: web
+        image: docker.io/library/python:3.12-slim
+        command: [python3, -u, /app/agnhost.py]
+        ports: [{{name: http, containerPort: 8080}}]
+        env:
+        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+        - {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}
+        - {{name: NODE_NAME, valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}}}
+        - {{name: GREETING, value: "hello from $(POD_NAME)"}}
+        volumeMounts:
+        - {{name: app, mountPath: /app, readOnly: true}}
+        - {{name: data, mountPath: /data}}
+        - {{name: podinfo, mountPath: /etc/podinfo}}
+        startupProbe:
+          exec: {{command: [test, -f, /app/agnhost.py]}}
+          periodSeconds: 1
+          failureThreshold: 30
+        readinessProbe:
+          httpGet: {{path: /healthz, port: http}}
+          periodSeconds: 1
+        livenessProbe:
+          tcpSocket: {{port: http}}
+          periodSeconds: 2
+          failureThreshold: 5
+      volumes:
+      - {{name: app, configMap: {{name: agnhost}}}}
+      - name: podinfo
+        downwardAPI:
+          items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{requests: {{storage: 64Mi}}}}
+"#
+    )
+}
+
+/// Prints how long each phase took.
+struct Clock(Instant, Instant);
+
+impl Clock {
+    fn lap(&mut self, what: &str) {
+        let now = Instant::now();
+        eprintln!(
+            "[{:6.1}s] {what} ({:.1}s)",
+            (now - self.0).as_secs_f64(),
+            (now - self.1).as_secs_f64()
+        );
+        self.1 = now;
+    }
+}
+
+async fn get_json(http: &reqwest::Client, ip: &str, path: &str) -> anyhow::Result<Value> {
+    let url = format!("http://{ip}:8080{path}");
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .with_context(|| format!("GET {url}: body"))?;
+    anyhow::ensure!(status.is_success(), "GET {url}: {status}: {body}");
+    Ok(body)
+}
+
+/// The pod's UID, IP and the ready flag, restart count and last exit code of its container.
+fn summary(pod: &Pod) -> (String, Option<String>, bool, i32, Option<i32>) {
+    let status = pod.status.clone().unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let container = status
+        .container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .next();
+    (
+        pod.metadata.uid.clone().unwrap_or_default(),
+        status.pod_ip,
+        ready,
+        container.as_ref().map_or(0, |c| c.restart_count),
+        container
+            .and_then(|c| c.last_state)
+            .and_then(|l| l.terminated)
+            .map(|t| t.exit_code),
+    )
+}
+
+/// Waits until `name` is Ready with `restarts` restarts (and, if given, another UID than
+/// `not_uid`); returns the pod.
+async fn ready_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    restarts: i32,
+    not_uid: Option<&str>,
+    node: &mut NodeProcess,
+) -> anyhow::Result<Pod> {
+    let what = format!("pod {name} Ready with {restarts} restarts");
+    poll_until(
+        &what,
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        || {
+            let running = node.check_running();
+            async move {
+                running?;
+                let Some(pod) = pods.get_opt(name).await? else {
+                    return Ok(Check::Wait("no pod".into()));
+                };
+                let (uid, ip, ready, restart_count, _) = summary(&pod);
+                let new = not_uid.is_none_or(|old| old != uid);
+                if ready && restart_count == restarts && new && ip.is_some() {
+                    Ok(Check::Done(pod))
+                } else {
+                    let status = serde_json::to_string(&pod.status).unwrap_or_default();
+                    Ok(Check::Wait(format!("uid {uid}: {status}")))
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_runs_on_rtable_node() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "this test runs a node agent that creates network namespaces and mounts: run it as root"
+        );
+    }
+    let _serial = rtable_e2e::serial();
+    let mut clock = Clock(Instant::now(), Instant::now());
+    // Dropped in reverse: the agent (which stops its pods) first, then its state, the
+    // control plane, and the bridge last.
+    let bridge = Bridge::create().unwrap_or_else(|e| panic!("{e}"));
+    let gateway = bridge.cidr.gateway();
+    let plane = ControlPlane::start(ControlPlaneOptions {
+        address: gateway,
+        node_monitor_grace: Duration::from_secs(20),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
+    clock.lap(&format!(
+        "control plane on {} (bridge {})",
+        plane.server, bridge.name
+    ));
+    let admin = plane.client().await.expect("admin client");
+    let kubectl = Cli::new(&plane.binaries().path("kubectl"), &plane.kubeconfig);
+
+    // The agent's two identities: the node's, and the add-ons' (DNS, provisioner).
+    let (role, binding) = provisioner::addon_rbac("rtable:node-addons");
+    Api::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("ClusterRole");
+    Api::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("ClusterRoleBinding");
+    let node_kubeconfig = plane
+        .client_kubeconfig(&format!("system:node:{NODE}"), &["system:nodes"])
+        .expect("node kubeconfig");
+    let addons_kubeconfig = plane
+        .client_kubeconfig("rtable:node-addons", &[])
+        .expect("addons kubeconfig");
+    let work = tempfile::Builder::new()
+        .prefix("rtable-node-")
+        .tempdir()
+        .expect("tempdir");
+    let image_map = work.path().join("images.yaml");
+    let target_dir = std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    std::fs::write(
+        &image_map,
+        format!(
+            "images:\n\
+             - prefix: python\n  entrypoint: [python3]\n\
+             - prefix: ghcr.io/rtable/rtable-sidecar\n  path: [{}]\n  entrypoint: [rtable-sidecar]\n",
+            target_dir.display()
+        ),
+    )
+    .expect("image map");
+    let mut config = NodeConfig::new(
+        NODE,
+        node_kubeconfig,
+        addons_kubeconfig,
+        work.path().join("state"),
+        image_map,
+    );
+    config.bridge = bridge.name.clone();
+    config.pod_cidr = bridge.cidr;
+    config.backoff_initial = Duration::from_secs(1);
+    config.backoff_max = Duration::from_secs(10);
+    config.volume_resync = Duration::from_secs(5);
+    let mut node = NodeProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node")),
+        config,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // 1. The node registers, heartbeats, and loses its not-ready taint.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    poll_until(
+        "the node Ready without the not-ready taint",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let running = node.check_running();
+            let nodes = nodes.clone();
+            async move {
+                running?;
+                let Some(n) = nodes.get_opt(NODE).await? else {
+                    return Ok(Check::Wait("no Node".into()));
+                };
+                let ready = n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let tainted = n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key.contains("not-ready")));
+                Ok(if ready && !tainted {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("ready {ready}, tainted {tainted}"))
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let lease = kubectl
+        .run(
+            &["get", "lease", "-n", "kube-node-lease", NODE, "-o", "json"],
+            None,
+        )
+        .await
+        .and_then(|o| o.ok("kubectl get lease"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let lease: Value = serde_json::from_str(&lease.stdout).expect("lease json");
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    clock.lap("node registered, lease renewed, not-ready taint removed");
+
+    // 2. A StatefulSet of two pods with claims.
+    kubectl
+        .run(&["apply", "-f", "-"], Some(&manifests()))
+        .await
+        .and_then(|o| o.ok("kubectl apply"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let web0 = ready_pod(&pods, "web-0", 0, None, &mut node)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let web1 = ready_pod(&pods, "web-1", 0, None, &mut node)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    clock.lap("web-0 and web-1 Ready");
+
+    // The status fields a kubelet sets.
+    let mut ips = Vec::new();
+    for pod in [&web0, &web1] {
+        let status = pod.status.clone().expect("status");
+        let ip: Ipv4Addr = status
+            .pod_ip
+            .as_deref()
+            .expect("podIP")
+            .parse()
+            .expect("ip");
+        assert_eq!(
+            u32::from(ip) & 0xffff_ff00,
+            u32::from(bridge.cidr.network),
+            "{ip} is in {}",
+            bridge.cidr
+        );
+        assert_eq!(
+            status.host_ip.as_deref(),
+            Some(gateway.to_string().as_str())
+        );
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert!(status.start_time.is_some());
+        let types: Vec<String> = status
+            .conditions
+            .iter()
+            .flatten()
+            .filter(|c| c.status == "True")
+            .map(|c| c.type_.clone())
+            .collect();
+        for t in [
+            "PodScheduled",
+            "PodReadyToStartContainers",
+            "Initialized",
+            "ContainersReady",
+            "Ready",
+        ] {
+            assert!(types.contains(&t.to_string()), "{t} in {types:?}");
+        }
+        let c = &status
+            .container_statuses
+            .as_ref()
+            .expect("container statuses")[0];
+        assert!(c.ready && c.started == Some(true));
+        assert!(
+            c.container_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("rtable-node://")),
+            "{:?}",
+            c.container_id
+        );
+        assert!(c.state.as_ref().and_then(|s| s.running.as_ref()).is_some());
+        ips.push(ip.to_string());
+    }
+    assert_ne!(ips[0], ips[1], "each pod has its own address");
+
+    // 3. From inside: hostname, downward API, DNS config, service-account token, volume.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("http client");
+    for (pod, ip) in [("web-0", &ips[0]), ("web-1", &ips[1])] {
+        let info = get_json(&http, ip, "/info")
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(info["hostname"], pod, "{info}");
+        assert_eq!(info["env"]["POD_NAME"], pod);
+        assert_eq!(info["env"]["POD_IP"], ip.as_str());
+        assert_eq!(info["env"]["NODE_NAME"], NODE);
+        assert_eq!(info["env"]["GREETING"], format!("hello from {pod}"));
+        assert_eq!(info["env"]["KUBERNETES_SERVICE_HOST"], gateway.to_string());
+        assert!(
+            info["labels"]
+                .as_str()
+                .is_some_and(|l| l.contains("tier=\"demo\"")),
+            "{info}"
+        );
+        assert_eq!(
+            info["token_parts"], 3,
+            "a JWT in the projected token: {info}"
+        );
+        assert_eq!(info["namespace"], NS);
+        assert_eq!(info["ca"], true);
+        let resolv = info["resolv"].as_str().unwrap_or_default();
+        assert!(
+            resolv.contains(&format!(
+                "search {NS}.svc.cluster.local svc.cluster.local cluster.local"
+            )) && resolv.contains(&format!("nameserver {gateway}")),
+            "{resolv}"
+        );
+        assert!(
+            info["hosts"].as_str().is_some_and(
+                |h| h.contains(&format!("{ip}\t{pod}.web.{NS}.svc.cluster.local\t{pod}"))
+            ),
+            "{info}"
+        );
+        let total = info["data"]["total"].as_u64().unwrap_or(0);
+        assert!(
+            (CLAIM * 8 / 10..=CLAIM).contains(&total),
+            "/data is the claimed 64Mi filesystem: {total} bytes"
+        );
+    }
+    clock.lap("hostname, downward API, resolv.conf, hosts, token and volume checked inside");
+
+    // 4. Names resolve between pods, and pods reach each other.
+    for (from, to, name) in [
+        (&ips[0], &ips[1], "web-1.web".to_string()),
+        (&ips[1], &ips[0], format!("web-0.web.{NS}.svc")),
+        (
+            &ips[0],
+            &ips[0],
+            format!("web-0.web.{NS}.svc.cluster.local"),
+        ),
+    ] {
+        let answer = get_json(&http, from, &format!("/fetch?host={name}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(answer["address"], to.as_str(), "{name}: {answer}");
+        assert_eq!(answer["peer"]["env"]["POD_IP"], to.as_str());
+    }
+    let user = get_json(&http, &ips[0], "/whoami")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(user, format!("system:serviceaccount:{NS}:default"));
+    clock.lap("pods resolve and reach each other; the token authenticates to the API server");
+
+    // 5. The claim's volume is real: it fills up at its size.
+    let filled = get_json(&http, &ips[1], "/fill?path=/data/big")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let written = filled["written"].as_u64().unwrap_or(0);
+    assert!(
+        filled["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space")),
+        "{filled}"
+    );
+    assert!((CLAIM / 2..=CLAIM).contains(&written), "{filled}");
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), NS);
+    let pvc = pvcs.get("data-web-0").await.expect("claim data-web-0");
+    let pv_name = pvc.spec.and_then(|s| s.volume_name).expect("bound claim");
+    let pvs: Api<PersistentVolume> = Api::all(admin.clone());
+    let pv = pvs.get(&pv_name).await.expect("the volume");
+    let pv_spec = pv.spec.clone().expect("pv spec");
+    assert_eq!(
+        pv_spec.storage_class_name.as_deref(),
+        Some(provisioner::STORAGE_CLASS)
+    );
+    assert!(pv_spec.local.is_some() && pv_spec.node_affinity.is_some());
+    assert_eq!(pv.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
+    clock.lap("the claim is bound to a provisioned local volume that fills up at 64Mi");
+
+    // 6. A killed container restarts in place.
+    let info = get_json(&http, &ips[0], "/info").await.expect("info");
+    let pid = info["pid"].as_i64().expect("pid") as i32;
+    let uid0 = web0.metadata.uid.clone().expect("uid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the container");
+    let restarted = ready_pod(&pods, "web-0", 1, None, &mut node)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (uid, ip, _, _, last_exit) = summary(&restarted);
+    assert_eq!(uid, uid0, "restarted in place");
+    assert_eq!(
+        ip.as_deref(),
+        Some(ips[0].as_str()),
+        "same sandbox, same address"
+    );
+    assert_eq!(last_exit, Some(137), "lastState: killed by SIGKILL");
+    let info = get_json(&http, &ips[0], "/info").await.expect("info");
+    assert_ne!(info["pid"].as_i64(), Some(i64::from(pid)));
+    clock.lap("SIGKILLed container restarted in place (restartCount 1)");
+
+    // 7. A deleted pod comes back, new, with the same volume.
+    get_json(&http, &ips[0], "/write?path=/data/marker&value=survives")
+        .await
+        .expect("write a marker");
+    kubectl
+        .run(&["delete", "pod", "-n", NS, "web-0", "--wait=false"], None)
+        .await
+        .and_then(|o| o.ok("kubectl delete pod"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let replaced = ready_pod(&pods, "web-0", 0, Some(&uid0), &mut node)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let new_ip = replaced
+        .status
+        .clone()
+        .and_then(|s| s.pod_ip)
+        .expect("new pod's address");
+    let marker = get_json(&http, &new_ip, "/read?path=/data/marker")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(marker, "survives");
+    clock.lap("deleted pod replaced (new UID) with its volume's data");
+
+    // 8. Claims deleted: their volumes are unmounted and deleted.
+    kubectl
+        .run(
+            &["delete", "statefulset", "-n", NS, "web", "--wait=true"],
+            None,
+        )
+        .await
+        .and_then(|o| o.ok("kubectl delete statefulset"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    poll_until(
+        "the pods gone",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let pods = pods.clone();
+            async move {
+                let left = pods.list(&ListParams::default()).await?.items.len();
+                Ok(if left == 0 {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("{left} pods"))
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    kubectl
+        .run(&["delete", "pvc", "-n", NS, "--all", "--wait=true"], None)
+        .await
+        .and_then(|o| o.ok("kubectl delete pvc"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    poll_until(
+        "the volumes deleted",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let pvs = pvs.clone();
+            async move {
+                let left: Vec<String> = pvs
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .map(|p| {
+                        format!(
+                            "{} {:?}",
+                            p.metadata.name.unwrap_or_default(),
+                            p.status.and_then(|s| s.phase)
+                        )
+                    })
+                    .collect();
+                Ok(if left.is_empty() {
+                    Check::Done(())
+                } else {
+                    Check::Wait(format!("{left:?}"))
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let volumes_dir = work.path().join("state").join("volumes");
+    let mounted: Vec<_> = rtable_e2e::node::cleanup::mount_points()
+        .expect("mounts")
+        .into_iter()
+        .filter(|m| m.starts_with(&volumes_dir))
+        .collect();
+    assert!(mounted.is_empty(), "still mounted: {mounted:?}");
+    let images: BTreeMap<String, u64> = std::fs::read_dir(&volumes_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), 0))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(images.is_empty(), "volume files left: {images:?}");
+    clock.lap("claims deleted: volumes unmounted, images removed, PVs deleted");
+
+    // 9. The agent stops cleanly and leaves no namespace behind.
+    node.stop(Duration::from_secs(20));
+    let uids = [
+        uid0,
+        replaced.metadata.uid.clone().unwrap_or_default(),
+        web1.metadata.uid.clone().unwrap_or_default(),
+    ];
+    let netns = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| uids.iter().any(|u| n.contains(u.as_str())))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(netns.is_empty(), "network namespaces left: {netns:?}");
+    clock.lap("agent stopped, nothing left behind");
+    drop(node);
+    drop(work);
+    drop(plane);
+    drop(bridge);
+}
