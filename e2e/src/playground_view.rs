@@ -157,6 +157,7 @@ impl StatusView {
             },
             tree,
             pending_drops: vec![],
+            apply_failures: vec![],
         };
         let status = status::compute(&obs, &self.last.conditions, &Time(Timestamp::now()));
         self.last = status.clone();

@@ -645,3 +645,70 @@ async fn deleting_a_table_removes_its_tree_or_lets_go_after_the_grace_period() {
     assert!(note.contains(&paths[1]), "{note}");
     assert_eq!(abandoned[0]["type"], "Warning");
 }
+
+/// An edit the API server refuses to apply (a volume size: a StatefulSet's claim templates
+/// are immutable) is reported on the table for its generation, with a Warning Event,
+/// instead of leaving the last status standing.
+#[tokio::test]
+async fn an_edit_the_api_server_refuses_is_reported_in_status_and_events() {
+    let p = plane().await;
+    let _scenario = p.shared.scenario();
+    let ns = namespace(&p, "refused").await;
+    let zk = rtable_e2e::ZkEnsemble::start(
+        1,
+        &p.shared.dir().join("zookeeper-refused"),
+        rtable_e2e::zk_ensemble::Jit::QuickStart,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
+    let (_operator, _) = start_operator(p.shared, "operator-refused");
+    let table = |size: &str| {
+        events_manifest(&ns, |d| {
+            d["spec"]["zookeeper"]["nodes"] = nodes.clone().into();
+            d["spec"]["storage"] =
+                serde_yaml::from_str(&format!("{{size: {size}}}")).expect("yaml");
+        })
+    };
+    apply(&p, &table("1Gi"))
+        .await
+        .ok("applying the table")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    eventually("the StatefulSet", 60, || {
+        get_json(&p, &ns, "statefulset/events")
+    })
+    .await;
+    apply(&p, &table("2Gi"))
+        .await
+        .ok("editing spec.storage.size")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let degraded = eventually(
+        "Degraded/ApplyFailed for the new generation",
+        60,
+        || async {
+            let rt = get_json(&p, &ns, "rt/events").await?;
+            let generation = rt["metadata"]["generation"].clone();
+            rt["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| {
+                    c["type"] == "Degraded"
+                        && c["reason"] == "ApplyFailed"
+                        && c["observedGeneration"] == generation
+                })
+                .cloned()
+        },
+    )
+    .await;
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("StatefulSet events") && message.contains("Forbidden"),
+        "{message}"
+    );
+    let warnings = eventually("a Warning Event for ApplyFailed", 30, || async {
+        let found = events_with_reason(&p, &ns, "ApplyFailed").await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(warnings[0]["type"], "Warning");
+    drop(zk);
+}

@@ -14,9 +14,10 @@ use kube::Resource as _;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 
 use crate::crd::ReplicatedTable;
+use crate::events;
 use crate::reconcile::{Context, Error, error_policy, reconcile};
 
 pub type GuardedTable = DeserializeGuard<ReplicatedTable>;
@@ -67,17 +68,15 @@ async fn report(invalid: &InvalidObject, ctx: &Context) {
         resource_version: invalid.metadata.resource_version.clone(),
         ..ObjectReference::default()
     };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InvalidSpec".to_string(),
-        note: Some(note(invalid)),
-        action: "Reconcile".to_string(),
-        secondary: None,
-    };
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        tracing::warn!(table = %name, error = %e, "cannot record the InvalidSpec event");
-    }
+    events::publish(
+        &ctx.client,
+        &ctx.reporter,
+        &reference,
+        EventType::Warning,
+        "InvalidSpec",
+        note(invalid),
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
 //! The rtable operator: the `ReplicatedTable` CRD, pure builders of the Kubernetes objects
 //! a table needs, the status maths, and the reconcile loop that applies them.
 
+pub mod apply;
 pub mod backend;
 pub mod build;
 pub mod crd;
+pub mod error;
+pub mod events;
 pub mod guard;
 pub mod install;
 pub mod leader;

@@ -8,72 +8,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use rtable_protocol::tree::{DropOutcome, TreeError};
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
+pub use crate::apply::FIELD_MANAGER;
+use crate::apply::{Objects, apply_all, apply_params};
 use crate::backend::{Backend, ZkTarget};
 use crate::build::{self, BuildConfig, Names};
 use crate::crd::{
     DeletionPolicy, FINALIZER, ReplicatedTable, ReplicatedTableStatus, selector_labels,
 };
+pub use crate::error::Error;
+use crate::error::kube_err;
+use crate::events;
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, PodsObservation, ReplicaObservation, TreeObservation};
 use crate::validate;
 use crate::zookeeper_address;
-
-pub const FIELD_MANAGER: &str = "rtable-operator";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API {action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("cannot render the table manifest: {0}")]
-    Render(#[from] serde_yaml::Error),
-    #[error("ZooKeeper: {0}")]
-    ZooKeeper(#[from] TreeError),
-    #[error("ReplicatedTable has no namespace")]
-    NoNamespace,
-    #[error("waiting for {0} pods to terminate before removing the ZooKeeper tree")]
-    PodsStillRunning(usize),
-    #[error("spec.zookeeper.auth: {0}")]
-    Auth(String),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<finalizer::Error<Error>>),
-}
-
-impl Error {
-    /// Short label for metrics and logs.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube { .. } => "kubernetes",
-            Error::Render(_) => "render",
-            Error::ZooKeeper(_) => "zookeeper",
-            Error::NoNamespace => "no_namespace",
-            Error::PodsStillRunning(_) => "cleanup_waiting",
-            Error::Auth(_) => "zookeeper_auth",
-            Error::Finalizer(_) => "finalizer",
-        }
-    }
-}
-
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let action = action.into();
-    move |source| Error::Kube { action, source }
-}
 
 /// Everything reconcile needs besides the object.
 pub struct Context {
@@ -120,29 +79,6 @@ pub fn error_policy(rt: Arc<ReplicatedTable>, error: &Error, ctx: Arc<Context>) 
         _ => 30,
     };
     Action::requeue(Duration::from_secs(delay))
-}
-
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
-}
-
-async fn ssa<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &apply_params(), &Patch::Apply(obj))
-        .await
-        .map_err(kube_err(format!(
-            "apply {} {name}",
-            K::kind(&K::DynamicType::default())
-        )))
 }
 
 /// How the operator reaches the table's ensemble. The nodes are written for the table's
@@ -228,6 +164,7 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
         pods: PodsObservation::default(),
         tree: TreeObservation::Healthy(vec![]),
         pending_drops: vec![],
+        apply_failures: vec![],
     };
 
     // Validate: an invalid spec is reported in status and waits for the next edit.
@@ -241,27 +178,22 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
     };
     obs.table_path = Some(table.table_path.clone());
 
-    // Build and apply. The Secret is only created when missing: its value must survive
-    // every later reconcile.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    if secrets
-        .get_opt(&names.secret)
-        .await
-        .map_err(kube_err(format!("get secret {}", names.secret)))?
-        .is_none()
+    // Build, then apply every object; refusals go into the status (and fail the round
+    // below, after the status is written), the other objects are applied regardless.
+    let objects = Objects {
+        secret: build::interserver_secret(&rt, &build::new_interserver_secret()),
+        config_map: build::config_map(&rt, &table.manifest)?,
+        services: vec![build::headless_service(&rt), build::client_service(&rt)],
+        stateful_set: build::stateful_set(&rt, &ctx.build),
+        pdb: build::pod_disruption_budget(&rt),
+    };
+    let applied = apply_all(client, &ns, &objects).await;
+    obs.apply_failures = applied.refused;
+    if let Some(s) = applied
+        .stateful_set
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
     {
-        let secret = build::interserver_secret(&rt, &build::new_interserver_secret());
-        secrets
-            .create(&PostParams::default(), &secret)
-            .await
-            .map_err(kube_err(format!("create secret {}", names.secret)))?;
-    }
-    ssa::<ConfigMap>(client, &ns, &build::config_map(&rt, &table.manifest)?).await?;
-    ssa::<Service>(client, &ns, &build::headless_service(&rt)).await?;
-    ssa::<Service>(client, &ns, &build::client_service(&rt)).await?;
-    let sts = ssa::<StatefulSet>(client, &ns, &build::stateful_set(&rt, &ctx.build)).await?;
-    ssa::<PodDisruptionBudget>(client, &ns, &build::pod_disruption_budget(&rt)).await?;
-    if let Some(s) = &sts.status {
         obs.pods = PodsObservation {
             replicas: s.replicas,
             ready: s.ready_replicas.unwrap_or(0),
@@ -269,36 +201,76 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
         };
     }
 
-    // ZooKeeper: the tree, then every replica's state.
-    let auth = zk_auth(&rt, client, &ns).await?;
-    let target = zk_target(&rt, &ctx, &ns, auth).await;
-    obs.tree = match observe_tree(
-        &rt,
-        &ctx,
-        &target,
-        &table.table_path,
-        &table.schema,
-        &names,
-        &ns,
-        &mut obs.pending_drops,
-    )
-    .await
-    {
-        Ok(replicas) => TreeObservation::Healthy(replicas),
-        Err(TreeError::SchemaMismatch { diff, path, .. }) => TreeObservation::SchemaMismatch(
-            format!("the tree at {path} holds another definition (left unchanged): {diff}"),
-        ),
-        Err(e) if e.is_transient() => TreeObservation::Unavailable(e.to_string()),
-        Err(e) => return Err(e.into()),
+    // ZooKeeper: the tree, then every replica's state. Without its credentials the tree
+    // cannot be read; that is reported like any other refusal.
+    let auth = match zk_auth(&rt, client, &ns).await {
+        Ok(auth) => Some(auth),
+        Err(e @ Error::Auth(_)) => {
+            obs.apply_failures.push(e.to_string());
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    obs.tree = match auth {
+        None => TreeObservation::Unavailable("no ZooKeeper credentials (see Degraded)".to_string()),
+        Some(auth) => {
+            let target = zk_target(&rt, &ctx, &ns, auth).await;
+            observe(
+                &rt,
+                &ctx,
+                &target,
+                &table,
+                &names,
+                &ns,
+                &mut obs.pending_drops,
+            )
+            .await?
+        }
     };
 
     let ready = write_status(&rt, &ctx, &obs).await?;
+    if !obs.apply_failures.is_empty() {
+        return Err(Error::Refused(obs.apply_failures.join("; ")));
+    }
     let secs = if !obs.pending_drops.is_empty() || !ready {
         10
     } else {
         ctx.resync.as_secs()
     };
     Ok(Action::requeue(Duration::from_secs(secs)))
+}
+
+/// The tree as the status reports it: healthy with its replicas, or why not.
+async fn observe(
+    rt: &ReplicatedTable,
+    ctx: &Context,
+    target: &ZkTarget,
+    table: &rtable_protocol::ValidatedTable,
+    names: &Names,
+    ns: &str,
+    pending_drops: &mut Vec<String>,
+) -> Result<TreeObservation, Error> {
+    Ok(
+        match observe_tree(
+            rt,
+            ctx,
+            target,
+            &table.table_path,
+            &table.schema,
+            names,
+            ns,
+            pending_drops,
+        )
+        .await
+        {
+            Ok(replicas) => TreeObservation::Healthy(replicas),
+            Err(TreeError::SchemaMismatch { diff, path, .. }) => TreeObservation::SchemaMismatch(
+                format!("the tree at {path} holds another definition (left unchanged): {diff}"),
+            ),
+            Err(e) if e.is_transient() => TreeObservation::Unavailable(e.to_string()),
+            Err(e) => return Err(e.into()),
+        },
+    )
 }
 
 /// Ensures the tree, drops replicas of removed ordinals whose pod and session are gone,
@@ -457,7 +429,6 @@ async fn patch_status(
     Ok(())
 }
 
-/// Events are best effort: a failure to record one must not fail the reconcile.
 async fn publish(
     ctx: &Context,
     rt: &ReplicatedTable,
@@ -465,17 +436,8 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Reconcile".to_string(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &rt.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "cannot record event");
-    }
+    let reference = rt.object_ref(&());
+    events::publish(&ctx.client, &ctx.reporter, &reference, type_, reason, note).await;
 }
 
 /// Deletion: with `deletionPolicy: Delete`, stop the pods, then remove the tree. Returning

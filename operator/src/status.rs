@@ -61,6 +61,9 @@ pub struct Observation {
     pub tree: TreeObservation,
     /// Replicas of removed ordinals that still wait to be dropped from ZooKeeper.
     pub pending_drops: Vec<String>,
+    /// Objects the API server refused this round, each as `<Kind> <name>: <why>` (an
+    /// immutable StatefulSet field edited, a missing Secret): the spec is not applied.
+    pub apply_failures: Vec<String>,
 }
 
 struct Verdict {
@@ -110,6 +113,9 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
         TreeObservation::Unavailable(m) => problems.push(("ZooKeeperUnavailable", m.clone())),
         TreeObservation::SchemaMismatch(m) => problems.push(("SchemaMismatch", m.clone())),
         TreeObservation::Healthy(_) => {}
+    }
+    if !obs.apply_failures.is_empty() {
+        problems.push(("ApplyFailed", obs.apply_failures.join("; ")));
     }
     let cloning: Vec<&str> = desired
         .iter()
@@ -271,6 +277,10 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
         };
     let progressing = match &progress {
         Some((reason, message)) => yes(reason, message.clone()),
+        None if !obs.apply_failures.is_empty() => no(
+            "ApplyFailed",
+            "the spec is not applied: the API server refused an object (see Degraded)",
+        ),
         None => no("Stable", "the StatefulSet matches the spec"),
     };
     let degraded = match problems.first() {
@@ -444,6 +454,7 @@ mod tests {
             },
             tree: TreeObservation::Healthy((0..3).map(replica).collect()),
             pending_drops: vec![],
+            apply_failures: vec![],
         }
     }
 
@@ -695,6 +706,29 @@ mod tests {
         );
         assert_eq!(s.table_file_error, None);
         assert_eq!(s.parts_count, 3);
+    }
+
+    #[test]
+    fn a_refused_object_is_degraded_and_not_ready_with_the_api_servers_reason() {
+        let mut o = healthy();
+        o.apply_failures = vec![
+            "StatefulSet events: spec: Forbidden: updates to statefulset spec for fields other than ... are forbidden".into(),
+        ];
+        let s = compute(&o, &[], &t(1));
+        expect(
+            &s,
+            [
+                ("Ready", "False", "ApplyFailed"),
+                ("Available", "True", "QuorumActive"),
+                ("Progressing", "False", "ApplyFailed"),
+                ("Degraded", "True", "ApplyFailed"),
+            ],
+        );
+        assert!(
+            get(&s, DEGRADED)
+                .message
+                .contains("StatefulSet events: spec: Forbidden")
+        );
     }
 
     #[test]

@@ -451,6 +451,7 @@ async fn settled(backend: Arc<FakeBackend>) -> ReplicatedTable {
                 .collect(),
         ),
         pending_drops: vec![],
+        apply_failures: vec![],
     };
     rt.status = Some(status::compute(&obs, &[], &Time(Timestamp::now())));
     rt
