@@ -154,6 +154,7 @@ impl StatusView {
                 replicas: pods,
                 ready,
                 updated: pods,
+                pending_rollout: false,
             },
             tree,
             pending_drops: vec![],

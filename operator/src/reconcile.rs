@@ -189,16 +189,8 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
     };
     let applied = apply_all(client, &ns, &objects).await;
     obs.apply_failures = applied.refused;
-    if let Some(s) = applied
-        .stateful_set
-        .as_ref()
-        .and_then(|s| s.status.as_ref())
-    {
-        obs.pods = PodsObservation {
-            replicas: s.replicas,
-            ready: s.ready_replicas.unwrap_or(0),
-            updated: s.updated_replicas.unwrap_or(0),
-        };
+    if let Some(sts) = &applied.stateful_set {
+        obs.pods = PodsObservation::of(sts);
     }
 
     // ZooKeeper: the tree, then every replica's state. Without its credentials the tree

@@ -48,6 +48,32 @@ pub struct PodsObservation {
     pub replicas: i32,
     pub ready: i32,
     pub updated: i32,
+    /// The StatefulSet controller has not yet seen the current spec (its status is for an
+    /// older generation) or is still rolling it out (two revisions): the counts above may
+    /// describe the previous spec's pods, so they cannot make the new generation Ready.
+    pub pending_rollout: bool,
+}
+
+impl PodsObservation {
+    pub fn of(sts: &k8s_openapi::api::apps::v1::StatefulSet) -> PodsObservation {
+        let Some(s) = sts.status.as_ref() else {
+            return PodsObservation {
+                pending_rollout: true,
+                ..PodsObservation::default()
+            };
+        };
+        let seen = s.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+        let one_revision = match (&s.current_revision, &s.update_revision) {
+            (Some(current), Some(update)) => current == update,
+            _ => true,
+        };
+        PodsObservation {
+            replicas: s.replicas,
+            ready: s.ready_replicas.unwrap_or(0),
+            updated: s.updated_replicas.unwrap_or(0),
+            pending_rollout: !seen || !one_revision,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +272,11 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
             Some((
                 "ScalingDown",
                 format!("{} pods, {desired_i32} desired", obs.pods.replicas),
+            ))
+        } else if obs.pods.pending_rollout {
+            Some((
+                "RollingUpdate",
+                "the StatefulSet controller has not rolled out the current spec yet".to_string(),
             ))
         } else if obs.pods.updated < desired_i32 {
             Some((
@@ -451,6 +482,7 @@ mod tests {
                 replicas: 3,
                 ready: 3,
                 updated: 3,
+                pending_rollout: false,
             },
             tree: TreeObservation::Healthy((0..3).map(replica).collect()),
             pending_drops: vec![],
@@ -706,6 +738,39 @@ mod tests {
         );
         assert_eq!(s.table_file_error, None);
         assert_eq!(s.parts_count, 3);
+    }
+
+    #[test]
+    fn a_spec_the_statefulset_controller_has_not_rolled_out_is_not_ready() {
+        use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
+        let sts = |generation: i64, observed: i64, current: &str, update: &str| StatefulSet {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            status: Some(StatefulSetStatus {
+                observed_generation: Some(observed),
+                replicas: 3,
+                ready_replicas: Some(3),
+                updated_replicas: Some(3),
+                current_revision: Some(current.into()),
+                update_revision: Some(update.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Right after an edit: the apply's answer still carries the old generation's status.
+        let mut o = healthy();
+        o.pods = PodsObservation::of(&sts(2, 1, "a", "a"));
+        let s = compute(&o, &[], &t(1));
+        assert_eq!(get(&s, READY).status, "False");
+        assert_eq!(get(&s, PROGRESSING).reason, "RollingUpdate");
+        // Seen, but two revisions: still rolling.
+        o.pods = PodsObservation::of(&sts(2, 2, "a", "b"));
+        assert_eq!(get(&compute(&o, &[], &t(1)), READY).status, "False");
+        // Rolled out.
+        o.pods = PodsObservation::of(&sts(2, 2, "b", "b"));
+        assert_eq!(get(&compute(&o, &[], &t(1)), READY).status, "True");
     }
 
     #[test]

@@ -435,6 +435,7 @@ async fn settled(backend: Arc<FakeBackend>) -> ReplicatedTable {
             replicas: 3,
             ready: 3,
             updated: 3,
+            pending_rollout: false,
         },
         tree: TreeObservation::Healthy(
             backend
