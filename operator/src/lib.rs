@@ -14,6 +14,7 @@ pub mod metrics;
 #[cfg(test)]
 pub(crate) mod mock;
 pub mod reconcile;
+pub mod retry;
 pub mod status;
 pub mod validate;
 pub mod watch;

@@ -189,6 +189,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         zookeeper_grace: Duration::from_secs(args.zookeeper_grace_seconds),
         resync: Duration::from_secs(args.resync_seconds),
+        failures: Default::default(),
     });
     // Guarded: one table this operator cannot read must not stop the watch of all others.
     let tables: Api<GuardedTable> = Api::all(client.clone());

@@ -30,6 +30,7 @@ pub use crate::error::Error;
 use crate::error::kube_err;
 use crate::events;
 use crate::metrics::Metrics;
+use crate::retry;
 use crate::status::{self, Observation, PodsObservation, ReplicaObservation, TreeObservation};
 use crate::validate;
 use crate::zookeeper_address;
@@ -47,6 +48,8 @@ pub struct Context {
     /// Requeue interval of a healthy table: replica state lives in ZooKeeper, which the
     /// operator does not watch, so status is refreshed by polling.
     pub resync: Duration,
+    /// Consecutive failed reconciles per table, for the backoff.
+    pub failures: retry::Failures,
 }
 
 pub async fn reconcile(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -54,6 +57,7 @@ pub async fn reconcile(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Ac
     let ns = rt.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<ReplicatedTable> = Api::namespaced(ctx.client.clone(), &ns);
     tracing::info!(table = %rt.name_any(), namespace = %ns, "reconciling");
+    let key = table_key(&ns, &rt.name_any());
     finalizer(&api, FINALIZER, rt, |event| async {
         match event {
             finalizer::Event::Apply(rt) => apply(rt, ctx.clone()).await,
@@ -65,6 +69,12 @@ pub async fn reconcile(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Ac
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     })
+    .inspect(|_| ctx.failures.forget(&key))
+}
+
+/// The key of a table's failure count.
+fn table_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
 }
 
 pub fn error_policy(rt: Arc<ReplicatedTable>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -73,12 +83,17 @@ pub fn error_policy(rt: Arc<ReplicatedTable>, error: &Error, ctx: Arc<Context>) 
         Error::PodsStillRunning(_) => tracing::info!(table = %rt.name_any(), "{error}"),
         _ => tracing::warn!(table = %rt.name_any(), error = %error, "reconcile failed"),
     }
-    let delay = match error {
-        Error::PodsStillRunning(_) => 5,
-        Error::ZooKeeper(e) if e.is_transient() => 10,
-        _ => 30,
+    let class = match error {
+        Error::PodsStillRunning(_) => retry::Class::Transient,
+        Error::ZooKeeper(e) if e.is_transient() => retry::Class::Transient,
+        Error::Kube { .. } => retry::Class::Transient,
+        _ => retry::Class::NeedsChange,
     };
-    Action::requeue(Duration::from_secs(delay))
+    let key = table_key(&rt.namespace().unwrap_or_default(), &rt.name_any());
+    let failures = ctx.failures.record(&key);
+    let delay = retry::with_jitter(retry::delay(class, failures), rand::random::<f64>());
+    tracing::debug!(table = %key, failures, delay_ms = delay.as_millis() as u64, "retrying after backoff");
+    Action::requeue(delay)
 }
 
 /// How the operator reaches the table's ensemble. The nodes are written for the table's

@@ -191,6 +191,7 @@ async fn run(
         },
         zookeeper_grace: Duration::from_secs(600),
         resync: Duration::from_secs(60),
+        failures: Default::default(),
     });
     let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(rt), ctx))
         .await
