@@ -7,7 +7,7 @@ use rtable_protocol::manifest::{
 };
 
 use crate::build::SIDECAR_CONTAINER;
-use crate::crd::ReplicatedTable;
+use crate::crd::{RESERVED_POD_ANNOTATIONS, RESERVED_POD_LABELS, ReplicatedTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidSpec {
@@ -17,6 +17,14 @@ pub enum InvalidSpec {
     UserContainerName(String),
     #[error("the ReplicatedTable has no namespace; it is a namespaced resource")]
     NoNamespace,
+    #[error(
+        "spec.pod.labels sets `{0}`, which the operator sets to select the table's pods: remove it or use another key"
+    )]
+    ReservedPodLabel(String),
+    #[error(
+        "spec.pod.annotations sets `{0}`, which the operator sets on every pod: remove it or use another key"
+    )]
+    ReservedPodAnnotation(String),
 }
 
 /// The manifest the sidecar reads: the protocol's subset of the spec.
@@ -39,6 +47,21 @@ pub fn validate(rt: &ReplicatedTable) -> Result<ValidatedTable, InvalidSpec> {
         && uc.name == SIDECAR_CONTAINER
     {
         return Err(InvalidSpec::UserContainerName(uc.name.clone()));
+    }
+    if let Some(pod) = &rt.spec.pod {
+        // The CRD refuses these labels too; a table stored before that rule still gets here.
+        if let Some(key) = RESERVED_POD_LABELS
+            .iter()
+            .find(|k| pod.labels.contains_key(**k))
+        {
+            return Err(InvalidSpec::ReservedPodLabel(key.to_string()));
+        }
+        if let Some(key) = RESERVED_POD_ANNOTATIONS
+            .iter()
+            .find(|k| pod.annotations.contains_key(**k))
+        {
+            return Err(InvalidSpec::ReservedPodAnnotation(key.to_string()));
+        }
     }
     Ok(manifest(rt)?.validate()?)
 }
@@ -77,5 +100,36 @@ mod tests {
                 .to_string()
                 .contains("spec.userContainer.name")
         );
+    }
+
+    #[test]
+    fn pod_labels_and_annotations_may_not_take_the_operators_keys() {
+        let rt = fixtures::table("table-full.yaml");
+        assert!(
+            validate(&rt).is_ok(),
+            "the full fixture's spec.pod is valid"
+        );
+        for key in RESERVED_POD_LABELS {
+            let mut rt = rt.clone();
+            if let Some(pod) = rt.spec.pod.as_mut() {
+                pod.labels.insert(key.to_string(), "x".into());
+            }
+            let message = validate(&rt).expect_err(key).to_string();
+            assert!(
+                message.contains("spec.pod.labels") && message.contains(key),
+                "{message}"
+            );
+        }
+        for key in RESERVED_POD_ANNOTATIONS {
+            let mut rt = rt.clone();
+            if let Some(pod) = rt.spec.pod.as_mut() {
+                pod.annotations.insert(key.to_string(), "x".into());
+            }
+            let message = validate(&rt).expect_err(key).to_string();
+            assert!(
+                message.contains("spec.pod.annotations") && message.contains(key),
+                "{message}"
+            );
+        }
     }
 }

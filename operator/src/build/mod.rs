@@ -3,6 +3,7 @@
 
 mod configmap;
 mod pdb;
+pub(crate) mod pod;
 mod secret;
 mod service;
 mod statefulset;

@@ -1,8 +1,9 @@
 //! The StatefulSet: one pod per replica, each with the sidecar, its volume and optionally
 //! the user's container. The pod template only depends on what should roll the pods
-//! (image, resources, the user container, the ZooKeeper chroot and auth, and the table's
-//! schema through [`SCHEMA_HASH_ANNOTATION`]); everything else reaches the sidecar through
-//! the ConfigMap.
+//! (image, resources, the user container, `spec.pod`, the ZooKeeper chroot and auth, and
+//! the table's schema through [`SCHEMA_HASH_ANNOTATION`]); everything else reaches the
+//! sidecar through the ConfigMap. Security contexts, default resources and `spec.pod`
+//! come from [`super::pod`].
 
 use std::collections::BTreeMap;
 
@@ -10,16 +11,19 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection, TopologySpreadConstraint,
+    Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
+use super::pod::{
+    add_metadata, apply_scheduling, container_security_context, pod_security_context,
+    sidecar_resources,
+};
 use super::{
     BuildConfig, CONFIG_DIR, DATA_DIR, INTERSERVER_KEY, Names, SIDECAR_CONTAINER, SIDECAR_PORT,
     SIDECAR_PORT_NAME, TABLE_KEY, owned_meta, string_map,
@@ -30,8 +34,6 @@ const DATA_VOLUME: &str = "data";
 const CONFIG_VOLUME: &str = "config";
 /// Path of the ZooKeeper digest credentials inside the config volume.
 const ZK_AUTH_FILE: &str = "zookeeper-auth/digest";
-/// A fixed non-root uid, so the data volume's group ownership (fsGroup) is predictable.
-const SIDECAR_UID: i64 = 10001;
 
 /// Pod-template annotation holding [`schema_hash`]: a schema change (a column appended)
 /// changes the template, so the StatefulSet rolls the pods and every sidecar restarts with
@@ -137,6 +139,35 @@ pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
         match_labels: Some(selector.clone()),
         ..LabelSelector::default()
     };
+    let settings = spec.pod.clone().unwrap_or_default();
+    let mut template_meta = ObjectMeta {
+        labels: Some(pod_labels),
+        annotations: Some(string_map(&[
+            ("kubectl.kubernetes.io/default-container", SIDECAR_CONTAINER),
+            (SCHEMA_HASH_ANNOTATION, &schema_hash(rt)),
+        ])),
+        ..ObjectMeta::default()
+    };
+    add_metadata(&mut template_meta, &settings);
+    let mut pod_spec = PodSpec {
+        containers,
+        volumes: Some(volumes),
+        // The sidecar never talks to the Kubernetes API.
+        automount_service_account_token: Some(false),
+        security_context: Some(pod_security_context(settings.security_context.as_ref())),
+        termination_grace_period_seconds: Some(60),
+        ..PodSpec::default()
+    };
+    // Spread replicas over nodes so one node failure costs one replica; ScheduleAnyway
+    // keeps small clusters (kind, k3d) schedulable.
+    let default_spread = vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "kubernetes.io/hostname".to_string(),
+        when_unsatisfiable: "ScheduleAnyway".to_string(),
+        label_selector: Some(label_selector.clone()),
+        ..TopologySpreadConstraint::default()
+    }];
+    apply_scheduling(&mut pod_spec, &settings, default_spread);
     StatefulSet {
         metadata: owned_meta(rt, &names.statefulset),
         spec: Some(StatefulSetSpec {
@@ -163,40 +194,8 @@ pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
                 },
             ),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(string_map(&[
-                        ("kubectl.kubernetes.io/default-container", SIDECAR_CONTAINER),
-                        (SCHEMA_HASH_ANNOTATION, &schema_hash(rt)),
-                    ])),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    containers,
-                    volumes: Some(volumes),
-                    // The sidecar never talks to the Kubernetes API.
-                    automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        fs_group: Some(SIDECAR_UID),
-                        fs_group_change_policy: Some("OnRootMismatch".to_string()),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_string(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    // Spread replicas over nodes so one node failure costs one replica;
-                    // ScheduleAnyway keeps small clusters (kind, k3d) schedulable.
-                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
-                        max_skew: 1,
-                        topology_key: "kubernetes.io/hostname".to_string(),
-                        when_unsatisfiable: "ScheduleAnyway".to_string(),
-                        label_selector: Some(label_selector),
-                        ..TopologySpreadConstraint::default()
-                    }]),
-                    termination_grace_period_seconds: Some(60),
-                    ..PodSpec::default()
-                }),
+                metadata: Some(template_meta),
+                spec: Some(pod_spec),
             },
             volume_claim_templates: Some(vec![claim]),
             ..StatefulSetSpec::default()
@@ -323,20 +322,10 @@ fn sidecar_container(rt: &ReplicatedTable, config: &BuildConfig, names: &Names) 
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         // Ready = active in ZooKeeper and not read-only: only then may clients insert here.
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
-        resources: spec.resources.clone(),
+        resources: Some(sidecar_resources(spec.resources.as_ref())),
         volume_mounts: Some(mounts),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(SIDECAR_UID),
-            run_as_group: Some(SIDECAR_UID),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        // The sidecar writes only under its data volume, so its root can be read-only.
+        security_context: Some(container_security_context(true, None)),
         ..Container::default()
     }
 }
@@ -356,6 +345,10 @@ fn user_container(user: &UserContainer) -> Container {
         env: Some(env_vars),
         ports: (!user.ports.is_empty()).then(|| user.ports.clone()),
         resources: user.resources.clone(),
+        security_context: Some(container_security_context(
+            false,
+            user.security_context.as_ref(),
+        )),
         // Read-only: only the sidecar may change parts, or replicas would diverge.
         volume_mounts: Some(vec![VolumeMount {
             name: DATA_VOLUME.to_string(),
@@ -454,155 +447,4 @@ fn expand(input: &str, env: &[(String, String)]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::build::fixtures;
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-
-    #[test]
-    fn statefulset_matches_fixture() {
-        let rt = fixtures::table("table.yaml");
-        fixtures::assert_golden(
-            "statefulset.yaml",
-            &stateful_set(&rt, &BuildConfig::default()),
-        );
-    }
-
-    #[test]
-    fn statefulset_with_every_option_matches_fixture() {
-        let rt = fixtures::table("table-full.yaml");
-        fixtures::assert_golden(
-            "statefulset-full.yaml",
-            &stateful_set(&rt, &BuildConfig::default()),
-        );
-    }
-
-    /// Only replicas, resources, image and the schema may change the StatefulSet; quorum
-    /// and dedup settings reach the sidecar through the ConfigMap and must not roll pods.
-    #[test]
-    fn only_replicas_resources_image_and_schema_change_the_statefulset() {
-        let rt = fixtures::table("table.yaml");
-        let cfg = BuildConfig::default();
-        let base = stateful_set(&rt, &cfg);
-
-        let mut quiet = rt.clone();
-        quiet.spec.deduplication_window = 5;
-        quiet.spec.insert_quorum_parallel = false;
-        quiet.spec.insert_quorum = rtable_protocol::manifest::InsertQuorum::Replicas(3);
-        quiet.spec.zookeeper.nodes.push("zk-9:2181".into());
-        assert_eq!(stateful_set(&quiet, &cfg), base);
-
-        let template = |s: &StatefulSet| s.spec.as_ref().map(|s| s.template.clone());
-        let mut scaled = rt.clone();
-        scaled.spec.replicas = 5;
-        let s = stateful_set(&scaled, &cfg);
-        assert_eq!(s.spec.as_ref().and_then(|s| s.replicas), Some(5));
-        assert_eq!(template(&s), template(&base), "scaling must not roll pods");
-
-        let mut image = rt.clone();
-        image.spec.image = Some("rtable-sidecar:dev".into());
-        assert_ne!(template(&stateful_set(&image, &cfg)), template(&base));
-
-        let mut resources = rt.clone();
-        resources.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
-            limits: Some(BTreeMap::from([(
-                "memory".to_string(),
-                Quantity("1Gi".into()),
-            )])),
-            ..Default::default()
-        });
-        assert_ne!(template(&stateful_set(&resources, &cfg)), template(&base));
-    }
-
-    /// Appending a column (or any change of `orderBy`/`partitionBy`) changes the pod
-    /// template's schema hash and nothing else, so the pods roll and every sidecar restarts
-    /// with the new definition.
-    #[test]
-    fn a_schema_change_rolls_the_pods_through_the_schema_hash_annotation() {
-        let rt = fixtures::table("table.yaml");
-        let cfg = BuildConfig::default();
-        let base = stateful_set(&rt, &cfg);
-        let annotations = |s: &StatefulSet| {
-            s.spec
-                .as_ref()
-                .and_then(|s| s.template.metadata.as_ref())
-                .and_then(|m| m.annotations.clone())
-                .unwrap_or_default()
-        };
-        let hash = annotations(&base)
-            .get(SCHEMA_HASH_ANNOTATION)
-            .cloned()
-            .expect("schema hash annotation");
-        assert_eq!(hash.len(), 32, "{hash}");
-        assert_eq!(hash, schema_hash(&rt), "stable for the same spec");
-
-        let mut appended = rt.clone();
-        appended.spec.columns.push(crate::crd::ColumnDef {
-            name: "extra".into(),
-            ty: "Nullable(String)".parse().expect("type"),
-        });
-        let mut reordered = rt.clone();
-        reordered.spec.order_by.reverse();
-        let mut repartitioned = rt.clone();
-        repartitioned.spec.partition_by = "".parse().expect("partition key");
-        for (what, changed) in [
-            ("a column appended", appended),
-            ("orderBy", reordered),
-            ("partitionBy", repartitioned),
-        ] {
-            let sts = stateful_set(&changed, &cfg);
-            let new_hash = annotations(&sts)
-                .get(SCHEMA_HASH_ANNOTATION)
-                .cloned()
-                .expect("annotation");
-            assert_ne!(new_hash, hash, "{what} changes the hash");
-            // Nothing but that annotation differs.
-            let mut back = sts.clone();
-            if let Some(meta) = back
-                .spec
-                .as_mut()
-                .and_then(|s| s.template.metadata.as_mut())
-            {
-                meta.annotations
-                    .get_or_insert_with(Default::default)
-                    .insert(SCHEMA_HASH_ANNOTATION.to_string(), hash.clone());
-            }
-            assert_eq!(back, base, "{what} changes only the schema hash");
-        }
-    }
-
-    #[test]
-    fn sidecar_command_expands_pod_references() {
-        let rt = fixtures::table("table.yaml");
-        let sts = stateful_set(&rt, &BuildConfig::default());
-        let (argv, env) = sidecar_command(&sts, 2).expect("command");
-        assert_eq!(
-            argv,
-            [
-                "rtable-sidecar",
-                "--table",
-                "/etc/rtable/table.yaml",
-                "--replica",
-                "events-2",
-                "--data-dir",
-                "/var/lib/rtable",
-                "--listen",
-                "0.0.0.0:9009",
-                "--advertise",
-                "events-2.events-replicas.analytics.svc.cluster.local:9009",
-                "--interserver-secret-file",
-                "/etc/rtable/secret/interserver",
-            ]
-        );
-        assert!(env.contains(&("POD_NAME".into(), "events-2".into())));
-        assert!(env.contains(&("POD_NAMESPACE".into(), "analytics".into())));
-        assert!(env.contains(&("RTABLE_LOG_FORMAT".into(), "json".into())));
-    }
-
-    #[test]
-    fn expansion_follows_kubelet_rules() {
-        let env = vec![("A".to_string(), "x".to_string())];
-        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &env), "x-$(B)-$(A)-$");
-        assert_eq!(expand("plain", &env), "plain");
-    }
-}
+mod tests;
