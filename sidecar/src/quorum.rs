@@ -423,13 +423,23 @@ async fn prepare_one(
             .get_data(&lp_path)
             .await
             .map_err(|e| TreeError::zk("get", lp_path.clone(), e))?;
-        let mut last = std::str::from_utf8(&lp_data)
-            .ok()
-            .and_then(|t| LastPart::parse(t).ok())
-            .unwrap_or_default();
-        if let Ok(p) = PartName::parse(part) {
-            last.parts.insert(p.partition_id.clone(), part.to_string());
-        }
+        // An unreadable node is reported, never replaced: rewriting it from an empty default
+        // would forget every other partition's newest quorum part, and with it what
+        // sequentially consistent reads may show.
+        let text = std::str::from_utf8(&lp_data).map_err(|_| TreeError::Corrupt {
+            path: lp_path.clone(),
+            message: "not UTF-8 text; fix or remove the node by hand".into(),
+        })?;
+        let mut last = LastPart::parse(text).map_err(|e| TreeError::Corrupt {
+            path: lp_path.clone(),
+            message: format!("{e}; fix or remove the node by hand"),
+        })?;
+        let name = PartName::parse(part).map_err(|e| TreeError::Corrupt {
+            path: path.clone(),
+            message: format!("quorum entry for an unparseable part `{part}`: {e}"),
+        })?;
+        last.parts
+            .insert(name.partition_id.clone(), part.to_string());
         AckWrite::Complete(Some((lp_path, last.render(), lp_stat.version)))
     } else {
         AckWrite::Complete(None)
