@@ -639,10 +639,19 @@ async fn commit_pending(
             }
             CommitResult::Duplicate(u, m) => {
                 // Someone committed the same block between our allocation and commit.
-                let existing = existing_part(&client, replica, &group.members[m].block_id).await;
                 release_all_locks(&client, group, &open).await;
-                group.duplicate(replica, u, m, existing);
-                attempt -= 1;
+                match duplicate_of(&client, replica, &group.members[m].block_id).await {
+                    Ok(Some(part)) => {
+                        group.duplicate(replica, u, m, part);
+                        attempt -= 1;
+                    }
+                    // Gone again (cleanup): the next attempt allocates it as a new block.
+                    Ok(None) => {}
+                    // Unread: the next attempt's allocation meets the block again.
+                    Err(e) => {
+                        debug!(replica = %replica.name, error = %e, "cannot read a duplicate's block; retrying")
+                    }
+                }
             }
             CommitResult::HandoffStale(reason) => {
                 info!(replica = %replica.name, %reason, "commit not applied; retrying without handoffs");
@@ -1081,8 +1090,12 @@ async fn allocate(
             let Some(AllocOp::Absent { unit, member }) = ops.get(index).copied() else {
                 return Ok(None);
             };
-            let existing = existing_part(client, replica, &group.members[member].block_id).await;
-            group.duplicate(replica, unit, member, existing);
+            // Gone again (cleanup): the next allocation takes it like any new block.
+            if let Some(part) =
+                duplicate_of(client, replica, &group.members[member].block_id).await?
+            {
+                group.duplicate(replica, unit, member, part);
+            }
             Ok(None)
         }
         Err(e) => Err(tree::multi_error(
@@ -1093,12 +1106,23 @@ async fn allocate(
     }
 }
 
-async fn existing_part(client: &zk::Client, replica: &Replica, block_id: &str) -> String {
-    tree::get_string(client, &replica.paths.block(block_id))
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+/// The part an existing block committed: the answer to an insert found to be its duplicate.
+/// `None` when the block is gone again (cleanup). Every block node rtable or ClickHouse
+/// commits names its part, so an empty one is reported rather than answered as part "".
+async fn duplicate_of(
+    client: &zk::Client,
+    replica: &Replica,
+    block_id: &str,
+) -> Result<Option<String>, TreeError> {
+    let block = replica.paths.block(block_id);
+    match tree::get_string(client, &block).await? {
+        Some(part) if part.is_empty() => Err(TreeError::Corrupt {
+            path: block,
+            message: "the block names no part, so an insert cannot be answered as its duplicate"
+                .into(),
+        }),
+        part => Ok(part),
+    }
 }
 
 /// What a successful commit multi produced besides the commit itself.
