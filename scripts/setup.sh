@@ -30,6 +30,13 @@ if ! java -version >/dev/null 2>&1; then
   exit 1
 fi
 
+# The node agent (rtable-node) builds pod networks with iproute2 and formats volumes with e2fsprogs.
+if ! command -v ip >/dev/null 2>&1 || ! command -v mkfs.ext4 >/dev/null 2>&1; then
+  echo "setup: installing iproute2 and e2fsprogs (rtable-node's pod networks and volumes)"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 e2fsprogs
+fi
+
 PYTHON="${PYTHON:-python3}"
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   echo "setup: $PYTHON is missing; install Python 3 (the tests read parts with DuckDB and pyarrow)" >&2

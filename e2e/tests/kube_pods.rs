@@ -161,8 +161,9 @@ spec:
         - {{name: app, mountPath: /app, readOnly: true}}
         - {{name: data, mountPath: /data}}
         - {{name: podinfo, mountPath: /etc/podinfo}}
+        - {{name: app, mountPath: /srv/agnhost/main.py, subPath: agnhost.py}}
         startupProbe:
-          exec: {{command: [test, -f, /app/agnhost.py]}}
+          exec: {{command: [test, -s, /srv/agnhost/main.py]}}
           periodSeconds: 1
           failureThreshold: 30
         readinessProbe:
@@ -184,6 +185,28 @@ spec:
       resources: {{requests: {{storage: 64Mi}}}}
 "#
     )
+}
+
+/// The agent's directory (state, container logs and specs, its own log), kept when the
+/// test fails or `RTABLE_E2E_KEEP` is set.
+struct WorkDir(Option<tempfile::TempDir>);
+
+impl WorkDir {
+    fn path(&self) -> &std::path::Path {
+        self.0
+            .as_ref()
+            .map_or(std::path::Path::new("/nonexistent"), |d| d.path())
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if (std::thread::panicking() || rtable_e2e::keep_dirs())
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("rtable-node directory kept: {}", dir.keep().display());
+        }
+    }
 }
 
 /// Prints how long each phase took.
@@ -279,11 +302,7 @@ async fn ready_pod(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statefulset_runs_on_rtable_node() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!(
-            "this test runs a node agent that creates network namespaces and mounts: run it as root"
-        );
-    }
+    rtable_e2e::node::process::preflight().unwrap_or_else(|e| panic!("{e}"));
     let _serial = rtable_e2e::serial();
     let mut clock = Clock(Instant::now(), Instant::now());
     // Dropped in reverse: the agent (which stops its pods) first, then its state, the
@@ -319,10 +338,12 @@ async fn a_statefulset_runs_on_rtable_node() {
     let addons_kubeconfig = plane
         .client_kubeconfig("rtable:node-addons", &[])
         .expect("addons kubeconfig");
-    let work = tempfile::Builder::new()
-        .prefix("rtable-node-")
-        .tempdir()
-        .expect("tempdir");
+    let work = WorkDir(Some(
+        tempfile::Builder::new()
+            .prefix("rtable-node-")
+            .tempdir()
+            .expect("tempdir"),
+    ));
     let image_map = work.path().join("images.yaml");
     let target_dir = std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node"))
         .parent()
@@ -416,6 +437,22 @@ async fn a_statefulset_runs_on_rtable_node() {
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     clock.lap("web-0 and web-1 Ready");
+    let events = kubectl
+        .run(&["get", "events", "-n", NS, "-o", "json"], None)
+        .await
+        .and_then(|o| o.ok("kubectl get events"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let events: Value = serde_json::from_str(&events.stdout).expect("events json");
+    let reasons: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"Started"),
+        "the agent's events: {reasons:?}"
+    );
 
     // The status fields a kubelet sets.
     let mut ips = Vec::new();
@@ -616,7 +653,26 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert_eq!(marker, "survives");
     clock.lap("deleted pod replaced (new UID) with its volume's data");
 
-    // 8. Claims deleted: their volumes are unmounted and deleted.
+    // 8. The agent crashes and comes back: it takes its pods over (same UIDs, same
+    // addresses, same volumes) and restarts their containers, which died with it.
+    let uid1 = web1.metadata.uid.clone().expect("uid");
+    let new_uid0 = replaced.metadata.uid.clone().expect("uid");
+    node.crash_and_restart().unwrap_or_else(|e| panic!("{e}"));
+    for (name, uid, ip) in [("web-0", &new_uid0, &new_ip), ("web-1", &uid1, &ips[1])] {
+        let pod = ready_pod(&pods, name, 1, None, &mut node)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let (now_uid, now_ip, ..) = summary(&pod);
+        assert_eq!(&now_uid, uid, "{name} is the same pod");
+        assert_eq!(now_ip.as_ref(), Some(ip), "{name} keeps its address");
+    }
+    let marker = get_json(&http, &new_ip, "/read?path=/data/marker")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(marker, "survives");
+    clock.lap("agent killed and restarted: pods taken over, containers restarted");
+
+    // 9. Claims deleted: their volumes are unmounted and deleted.
     kubectl
         .run(
             &["delete", "statefulset", "-n", NS, "web", "--wait=true"],
@@ -695,7 +751,7 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert!(images.is_empty(), "volume files left: {images:?}");
     clock.lap("claims deleted: volumes unmounted, images removed, PVs deleted");
 
-    // 9. The agent stops cleanly and leaves no namespace behind.
+    // 10. The agent stops cleanly and leaves no namespace behind.
     node.stop(Duration::from_secs(20));
     let uids = [
         uid0,

@@ -9,6 +9,7 @@
 //!    period, the final status written, the sandbox and volumes removed, and the pod
 //!    deleted with grace 0 so its controller can replace it.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +97,29 @@ fn grace(pod: &Pod) -> Duration {
     Duration::from_secs(secs.max(0) as u64)
 }
 
+/// Restarts each container already had, by (init, name): an agent that restarts continues
+/// the counts, since the containers died with the previous agent.
+fn carried_restarts(pod: &Pod) -> BTreeMap<(bool, String), i32> {
+    let status = pod.status.clone().unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for (init, statuses) in [
+        (true, status.init_container_statuses.unwrap_or_default()),
+        (false, status.container_statuses.unwrap_or_default()),
+    ] {
+        for s in statuses {
+            let ran = s
+                .state
+                .as_ref()
+                .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
+                || s.last_state
+                    .as_ref()
+                    .is_some_and(|l| l.terminated.is_some());
+            out.insert((init, s.name.clone()), s.restart_count + i32::from(ran));
+        }
+    }
+    out
+}
+
 fn is_terminal(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -150,6 +174,7 @@ struct Worker {
     waiting: Option<(String, String)>,
     stopped: bool,
     last_written: Option<serde_json::Value>,
+    carried_restarts: BTreeMap<(bool, String), i32>,
 }
 
 impl Worker {
@@ -167,6 +192,7 @@ impl Worker {
             .and_then(|s| s.start_time.clone())
             .unwrap_or_else(|| Time(Timestamp::now()));
         let volumes = PodVolumes::new(&ctx.pod_dir(&uid).join("volumes"));
+        let carried = carried_restarts(&pod);
         Worker {
             launch_pod: watch::channel(pod.clone()).0,
             init: spec
@@ -188,6 +214,7 @@ impl Worker {
             waiting: None,
             stopped: false,
             last_written: None,
+            carried_restarts: carried,
         }
     }
 
@@ -402,33 +429,6 @@ impl Worker {
         })
     }
 
-    /// Restarts a container already had: a restarted agent continues the count (its
-    /// containers died with the previous agent).
-    fn restart_count(&self, name: &str, init: bool) -> i32 {
-        let statuses = self.pod.status.as_ref().and_then(|s| {
-            if init {
-                s.init_container_statuses.clone()
-            } else {
-                s.container_statuses.clone()
-            }
-        });
-        statuses
-            .unwrap_or_default()
-            .into_iter()
-            .find(|s| s.name == name)
-            .map(|s| {
-                let ran = s
-                    .state
-                    .as_ref()
-                    .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
-                    || s.last_state
-                        .as_ref()
-                        .is_some_and(|l| l.terminated.is_some());
-                s.restart_count + i32::from(ran)
-            })
-            .unwrap_or(0)
-    }
-
     fn start(
         &self,
         launch: &Arc<PodLaunch>,
@@ -442,7 +442,11 @@ impl Worker {
             container: container.clone(),
             restart,
             backoff: Backoff::new(cfg.backoff_initial, cfg.backoff_max),
-            restart_count: self.restart_count(&container.name, init),
+            restart_count: self
+                .carried_restarts
+                .get(&(init, container.name.clone()))
+                .copied()
+                .unwrap_or(0),
             notify: self.notify.clone(),
             events: self.ctx.events.clone(),
             self_exe: self.ctx.self_exe.clone(),
@@ -676,6 +680,7 @@ impl Worker {
                 .collect(),
             waiting: self.waiting.clone(),
             stopped: self.stopped,
+            carried_restarts: &self.carried_restarts,
         };
         let status = status::pod_status(&view, &Time(Timestamp::now()));
         let json = serde_json::to_value(&status).unwrap_or_default();

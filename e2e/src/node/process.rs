@@ -12,6 +12,16 @@ use super::network::{self, NetworkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+    #[error(
+        "rtable-node needs root (network namespaces, mounts, loop devices): run the test as root"
+    )]
+    NotRoot,
+    #[error("`{command}` is missing: install it (apt-get install {package}); {why}")]
+    Missing {
+        command: &'static str,
+        package: &'static str,
+        why: &'static str,
+    },
     #[error(transparent)]
     Network(#[from] NetworkError),
     #[error("no free pod network rtbr0..rtbr99 / 10.244.N.0/24 on this machine")]
@@ -29,6 +39,44 @@ pub enum ProcessError {
         log: PathBuf,
         tail: String,
     },
+}
+
+/// Checks what the agent needs from the machine, with a message naming the fix.
+pub fn preflight() -> Result<(), ProcessError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(ProcessError::NotRoot);
+    }
+    let tools = [
+        (
+            "ip",
+            "-V",
+            "iproute2",
+            "the agent builds pod networks with it",
+        ),
+        (
+            "mkfs.ext4",
+            "-V",
+            "e2fsprogs",
+            "the agent's provisioner formats volumes with it",
+        ),
+        ("mount", "-V", "mount", "the agent mounts volumes with it"),
+    ];
+    for (command, flag, package, why) in tools {
+        let found = Command::new(command)
+            .arg(flag)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Err(ProcessError::Missing {
+                command,
+                package,
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A bridge made for one test, removed when dropped.
@@ -73,6 +121,7 @@ impl Drop for Bridge {
 #[derive(Debug)]
 pub struct NodeProcess {
     pub config: NodeConfig,
+    binary: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
 }
@@ -90,16 +139,27 @@ impl NodeProcess {
             .parent()
             .unwrap_or(&config.state_dir)
             .join(format!("{}.log", config.node_name));
-        let out = std::fs::File::create(&log).map_err(|source| ProcessError::Io {
-            what: "creating",
-            path: log.clone(),
-            source,
-        })?;
-        let err = out.try_clone().map_err(|source| ProcessError::Io {
-            what: "opening twice",
-            path: log.clone(),
-            source,
-        })?;
+        let child = Self::spawn(binary, &config, &log)?;
+        Ok(NodeProcess {
+            config,
+            binary: binary.to_path_buf(),
+            log,
+            child: Some(child),
+        })
+    }
+
+    fn spawn(binary: &Path, config: &NodeConfig, log: &Path) -> Result<Child, ProcessError> {
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ProcessError::Io { what, path, source }
+        };
+        // Appended to: a restarted agent's log follows its predecessor's.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io("creating", log))?;
+        let err = out.try_clone().map_err(io("opening twice", log))?;
         let mut command = Command::new(binary);
         command
             .args(config.to_args())
@@ -112,16 +172,19 @@ impl NodeProcess {
             .stdout(out)
             .stderr(err);
         crate::process::die_with_parent(&mut command);
-        let child = command.spawn().map_err(|source| ProcessError::Io {
-            what: "starting",
-            path: binary.to_path_buf(),
-            source,
-        })?;
-        Ok(NodeProcess {
-            config,
-            log,
-            child: Some(child),
-        })
+        command.spawn().map_err(io("starting", binary))
+    }
+
+    /// Kills the agent with SIGKILL, as a crash (its containers die with it; their
+    /// namespaces, addresses and volumes stay), and starts a new one with the same config,
+    /// which takes the node's pods over.
+    pub fn crash_and_restart(&mut self) -> Result<(), ProcessError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.child = Some(Self::spawn(&self.binary, &self.config, &self.log)?);
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

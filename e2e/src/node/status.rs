@@ -9,6 +9,7 @@
 //! container (image, imageID, containerID, state, lastState, ready, started,
 //! restartCount, volumeMounts, user).
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{
@@ -38,6 +39,9 @@ pub struct PodView<'a> {
     /// The pod is stopped for good (deleted, or its containers finished and will not
     /// restart): its phase is terminal.
     pub stopped: bool,
+    /// Restart counts of containers not created yet, by (init, name): what an agent that
+    /// restarted carries over.
+    pub carried_restarts: &'a BTreeMap<(bool, String), i32>,
 }
 
 fn waiting_state(reason: &str, message: Option<String>) -> ContainerState {
@@ -55,6 +59,7 @@ fn container_status(
     status: Option<&Status>,
     default_reason: &str,
     waiting: Option<&(String, String)>,
+    carried_restarts: i32,
 ) -> ContainerStatus {
     let volume_mounts = spec.volume_mounts.as_ref().map(|mounts| {
         mounts
@@ -99,7 +104,7 @@ fn container_status(
                 image_id: String::new(),
                 ready: false,
                 started: Some(false),
-                restart_count: 0,
+                restart_count: carried_restarts,
                 state: Some(waiting_state(reason, message)),
                 last_state: Some(ContainerState::default()),
                 volume_mounts,
@@ -255,6 +260,10 @@ pub fn pod_status(view: &PodView<'_>, now: &Time) -> PodStatus {
                 view.init.get(i).and_then(Option::as_ref),
                 "PodInitializing",
                 view.waiting.as_ref(),
+                view.carried_restarts
+                    .get(&(true, c.name.clone()))
+                    .copied()
+                    .unwrap_or(0),
             )
         })
         .collect();
@@ -273,6 +282,10 @@ pub fn pod_status(view: &PodView<'_>, now: &Time) -> PodStatus {
                 view.containers.get(i).and_then(Option::as_ref),
                 app_default,
                 view.waiting.as_ref(),
+                view.carried_restarts
+                    .get(&(false, c.name.clone()))
+                    .copied()
+                    .unwrap_or(0),
             )
         })
         .collect();
@@ -387,7 +400,80 @@ pub fn pod_status(view: &PodView<'_>, now: &Time) -> PodStatus {
     }
 }
 
-/// Writes `status` with a strategic-merge patch of the pod's status subresource.
+/// The status fields the agent writes.
+const OWNED: [&str; 10] = [
+    "phase",
+    "conditions",
+    "hostIP",
+    "hostIPs",
+    "podIP",
+    "podIPs",
+    "startTime",
+    "containerStatuses",
+    "initContainerStatuses",
+    "observedGeneration",
+];
+
+/// List fields of a pod status that a strategic merge patch merges element by element,
+/// and their merge keys.
+const MERGE_KEYS: [(&str, &str); 4] = [
+    ("conditions", "type"),
+    ("containerStatuses", "name"),
+    ("initContainerStatuses", "name"),
+    ("ephemeralContainerStatuses", "name"),
+];
+
+/// `new` with an explicit `null` for every field `old` has and `new` lacks, so a strategic
+/// merge patch of `new` removes it (a condition that became True loses its reason, a
+/// running container loses its `waiting` state), as the two-way patch a kubelet computes
+/// does. Lists with a merge key are matched element by element.
+pub fn with_deletions(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = n.clone();
+            for (key, old_value) in o {
+                match n.get(key) {
+                    None => {
+                        out.insert(key.clone(), Value::Null);
+                    }
+                    Some(new_value) => {
+                        let merged = match MERGE_KEYS.iter().find(|(field, _)| field == key) {
+                            Some((_, merge_key)) => merge_list(old_value, new_value, merge_key),
+                            None => with_deletions(old_value, new_value),
+                        };
+                        out.insert(key.clone(), merged);
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
+}
+
+fn merge_list(old: &serde_json::Value, new: &serde_json::Value, key: &str) -> serde_json::Value {
+    use serde_json::Value;
+    let (Value::Array(o), Value::Array(n)) = (old, new) else {
+        return new.clone();
+    };
+    Value::Array(
+        n.iter()
+            .map(|item| {
+                let previous = o
+                    .iter()
+                    .find(|p| p.get(key).is_some() && p.get(key) == item.get(key));
+                match previous {
+                    Some(p) => with_deletions(p, item),
+                    None => item.clone(),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Writes `status` with a strategic-merge patch of the pod's status subresource, removing
+/// what the pod's current status has and `status` no longer does.
 pub async fn write(
     client: &kube::Client,
     pod: &Pod,
@@ -396,7 +482,14 @@ pub async fn write(
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let mut patch = serde_json::json!({ "status": status });
+    // Only the fields the agent writes are compared: `qosClass` (the API server's) or
+    // `nominatedNodeName` (the scheduler's) must not be removed.
+    let mut current = serde_json::to_value(&pod.status).unwrap_or_default();
+    if let Some(fields) = current.as_object_mut() {
+        fields.retain(|k, _| OWNED.contains(&k.as_str()));
+    }
+    let new = serde_json::to_value(status).unwrap_or_default();
+    let mut patch = serde_json::json!({ "status": with_deletions(&current, &new) });
     // The UID guards against writing into a newer pod of the same name.
     patch["metadata"] = serde_json::json!({ "uid": pod.metadata.uid });
     api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
@@ -459,6 +552,8 @@ mod tests {
         }
     }
 
+    static NONE: BTreeMap<(bool, String), i32> = BTreeMap::new();
+
     fn view<'a>(pod: &'a Pod, c: Option<Status>, stopped: bool) -> PodView<'a> {
         PodView {
             pod,
@@ -470,6 +565,7 @@ mod tests {
             containers: vec![c],
             waiting: None,
             stopped,
+            carried_restarts: &NONE,
         }
     }
 
@@ -520,6 +616,30 @@ mod tests {
         // A deleted pod whose container was killed ends Failed.
         let s = pod_status(&view(&p, Some(exited(143)), true), &now);
         assert_eq!(s.phase.as_deref(), Some("Failed"));
+    }
+
+    #[test]
+    fn deletions_become_explicit_nulls() {
+        let old = serde_json::json!({
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "message": "m"},
+                {"type": "PodScheduled", "status": "True"}
+            ],
+            "containerStatuses": [{"name": "web", "state": {"waiting": {"reason": "ContainerCreating"}}}],
+            "podIP": "10.0.0.1"
+        });
+        let new = serde_json::json!({
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "web", "state": {"running": {"startedAt": "t"}}}]
+        });
+        assert_eq!(
+            with_deletions(&old, &new),
+            serde_json::json!({
+                "conditions": [{"type": "Ready", "status": "True", "reason": null, "message": null}],
+                "containerStatuses": [{"name": "web", "state": {"running": {"startedAt": "t"}, "waiting": null}}],
+                "podIP": null
+            })
+        );
     }
 
     #[test]
