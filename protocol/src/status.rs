@@ -51,6 +51,8 @@ pub struct ReplicaStatus {
     pub merges_in_queue: u64,
     /// Entries in the queue postponed at least once.
     pub postponed_in_queue: u64,
+    /// Queue entries that do not parse: never executed, listed in `/queue` as UNREADABLE.
+    pub unreadable_queue_entries: u64,
     /// A change of the table's definition (or ensemble) in the table file that this running
     /// replica only takes when its pod restarts.
     #[serde(deserialize_with = "required")]

@@ -151,6 +151,7 @@ async fn queued_results(
 ) -> Result<BTreeSet<String>, TreeError> {
     Ok(pull::read_queue(replica, client)
         .await?
+        .entries
         .into_iter()
         .filter_map(|(_, entry)| entry.new_part_name())
         .collect())

@@ -3,6 +3,7 @@
 
 use zookeeper_client as zk;
 
+use rtable_protocol::LogEntryKind;
 use rtable_protocol::status::ReplicaStatus;
 use rtable_protocol::tree::{self, TreeError};
 
@@ -41,13 +42,14 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
             q.last_queue_update_exception.clone(),
         )
     };
-    let (merges_in_queue, postponed_in_queue) = {
+    let (merges_in_queue, postponed_in_queue, unreadable_queue_entries) = {
         let q = replica.queue.lock();
         (
             q.items()
-                .filter(|i| i.entry.type_name() == "MERGE_PARTS")
+                .filter(|i| matches!(i.entry.kind, LogEntryKind::Merge { .. }))
                 .count() as u64,
             q.items().filter(|i| i.postpone_reason.is_some()).count() as u64,
+            q.unreadable_count() as u64,
         )
     };
     let mut status = ReplicaStatus {
@@ -77,6 +79,7 @@ pub async fn collect(replica: &Replica) -> ReplicaStatus {
         bytes,
         merges_in_queue,
         postponed_in_queue,
+        unreadable_queue_entries,
         pending_definition_change: replica.table_reload.pending_definition_change(),
         table_file_error: replica.table_reload.table_file_error(),
         counters: replica.metrics.counters(),

@@ -50,7 +50,7 @@ pub struct QueueItem {
 }
 
 /// A row of `/queue`, shaped like system.replication_queue.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct QueueRow {
     pub position: usize,
     pub node_name: String,
@@ -76,6 +76,9 @@ pub struct QueueState {
     /// at block 0, so the widest one covers all earlier ones. Kept across sessions: block
     /// numbers only grow, so what a drop covered stays dropped.
     executed_drops: BTreeMap<String, PartName>,
+    /// Queue nodes that do not parse, with why: never executed, never deleted (a person
+    /// should see them), shown in `/queue` and counted in `/status`.
+    unreadable: BTreeMap<String, String>,
     /// Set once the queue was loaded from ZooKeeper in this session.
     pub loaded: bool,
     /// Unix seconds of the last successful log pull, for absolute_delay.
@@ -111,6 +114,7 @@ impl QueueState {
 
     pub fn clear(&mut self) {
         self.items.clear();
+        self.unreadable.clear();
         self.loaded = false;
         self.parallel_quorums_clear_at = None;
     }
@@ -132,6 +136,14 @@ impl QueueState {
         if seen == self.quorum_entries_seen {
             self.parallel_quorums_clear_at = Some(seen);
         }
+    }
+
+    pub fn note_unreadable(&mut self, node_name: String, error: String) {
+        self.unreadable.insert(node_name, error);
+    }
+
+    pub fn unreadable_count(&self) -> usize {
+        self.unreadable.len()
     }
 
     pub fn remove(&mut self, node_name: &str) {
@@ -265,9 +277,8 @@ impl QueueState {
     pub fn rows(&self) -> Vec<QueueRow> {
         self.items
             .values()
-            .enumerate()
-            .map(|(position, i)| QueueRow {
-                position,
+            .map(|i| QueueRow {
+                position: 0,
                 node_name: i.node_name.clone(),
                 kind: i.entry.type_name(),
                 create_time: i.entry.create_time,
@@ -282,6 +293,16 @@ impl QueueState {
                 num_postponed: i.num_postponed,
                 postpone_reason: i.postpone_reason.clone().unwrap_or_default(),
             })
+            .chain(self.unreadable.iter().map(|(node, error)| QueueRow {
+                node_name: node.clone(),
+                kind: "UNREADABLE",
+                last_exception: format!(
+                    "the entry does not parse, so it is never executed: {error}"
+                ),
+                ..QueueRow::default()
+            }))
+            .enumerate()
+            .map(|(position, row)| QueueRow { position, ..row })
             .collect()
     }
 }
@@ -570,6 +591,30 @@ fn fresh_merge_of(other: &QueueItem, part: Option<&str>, now_unix: i64) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_entry_is_listed_never_run_and_forgotten_with_the_queue() {
+        let mut q = QueueState::default();
+        q.insert(
+            "queue-0000000001".into(),
+            LogEntry::get("r1", "b", "all_1_1_0", 0, 0),
+        );
+        q.note_unreadable(
+            "queue-0000000002".into(),
+            "line 1: expected `format version: `".into(),
+        );
+        let rows = q.rows();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[1].position, rows[1].kind), (1, "UNREADABLE"));
+        assert!(
+            rows[1].last_exception.contains("never executed: line 1"),
+            "{}",
+            rows[1].last_exception
+        );
+        assert_eq!((q.len(), q.unreadable_count()), (1, 1));
+        q.clear();
+        assert_eq!(q.unreadable_count(), 0);
+    }
 
     fn get(part: &str) -> LogEntry {
         LogEntry::get("r1", "", part, 0, 1_700_000_000)

@@ -440,7 +440,8 @@ fn remember_queued(
         {
             Ok(entry) => queue.insert(node_name, entry),
             Err(e) => {
-                warn!(replica = %replica.name, log_index = index, error = %e, "unreadable log entry queued; it will be reported in /queue")
+                warn!(replica = %replica.name, log_index = index, error = %e, "unreadable log entry queued; reported in /queue and /status");
+                queue.note_unreadable(node_name, e);
             }
         }
     }
@@ -520,23 +521,29 @@ async fn read_back_queue(replica: &Replica, client: &zk::Client) -> Result<(), T
 /// Loads `replicas/<me>/queue` into memory at activation (entries queued by an earlier
 /// process of this replica survive restarts there).
 pub async fn load_queue(replica: &Arc<Replica>, client: &zk::Client) -> Result<usize, TreeError> {
-    let loaded = read_queue(replica, client).await?;
-    let n = loaded.len();
+    let read = read_queue(replica, client).await?;
+    let n = read.entries.len();
     let mut queue = replica.queue.lock();
     queue.clear();
-    for (name, entry) in loaded {
+    for (name, entry) in read.entries {
         queue.insert(name, entry);
+    }
+    for (name, error) in read.unreadable {
+        queue.note_unreadable(name, error);
     }
     queue.loaded = true;
     Ok(n)
 }
 
-/// Every readable entry of `replicas/<me>/queue`, in queue order, read in multi-reads of
-/// at most MAX_BATCH; an unreadable one is logged and left out.
-pub async fn read_queue(
-    replica: &Replica,
-    client: &zk::Client,
-) -> Result<Vec<(String, LogEntry)>, TreeError> {
+/// `replicas/<me>/queue` as read: the entries in queue order, and the nodes that do not
+/// parse with why (kept in ZooKeeper for a person to look at, shown in `/queue`).
+pub struct QueueRead {
+    pub entries: Vec<(String, LogEntry)>,
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Reads `replicas/<me>/queue` in multi-reads of at most MAX_BATCH.
+pub async fn read_queue(replica: &Replica, client: &zk::Client) -> Result<QueueRead, TreeError> {
     let rp = replica.paths.replica(&replica.name);
     let mut names = client
         .list_children(&rp.queue())
@@ -544,6 +551,7 @@ pub async fn read_queue(
         .map_err(|e| TreeError::zk("list", rp.queue(), e))?;
     names.sort();
     let mut loaded = Vec::with_capacity(names.len());
+    let mut unreadable = Vec::new();
     for chunk in names.chunks(MAX_BATCH) {
         let mut reader = client.new_multi_reader();
         for name in chunk {
@@ -563,13 +571,17 @@ pub async fn read_queue(
                 {
                     Ok(entry) => loaded.push((name.clone(), entry)),
                     Err(e) => {
-                        warn!(replica = %replica.name, node = %name, error = %e, "skipping unreadable queue entry")
+                        warn!(replica = %replica.name, node = %name, error = %e, "unreadable queue entry left in place; reported in /queue and /status");
+                        unreadable.push((name.clone(), e));
                     }
                 }
             }
         }
     }
-    Ok(loaded)
+    Ok(QueueRead {
+        entries: loaded,
+        unreadable,
+    })
 }
 
 /// Pulls everything in the log right now (merge selection needs an up-to-date queue).
