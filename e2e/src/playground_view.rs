@@ -158,6 +158,7 @@ impl StatusView {
             },
             tree,
             pending_drops: vec![],
+            scale_down_hold: None,
             apply_failures: vec![],
         };
         let status = status::compute(&obs, &self.last.conditions, &Time(Timestamp::now()));

@@ -38,6 +38,14 @@ pub trait Backend: Send + Sync {
         target: &'a ZkTarget,
         table_path: &'a str,
     ) -> BoxFuture<'a, Result<Vec<ReplicaState>, TreeError>>;
+    /// The names under `replicas/<replica>/parts`, sorted; empty for a replica that is not
+    /// registered (it holds nothing acknowledged).
+    fn parts<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, TreeError>>;
     /// Drops one replica's metadata; refused (`TreeError::ReplicaActive`) while it is active.
     fn drop_replica<'a>(
         &'a self,
@@ -171,6 +179,30 @@ impl Backend for ZooKeeperBackend {
                     }
                 }
                 Ok(out)
+            }
+            .await;
+            self.forget_on_transient(target, r).await
+        })
+    }
+
+    fn parts<'a>(
+        &'a self,
+        target: &'a ZkTarget,
+        table_path: &'a str,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, TreeError>> {
+        Box::pin(async move {
+            let r = async {
+                let client = self.client(target).await?;
+                let path = TablePaths::new(table_path).replica(replica).parts();
+                match client.list_children(&path).await {
+                    Ok(mut names) => {
+                        names.sort();
+                        Ok(names)
+                    }
+                    Err(zk::Error::NoNode) => Ok(Vec::new()),
+                    Err(e) => Err(TreeError::zk("list", path, e)),
+                }
             }
             .await;
             self.forget_on_transient(target, r).await

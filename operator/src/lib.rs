@@ -15,6 +15,7 @@ pub mod metrics;
 pub(crate) mod mock;
 pub mod reconcile;
 pub mod retry;
+pub mod scale_down;
 pub mod status;
 pub mod validate;
 pub mod watch;

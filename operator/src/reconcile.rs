@@ -31,6 +31,7 @@ use crate::error::kube_err;
 use crate::events;
 use crate::metrics::Metrics;
 use crate::retry;
+use crate::scale_down;
 use crate::status::{self, Observation, PodsObservation, ReplicaObservation, TreeObservation};
 use crate::validate;
 use crate::zookeeper_address;
@@ -179,6 +180,7 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
         pods: PodsObservation::default(),
         tree: TreeObservation::Healthy(vec![]),
         pending_drops: vec![],
+        scale_down_hold: None,
         apply_failures: vec![],
     };
 
@@ -193,13 +195,38 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
     };
     obs.table_path = Some(table.table_path.clone());
 
+    // The ensemble, before the apply: a scale-down reads the replicas' parts first. Without
+    // its credentials the tree cannot be read; that is reported like any other refusal.
+    let target = match zk_auth(&rt, client, &ns).await {
+        Ok(auth) => Ok(zk_target(&rt, &ctx, &ns, auth).await),
+        Err(e @ Error::Auth(_)) => Err(e.to_string()),
+        Err(e) => return Err(e),
+    };
+    // Without the current count a scale-down cannot be checked: fail the round (retried)
+    // rather than apply a count that might remove a replica's only copy of a part.
+    let current = scale_down::current_replicas(client, &ns, &names.statefulset).await?;
+    let plan = scale_down::plan(
+        ctx.backend.as_ref(),
+        target
+            .as_ref()
+            .map_err(|_| "no ZooKeeper credentials (see Degraded)"),
+        &table.table_path,
+        &names,
+        desired,
+        current,
+    )
+    .await;
+    let mut stateful_set = build::stateful_set(&rt, &ctx.build);
+    scale_down::limit(&mut stateful_set, plan.replicas);
+    obs.scale_down_hold = plan.hold;
+
     // Build, then apply every object; refusals go into the status (and fail the round
     // below, after the status is written), the other objects are applied regardless.
     let objects = Objects {
         secret: build::interserver_secret(&rt, &build::new_interserver_secret()),
         config_map: build::config_map(&rt, &table.manifest)?,
         services: vec![build::headless_service(&rt), build::client_service(&rt)],
-        stateful_set: build::stateful_set(&rt, &ctx.build),
+        stateful_set,
         pdb: build::pod_disruption_budget(&rt),
     };
     let applied = apply_all(client, &ns, &objects).await;
@@ -208,27 +235,21 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
         obs.pods = PodsObservation::of(sts);
     }
 
-    // ZooKeeper: the tree, then every replica's state. Without its credentials the tree
-    // cannot be read; that is reported like any other refusal.
-    let auth = match zk_auth(&rt, client, &ns).await {
-        Ok(auth) => Some(auth),
-        Err(e @ Error::Auth(_)) => {
-            obs.apply_failures.push(e.to_string());
-            None
+    // ZooKeeper: the tree, then every replica's state.
+    obs.tree = match &target {
+        Err(e) => {
+            obs.apply_failures.push(e.clone());
+            TreeObservation::Unavailable("no ZooKeeper credentials (see Degraded)".to_string())
         }
-        Err(e) => return Err(e),
-    };
-    obs.tree = match auth {
-        None => TreeObservation::Unavailable("no ZooKeeper credentials (see Degraded)".to_string()),
-        Some(auth) => {
-            let target = zk_target(&rt, &ctx, &ns, auth).await;
+        Ok(target) => {
             observe(
                 &rt,
                 &ctx,
-                &target,
+                target,
                 &table,
                 &names,
                 &ns,
+                plan.replicas,
                 &mut obs.pending_drops,
             )
             .await?
@@ -239,7 +260,7 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
     if !obs.apply_failures.is_empty() {
         return Err(Error::Refused(obs.apply_failures.join("; ")));
     }
-    let secs = if !obs.pending_drops.is_empty() || !ready {
+    let secs = if !obs.pending_drops.is_empty() || obs.scale_down_hold.is_some() || !ready {
         10
     } else {
         ctx.resync.as_secs()
@@ -247,7 +268,9 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
     Ok(Action::requeue(Duration::from_secs(secs)))
 }
 
-/// The tree as the status reports it: healthy with its replicas, or why not.
+/// The tree as the status reports it: healthy with its replicas, or why not. `kept` is the
+/// StatefulSet's replica count as applied (see [`observe_tree`]).
+#[allow(clippy::too_many_arguments)]
 async fn observe(
     rt: &ReplicatedTable,
     ctx: &Context,
@@ -255,6 +278,7 @@ async fn observe(
     table: &rtable_protocol::ValidatedTable,
     names: &Names,
     ns: &str,
+    kept: u32,
     pending_drops: &mut Vec<String>,
 ) -> Result<TreeObservation, Error> {
     Ok(
@@ -266,6 +290,7 @@ async fn observe(
             &table.schema,
             names,
             ns,
+            kept,
             pending_drops,
         )
         .await
@@ -281,7 +306,9 @@ async fn observe(
 }
 
 /// Ensures the tree, drops replicas of removed ordinals whose pod and session are gone,
-/// and reads every replica's state (plus its sidecar's `/status`).
+/// and reads every replica's state (plus its sidecar's `/status`). Removed means at or past
+/// `kept`, the StatefulSet's count as applied: an ordinal a held scale-down keeps (between
+/// the desired count and `kept`) may hold the only copy of a part, and is never dropped.
 #[allow(clippy::too_many_arguments)]
 async fn observe_tree(
     rt: &ReplicatedTable,
@@ -291,6 +318,7 @@ async fn observe_tree(
     schema: &rtable_protocol::schema::TableSchema,
     names: &Names,
     ns: &str,
+    kept: u32,
     pending_drops: &mut Vec<String>,
 ) -> Result<Vec<ReplicaObservation>, TreeError> {
     ctx.backend.ensure_table(target, table_path, schema).await?;
@@ -299,7 +327,7 @@ async fn observe_tree(
 
     let removed: Vec<&str> = states
         .iter()
-        .filter(|s| names.ordinal_of(&s.name).is_some_and(|o| o >= desired))
+        .filter(|s| names.ordinal_of(&s.name).is_some_and(|o| o >= kept))
         .map(|s| s.name.as_str())
         .collect();
     let mut dropped = Vec::new();
@@ -321,7 +349,11 @@ async fn observe_tree(
             // whose session has not expired yet is retried, never dropped.
             match ctx.backend.drop_replica(target, table_path, replica).await {
                 Ok(DropOutcome::Dropped) => {
-                    tracing::info!(replica, "dropped replica metadata after scale-down");
+                    tracing::info!(
+                        table = %rt.name_any(),
+                        replica,
+                        "dropped replica metadata after scale-down"
+                    );
                     publish(
                         ctx,
                         rt,

@@ -87,9 +87,62 @@ pub struct Observation {
     pub tree: TreeObservation,
     /// Replicas of removed ordinals that still wait to be dropped from ZooKeeper.
     pub pending_drops: Vec<String>,
+    /// A scale-down the operator holds back: the StatefulSet keeps more pods than desired
+    /// until the replicas it would remove have nothing a survivor lacks (see `scale_down`).
+    pub scale_down_hold: Option<ScaleDownHold>,
     /// Objects the API server refused this round, each as `<Kind> <name>: <why>` (an
     /// immutable StatefulSet field edited, a missing Secret): the spec is not applied.
     pub apply_failures: Vec<String>,
+}
+
+/// Why the StatefulSet keeps `kept` pods although fewer are desired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleDownHold {
+    pub kept: u32,
+    pub why: HoldReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldReason {
+    /// `replica` (the highest ordinal kept) has parts no surviving replica holds, neither
+    /// as such nor merged into a covering part: its volume may hold their only copy.
+    PartsNotOnSurvivors {
+        replica: String,
+        /// How many of its parts, out of `total`, and the first few names.
+        missing: usize,
+        total: usize,
+        examples: Vec<String>,
+    },
+    /// The parts could not be read (ZooKeeper unreachable, no credentials): nothing is
+    /// removed until they can be.
+    PartsUnreadable(String),
+}
+
+impl ScaleDownHold {
+    fn message(&self, desired: u32) -> String {
+        match &self.why {
+            HoldReason::PartsNotOnSurvivors {
+                replica,
+                missing,
+                total,
+                examples,
+            } => format!(
+                "keeping {replica} ({} pods, {desired} desired): {missing} of its {total} parts \
+                 are not on a surviving replica yet ({}{}); it is removed once they are fetched",
+                self.kept,
+                examples.join(", "),
+                if *missing > examples.len() {
+                    ", ..."
+                } else {
+                    ""
+                },
+            ),
+            HoldReason::PartsUnreadable(why) => format!(
+                "keeping {} pods ({desired} desired) until the replicas' parts can be read: {why}",
+                self.kept
+            ),
+        }
+    }
 }
 
 struct Verdict {
@@ -212,6 +265,22 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
                 ),
             ));
         }
+        let unreadable: Vec<String> = replicas
+            .iter()
+            .filter_map(|r| {
+                let n = r.sidecar.as_ref()?.unreadable_queue_entries;
+                (n > 0).then(|| format!("{} ({n})", r.name))
+            })
+            .collect();
+        if !unreadable.is_empty() {
+            problems.push((
+                "UnreadableQueueEntries",
+                format!(
+                    "queue entries that do not parse and are never executed (see the replica's /queue): {}",
+                    unreadable.join(", ")
+                ),
+            ));
+        }
         if missing > 0 && obs.pods.replicas as u32 >= obs.desired_replicas {
             // Pods exist but never registered: they are starting or crash-looping.
             problems.push((
@@ -258,6 +327,8 @@ pub fn compute(obs: &Observation, previous: &[Condition], now: &Time) -> Replica
     let progress: Option<(&'static str, String)> =
         if matches!(obs.tree, TreeObservation::InvalidSpec(_)) {
             None
+        } else if let Some(hold) = &obs.scale_down_hold {
+            Some(("ScalingDown", hold.message(obs.desired_replicas)))
         } else if !obs.pending_drops.is_empty() {
             Some((
                 "ScalingDown",
@@ -486,6 +557,7 @@ mod tests {
             },
             tree: TreeObservation::Healthy((0..3).map(replica).collect()),
             pending_drops: vec![],
+            scale_down_hold: None,
             apply_failures: vec![],
         }
     }
@@ -774,6 +846,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_queue_entry_degrades_the_table_naming_the_replica() {
+        let mut o = healthy();
+        if let TreeObservation::Healthy(r) = &mut o.tree
+            && let Some(sc) = r[2].sidecar.as_mut()
+        {
+            sc.unreadable_queue_entries = 1;
+        }
+        let s = compute(&o, &[], &t(1));
+        assert_eq!(get(&s, DEGRADED).reason, "UnreadableQueueEntries");
+        assert!(get(&s, DEGRADED).message.contains("events-2 (1)"));
+    }
+
+    #[test]
     fn a_refused_object_is_degraded_and_not_ready_with_the_api_servers_reason() {
         let mut o = healthy();
         o.apply_failures = vec![
@@ -837,6 +922,40 @@ mod tests {
         let s = compute(&o, &[], &t(1));
         assert_eq!(get(&s, PROGRESSING).reason, "ScalingDown");
         assert_eq!(get(&s, READY).status, "False");
+    }
+
+    #[test]
+    fn a_held_scale_down_names_the_replica_and_its_missing_parts() {
+        let mut o = healthy();
+        o.desired_replicas = 2;
+        o.scale_down_hold = Some(ScaleDownHold {
+            kept: 3,
+            why: HoldReason::PartsNotOnSurvivors {
+                replica: "events-2".into(),
+                missing: 4,
+                total: 9,
+                examples: vec!["all_3_3_0".into(), "all_4_4_0".into()],
+            },
+        });
+        let s = compute(&o, &[], &t(1));
+        let p = get(&s, PROGRESSING);
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str()),
+            ("True", "ScalingDown")
+        );
+        assert_eq!(
+            p.message,
+            "keeping events-2 (3 pods, 2 desired): 4 of its 9 parts are not on a surviving \
+             replica yet (all_3_3_0, all_4_4_0, ...); it is removed once they are fetched"
+        );
+        assert_eq!(get(&s, READY).reason, "ScalingDown");
+
+        o.scale_down_hold = Some(ScaleDownHold {
+            kept: 3,
+            why: HoldReason::PartsUnreadable("connection loss".into()),
+        });
+        let s = compute(&o, &[], &t(1));
+        assert!(get(&s, PROGRESSING).message.contains("connection loss"));
     }
 
     #[test]

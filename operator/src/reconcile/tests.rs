@@ -34,6 +34,8 @@ struct FakeBackend {
     targets: Mutex<Vec<String>>,
     /// When set, `remove_table` fails with this ZooKeeper error (not a connection error).
     remove_refused: Mutex<Option<zk::Error>>,
+    /// `replicas/<name>/parts` by replica name; an absent name has none.
+    parts: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 fn transient() -> TreeError {
@@ -101,6 +103,27 @@ impl Backend for FakeBackend {
         _: &'a str,
     ) -> BoxFuture<'a, Result<Vec<ReplicaState>, TreeError>> {
         Box::pin(async move { Ok(self.replicas.lock().expect("lock").clone()) })
+    }
+    fn parts<'a>(
+        &'a self,
+        _: &'a ZkTarget,
+        _: &'a str,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, TreeError>> {
+        Box::pin(async move {
+            self.log(format!("parts {replica}"));
+            if self.is_down() {
+                return Err(transient());
+            }
+            Ok(self
+                .parts
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|(name, _)| name == replica)
+                .map(|(_, parts)| parts.clone())
+                .unwrap_or_default())
+        })
     }
     fn drop_replica<'a>(
         &'a self,
@@ -218,9 +241,24 @@ fn sts_with_status(replicas: i32) -> impl Fn(&Value) -> (u16, Value) + Send {
 
 /// The apply steps every reconcile of a valid table makes, in order. Every body must be
 /// exactly what the builders make of `rt`; `sts_check` adds the scenario's own assertions.
+/// The StatefulSet exists with `rt`'s replica count.
 fn apply_steps(
     rt: &ReplicatedTable,
     secret_exists: bool,
+    sts_replicas: i32,
+    sts_check: impl Fn(&Value) + Send + 'static,
+) -> Vec<Step> {
+    let n = rt.spec.replicas;
+    apply_steps_scaling(rt, secret_exists, Some(n), n, sts_replicas, sts_check)
+}
+
+/// [`apply_steps`] with the StatefulSet's count before (`current`, `None`: not created yet)
+/// and as applied (`applied`: the builder's object with that count).
+fn apply_steps_scaling(
+    rt: &ReplicatedTable,
+    secret_exists: bool,
+    current: Option<i32>,
+    applied: i32,
     sts_replicas: i32,
     sts_check: impl Fn(&Value) + Send + 'static,
 ) -> Vec<Step> {
@@ -228,10 +266,21 @@ fn apply_steps(
     let config_map = to_json(&build::config_map(rt, &manifest).expect("renders"));
     let headless = to_json(&build::headless_service(rt));
     let client = to_json(&build::client_service(rt));
-    let sts = to_json(&build::stateful_set(rt, &BuildConfig::default()));
+    let mut built = build::stateful_set(rt, &BuildConfig::default());
+    let before = current.map(|n| {
+        let mut b = to_json(&built);
+        b["spec"]["replicas"] = json!(n);
+        b
+    });
+    built.spec.as_mut().expect("spec").replicas = Some(applied);
+    let sts = to_json(&built);
     let pdb = to_json(&build::pod_disruption_budget(rt));
     let owner = rt.clone();
-    let mut steps = vec![];
+    let get_sts = step("GET", &format!("/apis/apps/v1{NS}/statefulsets/events"));
+    let mut steps = vec![match before {
+        Some(b) => get_sts.respond(move |_| (200, b.clone())),
+        None => get_sts.not_found(),
+    }];
     if secret_exists {
         steps.push(
             step("GET", &format!("/api/v1{NS}/secrets/events-interserver"))
@@ -357,7 +406,7 @@ async fn first_create_adds_the_finalizer_then_builds_everything() {
         "nothing touches ZooKeeper before the finalizer is in place"
     );
 
-    let mut steps = apply_steps(&table(), false, 3, |b| {
+    let mut steps = apply_steps_scaling(&table(), false, None, 3, 3, |b| {
         assert_eq!(b["spec"]["replicas"], 3);
         assert_eq!(
             b["metadata"]["ownerReferences"][0]["kind"],
@@ -453,6 +502,7 @@ async fn settled(backend: Arc<FakeBackend>) -> ReplicatedTable {
                 .collect(),
         ),
         pending_drops: vec![],
+        scale_down_hold: None,
         apply_failures: vec![],
     };
     rt.status = Some(status::compute(&obs, &[], &Time(Timestamp::now())));
@@ -578,8 +628,11 @@ async fn scale_down_drops_a_replica_only_after_its_session_is_gone() {
     let mut rt = settled(backend.clone()).await;
     rt.spec.replicas = 2;
 
-    // Round 1: the pod is gone but its session still holds is_active: refused, retried.
-    let mut steps = apply_steps(&rt, true, 2, |b| assert_eq!(b["spec"]["replicas"], 2));
+    // Round 1: events-2 has no part (none registered), so the StatefulSet goes to 2 at once.
+    // The pod is gone but its session still holds is_active: refused, retried.
+    let mut steps = apply_steps_scaling(&rt, true, Some(3), 2, 2, |b| {
+        assert_eq!(b["spec"]["replicas"], 2)
+    });
     steps.push(pods_step(&["events-0", "events-1"]));
     steps.push(status_step(|s| {
         assert_eq!(condition(s, "Progressing")["reason"], "ScalingDown");
@@ -647,6 +700,100 @@ async fn scale_down_drops_a_replica_only_after_its_session_is_gone() {
         .map(|r| r.name.clone())
         .collect();
     assert_eq!(names, ["events-0", "events-1"]);
+}
+
+/// `kubectl scale --replicas=2` of a 3-replica table whose events-2 holds a part no
+/// survivor has: the StatefulSet stays at 3 (its volume would go with the pod) and the
+/// status says why, until a survivor holds a covering part; events-2 is never dropped
+/// meanwhile. With ZooKeeper down the parts cannot be checked, and nothing is removed.
+#[tokio::test]
+async fn scale_down_waits_until_the_removed_replicas_parts_are_on_a_survivor() {
+    let backend = Arc::new(FakeBackend::with_replicas(3));
+    let parts = |names: &[&str]| names.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    *backend.parts.lock().expect("lock") = vec![
+        ("events-0".into(), parts(&["all_1_1_0"])),
+        ("events-1".into(), parts(&["all_1_1_0"])),
+        ("events-2".into(), parts(&["all_1_1_0", "all_2_2_0"])),
+    ];
+    backend.replicas.lock().expect("lock")[2].is_active = false;
+    let mut rt = settled(backend.clone()).await;
+    rt.spec.replicas = 2;
+
+    // Held: applied with 3; events-2 is neither listed for a drop nor dropped.
+    let mut steps = apply_steps_scaling(&rt, true, Some(3), 3, 3, |b| {
+        assert_eq!(b["spec"]["replicas"], 3, "the StatefulSet keeps events-2")
+    });
+    steps.push(status_step(|s| {
+        let p = condition(s, "Progressing");
+        assert_eq!(
+            (&p["status"], &p["reason"]),
+            (&json!("True"), &json!("ScalingDown"))
+        );
+        assert_eq!(
+            p["message"],
+            "keeping events-2 (3 pods, 2 desired): 1 of its 2 parts are not on a surviving \
+             replica yet (all_2_2_0); it is removed once they are fetched"
+        );
+        assert_eq!(condition(s, "Ready")["reason"], "ScalingDown");
+    }));
+    steps.push(event_step("ScalingDown", "Warning"));
+    steps.push(event_step("ScalingDown", "Normal"));
+    let action = run(rt.clone(), backend.clone(), steps).await.expect("ok");
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    let calls = backend.calls();
+    for replica in ["events-0", "events-1", "events-2"] {
+        assert!(calls.contains(&format!("parts {replica}")), "{calls:?}");
+    }
+    assert!(!calls.iter().any(|c| c.starts_with("drop")), "{calls:?}");
+
+    // ZooKeeper down: the parts cannot be read, so nothing is removed either.
+    *backend.down.lock().expect("lock") = true;
+    let mut steps = apply_steps_scaling(&rt, true, Some(3), 3, 3, |b| {
+        assert_eq!(b["spec"]["replicas"], 3)
+    });
+    steps.push(status_step(|s| {
+        let message = condition(s, "Progressing")["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message
+                .starts_with("keeping 3 pods (2 desired) until the replicas' parts can be read: "),
+            "{message}"
+        );
+    }));
+    steps.push(event_step("ZooKeeperUnavailable", "Warning"));
+    steps.push(event_step("ZooKeeperUnavailable", "Warning"));
+    steps.push(event_step("ScalingDown", "Normal"));
+    steps.push(event_step("ZooKeeperUnavailable", "Warning"));
+    run(rt.clone(), backend.clone(), steps).await.expect("ok");
+    *backend.down.lock().expect("lock") = false;
+
+    // events-0 merged both parts: all_1_2_1 covers all_2_2_0, so events-2 may go; its
+    // pod is still terminating, so it waits for the drop as any removed replica does.
+    backend.parts.lock().expect("lock")[0].1 = parts(&["all_1_2_1"]);
+    let mut steps = apply_steps_scaling(&rt, true, Some(3), 2, 3, |b| {
+        assert_eq!(b["spec"]["replicas"], 2)
+    });
+    steps.push(pods_step(&["events-0", "events-1", "events-2"]));
+    steps.push(status_step(|s| {
+        assert_eq!(
+            condition(s, "Progressing")["message"],
+            "waiting to drop replicas: events-2"
+        );
+    }));
+    steps.push(event_step("ScalingDown", "Warning"));
+    steps.push(event_step("ScalingDown", "Normal"));
+    run(rt.clone(), backend.clone(), steps).await.expect("ok");
+
+    // Pod gone, session gone: dropped.
+    let mut steps = apply_steps_scaling(&rt, true, Some(2), 2, 2, |_| {});
+    steps.push(pods_step(&["events-0", "events-1"]));
+    steps.push(event_step("ReplicaDropped", "Normal"));
+    steps.push(status_step(|s| {
+        assert_eq!(condition(s, "Ready")["status"], "True")
+    }));
+    run(rt, backend.clone(), steps).await.expect("ok");
+    assert!(backend.calls().contains(&"drop events-2".to_string()));
 }
 
 #[tokio::test]

@@ -1,0 +1,234 @@
+//! Scale-down on a real control plane never removes a replica (and, with
+//! `persistentVolumeClaimRetentionPolicy.whenScaled: Delete`, its volume) that holds a part
+//! no surviving replica has: the operator keeps the StatefulSet's count until a survivor
+//! lists the part, or a part covering it, under `replicas/<name>/parts`.
+//!
+//! The replicas are registered in a local ZooKeeper by the test (no node runs the pods),
+//! the way `status_writes_do_not_retrigger_reconciles` in kube.rs does; the helpers are
+//! copies of kube.rs's.
+
+use rtable_e2e::kube::{Cli, ControlPlaneOptions, Shared};
+use tokio::sync::OnceCell;
+
+struct Plane {
+    shared: &'static Shared,
+    kubectl: Cli,
+}
+
+static CRD: OnceCell<()> = OnceCell::const_new();
+
+/// The shared control plane with the chart's CRD installed and established.
+async fn plane() -> Plane {
+    let shared = tokio::task::spawn_blocking(|| Shared::get(ControlPlaneOptions::default()))
+        .await
+        .expect("the control plane starts");
+    let kubectl = shared.kubectl();
+    CRD.get_or_init(|| async {
+        let crd = rtable_e2e::repo_root().join("charts/rtable-operator/crds/replicatedtable.yaml");
+        let crd = crd.display().to_string();
+        kubectl
+            .run(&["apply", "--server-side", "-f", &crd], None)
+            .await
+            .and_then(|o| o.ok("kubectl apply of the CRD"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        kubectl
+            .run(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=60s",
+                    "crd/replicatedtables.rtable.io",
+                ],
+                None,
+            )
+            .await
+            .and_then(|o| o.ok("kubectl wait for the CRD"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    })
+    .await;
+    Plane { shared, kubectl }
+}
+
+async fn kubectl(p: &Plane, args: &[&str], what: &str) {
+    p.kubectl
+        .run(args, None)
+        .await
+        .and_then(|o| o.ok(what))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// examples/events.yaml in namespace `ns`, with `edit` applied to its YAML.
+fn events_manifest(ns: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
+    let text =
+        std::fs::read_to_string(rtable_e2e::example_manifest()).expect("examples/events.yaml");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("the example parses");
+    doc["metadata"]["namespace"] = ns.into();
+    edit(&mut doc);
+    serde_yaml::to_string(&doc).expect("yaml")
+}
+
+/// The operator as a process of this host with an admin kubeconfig.
+fn start_operator(shared: &Shared, name: &str) -> rtable_e2e::kube::daemon::Daemon {
+    let bin = rtable_e2e::sidecar_proc::workspace_binary(
+        "rtable-operator",
+        "RTABLE_OPERATOR_BIN",
+        "rtable-operator",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let port = rtable_e2e::ports::free_ports(1).expect("a free port")[0];
+    let args = [
+        format!("--listen=127.0.0.1:{port}"),
+        "--leader-election=false".to_string(),
+        "--resync-seconds=5".to_string(),
+        "--log-format=text".to_string(),
+    ];
+    let env = [("KUBECONFIG", shared.kubeconfig.display().to_string())];
+    rtable_e2e::kube::daemon::Daemon::spawn_with_env(name, &bin, &args, &env, shared.dir())
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `kubectl get <what> -n <ns> -o json`, parsed.
+async fn get_json(p: &Plane, ns: &str, what: &str) -> Option<serde_json::Value> {
+    let out = p
+        .kubectl
+        .run(&["get", what, "-n", ns, "-o", "json"], None)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    out.success
+        .then(|| serde_json::from_str(&out.stdout).expect("kubectl prints JSON"))
+}
+
+/// Polls `check` every 500 ms until it returns `Some`, for at most `secs`.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+async fn sts_replicas(p: &Plane, ns: &str) -> Option<i64> {
+    get_json(p, ns, "statefulset/events").await?["spec"]["replicas"].as_i64()
+}
+
+/// The table's Progressing condition once it is for the current generation.
+async fn progressing(p: &Plane, ns: &str) -> Option<serde_json::Value> {
+    let rt = get_json(p, ns, "rt/events").await?;
+    let generation = rt["metadata"]["generation"].clone();
+    rt["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Progressing" && c["observedGeneration"] == generation)
+        .cloned()
+}
+
+/// `kubectl scale rt/events --replicas=2` while events-2 holds 202405_2_2_0, which neither
+/// events-0 nor events-1 has: the StatefulSet stays at 3 and Progressing names events-2.
+/// Once events-0 lists 202405_1_2_1 (a merge covering it), the StatefulSet goes to 2, and
+/// events-2, its pod gone and no session of its own, is dropped from ZooKeeper.
+#[tokio::test]
+async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
+    let p = plane().await;
+    let _scenario = p.shared.scenario();
+    let ns = "scaledown";
+    kubectl(&p, &["create", "namespace", ns], "kubectl create namespace").await;
+    let zk = rtable_e2e::ZkEnsemble::start(
+        1,
+        &p.shared.dir().join("zookeeper-scaledown"),
+        rtable_e2e::zk_ensemble::Jit::QuickStart,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
+    let _operator = start_operator(p.shared, "operator-scaledown");
+    let table = events_manifest(ns, |d| {
+        d["spec"]["zookeeper"]["nodes"] = nodes.into();
+        d["spec"]["replicas"] = 3.into();
+    });
+    p.kubectl
+        .run(&["apply", "-f", "-"], Some(&table))
+        .await
+        .and_then(|o| o.ok("applying the table"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let table_path = eventually("status.tablePath", 60, || async {
+        let rt = get_json(&p, ns, "rt/events").await?;
+        rt["status"]["tablePath"].as_str().map(str::to_string)
+    })
+    .await;
+    eventually("a StatefulSet of 3", 60, || async {
+        (sts_replicas(&p, ns).await? == 3).then_some(())
+    })
+    .await;
+
+    let client = rtable_protocol::tree::connect(
+        &zk.connect_string(),
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .expect("a ZooKeeper session");
+    let paths = rtable_protocol::TablePaths::new(table_path);
+    let register = |replica: &str, part: &str| paths.replica(replica).part(part);
+    for (replica, part) in [
+        ("events-0", "202405_1_1_0"),
+        ("events-1", "202405_1_1_0"),
+        ("events-2", "202405_1_1_0"),
+        ("events-2", "202405_2_2_0"),
+    ] {
+        rtable_protocol::tree::ensure_path(&client, &register(replica, part))
+            .await
+            .expect("a part node");
+    }
+
+    kubectl(
+        &p,
+        &["scale", "rt/events", "--replicas=2", "-n", ns],
+        "kubectl scale",
+    )
+    .await;
+    let held = eventually("Progressing/ScalingDown naming events-2", 60, || async {
+        let c = progressing(&p, ns).await?;
+        let message = c["message"].as_str()?;
+        (c["status"] == "True" && c["reason"] == "ScalingDown" && message.contains("events-2"))
+            .then(|| message.to_string())
+    })
+    .await;
+    assert!(held.contains("202405_2_2_0"), "{held}");
+    assert_eq!(sts_replicas(&p, ns).await, Some(3), "{held}");
+    // Still held a resync later (the operator requeues a held scale-down every 10 s).
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert_eq!(sts_replicas(&p, ns).await, Some(3));
+    let events_2 = paths.replica("events-2");
+    assert!(
+        client
+            .check_stat(events_2.root())
+            .await
+            .expect("exists")
+            .is_some(),
+        "a held replica is never dropped"
+    );
+
+    // events-0 merged 1..2: its part covers events-2's.
+    rtable_protocol::tree::ensure_path(&client, &register("events-0", "202405_1_2_1"))
+        .await
+        .expect("a part node");
+    eventually("a StatefulSet of 2", 60, || async {
+        (sts_replicas(&p, ns).await? == 2).then_some(())
+    })
+    .await;
+    eventually("events-2 dropped from ZooKeeper", 60, || async {
+        let stat = client.check_stat(events_2.root()).await.expect("exists");
+        stat.is_none().then_some(())
+    })
+    .await;
+    drop(zk);
+}
