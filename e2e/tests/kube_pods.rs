@@ -300,128 +300,164 @@ async fn ready_pod(
     .await
 }
 
+/// A control plane on a bridge of its own, with one `rtable-node` registered and Ready.
+/// Fields drop in order: the agent (which stops its pods) first, then its directory, the
+/// control plane, and the bridge last.
+struct Cluster {
+    node: NodeProcess,
+    work: WorkDir,
+    plane: ControlPlane,
+    bridge: Bridge,
+    admin: kube::Client,
+    kubectl: Cli,
+    clock: Clock,
+}
+
+impl Cluster {
+    /// Starts everything; `image_map` is the text of the agent's image map.
+    async fn start(image_map: &str) -> Cluster {
+        rtable_e2e::node::process::preflight().unwrap_or_else(|e| panic!("{e}"));
+        let mut clock = Clock(Instant::now(), Instant::now());
+        let bridge = Bridge::create().unwrap_or_else(|e| panic!("{e}"));
+        let plane = ControlPlane::start(ControlPlaneOptions {
+            address: bridge.cidr.gateway(),
+            node_monitor_grace: Duration::from_secs(20),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
+        clock.lap(&format!(
+            "control plane on {} (bridge {})",
+            plane.server, bridge.name
+        ));
+        let admin = plane.client().await.expect("admin client");
+        let kubectl = Cli::new(&plane.binaries().path("kubectl"), &plane.kubeconfig);
+
+        // The agent's two identities: the node's, and the add-ons' (DNS, provisioner).
+        let (role, binding) = provisioner::addon_rbac("rtable:node-addons");
+        Api::all(admin.clone())
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("ClusterRole");
+        Api::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("ClusterRoleBinding");
+        let node_kubeconfig = plane
+            .client_kubeconfig(&format!("system:node:{NODE}"), &["system:nodes"])
+            .expect("node kubeconfig");
+        let addons_kubeconfig = plane
+            .client_kubeconfig("rtable:node-addons", &[])
+            .expect("addons kubeconfig");
+        let work = WorkDir(Some(
+            tempfile::Builder::new()
+                .prefix("rtable-node-")
+                .tempdir()
+                .expect("tempdir"),
+        ));
+        // Written beside the agent's logs: the map a failed run used is kept with them.
+        let image_map_path = work.path().join("images.yaml");
+        std::fs::write(&image_map_path, image_map).expect("image map");
+        let mut config = NodeConfig::new(
+            NODE,
+            node_kubeconfig,
+            addons_kubeconfig,
+            work.path().join("state"),
+            image_map_path,
+        );
+        config.bridge = bridge.name.clone();
+        config.pod_cidr = bridge.cidr;
+        config.backoff_initial = Duration::from_secs(1);
+        config.backoff_max = Duration::from_secs(10);
+        config.volume_resync = Duration::from_secs(5);
+        let mut node = NodeProcess::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node")),
+            config,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+
+        // The node registers, heartbeats, and loses its not-ready taint.
+        let nodes: Api<Node> = Api::all(admin.clone());
+        poll_until(
+            "the node Ready without the not-ready taint",
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+            || {
+                let running = node.check_running();
+                let nodes = nodes.clone();
+                async move {
+                    running?;
+                    let Some(n) = nodes.get_opt(NODE).await? else {
+                        return Ok(Check::Wait("no Node".into()));
+                    };
+                    let ready = n
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    let tainted = n
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.taints.as_ref())
+                        .is_some_and(|t| t.iter().any(|t| t.key.contains("not-ready")));
+                    Ok(if ready && !tainted {
+                        Check::Done(())
+                    } else {
+                        Check::Wait(format!("ready {ready}, tainted {tainted}"))
+                    })
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let lease = kubectl
+            .run(
+                &["get", "lease", "-n", "kube-node-lease", NODE, "-o", "json"],
+                None,
+            )
+            .await
+            .and_then(|o| o.ok("kubectl get lease"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let lease: Value = serde_json::from_str(&lease.stdout).expect("lease json");
+        assert_eq!(lease["spec"]["holderIdentity"], NODE);
+        clock.lap("node registered, lease renewed, not-ready taint removed");
+        Cluster {
+            node,
+            work,
+            plane,
+            bridge,
+            admin,
+            kubectl,
+            clock,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statefulset_runs_on_rtable_node() {
-    rtable_e2e::node::process::preflight().unwrap_or_else(|e| panic!("{e}"));
     let _serial = rtable_e2e::serial();
-    let mut clock = Clock(Instant::now(), Instant::now());
-    // Dropped in reverse: the agent (which stops its pods) first, then its state, the
-    // control plane, and the bridge last.
-    let bridge = Bridge::create().unwrap_or_else(|e| panic!("{e}"));
-    let gateway = bridge.cidr.gateway();
-    let plane = ControlPlane::start(ControlPlaneOptions {
-        address: gateway,
-        node_monitor_grace: Duration::from_secs(20),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
-    clock.lap(&format!(
-        "control plane on {} (bridge {})",
-        plane.server, bridge.name
-    ));
-    let admin = plane.client().await.expect("admin client");
-    let kubectl = Cli::new(&plane.binaries().path("kubectl"), &plane.kubeconfig);
-
-    // The agent's two identities: the node's, and the add-ons' (DNS, provisioner).
-    let (role, binding) = provisioner::addon_rbac("rtable:node-addons");
-    Api::all(admin.clone())
-        .create(&PostParams::default(), &role)
-        .await
-        .expect("ClusterRole");
-    Api::all(admin.clone())
-        .create(&PostParams::default(), &binding)
-        .await
-        .expect("ClusterRoleBinding");
-    let node_kubeconfig = plane
-        .client_kubeconfig(&format!("system:node:{NODE}"), &["system:nodes"])
-        .expect("node kubeconfig");
-    let addons_kubeconfig = plane
-        .client_kubeconfig("rtable:node-addons", &[])
-        .expect("addons kubeconfig");
-    let work = WorkDir(Some(
-        tempfile::Builder::new()
-            .prefix("rtable-node-")
-            .tempdir()
-            .expect("tempdir"),
-    ));
-    let image_map = work.path().join("images.yaml");
     let target_dir = std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node"))
         .parent()
         .expect("target dir")
         .to_path_buf();
-    std::fs::write(
-        &image_map,
-        format!(
-            "images:\n\
-             - prefix: python\n  entrypoint: [python3]\n\
-             - prefix: ghcr.io/rtable/rtable-sidecar\n  path: [{}]\n  entrypoint: [rtable-sidecar]\n",
-            target_dir.display()
-        ),
-    )
-    .expect("image map");
-    let mut config = NodeConfig::new(
-        NODE,
-        node_kubeconfig,
-        addons_kubeconfig,
-        work.path().join("state"),
-        image_map,
+    let image_map = format!(
+        "images:\n\
+         - prefix: python\n  entrypoint: [python3]\n\
+         - prefix: ghcr.io/rtable/rtable-sidecar\n  path: [{}]\n  entrypoint: [rtable-sidecar]\n",
+        target_dir.display()
     );
-    config.bridge = bridge.name.clone();
-    config.pod_cidr = bridge.cidr;
-    config.backoff_initial = Duration::from_secs(1);
-    config.backoff_max = Duration::from_secs(10);
-    config.volume_resync = Duration::from_secs(5);
-    let mut node = NodeProcess::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node")),
-        config,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-
-    // 1. The node registers, heartbeats, and loses its not-ready taint.
-    let nodes: Api<Node> = Api::all(admin.clone());
-    poll_until(
-        "the node Ready without the not-ready taint",
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || {
-            let running = node.check_running();
-            let nodes = nodes.clone();
-            async move {
-                running?;
-                let Some(n) = nodes.get_opt(NODE).await? else {
-                    return Ok(Check::Wait("no Node".into()));
-                };
-                let ready = n
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                let tainted = n
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.taints.as_ref())
-                    .is_some_and(|t| t.iter().any(|t| t.key.contains("not-ready")));
-                Ok(if ready && !tainted {
-                    Check::Done(())
-                } else {
-                    Check::Wait(format!("ready {ready}, tainted {tainted}"))
-                })
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let lease = kubectl
-        .run(
-            &["get", "lease", "-n", "kube-node-lease", NODE, "-o", "json"],
-            None,
-        )
-        .await
-        .and_then(|o| o.ok("kubectl get lease"))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let lease: Value = serde_json::from_str(&lease.stdout).expect("lease json");
-    assert_eq!(lease["spec"]["holderIdentity"], NODE);
-    clock.lap("node registered, lease renewed, not-ready taint removed");
+    let mut cluster = Cluster::start(&image_map).await;
+    let Cluster {
+        node,
+        work,
+        bridge,
+        admin,
+        kubectl,
+        clock,
+        ..
+    } = &mut cluster;
+    let gateway = bridge.cidr.gateway();
 
     // 2. A StatefulSet of two pods with claims.
     kubectl
@@ -430,10 +466,10 @@ async fn a_statefulset_runs_on_rtable_node() {
         .and_then(|o| o.ok("kubectl apply"))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
-    let web0 = ready_pod(&pods, "web-0", 0, None, &mut node)
+    let web0 = ready_pod(&pods, "web-0", 0, None, node)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let web1 = ready_pod(&pods, "web-1", 0, None, &mut node)
+    let web1 = ready_pod(&pods, "web-1", 0, None, node)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     clock.lap("web-0 and web-1 Ready");
@@ -615,7 +651,7 @@ async fn a_statefulset_runs_on_rtable_node() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill -9 the container");
-    let restarted = ready_pod(&pods, "web-0", 1, None, &mut node)
+    let restarted = ready_pod(&pods, "web-0", 1, None, node)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     let (uid, ip, _, _, last_exit) = summary(&restarted);
@@ -639,7 +675,7 @@ async fn a_statefulset_runs_on_rtable_node() {
         .await
         .and_then(|o| o.ok("kubectl delete pod"))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let replaced = ready_pod(&pods, "web-0", 0, Some(&uid0), &mut node)
+    let replaced = ready_pod(&pods, "web-0", 0, Some(&uid0), node)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     let new_ip = replaced
@@ -659,7 +695,7 @@ async fn a_statefulset_runs_on_rtable_node() {
     let new_uid0 = replaced.metadata.uid.clone().expect("uid");
     node.crash_and_restart().unwrap_or_else(|e| panic!("{e}"));
     for (name, uid, ip) in [("web-0", &new_uid0, &new_ip), ("web-1", &uid1, &ips[1])] {
-        let pod = ready_pod(&pods, name, 1, None, &mut node)
+        let pod = ready_pod(&pods, name, 1, None, node)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         let (now_uid, now_ip, ..) = summary(&pod);
@@ -768,8 +804,166 @@ async fn a_statefulset_runs_on_rtable_node() {
         .unwrap_or_default();
     assert!(netns.is_empty(), "network namespaces left: {netns:?}");
     clock.lap("agent stopped, nothing left behind");
-    drop(node);
-    drop(work);
-    drop(plane);
-    drop(bridge);
+    drop(cluster);
+}
+
+/// The project's own manifests, unmodified, on rtable-node with the repository's image map:
+/// examples/zookeeper.yaml (three ZooKeeper servers finding each other by `zk-N.zk`), the
+/// operator installed by its Helm chart (in-cluster config, a non-root user, a read-only
+/// root), and examples/events.yaml, whose sidecars (non-root, read-only root, fsGroup-owned
+/// claims) replicate an insert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_and_a_table_run_unmodified_on_rtable_node() {
+    let _serial = rtable_e2e::serial();
+    // The repository's image map, with the sidecar and operator binaries where they are
+    // built (RTABLE_SIDECAR_BIN / RTABLE_OPERATOR_BIN, or the target directory).
+    let repo = rtable_e2e::repo_root();
+    let images_dir = repo.join("e2e/node-images");
+    let bin_dir = |name: &str, var: &str| {
+        rtable_e2e::sidecar_proc::workspace_binary(name, var, name)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .parent()
+            .expect("a directory")
+            .display()
+            .to_string()
+    };
+    let image_map = std::fs::read_to_string(images_dir.join("images.yaml"))
+        .expect("e2e/node-images/images.yaml")
+        .replace(
+            "ghcr.io/rtable/rtable-sidecar\n    path: [../../target/debug]",
+            &format!(
+                "ghcr.io/rtable/rtable-sidecar\n    path: [{}]",
+                bin_dir("rtable-sidecar", "RTABLE_SIDECAR_BIN")
+            ),
+        )
+        .replace(
+            "ghcr.io/rtable/rtable-operator\n    path: [../../target/debug]",
+            &format!(
+                "ghcr.io/rtable/rtable-operator\n    path: [{}]",
+                bin_dir("rtable-operator", "RTABLE_OPERATOR_BIN")
+            ),
+        )
+        .replace(
+            ": zookeeper/",
+            &format!(": {}/zookeeper/", images_dir.display()),
+        );
+    let mut cluster = Cluster::start(&image_map).await;
+    let path = |p: &str| repo.join(p).display().to_string();
+    let run = |cli: Cli, args: Vec<String>, what: &'static str| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli.run(&args, None)
+            .await
+            .and_then(|o| o.ok(what))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    let kubectl = cluster.kubectl.clone();
+    let helm = Cli::new(
+        &cluster.plane.binaries().path("helm"),
+        &cluster.plane.kubeconfig,
+    );
+    run(
+        kubectl.clone(),
+        vec![
+            "apply".into(),
+            "-n".into(),
+            "default".into(),
+            "-f".into(),
+            path("examples/zookeeper.yaml"),
+        ],
+        "kubectl apply examples/zookeeper.yaml",
+    )
+    .await;
+    run(
+        helm,
+        [
+            "install",
+            "rtable",
+            &path("charts/rtable-operator"),
+            "-n",
+            "rtable-system",
+            "--create-namespace",
+            "--set",
+            "replicaCount=1",
+            "--set",
+            "resyncSeconds=5",
+            "--set",
+            "logFormat=text",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        "helm install the operator",
+    )
+    .await;
+    run(
+        kubectl.clone(),
+        vec!["apply".into(), "-f".into(), path("examples/events.yaml")],
+        "kubectl apply examples/events.yaml",
+    )
+    .await;
+    run(
+        kubectl.clone(),
+        [
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "-n",
+            "default",
+            "rt/events",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        "kubectl wait for the table to be Ready",
+    )
+    .await;
+    cluster
+        .clock
+        .lap("ZooKeeper, the operator (Helm) and the events table Ready");
+
+    let pods: Api<Pod> = Api::namespaced(cluster.admin.clone(), "default");
+    let ip = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.get(name)
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| s.pod_ip)
+                .unwrap_or_else(|| panic!("{name} has an address"))
+        }
+    };
+    let writer = rtable_e2e::ReplicaClient::new(&format!("http://{}:9009", ip("events-0").await))
+        .expect("client");
+    writer
+        .insert_json(&[serde_json::json!({
+            "ts": "2026-01-02 03:04:05", "user_id": 7, "event": "rtable-node", "value": 1.5
+        })])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let reader = rtable_e2e::ReplicaClient::new(&format!("http://{}:9009", ip("events-2").await))
+        .expect("client");
+    let rows = poll_until(
+        "the row replicated to events-2",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let reader = reader.clone();
+            async move {
+                let rows = reader.select_sorted_lines().await?;
+                Ok(if rows.is_empty() {
+                    Check::Wait("no rows".into())
+                } else {
+                    Check::Done(rows)
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(rows[0].contains("rtable-node"), "{rows:?}");
+    cluster
+        .clock
+        .lap("an insert on events-0 replicated to events-2");
+    drop(cluster);
 }

@@ -447,7 +447,9 @@ async fn run_once(
     probes.abort();
     // A container is its whole process group: whatever the main process left behind goes.
     let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    let start_error = std::fs::read_to_string(&prepared.spec.error_file).ok();
+    let start_error = std::fs::read_to_string(&prepared.spec.error_file)
+        .ok()
+        .filter(|m| !m.is_empty());
     let exit = match exit_status {
         Err(e) => Exit {
             code: START_ERROR_EXIT,

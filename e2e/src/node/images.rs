@@ -15,7 +15,14 @@
 //!   # python:3.12-slim, docker.io/library/python:3
 //!   - prefix: python
 //!     entrypoint: [python3]
+//!   # zookeeper:3.8: the official image's entrypoint, played by scripts of ours
+//!   - prefix: zookeeper
+//!     files: {/docker-entrypoint.sh: zookeeper/docker-entrypoint.sh}
+//!     dirs: {/conf: "1000:1000"}        # directories the image has, and their owner
+//!     entrypoint: [/docker-entrypoint.sh]
 //! ```
+//!
+//! Relative host paths are relative to the map file's directory.
 //!
 //! Every container's root filesystem is the host's operating-system directories (see
 //! `rootfs`), or, with `root: DIR`, an unpacked image root. Names are matched after
@@ -70,6 +77,33 @@ pub struct ImageEntry {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// Host files (or directories) visible read-only at a path of the container: the
+    /// image's own scripts.
+    #[serde(default)]
+    pub files: BTreeMap<String, PathBuf>,
+    /// Directories the image has, with their owner `uid:gid` (a non-root image's data or
+    /// configuration directory).
+    #[serde(default)]
+    pub dirs: BTreeMap<String, String>,
+}
+
+impl ImageEntry {
+    /// The owner of each of `dirs`.
+    pub fn owned_dirs(&self) -> Result<Vec<(String, u32, u32)>, String> {
+        self.dirs
+            .iter()
+            .map(|(path, owner)| {
+                let (uid, gid) = owner.split_once(':').unwrap_or((owner, owner));
+                match (uid.trim().parse(), gid.trim().parse()) {
+                    (Ok(uid), Ok(gid)) => Ok((path.clone(), uid, gid)),
+                    _ => Err(format!(
+                        "image {}: the owner of {path} must be `uid:gid`, not `{owner}`",
+                        self.prefix
+                    )),
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,11 +167,24 @@ impl ImageMap {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<ImageMap, ImageError> {
-        let file: ImageMapFile =
+        let mut file: ImageMapFile =
             serde_yaml::from_str(text).map_err(|source| ImageError::Parse {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+        // Lexically normal (no `..`): the path is looked up inside containers, where the
+        // map's own directory may not exist.
+        let absolute = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = normal(&base.join(&*p));
+            }
+        };
+        for entry in &mut file.images {
+            entry.path.iter_mut().for_each(absolute);
+            entry.files.values_mut().for_each(absolute);
+            entry.root.iter_mut().for_each(absolute);
+        }
         Ok(ImageMap {
             file: path.to_path_buf(),
             entries: file.images,
@@ -163,6 +210,21 @@ impl ImageMap {
                 map: self.file.clone(),
             })
     }
+}
+
+/// `path` without `.` and `..` components (resolved lexically).
+fn normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// The repository of an image reference: no tag, no digest, no implicit Docker Hub parts.
@@ -191,11 +253,14 @@ mod tests {
     const MAP: &str = "
 images:
   - prefix: ghcr.io/rtable/rtable-sidecar
-    path: [/opt/rtable/bin]
+    path: [../opt/rtable/bin]
     entrypoint: [rtable-sidecar]
   - prefix: python
     entrypoint: [python3]
     env: {PYTHONUNBUFFERED: '1'}
+  - prefix: zookeeper
+    files: {/docker-entrypoint.sh: zk/entry.sh}
+    dirs: {/conf: '1000:1000'}
 ";
 
     #[test]
@@ -211,7 +276,7 @@ images:
 
     #[test]
     fn the_longest_prefix_wins_and_path_comes_first() {
-        let map = ImageMap::parse(Path::new("map.yaml"), MAP).expect("map");
+        let map = ImageMap::parse(Path::new("/maps/map.yaml"), MAP).expect("map");
         let sidecar = map
             .resolve("ghcr.io/rtable/rtable-sidecar:0.1.0")
             .expect("sidecar");
@@ -221,7 +286,8 @@ images:
             (
                 "PATH".to_string(),
                 format!("/opt/rtable/bin:{DEFAULT_PATH}")
-            )
+            ),
+            "relative to the map's directory, without `..`"
         );
         let python = map.resolve("python:3.12-slim").expect("python");
         assert_eq!(python.entry.entrypoint, ["python3"]);
@@ -229,6 +295,16 @@ images:
             python
                 .env()
                 .contains(&("PYTHONUNBUFFERED".into(), "1".into()))
+        );
+        let zk = map.resolve("zookeeper:3.8").expect("zookeeper");
+        assert_eq!(
+            zk.entry.files.get("/docker-entrypoint.sh"),
+            Some(&PathBuf::from("/maps/zk/entry.sh")),
+            "relative to the map file"
+        );
+        assert_eq!(
+            zk.entry.owned_dirs(),
+            Ok(vec![("/conf".to_string(), 1000, 1000)])
         );
         let err = map.resolve("nginx:1").expect_err("unmapped");
         assert!(err.to_string().contains("`nginx`"), "{err}");

@@ -247,10 +247,16 @@ pub fn run_init(spec_path: &Path) -> ! {
             std::process::exit(START_ERROR_EXIT);
         }
     };
+    // Opened before anything changes the root: after the pivot its path is not visible.
+    // It closes on exec (the descriptor is close-on-exec), empty.
+    let error_file = std::fs::File::create(&spec.error_file);
     let Err(e) = init(&spec);
     let message = e.to_string();
     eprintln!("rtable-node init ({}): {message}", spec.name);
-    let _ = std::fs::write(&spec.error_file, &message);
+    if let Ok(mut file) = error_file {
+        use std::io::Write as _;
+        let _ = file.write_all(message.as_bytes());
+    }
     std::process::exit(START_ERROR_EXIT)
 }
 

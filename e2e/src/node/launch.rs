@@ -270,6 +270,17 @@ impl PodLaunch {
                 scratch,
                 scratch_bytes,
                 image_root: image.entry.root.clone(),
+                image_files: image
+                    .entry
+                    .files
+                    .iter()
+                    .map(|(target, source)| MountSpec {
+                        source: source.clone(),
+                        target: target.clone(),
+                        read_only: true,
+                    })
+                    .collect(),
+                image_dirs: image.entry.owned_dirs().map_err(LaunchError::Invalid)?,
                 image_paths: image
                     .entry
                     .path

@@ -53,6 +53,12 @@ pub struct RootfsSpec {
     pub image_root: Option<PathBuf>,
     /// Host paths visible read-only at the same path (the image's binaries).
     pub image_paths: Vec<PathBuf>,
+    /// Host files visible read-only at other paths (the image's scripts).
+    #[serde(default)]
+    pub image_files: Vec<MountSpec>,
+    /// Directories the image has: path, uid, gid.
+    #[serde(default)]
+    pub image_dirs: Vec<(String, u32, u32)>,
     pub read_only: bool,
     /// Host paths covered by an empty, read-only tmpfs if the image shows them (the agent's
     /// own state directory, which holds every pod's secrets).
@@ -415,6 +421,28 @@ pub fn enter(spec: &RootfsSpec, mounts: &[MountSpec], cwd: &str) -> Result<(), R
             touch(&target)?;
         }
         bind(path, &target, true)?;
+    }
+    for file in &spec.image_files {
+        let target = resolve_in_root(&root, &file.target)?;
+        if file.source.is_dir() {
+            mkdir_all(&target)?;
+        } else {
+            touch(&target)?;
+        }
+        bind(&file.source, &target, true)?;
+    }
+    for (path, uid, gid) in &spec.image_dirs {
+        let target = resolve_in_root(&root, path)?;
+        mkdir_all(&target)?;
+        sys(
+            "giving its owner to",
+            &target,
+            nix::unistd::chown(
+                &target,
+                Some(nix::unistd::Uid::from_raw(*uid)),
+                Some(nix::unistd::Gid::from_raw(*gid)),
+            ),
+        )?;
     }
     let mut ordered: Vec<&MountSpec> = mounts.iter().collect();
     ordered.sort_by_key(|m| depth(&m.target));
