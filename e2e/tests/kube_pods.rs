@@ -110,6 +110,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception as e:
             return self.reply(500, "%s: %s" % (type(e).__name__, e))
 
+print("agnhost pid %d serving on :8080" % os.getpid(), flush=True)
 http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
 "#;
 
@@ -664,6 +665,26 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert_eq!(last_exit, Some(137), "lastState: killed by SIGKILL");
     let info = get_json(&http, &ips[0], "/info").await.expect("info");
     assert_ne!(info["pid"].as_i64(), Some(i64::from(pid)));
+    // `kubectl logs` goes through the API server to the agent's kubelet API.
+    for (args, wanted) in [
+        (vec!["logs", "-n", NS, "web-0"], info["pid"].to_string()),
+        (
+            vec!["logs", "-n", NS, "web-0", "--previous"],
+            pid.to_string(),
+        ),
+    ] {
+        let out = kubectl
+            .run(&args, None)
+            .await
+            .and_then(|o| o.ok("kubectl logs"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            out.stdout
+                .contains(&format!("agnhost pid {wanted} serving")),
+            "{args:?}: {}",
+            out.stdout
+        );
+    }
     clock.lap("SIGKILLed container restarted in place (restartCount 1)");
 
     // 7. A deleted pod comes back, new, with the same volume.

@@ -42,6 +42,8 @@ pub enum AgentError {
     Registration(#[from] RegistrationError),
     #[error(transparent)]
     Dns(#[from] dns::DnsError),
+    #[error(transparent)]
+    KubeletApi(#[from] super::kubelet_api::KubeletApiError),
     #[error("finding the agent's own binary: {0}")]
     SelfExe(#[source] std::io::Error),
     #[error("installing signal handlers: {0}")]
@@ -121,6 +123,18 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AgentError> {
     let dns_stop = stop.child_token();
     let dns_task = tokio::spawn(dns::serve(host_ip, zone, dns_stop));
 
+    let api_stop = stop.child_token();
+    let (node_name, logs_dir) = (cfg.node_name.clone(), cfg.state_dir.join("logs"));
+    let kubelet_task = tokio::spawn(async move {
+        super::kubelet_api::serve(
+            std::net::IpAddr::V4(host_ip),
+            &node_name,
+            logs_dir,
+            api_stop,
+        )
+        .await
+    });
+
     let provisioner_stop = stop.child_token();
     let (provisioner_client, node_name, state_dir) =
         (addons.clone(), cfg.node_name.clone(), cfg.state_dir.clone());
@@ -155,18 +169,26 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AgentError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    let dns_result = tokio::select! {
+    // A server that cannot bind ends the agent: the node would be half there.
+    let failed: Option<AgentError> = tokio::select! {
         _ = term.recv() => None,
         _ = int.recv() => None,
-        result = dns_task => Some(result),
+        result = dns_task => match result {
+            Ok(Err(e)) => Some(e.into()),
+            _ => None,
+        },
+        result = kubelet_task => match result {
+            Ok(Err(e)) => Some(e.into()),
+            _ => None,
+        },
     };
     info!("stopping");
     stop.cancel();
     let _ = sync_task.await;
     while tasks.join_next().await.is_some() {}
-    match dns_result {
-        Some(Ok(Err(e))) => Err(e.into()),
-        _ => Ok(()),
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -46,8 +46,9 @@
 //! Differences from a kubelet, on purpose: no cgroups (resources are reported, not
 //! enforced), no PID namespace (container processes are visible on the host, which lets a
 //! test signal them), no image pulls, seccomp and capabilities other than
-//! `allowPrivilegeEscalation: false` not applied, no kubelet API (`kubectl logs/exec` do
-//! not work; logs are files under the state directory), containers die with the agent.
+//! `allowPrivilegeEscalation: false` not applied, a kubelet API that serves only container
+//! logs (`kubectl logs` works, `kubectl exec` does not; see [`kubelet_api`]), containers die
+//! with the agent.
 
 pub mod agent;
 pub mod cleanup;
@@ -58,6 +59,7 @@ pub mod env;
 pub mod events;
 pub mod images;
 pub mod init;
+pub mod kubelet_api;
 pub mod launch;
 pub mod network;
 pub mod pod_worker;

@@ -219,21 +219,17 @@ pub fn node_status(
     NodeStatus {
         allocatable: Some(capacity.clone()),
         capacity: Some(capacity),
-        addresses: Some(vec![
-            NodeAddress {
-                type_: "InternalIP".into(),
-                address: host_ip.to_string(),
-            },
-            NodeAddress {
-                type_: "Hostname".into(),
-                address: cfg.node_name.clone(),
-            },
-        ]),
+        // No `Hostname` address: the API server prefers it for reaching the kubelet API
+        // (`kubectl logs`), and a node name resolves nowhere on this machine.
+        addresses: Some(vec![NodeAddress {
+            type_: "InternalIP".into(),
+            address: host_ip.to_string(),
+        }]),
         conditions: Some(conditions(previous_conditions, &now())),
         daemon_endpoints: Some(NodeDaemonEndpoints {
-            // No kubelet API is served (logs and exec are not available); the field is
-            // required and 10250 is what a kubelet would announce.
-            kubelet_endpoint: Some(DaemonEndpoint { port: 10250 }),
+            kubelet_endpoint: Some(DaemonEndpoint {
+                port: i32::from(super::kubelet_api::PORT),
+            }),
         }),
         node_info: Some(NodeSystemInfo {
             architecture: go_arch().into(),
