@@ -184,6 +184,27 @@ spec:
     spec:
       accessModes: [ReadWriteOnce]
       resources: {{requests: {{storage: 64Mi}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: crasher, namespace: {NS}}}
+spec:
+  automountServiceAccountToken: false
+  containers:
+  - name: crash
+    image: python:3
+    command: [python3, -c, "import sys; print('crashing', flush=True); sys.exit(3)"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: stubborn, namespace: {NS}}}
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: ignore-sigterm
+    image: python:3
+    command: [python3, -c, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(3600)"]
 "#
     )
 }
@@ -643,7 +664,72 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert_eq!(pv.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
     clock.lap("the claim is bound to a provisioned local volume that fills up at 64Mi");
 
-    // 6. A killed container restarts in place.
+    // 6. A container that keeps failing goes into CrashLoopBackOff; one that ignores
+    // SIGTERM is killed when its grace period is over.
+    let crasher = poll_until(
+        "crasher in CrashLoopBackOff",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("crasher").await?;
+                let c = pod
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .and_then(|c| c.into_iter().next());
+                let waiting = c
+                    .as_ref()
+                    .and_then(|c| c.state.as_ref())
+                    .and_then(|s| s.waiting.as_ref())
+                    .and_then(|w| w.reason.clone());
+                Ok(match c {
+                    Some(c)
+                        if c.restart_count >= 2
+                            && waiting.as_deref() == Some("CrashLoopBackOff") =>
+                    {
+                        Check::Done(c)
+                    }
+                    other => Check::Wait(format!("{other:?}")),
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let last = crasher
+        .last_state
+        .and_then(|l| l.terminated)
+        .expect("last exit");
+    assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+    kubectl
+        .run(
+            &["delete", "pod", "-n", NS, "crasher", "--wait=false"],
+            None,
+        )
+        .await
+        .and_then(|o| o.ok("kubectl delete pod crasher"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    ready_pod(&pods, "stubborn", 0, None, node)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let deleting = Instant::now();
+    kubectl
+        .run(
+            &["delete", "pod", "-n", NS, "stubborn", "--wait=true"],
+            None,
+        )
+        .await
+        .and_then(|o| o.ok("kubectl delete pod stubborn"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let took = deleting.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "SIGTERM ignored: SIGKILL after the 2s grace period, took {took:?}"
+    );
+    clock.lap("CrashLoopBackOff; SIGKILL after the grace period");
+
+    // 7. A killed container restarts in place.
     let info = get_json(&http, &ips[0], "/info").await.expect("info");
     let pid = info["pid"].as_i64().expect("pid") as i32;
     let uid0 = web0.metadata.uid.clone().expect("uid");
@@ -687,7 +773,7 @@ async fn a_statefulset_runs_on_rtable_node() {
     }
     clock.lap("SIGKILLed container restarted in place (restartCount 1)");
 
-    // 7. A deleted pod comes back, new, with the same volume.
+    // 8. A deleted pod comes back, new, with the same volume.
     get_json(&http, &ips[0], "/write?path=/data/marker&value=survives")
         .await
         .expect("write a marker");
@@ -710,7 +796,7 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert_eq!(marker, "survives");
     clock.lap("deleted pod replaced (new UID) with its volume's data");
 
-    // 8. The agent crashes and comes back: it takes its pods over (same UIDs, same
+    // 9. The agent crashes and comes back: it takes its pods over (same UIDs, same
     // addresses, same volumes) and restarts their containers, which died with it.
     let uid1 = web1.metadata.uid.clone().expect("uid");
     let new_uid0 = replaced.metadata.uid.clone().expect("uid");
@@ -729,7 +815,7 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert_eq!(marker, "survives");
     clock.lap("agent killed and restarted: pods taken over, containers restarted");
 
-    // 9. Claims deleted: their volumes are unmounted and deleted.
+    // 10. Claims deleted: their volumes are unmounted and deleted.
     kubectl
         .run(
             &["delete", "statefulset", "-n", NS, "web", "--wait=true"],
@@ -808,7 +894,7 @@ async fn a_statefulset_runs_on_rtable_node() {
     assert!(images.is_empty(), "volume files left: {images:?}");
     clock.lap("claims deleted: volumes unmounted, images removed, PVs deleted");
 
-    // 10. The agent stops cleanly and leaves no namespace behind.
+    // 11. The agent stops cleanly and leaves no namespace behind.
     node.stop(Duration::from_secs(20));
     let uids = [
         uid0,

@@ -89,21 +89,24 @@ pub struct Bridge {
 impl Bridge {
     /// The first unused `rtbrN` with `10.244.N.0/24`, created now so an API server can
     /// bind its address before any agent runs. Fails with a clear message without `ip`.
+    /// Creating the link is the claim: of two harnesses racing for a name, one gets it.
     pub fn create() -> Result<Bridge, ProcessError> {
         network::ip_blocking(&["-V"])?;
-        let links = network::ip_blocking(&["-o", "link", "show"])?;
         let addresses = network::ip_blocking(&["-o", "-4", "addr", "show"])?;
         for n in 0..100u8 {
             let name = format!("rtbr{n}");
-            let subnet = format!("10.244.{n}.");
-            if links.contains(&format!(": {name}:")) || addresses.contains(&subnet) {
+            if addresses.contains(&format!("10.244.{n}.")) {
+                continue;
+            }
+            if network::ip_blocking(&["link", "add", &name, "type", "bridge"]).is_err() {
                 continue;
             }
             let cidr: PodCidr = format!("10.244.{n}.0/24")
                 .parse()
                 .map_err(|_| ProcessError::NoFreeBridge)?;
-            network::ensure_bridge(&name, &cidr)?;
-            return Ok(Bridge { name, cidr });
+            let bridge = Bridge { name, cidr };
+            network::ensure_bridge(&bridge.name, &cidr)?;
+            return Ok(bridge);
         }
         Err(ProcessError::NoFreeBridge)
     }
