@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// ClickHouse's `prefer_fetch_merged_part_size_threshold`: merges of at least this many
+/// source bytes are fetched when a replica already has the result...
+pub const PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD: u64 = 10 << 30;
+/// ...and the entry is at least this old (`prefer_fetch_merged_part_time_threshold`).
+pub const PREFER_FETCH_MERGED_PART_TIME_THRESHOLD: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "rtable-sidecar",
@@ -94,10 +100,8 @@ pub struct Config {
     #[arg(long, env = "RTABLE_PUSH_MAX_BYTES", default_value_t = 1 << 20)]
     pub push_max_bytes: u64,
     /// Insert groups committing at once. More overlap ZooKeeper round trips; fewer make
-    /// each group (one part, one log entry, one fetch per replica) carry more inserts.
-    /// One measured best on a 2-core machine at 16 and 64 concurrent clients, in four of
-    /// four paired runs against two (c16 421 vs 174/s, 357 vs 321/s; c64 959 vs 870/s,
-    /// 1,333 vs 608/s): with the CPU saturated, bigger groups beat more overlap.
+    /// each group (one part, one log entry, one fetch per replica) carry more inserts,
+    /// which wins when the CPU is the limit (BENCHMARKS.md has the measurements).
     #[arg(long, env = "RTABLE_COMMIT_GROUPS_IN_FLIGHT", default_value_t = 1)]
     pub commit_groups_in_flight: usize,
     /// Microseconds a group waits for more inserts when the group before it carried two or
@@ -110,10 +114,10 @@ pub struct Config {
     /// already holds the result instead of being run here, once the entry is older than
     /// `--prefer-fetch-merged-part-time-threshold-seconds` (ClickHouse's
     /// prefer_fetch_merged_part_size_threshold).
-    #[arg(long, default_value_t = crate::queue::executor::PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD)]
+    #[arg(long, default_value_t = PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD)]
     pub prefer_fetch_merged_part_size_threshold: u64,
     /// See `--prefer-fetch-merged-part-size-threshold`.
-    #[arg(long, default_value_t = crate::queue::executor::PREFER_FETCH_MERGED_PART_TIME_THRESHOLD.as_secs())]
+    #[arg(long, default_value_t = PREFER_FETCH_MERGED_PART_TIME_THRESHOLD.as_secs())]
     pub prefer_fetch_merged_part_time_threshold_seconds: u64,
     /// A merge's largest source may be at most this many times the others together.
     #[arg(long, default_value_t = 4.0)]

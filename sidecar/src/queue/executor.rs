@@ -532,12 +532,6 @@ async fn anyone_has(
     Ok(quorum::holders(replica, client, part).await? > 0)
 }
 
-/// ClickHouse's `prefer_fetch_merged_part_size_threshold`: merges of at least this many
-/// source bytes are fetched when a replica already has the result...
-pub const PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD: u64 = 10 << 30;
-/// ...and the entry is at least this old (`prefer_fetch_merged_part_time_threshold`).
-pub const PREFER_FETCH_MERGED_PART_TIME_THRESHOLD: Duration = Duration::from_secs(3600);
-
 /// Whether a merge whose sources are all here should rather fetch its result from a
 /// replica that has it: the merge is big (`source_bytes` at least `size_threshold`) and
 /// its entry old (`entry_age_seconds` at least `time_threshold`), so the result most likely
@@ -1119,8 +1113,8 @@ mod tests {
     fn a_merge_is_fetched_only_when_big_and_old_enough() {
         const GIB: u64 = 1 << 30;
         let hour = Duration::from_secs(3600);
-        let size = PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD;
-        let time = PREFER_FETCH_MERGED_PART_TIME_THRESHOLD;
+        let size = crate::config::PREFER_FETCH_MERGED_PART_SIZE_THRESHOLD;
+        let time = crate::config::PREFER_FETCH_MERGED_PART_TIME_THRESHOLD;
         assert_eq!((size, time), (10 * GIB, hour), "ClickHouse's defaults");
         assert!(prefer_fetch_merged(10 * GIB, 3600, size, time));
         assert!(prefer_fetch_merged(40 * GIB, 7200, size, time));
