@@ -113,15 +113,24 @@ pub async fn run(cfg: NodeConfig) -> Result<(), AgentError> {
         stop.child_token(),
     ));
 
-    let stores = Stores::start(&addons, stop.child_token()).await;
-    let zone = Zone {
-        domain: cfg.cluster_domain.clone(),
-        api: api_host.parse::<Ipv4Addr>().ok(),
-        ttl: cfg.dns_ttl,
-        directory: Arc::new(stores),
-    };
-    let dns_stop = stop.child_token();
-    let dns_task = tokio::spawn(dns::serve(host_ip, zone, dns_stop));
+    // The DNS server starts once its watches have listed everything (it never answers
+    // NXDOMAIN for lack of data); pods start meanwhile, as on a cluster whose DNS is late.
+    let (dns_stop, dns_addons, api_ip) = (
+        stop.child_token(),
+        addons.clone(),
+        api_host.parse::<Ipv4Addr>().ok(),
+    );
+    let (domain, ttl) = (cfg.cluster_domain.clone(), cfg.dns_ttl);
+    let dns_task = tokio::spawn(async move {
+        let stores = Stores::start(&dns_addons, dns_stop.child_token()).await;
+        let zone = Zone {
+            domain,
+            api: api_ip,
+            ttl,
+            directory: Arc::new(stores),
+        };
+        dns::serve(host_ip, zone, dns_stop).await
+    });
 
     let api_stop = stop.child_token();
     let (node_name, logs_dir) = (cfg.node_name.clone(), cfg.state_dir.join("logs"));

@@ -174,6 +174,7 @@ struct Worker {
     waiting: Option<(String, String)>,
     stopped: bool,
     last_written: Option<serde_json::Value>,
+    last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
     carried_restarts: BTreeMap<(bool, String), i32>,
 }
 
@@ -214,6 +215,7 @@ impl Worker {
             waiting: None,
             stopped: false,
             last_written: None,
+            last_status: None,
             carried_restarts: carried,
         }
     }
@@ -662,8 +664,22 @@ impl Worker {
 
     /// Computes the status and writes it if it changed since the last write.
     async fn write_status(&mut self) {
+        // Transition times come from what this worker wrote last (the watch may still
+        // deliver an older version of the pod); others' conditions (readiness gates) from
+        // the pod as last seen.
+        let mut base = self.pod.clone();
+        if let Some(last) = &self.last_status {
+            let status = base.status.get_or_insert_with(Default::default);
+            let mut conditions = last.conditions.clone().unwrap_or_default();
+            for c in status.conditions.iter().flatten() {
+                if !conditions.iter().any(|own| own.type_ == c.type_) {
+                    conditions.push(c.clone());
+                }
+            }
+            status.conditions = Some(conditions);
+        }
         let view = PodView {
-            pod: &self.pod,
+            pod: &base,
             host_ip: self.ctx.host_ip,
             pod_ip: self.sandbox.as_ref().map(|s| s.pod_ip),
             start_time: Some(self.start_time.clone()),
@@ -695,6 +711,7 @@ impl Worker {
                     self.pod.status = written.status;
                 }
                 self.last_written = Some(json);
+                self.last_status = Some(status);
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 debug!("the pod is gone; status not written")
