@@ -222,16 +222,8 @@ fn mark_updated(replica: &Replica) {
     q.last_queue_update_exception = None;
 }
 
-/// Copies at most one batch of entries at or past `log_pointer`; returns how many.
-pub async fn pull_once(
-    replica: &Replica,
-    client: &zk::Client,
-    children: &[String],
-) -> Result<usize, TreeError> {
-    pull_batch(replica, client, children, None).await
-}
-
-/// [`pull_once`]; with `prefetch`, GET_PARTs start downloading as soon as they are read
+/// Copies at most one batch of entries at or past `log_pointer`; returns how many. With
+/// `prefetch`, GET_PARTs start downloading as soon as they are read
 /// (see `queue::prefetch`). Only the log pull's own task prefetches: merge assignment and
 /// the executor pull to learn about entries, not to wait on anything else.
 async fn pull_batch(

@@ -350,10 +350,6 @@ impl<W: Write + Send> ParquetOutput<W> {
         self.writer.flush()
     }
 
-    pub fn sink_mut(&mut self) -> &mut W {
-        self.writer.inner_mut()
-    }
-
     /// Writes the footer and returns the sink.
     pub fn finish(self) -> Result<W, ParquetError> {
         self.writer.into_inner()

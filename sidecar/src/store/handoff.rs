@@ -14,9 +14,7 @@ use rtable_protocol::part_name::PartName;
 
 use super::received::ReceivedPart;
 use super::verify::Unsynced;
-use super::{
-    ActivePart, COUNT_FILE, Durability, HANDOFF_PREFIX, PartStore, StoreError, spare, verify,
-};
+use super::{ActivePart, COUNT_FILE, Durability, HANDOFF_PREFIX, PartStore, StoreError, spare};
 
 /// A verified, durable copy waiting for its commit's outcome.
 #[derive(Debug, Clone)]
@@ -137,17 +135,5 @@ impl PartStore {
                 checksums,
             })
             .collect()
-    }
-
-    /// The copy of `name` on disk, verified (for the entry that activates it).
-    pub fn handoff_on_disk(&self, name: &PartName) -> Option<HandoffPart> {
-        let dir = self.handoff_dir(name);
-        let (checksums, rows) = verify::verify_part_dir(&dir).ok()?;
-        Some(HandoffPart {
-            name: name.clone(),
-            dir,
-            rows,
-            checksums,
-        })
     }
 }
