@@ -59,15 +59,21 @@ struct PlaygroundArgs {
     /// Where logs and data go (wiped at start).
     #[arg(long, default_value_os_t = rtable_e2e::repo_root().join(".playground"))]
     dir: PathBuf,
-    /// Seconds between status refreshes.
-    #[arg(long, default_value_t = 2)]
-    interval: u64,
+    /// Seconds between status refreshes (default 2; 5 with --kubernetes).
+    #[arg(long)]
+    interval: Option<u64>,
     /// ZooKeeper session timeout of the replicas, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     session_timeout_ms: u64,
     /// Print the status table once and exit (a smoke test).
     #[arg(long)]
     once: bool,
+    /// Run the journey on Kubernetes on this machine instead (needs root): a control plane,
+    /// the process kubelet rtable-node, `kubectl apply` ZooKeeper, `helm install` the
+    /// operator, `kubectl apply` examples/events.yaml; prints a kubeconfig and the kubectl
+    /// commands to try. --manifest, --replicas, --zk-nodes and --base-port do not apply.
+    #[arg(long)]
+    kubernetes: bool,
 }
 
 fn main() -> ExitCode {
@@ -90,6 +96,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Playground(args) if args.kubernetes => {
+            runtime.block_on(kubernetes_playground(args))
+        }
         Command::Playground(args) => runtime.block_on(playground(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
     };
@@ -100,6 +109,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `playground --kubernetes`: 30 sample rows of examples/events.yaml through events-0.
+async fn kubernetes_playground(args: PlaygroundArgs) -> anyhow::Result<()> {
+    let manifest = rtable_e2e::example_manifest();
+    let table = ReplicatedTableManifest::from_file(&manifest)
+        .with_context(|| format!("{}", manifest.display()))?;
+    let rows = (0..3).flat_map(|b| sample_rows(&table, b, 10)).collect();
+    let node_binary =
+        rtable_e2e::sidecar_proc::workspace_binary("rtable-node", "RTABLE_NODE_BIN", "rtable-e2e")?;
+    rtable_e2e::kube::playground::run(rtable_e2e::kube::playground::Options {
+        node_binary,
+        dir: args.dir,
+        rows,
+        interval: Duration::from_secs(args.interval.unwrap_or(5).max(1)),
+        once: args.once,
+    })
+    .await
 }
 
 struct Playground {
@@ -268,6 +295,7 @@ async fn run(
         return Ok(());
     }
     println!("\nPress Ctrl-C to stop.\n");
+    let interval = args.interval.unwrap_or(2);
     loop {
         let snapshot = view.observe(&clients).await;
         if interactive {
@@ -277,11 +305,11 @@ async fn run(
         if !interactive {
             println!();
         } else {
-            println!("\n(refreshing every {}s; Ctrl-C to stop)", args.interval);
+            println!("\n(refreshing every {}s; Ctrl-C to stop)", interval);
         }
         tokio::select! {
             _ = &mut ctrl_c => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(args.interval.max(1))) => {}
+            _ = tokio::time::sleep(Duration::from_secs(interval.max(1))) => {}
         }
         for r in &mut pg.replicas {
             if let Some(status) = r.exit_status() {

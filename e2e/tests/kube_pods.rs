@@ -12,16 +12,15 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, ListParams, PostParams};
-use rtable_e2e::kube::{Cli, ControlPlane, ControlPlaneOptions};
-use rtable_e2e::node::process::{Bridge, NodeProcess};
-use rtable_e2e::node::{NodeConfig, provisioner};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams};
+use rtable_e2e::kube::node_cluster::{NODE, NodeCluster as Cluster, repository_image_map};
+use rtable_e2e::node::process::NodeProcess;
+use rtable_e2e::node::provisioner;
 use rtable_e2e::{Check, poll_until};
 use serde_json::Value;
 
 const NS: &str = "pods-e2e";
-const NODE: &str = "node-1";
 const CLAIM: u64 = 64 << 20;
 
 /// The pods' program: answers what a test asks about the pod from inside it.
@@ -209,43 +208,6 @@ spec:
     )
 }
 
-/// The agent's directory (state, container logs and specs, its own log), kept when the
-/// test fails or `RTABLE_E2E_KEEP` is set.
-struct WorkDir(Option<tempfile::TempDir>);
-
-impl WorkDir {
-    fn path(&self) -> &std::path::Path {
-        self.0
-            .as_ref()
-            .map_or(std::path::Path::new("/nonexistent"), |d| d.path())
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if (std::thread::panicking() || rtable_e2e::keep_dirs())
-            && let Some(dir) = self.0.take()
-        {
-            eprintln!("rtable-node directory kept: {}", dir.keep().display());
-        }
-    }
-}
-
-/// Prints how long each phase took.
-struct Clock(Instant, Instant);
-
-impl Clock {
-    fn lap(&mut self, what: &str) {
-        let now = Instant::now();
-        eprintln!(
-            "[{:6.1}s] {what} ({:.1}s)",
-            (now - self.0).as_secs_f64(),
-            (now - self.1).as_secs_f64()
-        );
-        self.1 = now;
-    }
-}
-
 async fn get_json(http: &reqwest::Client, ip: &str, path: &str) -> anyhow::Result<Value> {
     let url = format!("http://{ip}:8080{path}");
     let response = http
@@ -322,138 +284,15 @@ async fn ready_pod(
     .await
 }
 
-/// A control plane on a bridge of its own, with one `rtable-node` registered and Ready.
-/// Fields drop in order: the agent (which stops its pods) first, then its directory, the
-/// control plane, and the bridge last.
-struct Cluster {
-    node: NodeProcess,
-    work: WorkDir,
-    plane: ControlPlane,
-    bridge: Bridge,
-    admin: kube::Client,
-    kubectl: Cli,
-    clock: Clock,
-}
-
-impl Cluster {
-    /// Starts everything; `image_map` is the text of the agent's image map.
-    async fn start(image_map: &str) -> Cluster {
-        rtable_e2e::node::process::preflight().unwrap_or_else(|e| panic!("{e}"));
-        let mut clock = Clock(Instant::now(), Instant::now());
-        let bridge = Bridge::create().unwrap_or_else(|e| panic!("{e}"));
-        let plane = ControlPlane::start(ControlPlaneOptions {
-            address: bridge.cidr.gateway(),
-            node_monitor_grace: Duration::from_secs(20),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
-        clock.lap(&format!(
-            "control plane on {} (bridge {})",
-            plane.server, bridge.name
-        ));
-        let admin = plane.client().await.expect("admin client");
-        let kubectl = Cli::new(&plane.binaries().path("kubectl"), &plane.kubeconfig);
-
-        // The agent's two identities: the node's, and the add-ons' (DNS, provisioner).
-        let (role, binding) = provisioner::addon_rbac("rtable:node-addons");
-        Api::all(admin.clone())
-            .create(&PostParams::default(), &role)
-            .await
-            .expect("ClusterRole");
-        Api::all(admin.clone())
-            .create(&PostParams::default(), &binding)
-            .await
-            .expect("ClusterRoleBinding");
-        let node_kubeconfig = plane
-            .client_kubeconfig(&format!("system:node:{NODE}"), &["system:nodes"])
-            .expect("node kubeconfig");
-        let addons_kubeconfig = plane
-            .client_kubeconfig("rtable:node-addons", &[])
-            .expect("addons kubeconfig");
-        let work = WorkDir(Some(
-            tempfile::Builder::new()
-                .prefix("rtable-node-")
-                .tempdir()
-                .expect("tempdir"),
-        ));
-        // Written beside the agent's logs: the map a failed run used is kept with them.
-        let image_map_path = work.path().join("images.yaml");
-        std::fs::write(&image_map_path, image_map).expect("image map");
-        let mut config = NodeConfig::new(
-            NODE,
-            node_kubeconfig,
-            addons_kubeconfig,
-            work.path().join("state"),
-            image_map_path,
-        );
-        config.bridge = bridge.name.clone();
-        config.pod_cidr = bridge.cidr;
-        config.backoff_initial = Duration::from_secs(1);
-        config.backoff_max = Duration::from_secs(10);
-        config.volume_resync = Duration::from_secs(5);
-        let mut node = NodeProcess::start(
-            std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node")),
-            config,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-
-        // The node registers, heartbeats, and loses its not-ready taint.
-        let nodes: Api<Node> = Api::all(admin.clone());
-        poll_until(
-            "the node Ready without the not-ready taint",
-            Duration::from_secs(60),
-            Duration::from_millis(250),
-            || {
-                let running = node.check_running();
-                let nodes = nodes.clone();
-                async move {
-                    running?;
-                    let Some(n) = nodes.get_opt(NODE).await? else {
-                        return Ok(Check::Wait("no Node".into()));
-                    };
-                    let ready = n
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| {
-                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                        });
-                    let tainted = n
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.taints.as_ref())
-                        .is_some_and(|t| t.iter().any(|t| t.key.contains("not-ready")));
-                    Ok(if ready && !tainted {
-                        Check::Done(())
-                    } else {
-                        Check::Wait(format!("ready {ready}, tainted {tainted}"))
-                    })
-                }
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        let lease = kubectl
-            .run(
-                &["get", "lease", "-n", "kube-node-lease", NODE, "-o", "json"],
-                None,
-            )
-            .await
-            .and_then(|o| o.ok("kubectl get lease"))
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        let lease: Value = serde_json::from_str(&lease.stdout).expect("lease json");
-        assert_eq!(lease["spec"]["holderIdentity"], NODE);
-        clock.lap("node registered, lease renewed, not-ready taint removed");
-        Cluster {
-            node,
-            work,
-            plane,
-            bridge,
-            admin,
-            kubectl,
-            clock,
-        }
-    }
+/// A control plane on a bridge of its own, with one `rtable-node` registered and Ready;
+/// `image_map` is the text of the agent's image map.
+async fn start(image_map: &str) -> Cluster {
+    Cluster::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_rtable-node")),
+        image_map,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,7 +308,7 @@ async fn a_statefulset_runs_on_rtable_node() {
          - prefix: ghcr.io/rtable/rtable-sidecar\n  path: [{}]\n  entrypoint: [rtable-sidecar]\n",
         target_dir.display()
     );
-    let mut cluster = Cluster::start(&image_map).await;
+    let mut cluster = start(&image_map).await;
     let Cluster {
         node,
         work,
@@ -924,109 +763,12 @@ async fn the_operator_and_a_table_run_unmodified_on_rtable_node() {
     let _serial = rtable_e2e::serial();
     // The repository's image map, with the sidecar and operator binaries where they are
     // built (RTABLE_SIDECAR_BIN / RTABLE_OPERATOR_BIN, or the target directory).
-    let repo = rtable_e2e::repo_root();
-    let images_dir = repo.join("e2e/node-images");
-    let bin_dir = |name: &str, var: &str| {
-        rtable_e2e::sidecar_proc::workspace_binary(name, var, name)
-            .unwrap_or_else(|e| panic!("{e:#}"))
-            .parent()
-            .expect("a directory")
-            .display()
-            .to_string()
-    };
-    let image_map = std::fs::read_to_string(images_dir.join("images.yaml"))
-        .expect("e2e/node-images/images.yaml")
-        .replace(
-            "ghcr.io/rtable/rtable-sidecar\n    path: [../../target/debug]",
-            &format!(
-                "ghcr.io/rtable/rtable-sidecar\n    path: [{}]",
-                bin_dir("rtable-sidecar", "RTABLE_SIDECAR_BIN")
-            ),
-        )
-        .replace(
-            "ghcr.io/rtable/rtable-operator\n    path: [../../target/debug]",
-            &format!(
-                "ghcr.io/rtable/rtable-operator\n    path: [{}]",
-                bin_dir("rtable-operator", "RTABLE_OPERATOR_BIN")
-            ),
-        )
-        .replace(
-            ": zookeeper/",
-            &format!(": {}/zookeeper/", images_dir.display()),
-        );
-    let mut cluster = Cluster::start(&image_map).await;
-    let path = |p: &str| repo.join(p).display().to_string();
-    let run = |cli: Cli, args: Vec<String>, what: &'static str| async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cli.run(&args, None)
-            .await
-            .and_then(|o| o.ok(what))
-            .unwrap_or_else(|e| panic!("{e:#}"))
-    };
-    let kubectl = cluster.kubectl.clone();
-    let helm = Cli::new(
-        &cluster.plane.binaries().path("helm"),
-        &cluster.plane.kubeconfig,
-    );
-    run(
-        kubectl.clone(),
-        vec![
-            "apply".into(),
-            "-n".into(),
-            "default".into(),
-            "-f".into(),
-            path("examples/zookeeper.yaml"),
-        ],
-        "kubectl apply examples/zookeeper.yaml",
-    )
-    .await;
-    run(
-        helm,
-        [
-            "install",
-            "rtable",
-            &path("charts/rtable-operator"),
-            "-n",
-            "rtable-system",
-            "--create-namespace",
-            "--set",
-            "replicaCount=1",
-            "--set",
-            "resyncSeconds=5",
-            "--set",
-            "logFormat=text",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        "helm install the operator",
-    )
-    .await;
-    run(
-        kubectl.clone(),
-        vec!["apply".into(), "-f".into(), path("examples/events.yaml")],
-        "kubectl apply examples/events.yaml",
-    )
-    .await;
-    run(
-        kubectl.clone(),
-        [
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "-n",
-            "default",
-            "rt/events",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        "kubectl wait for the table to be Ready",
-    )
-    .await;
+    let image_map = repository_image_map().unwrap_or_else(|e| panic!("{e:#}"));
+    let mut cluster = start(&image_map).await;
     cluster
-        .clock
-        .lap("ZooKeeper, the operator (Helm) and the events table Ready");
+        .install_examples()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     let pods: Api<Pod> = Api::namespaced(cluster.admin.clone(), "default");
     let ip = |name: &'static str| {
@@ -1073,4 +815,43 @@ async fn the_operator_and_a_table_run_unmodified_on_rtable_node() {
         .clock
         .lap("an insert on events-0 replicated to events-2");
     drop(cluster);
+}
+
+/// `rtable-e2e playground --kubernetes --once` (what `scripts/playground.sh --kubernetes`
+/// runs): the journey, the kubeconfig and the commands to try, one `kubectl get rt -o wide`
+/// with the table Ready, then everything torn down (the kubeconfig removed with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_playground_runs_once() {
+    let _serial = rtable_e2e::serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtable-e2e"))
+        .args(["playground", "--kubernetes", "--once", "--dir"])
+        .arg(dir.path())
+        .env("RTABLE_NODE_BIN", env!("CARGO_BIN_EXE_rtable-node"))
+        .output()
+        .await
+        .expect("run rtable-e2e");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let kubeconfig = dir.path().join("kubeconfig");
+    for wanted in [
+        format!("export KUBECONFIG={}", kubeconfig.display()),
+        "kubectl logs events-0 -c sidecar".to_string(),
+        "kubectl scale rt/events --replicas=4".to_string(),
+        ":9009/status".to_string(),
+        "$ kubectl get rt -o wide".to_string(),
+        "AllReplicasReady".to_string(),
+        "stopped".to_string(),
+    ] {
+        assert!(
+            stdout.contains(&wanted),
+            "{wanted:?} in:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("30 sample rows inserted through events-0, on all 3 replicas"),
+        "{stderr}"
+    );
+    assert!(!kubeconfig.exists(), "the kubeconfig is removed at exit");
 }

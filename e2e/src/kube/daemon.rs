@@ -53,6 +53,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // A process group of its own: a Ctrl-C in the terminal reaches the harness only,
+        // which stops the daemons after what runs on them.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         crate::process::die_with_parent(&mut command);
         let child = command
             .spawn()

@@ -5,7 +5,9 @@ pub mod binaries;
 pub mod control_plane;
 pub mod daemon;
 pub mod kubectl;
+pub mod node_cluster;
 pub mod pki;
+pub mod playground;
 pub mod shared;
 
 pub use control_plane::{ControlPlane, ControlPlaneOptions};

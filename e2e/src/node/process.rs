@@ -174,6 +174,9 @@ impl NodeProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // A process group of its own: a Ctrl-C in the terminal reaches the harness only,
+        // which stops the agent (and its pods) in order.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         crate::process::die_with_parent(&mut command);
         command.spawn().map_err(io("starting", binary))
     }
