@@ -20,26 +20,10 @@ async fn plane() -> Plane {
         .expect("the control plane starts");
     let kubectl = shared.kubectl();
     CRD.get_or_init(|| async {
-        let crd = rtable_e2e::repo_root().join("charts/rtable-operator/crds/replicatedtable.yaml");
-        let crd = crd.display().to_string();
-        kubectl
-            .run(&["apply", "--server-side", "-f", &crd], None)
+        shared
+            .install_chart_crd()
             .await
-            .and_then(|o| o.ok("kubectl apply of the CRD"))
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        kubectl
-            .run(
-                &[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=60s",
-                    "crd/replicatedtables.rtable.io",
-                ],
-                None,
-            )
-            .await
-            .and_then(|o| o.ok("kubectl wait for the CRD"))
-            .unwrap_or_else(|e| panic!("{e:#}"));
+            .unwrap_or_else(|e| panic!("{e:#}"))
     })
     .await;
     Plane { shared, kubectl }

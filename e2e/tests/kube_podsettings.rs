@@ -35,27 +35,10 @@ async fn plane() -> Plane {
         kubectl: shared.kubectl(),
     };
     CRD.get_or_init(|| async {
-        let crd = rtable_e2e::repo_root().join("charts/rtable-operator/crds/replicatedtable.yaml");
-        let crd = crd.display().to_string();
-        kubectl(
-            &p,
-            &["apply", "--server-side", "-f", &crd],
-            None,
-            "kubectl apply of the CRD",
-        )
-        .await;
-        kubectl(
-            &p,
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/replicatedtables.rtable.io",
-            ],
-            None,
-            "kubectl wait for the CRD",
-        )
-        .await;
+        shared
+            .install_chart_crd()
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     })
     .await;
     p

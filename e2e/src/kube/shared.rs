@@ -53,6 +53,40 @@ impl Shared {
         &self.dir
     }
 
+    /// Applies the chart's CRD (server-side) and waits until it is Established. Polled
+    /// through the API rather than with `kubectl wait`, which fails instead of waiting when
+    /// a CRD just created has no conditions yet.
+    pub async fn install_chart_crd(&self) -> anyhow::Result<()> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let path = crate::repo_root().join("charts/rtable-operator/crds/replicatedtable.yaml");
+        let path = path.display().to_string();
+        self.kubectl()
+            .run(&["apply", "--server-side", "-f", &path], None)
+            .await?
+            .ok("kubectl apply of the chart's CRD")?;
+        let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(self.client().await?);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let established = crds
+                .get_opt("replicatedtables.rtable.io")
+                .await?
+                .and_then(|crd| crd.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if established {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the ReplicatedTable CRD was not Established within 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// Held for a scenario: if the scenario panics, the plane's logs are printed and its
     /// directory kept when the test binary exits.
     pub fn scenario(&'static self) -> ScenarioGuard {
