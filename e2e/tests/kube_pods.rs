@@ -465,9 +465,30 @@ async fn a_statefulset_runs_on_rtable_node() {
             format!("web-0.web.{NS}.svc.cluster.local"),
         ),
     ] {
-        let answer = get_json(&http, from, &format!("/fetch?host={name}"))
-            .await
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        // Names follow the EndpointSlices, which the endpointslice controller writes a
+        // moment after the pods turn Ready (as on any cluster): wait for the name, not
+        // for anything else.
+        let answer = poll_until(
+            &format!("{name} to resolve from {from}"),
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || {
+                let (http, from, name) = (http.clone(), from.clone(), name.clone());
+                async move {
+                    Ok(
+                        match get_json(&http, &from, &format!("/fetch?host={name}")).await {
+                            Ok(answer) => Check::Done(answer),
+                            Err(e) if format!("{e:#}").contains("Name or service not known") => {
+                                Check::Wait(format!("{e:#}"))
+                            }
+                            Err(e) => return Err(e),
+                        },
+                    )
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(answer["address"], to.as_str(), "{name}: {answer}");
         assert_eq!(answer["peer"]["env"]["POD_IP"], to.as_str());
     }
