@@ -3,58 +3,9 @@
 //! (`scripts/kube-binaries.sh`). One control plane serves every scenario of this file, each
 //! in a namespace of its own.
 
-use rtable_e2e::kube::{Cli, ControlPlaneOptions, Shared};
-use tokio::sync::OnceCell;
+mod kube_common;
 
-struct Plane {
-    shared: &'static Shared,
-    kubectl: Cli,
-}
-
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-/// The shared control plane with the chart's CRD installed and established.
-async fn plane() -> Plane {
-    let shared = tokio::task::spawn_blocking(|| Shared::get(ControlPlaneOptions::default()))
-        .await
-        .expect("the control plane starts");
-    let kubectl = shared.kubectl();
-    CRD.get_or_init(|| async {
-        shared
-            .install_chart_crd()
-            .await
-            .unwrap_or_else(|e| panic!("{e:#}"))
-    })
-    .await;
-    Plane { shared, kubectl }
-}
-
-/// A fresh namespace for one scenario.
-async fn namespace(p: &Plane, name: &str) -> String {
-    p.kubectl
-        .run(&["create", "namespace", name], None)
-        .await
-        .and_then(|o| o.ok("kubectl create namespace"))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    name.to_string()
-}
-
-/// examples/events.yaml in namespace `ns`, with `edit` applied to its YAML.
-fn events_manifest(ns: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
-    let text =
-        std::fs::read_to_string(rtable_e2e::example_manifest()).expect("examples/events.yaml");
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("the example parses");
-    doc["metadata"]["namespace"] = ns.into();
-    edit(&mut doc);
-    serde_yaml::to_string(&doc).expect("yaml")
-}
-
-async fn apply(p: &Plane, manifest: &str) -> rtable_e2e::kube::kubectl::Output {
-    p.kubectl
-        .run(&["apply", "-f", "-"], Some(manifest))
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"))
-}
+use kube_common::*;
 
 fn columns(doc: &mut serde_yaml::Value) -> &mut Vec<serde_yaml::Value> {
     doc["spec"]["columns"]
@@ -191,68 +142,6 @@ async fn the_api_server_refuses_invalid_tables_with_the_crds_messages() {
         .await
         .ok("appending a column")
         .unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// The operator as a process of this host with an admin kubeconfig (the node agent that
-/// runs it as a pod of the chart is the next step), reconciling against the real API server.
-fn start_operator(shared: &Shared, name: &str) -> (rtable_e2e::kube::daemon::Daemon, u16) {
-    start_operator_with(shared, name, &[])
-}
-
-fn start_operator_with(
-    shared: &Shared,
-    name: &str,
-    extra: &[&str],
-) -> (rtable_e2e::kube::daemon::Daemon, u16) {
-    let bin = rtable_e2e::sidecar_proc::workspace_binary(
-        "rtable-operator",
-        "RTABLE_OPERATOR_BIN",
-        "rtable-operator",
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let port = rtable_e2e::ports::free_ports(1).expect("a free port")[0];
-    let mut args = vec![
-        format!("--listen=127.0.0.1:{port}"),
-        "--leader-election=false".to_string(),
-        "--resync-seconds=5".to_string(),
-        "--log-format=text".to_string(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    let env = [("KUBECONFIG", shared.kubeconfig.display().to_string())];
-    let daemon =
-        rtable_e2e::kube::daemon::Daemon::spawn_with_env(name, &bin, &args, &env, shared.dir())
-            .unwrap_or_else(|e| panic!("{e:#}"));
-    (daemon, port)
-}
-
-/// `kubectl get <what> -n <ns> -o json`, parsed.
-async fn get_json(p: &Plane, ns: &str, what: &str) -> Option<serde_json::Value> {
-    let out = p
-        .kubectl
-        .run(&["get", what, "-n", ns, "-o", "json"], None)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    out.success
-        .then(|| serde_json::from_str(&out.stdout).expect("kubectl prints JSON"))
-}
-
-/// Polls `check` every 500 ms until it returns `Some`, for at most `secs`.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
 }
 
 /// Restarting the operator while a table it cannot read exists (stored under a looser
@@ -509,23 +398,6 @@ async fn status_writes_do_not_retrigger_reconciles() {
         window.as_secs()
     );
     drop(zk);
-}
-
-/// The names of the Events recorded on `kind/name` in `ns` with `reason`.
-async fn events_with_reason(p: &Plane, ns: &str, reason: &str) -> Vec<serde_json::Value> {
-    let Some(list) = get_json(p, ns, "events").await else {
-        return Vec::new();
-    };
-    list["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter(|e| e["reason"] == reason)
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `kubectl delete rt/NAME` of a table with `deletionPolicy: Delete`: the finalizer removes

@@ -4,95 +4,9 @@
 //! the violation named. No kubelet runs here, so the pods stay Pending: admission is what
 //! is tested, by the StatefulSet controller creating the pods.
 
-use rtable_e2e::kube::{Cli, ControlPlaneOptions, Shared};
-use serde_json::Value;
-use tokio::sync::OnceCell;
+mod kube_common;
 
-struct Plane {
-    shared: &'static Shared,
-    kubectl: Cli,
-}
-
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-/// `kubectl` with `args`, panicking with its output when it fails.
-async fn kubectl(p: &Plane, args: &[&str], stdin: Option<&str>, what: &str) -> String {
-    p.kubectl
-        .run(args, stdin)
-        .await
-        .and_then(|o| o.ok(what))
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .stdout
-}
-
-/// The shared control plane with the chart's CRD installed and established.
-async fn plane() -> Plane {
-    let shared = tokio::task::spawn_blocking(|| Shared::get(ControlPlaneOptions::default()))
-        .await
-        .expect("the control plane starts");
-    let p = Plane {
-        shared,
-        kubectl: shared.kubectl(),
-    };
-    CRD.get_or_init(|| async {
-        shared
-            .install_chart_crd()
-            .await
-            .unwrap_or_else(|e| panic!("{e:#}"))
-    })
-    .await;
-    p
-}
-
-/// The operator as a process of this host with an admin kubeconfig.
-fn start_operator(shared: &Shared, name: &str) -> rtable_e2e::kube::daemon::Daemon {
-    let bin = rtable_e2e::sidecar_proc::workspace_binary(
-        "rtable-operator",
-        "RTABLE_OPERATOR_BIN",
-        "rtable-operator",
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let port = rtable_e2e::ports::free_ports(1).expect("a free port")[0];
-    let args = [
-        format!("--listen=127.0.0.1:{port}"),
-        "--leader-election=false".to_string(),
-        "--resync-seconds=5".to_string(),
-        "--log-format=text".to_string(),
-    ];
-    let env = [("KUBECONFIG", shared.kubeconfig.display().to_string())];
-    rtable_e2e::kube::daemon::Daemon::spawn_with_env(name, &bin, &args, &env, shared.dir())
-        .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// `kubectl get <what> -n <ns> -o json`, parsed; `None` when it does not exist.
-async fn get_json(p: &Plane, ns: &str, what: &str) -> Option<Value> {
-    let out = p
-        .kubectl
-        .run(&["get", what, "-n", ns, "-o", "json"], None)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    out.success
-        .then(|| serde_json::from_str(&out.stdout).expect("kubectl prints JSON"))
-}
-
-/// Polls `check` every 500 ms until it returns `Some`, for at most `secs`.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
+use kube_common::*;
 
 /// The messages of the `FailedCreate` Events on `statefulset/<name>` in `ns`.
 async fn failed_creates(p: &Plane, ns: &str, name: &str) -> Vec<String> {
@@ -167,7 +81,7 @@ async fn restricted_namespace_admits_replica_pods_with_their_pod_settings() {
         rtable_e2e::zk_ensemble::Jit::QuickStart,
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    let _operator = start_operator(p.shared, "operator-podsettings");
+    let (_operator, _) = start_operator(p.shared, "operator-podsettings");
 
     let settings = r#"
 labels: {team: observability}

@@ -7,99 +7,9 @@
 //! the way `status_writes_do_not_retrigger_reconciles` in kube.rs does; the helpers are
 //! copies of kube.rs's.
 
-use rtable_e2e::kube::{Cli, ControlPlaneOptions, Shared};
-use tokio::sync::OnceCell;
+mod kube_common;
 
-struct Plane {
-    shared: &'static Shared,
-    kubectl: Cli,
-}
-
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-/// The shared control plane with the chart's CRD installed and established.
-async fn plane() -> Plane {
-    let shared = tokio::task::spawn_blocking(|| Shared::get(ControlPlaneOptions::default()))
-        .await
-        .expect("the control plane starts");
-    let kubectl = shared.kubectl();
-    CRD.get_or_init(|| async {
-        shared
-            .install_chart_crd()
-            .await
-            .unwrap_or_else(|e| panic!("{e:#}"))
-    })
-    .await;
-    Plane { shared, kubectl }
-}
-
-async fn kubectl(p: &Plane, args: &[&str], what: &str) {
-    p.kubectl
-        .run(args, None)
-        .await
-        .and_then(|o| o.ok(what))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// examples/events.yaml in namespace `ns`, with `edit` applied to its YAML.
-fn events_manifest(ns: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
-    let text =
-        std::fs::read_to_string(rtable_e2e::example_manifest()).expect("examples/events.yaml");
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("the example parses");
-    doc["metadata"]["namespace"] = ns.into();
-    edit(&mut doc);
-    serde_yaml::to_string(&doc).expect("yaml")
-}
-
-/// The operator as a process of this host with an admin kubeconfig.
-fn start_operator(shared: &Shared, name: &str) -> rtable_e2e::kube::daemon::Daemon {
-    let bin = rtable_e2e::sidecar_proc::workspace_binary(
-        "rtable-operator",
-        "RTABLE_OPERATOR_BIN",
-        "rtable-operator",
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let port = rtable_e2e::ports::free_ports(1).expect("a free port")[0];
-    let args = [
-        format!("--listen=127.0.0.1:{port}"),
-        "--leader-election=false".to_string(),
-        "--resync-seconds=5".to_string(),
-        "--log-format=text".to_string(),
-    ];
-    let env = [("KUBECONFIG", shared.kubeconfig.display().to_string())];
-    rtable_e2e::kube::daemon::Daemon::spawn_with_env(name, &bin, &args, &env, shared.dir())
-        .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// `kubectl get <what> -n <ns> -o json`, parsed.
-async fn get_json(p: &Plane, ns: &str, what: &str) -> Option<serde_json::Value> {
-    let out = p
-        .kubectl
-        .run(&["get", what, "-n", ns, "-o", "json"], None)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    out.success
-        .then(|| serde_json::from_str(&out.stdout).expect("kubectl prints JSON"))
-}
-
-/// Polls `check` every 500 ms until it returns `Some`, for at most `secs`.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
+use kube_common::*;
 
 async fn sts_replicas(p: &Plane, ns: &str) -> Option<i64> {
     get_json(p, ns, "statefulset/events").await?["spec"]["replicas"].as_i64()
@@ -125,7 +35,13 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
     let p = plane().await;
     let _scenario = p.shared.scenario();
     let ns = "scaledown";
-    kubectl(&p, &["create", "namespace", ns], "kubectl create namespace").await;
+    kubectl(
+        &p,
+        &["create", "namespace", ns],
+        None,
+        "kubectl create namespace",
+    )
+    .await;
     let zk = rtable_e2e::ZkEnsemble::start(
         1,
         &p.shared.dir().join("zookeeper-scaledown"),
@@ -133,7 +49,7 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
-    let _operator = start_operator(p.shared, "operator-scaledown");
+    let (_operator, _) = start_operator(p.shared, "operator-scaledown");
     let table = events_manifest(ns, |d| {
         d["spec"]["zookeeper"]["nodes"] = nodes.into();
         d["spec"]["replicas"] = 3.into();
@@ -176,6 +92,7 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
     kubectl(
         &p,
         &["scale", "rt/events", "--replicas=2", "-n", ns],
+        None,
         "kubectl scale",
     )
     .await;
