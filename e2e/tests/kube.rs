@@ -154,9 +154,7 @@ async fn the_operator_reconciles_every_readable_table_and_reports_an_unreadable_
     let _scenario = p.shared.scenario();
     let legacy = namespace(&p, "legacy").await;
     let ns = namespace(&p, "reconcile").await;
-    let zk_dir = p.shared.dir().join("zookeeper-reconcile");
-    let zk = rtable_e2e::ZkEnsemble::start(1, &zk_dir, rtable_e2e::zk_ensemble::Jit::QuickStart)
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let zk = local_zookeeper(&p, "reconcile");
     let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
 
     // A CRD without the partitionBy rule stores a key the operator cannot parse.
@@ -237,13 +235,7 @@ async fn the_operator_reconciles_every_readable_table_and_reports_an_unreadable_
         .as_str()
         .expect("status.tablePath")
         .to_string();
-    let client = rtable_protocol::tree::connect(
-        &zk.connect_string(),
-        std::time::Duration::from_secs(10),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .expect("a ZooKeeper session");
+    let client = zk_session(&zk).await;
     let metadata = rtable_protocol::TablePaths::new(table_path.clone()).metadata();
     assert!(
         client
@@ -336,12 +328,7 @@ async fn status_writes_do_not_retrigger_reconciles() {
     let p = plane().await;
     let _scenario = p.shared.scenario();
     let ns = namespace(&p, "hotloop").await;
-    let zk = rtable_e2e::ZkEnsemble::start(
-        1,
-        &p.shared.dir().join("zookeeper-hotloop"),
-        rtable_e2e::zk_ensemble::Jit::QuickStart,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let zk = local_zookeeper(&p, "hotloop");
     let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
     let (_operator, port) = start_operator(p.shared, "operator-hotloop");
     let table = events_manifest(&ns, |d| {
@@ -356,13 +343,7 @@ async fn status_writes_do_not_retrigger_reconciles() {
         rt["status"]["tablePath"].as_str().map(str::to_string)
     })
     .await;
-    let client = rtable_protocol::tree::connect(
-        &zk.connect_string(),
-        std::time::Duration::from_secs(10),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .expect("a ZooKeeper session");
+    let client = zk_session(&zk).await;
     let pointer = rtable_protocol::TablePaths::new(table_path)
         .replica("events-0")
         .log_pointer();
@@ -408,19 +389,8 @@ async fn deleting_a_table_removes_its_tree_or_lets_go_after_the_grace_period() {
     let p = plane().await;
     let _scenario = p.shared.scenario();
     let ns = namespace(&p, "deletion").await;
-    let zk_dir = p.shared.dir().join("zookeeper-deletion");
-    let zk = rtable_e2e::ZkEnsemble::start(
-        1,
-        &zk_dir.join("a"),
-        rtable_e2e::zk_ensemble::Jit::QuickStart,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let doomed = rtable_e2e::ZkEnsemble::start(
-        1,
-        &zk_dir.join("b"),
-        rtable_e2e::zk_ensemble::Jit::QuickStart,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let zk = local_zookeeper(&p, "deletion");
+    let doomed = local_zookeeper(&p, "doomed");
     let grace = 10;
     let (_operator, _) = start_operator_with(
         p.shared,
@@ -446,13 +416,7 @@ async fn deleting_a_table_removes_its_tree_or_lets_go_after_the_grace_period() {
         .await;
         paths.push(path);
     }
-    let client = rtable_protocol::tree::connect(
-        &zk.connect_string(),
-        std::time::Duration::from_secs(10),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .expect("a ZooKeeper session");
+    let client = zk_session(&zk).await;
     assert!(
         client
             .check_stat(&paths[0])
@@ -510,12 +474,7 @@ async fn an_edit_the_api_server_refuses_is_reported_in_status_and_events() {
     let p = plane().await;
     let _scenario = p.shared.scenario();
     let ns = namespace(&p, "refused").await;
-    let zk = rtable_e2e::ZkEnsemble::start(
-        1,
-        &p.shared.dir().join("zookeeper-refused"),
-        rtable_e2e::zk_ensemble::Jit::QuickStart,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let zk = local_zookeeper(&p, "refused");
     let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
     let (_operator, _) = start_operator(p.shared, "operator-refused");
     let table = |size: &str| {

@@ -75,12 +75,7 @@ async fn restricted_namespace_admits_replica_pods_with_their_pod_settings() {
     )
     .await;
 
-    let zk = rtable_e2e::ZkEnsemble::start(
-        1,
-        &p.shared.dir().join("zookeeper-podsettings"),
-        rtable_e2e::zk_ensemble::Jit::QuickStart,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let zk = local_zookeeper(&p, "podsettings");
     let (_operator, _) = start_operator(p.shared, "operator-podsettings");
 
     let settings = r#"

@@ -35,19 +35,8 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
     let p = plane().await;
     let _scenario = p.shared.scenario();
     let ns = "scaledown";
-    kubectl(
-        &p,
-        &["create", "namespace", ns],
-        None,
-        "kubectl create namespace",
-    )
-    .await;
-    let zk = rtable_e2e::ZkEnsemble::start(
-        1,
-        &p.shared.dir().join("zookeeper-scaledown"),
-        rtable_e2e::zk_ensemble::Jit::QuickStart,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    namespace(&p, ns).await;
+    let zk = local_zookeeper(&p, "scaledown");
     let nodes = vec![serde_yaml::Value::from(zk.connect_string())];
     let (_operator, _) = start_operator(p.shared, "operator-scaledown");
     let table = events_manifest(ns, |d| {
@@ -69,13 +58,7 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
     })
     .await;
 
-    let client = rtable_protocol::tree::connect(
-        &zk.connect_string(),
-        std::time::Duration::from_secs(10),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .expect("a ZooKeeper session");
+    let client = zk_session(&zk).await;
     let paths = rtable_protocol::TablePaths::new(table_path);
     let register = |replica: &str, part: &str| paths.replica(replica).part(part);
     for (replica, part) in [

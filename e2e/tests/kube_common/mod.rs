@@ -147,3 +147,25 @@ pub async fn events_with_reason(p: &Plane, ns: &str, reason: &str) -> Vec<serde_
         })
         .unwrap_or_default()
 }
+
+/// A one-server ZooKeeper for a scenario, its data and log under the plane's directory
+/// (kept with it when the scenario fails).
+pub fn local_zookeeper(p: &Plane, name: &str) -> rtable_e2e::ZkEnsemble {
+    rtable_e2e::ZkEnsemble::start(
+        1,
+        &p.shared.dir().join(format!("zookeeper-{name}")),
+        rtable_e2e::zk_ensemble::Jit::QuickStart,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A session to `zk`, to look at the tree the operator made.
+pub async fn zk_session(zk: &rtable_e2e::ZkEnsemble) -> zookeeper_client::Client {
+    rtable_protocol::tree::connect(
+        &zk.connect_string(),
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .expect("a ZooKeeper session")
+}
