@@ -64,7 +64,17 @@ pub async fn apply_all(client: &Client, ns: &str, objects: &Objects) -> Applied 
             note("StatefulSet", Some(&sts_name), e);
             // The pods still run the last applied spec: report them.
             let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-            api.get_opt(&sts_name).await.ok().flatten()
+            match api.get_opt(&sts_name).await {
+                Ok(current) => current,
+                Err(e) => {
+                    note(
+                        "StatefulSet",
+                        Some(&sts_name),
+                        kube_err(format!("get statefulset {sts_name} after a refused apply"))(e),
+                    );
+                    None
+                }
+            }
         }
     };
     if let Err(e) = ssa(client, ns, &objects.pdb).await {
