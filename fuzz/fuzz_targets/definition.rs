@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rtable_fuzz_targets::tree_nodes::definition(data));

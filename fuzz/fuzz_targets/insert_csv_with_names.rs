@@ -1,0 +1,4 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(
+    |data: &[u8]| rtable_fuzz_targets::inserts::insert_csv_with_names(data)
+);
