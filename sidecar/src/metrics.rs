@@ -16,6 +16,7 @@ pub struct Metrics {
     pub fetches: AtomicU64,
     pub failed_fetches: AtomicU64,
     pub fetched_bytes: AtomicU64,
+    pub fetch_micros: AtomicU64,
     pub rejected_interserver: AtomicU64,
     pub sessions_started: AtomicU64,
     pub log_entries_pulled: AtomicU64,
@@ -42,9 +43,20 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// One part installed from a peer (fetched, prefetched or pushed): `seconds` from the
+    /// download's request to the part's installation, as the fetcher measured it.
+    pub fn record_fetch(&self, bytes: u64, seconds: f64, merged: bool) {
+        Self::inc(&self.fetches);
+        if merged {
+            Self::inc(&self.merged_part_fetches);
+        }
+        Self::add(&self.fetched_bytes, bytes);
+        Self::add(&self.fetch_micros, (seconds * 1e6) as u64);
+    }
+
     /// Renders counters plus the gauges the caller measured just now.
     pub fn render(&self, replica: &str, gauges: &[(&str, &str, f64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 23] = [
+        let counters: [(&str, &str, &AtomicU64); 24] = [
             (
                 "rtable_inserts_total",
                 "Acknowledged inserts (new data)",
@@ -89,6 +101,11 @@ impl Metrics {
                 "rtable_fetched_bytes_total",
                 "Bytes of fetched parts",
                 &self.fetched_bytes,
+            ),
+            (
+                "rtable_fetch_microseconds_total",
+                "Time spent fetching parts, from the request to the part's installation",
+                &self.fetch_micros,
             ),
             (
                 "rtable_interserver_rejected_total",

@@ -236,11 +236,9 @@ async fn execute_get(
         Download::Done(source, fetched) => (source, fetched),
         Download::NoSource(p) => return no_source(replica, client, item, &name, p).await,
     };
-    Metrics::inc(&replica.metrics.fetches);
-    if source.level > 0 {
-        Metrics::inc(&replica.metrics.merged_part_fetches);
-    }
-    Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
+    replica
+        .metrics
+        .record_fetch(fetched.bytes, fetched.seconds, source.level > 0);
     let header = PartHeader::new(
         &replica.columns_text,
         fetched.part.rows,

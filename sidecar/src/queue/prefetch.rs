@@ -204,11 +204,9 @@ async fn finish(
 ) -> Result<(), String> {
     let installed = match fetched {
         Ok(fetched) => {
-            Metrics::inc(&replica.metrics.fetches);
-            if part.level > 0 {
-                Metrics::inc(&replica.metrics.merged_part_fetches);
-            }
-            Metrics::add(&replica.metrics.fetched_bytes, fetched.bytes);
+            replica
+                .metrics
+                .record_fetch(fetched.bytes, fetched.seconds, part.level > 0);
             info!(
                 replica = %replica.name,
                 part = %part,
