@@ -55,6 +55,9 @@ impl SidecarConfig {
         if let Some(n) = self.max_body_bytes {
             args.push("--max-body-bytes".to_string());
             args.push(n.to_string());
+            // The limit of a streamed `/insert` body as well.
+            args.push("--max-insert-bytes".to_string());
+            args.push(n.to_string());
         }
         args
     }

@@ -117,30 +117,31 @@ async fn insert(
             "`dedup_token` is empty; omit it or send a non-empty token",
         );
     }
-    let limit = replica.cfg.max_body_bytes;
-    let body = match axum::body::to_bytes(request.into_body(), limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            Metrics::inc(&replica.metrics.failed_inserts);
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            return if too_large {
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "body is larger than the {limit}-byte limit (--max-body-bytes); split the insert into smaller ones"
-                    ),
-                )
-            } else {
-                error(
+    // A body bigger than one block streams: it is decoded and written block by block as
+    // it arrives (see sink::stream).
+    let threshold = replica.cfg.max_insert_block_bytes;
+    let (body, rest) =
+        match sink::stream::read_head(request.into_body().into_data_stream(), threshold).await {
+            Ok(read) => read,
+            Err(e) => {
+                Metrics::inc(&replica.metrics.failed_inserts);
+                return error(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read the body: {e}"),
-                )
-            };
-        }
-    };
-    match sink::insert(
+                );
+            }
+        };
+    let limit = replica.cfg.max_insert_bytes;
+    if body.len() as u64 > limit {
+        Metrics::inc(&replica.metrics.failed_inserts);
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than the {limit}-byte limit (--max-insert-bytes); split the insert or raise the limit"
+            ),
+        );
+    }
+    match sink::insert_streamed(
         replica,
         &state.committer,
         InsertRequest {
@@ -150,6 +151,7 @@ async fn insert(
             quorum,
             quorum_parallel,
         },
+        rest,
     )
     .await
     {

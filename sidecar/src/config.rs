@@ -46,6 +46,20 @@ pub struct Config {
     /// Largest accepted insert body in bytes.
     #[arg(long, env = "RTABLE_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest accepted `/insert` body in bytes. Bodies bigger than one block are decoded
+    /// and written block by block, so this bounds the temporary parts on disk, not memory.
+    #[arg(long, env = "RTABLE_MAX_INSERT_BYTES", default_value_t = 1 << 40)]
+    pub max_insert_bytes: u64,
+    /// Rows per insert block (ClickHouse's `max_insert_block_size`): a body is cut into
+    /// blocks at row ends, each its own part with its own dedup id; all of one body commit
+    /// together.
+    #[arg(long, env = "RTABLE_MAX_INSERT_BLOCK_ROWS", default_value_t = 1_048_576)]
+    pub max_insert_block_rows: usize,
+    /// Bytes per insert block (of the body; of decoded rows for Parquet): a block closes at
+    /// the first row end past it. Memory of an insert stays near a few blocks whatever the
+    /// body's size.
+    #[arg(long, env = "RTABLE_MAX_INSERT_BLOCK_BYTES", default_value_t = 16 << 20)]
+    pub max_insert_block_bytes: usize,
     /// Overrides spec.zookeeper.sessionTimeoutSeconds, in milliseconds.
     #[arg(long, env = "RTABLE_SESSION_TIMEOUT_MS")]
     pub session_timeout_ms: Option<u64>,
@@ -159,6 +173,15 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be above 0".to_string());
+        }
+        if self.max_insert_bytes == 0
+            || self.max_insert_block_rows == 0
+            || self.max_insert_block_bytes == 0
+        {
+            return Err(
+                "--max-insert-bytes, --max-insert-block-rows and --max-insert-block-bytes must be above 0"
+                    .to_string(),
+            );
         }
         Ok(())
     }

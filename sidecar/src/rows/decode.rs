@@ -70,14 +70,25 @@ pub fn decode(
     body: &[u8],
     schema: &TableSchema,
 ) -> Result<RecordBatch, InputError> {
+    decode_block(format, body, schema, 0)
+}
+
+/// [`decode`] of one block of a longer body that starts `shift` lines (Parquet: rows)
+/// into it: errors name the line or row of the whole body.
+pub fn decode_block(
+    format: InputFormat,
+    body: &[u8],
+    schema: &TableSchema,
+    shift: usize,
+) -> Result<RecordBatch, InputError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(InputError::empty_body());
     }
     let batch = match format {
-        InputFormat::JsonEachRow => decode_json(body, schema)?,
-        InputFormat::Csv => decode_csv(body, schema, false)?,
-        InputFormat::CsvWithNames => decode_csv(body, schema, true)?,
-        InputFormat::Parquet => decode_parquet(body, schema)?,
+        InputFormat::JsonEachRow => decode_json(body, schema, shift)?,
+        InputFormat::Csv => decode_csv(body, schema, false, shift)?,
+        InputFormat::CsvWithNames => decode_csv(body, schema, true, shift)?,
+        InputFormat::Parquet => decode_parquet(body, schema, shift)?,
     };
     if batch.num_rows() == 0 {
         return Err(InputError::empty_body());
@@ -114,13 +125,14 @@ impl<'de> Deserialize<'de> for RowObject {
     }
 }
 
-fn decode_json(body: &[u8], schema: &TableSchema) -> Result<RecordBatch, InputError> {
+fn decode_json(body: &[u8], schema: &TableSchema, shift: usize) -> Result<RecordBatch, InputError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         let line = body[..e.valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count()
-            + 1;
+            + 1
+            + shift;
         InputError::at(
             Some(line),
             None,
@@ -137,7 +149,7 @@ fn decode_json(body: &[u8], schema: &TableSchema) -> Result<RecordBatch, InputEr
     let mut builders: Vec<ColumnBuilder> = schema.columns.iter().map(ColumnBuilder::new).collect();
     let n = schema.columns.len();
     for (i, line) in text.split('\n').enumerate() {
-        let line_no = i + 1;
+        let line_no = i + 1 + shift;
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -208,8 +220,8 @@ fn decode_json(body: &[u8], schema: &TableSchema) -> Result<RecordBatch, InputEr
     finish(builders, schema)
 }
 
-fn csv_error(e: csv::Error) -> InputError {
-    let line = e.position().map(|p| p.line() as usize);
+fn csv_error(e: csv::Error, shift: usize) -> InputError {
+    let line = e.position().map(|p| p.line() as usize + shift);
     let at = line.map(|l| format!(" on line {l}")).unwrap_or_default();
     let detail = match e.kind() {
         csv::ErrorKind::Utf8 { .. } => "invalid UTF-8: send CSV as UTF-8 text".to_string(),
@@ -222,6 +234,7 @@ fn decode_csv(
     body: &[u8],
     schema: &TableSchema,
     with_names: bool,
+    shift: usize,
 ) -> Result<RecordBatch, InputError> {
     let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
     let mut reader = csv::ReaderBuilder::new()
@@ -234,9 +247,9 @@ fn decode_csv(
     let order: Vec<usize> = if with_names {
         let header = match records.next() {
             None => return Err(InputError::empty_body()),
-            Some(r) => r.map_err(csv_error)?,
+            Some(r) => r.map_err(|e| csv_error(e, shift))?,
         };
-        let line = header.position().map(|p| p.line() as usize);
+        let line = header.position().map(|p| p.line() as usize + shift);
         let mut order = Vec::with_capacity(header.len());
         for name in header.iter() {
             let name = name.trim();
@@ -277,8 +290,8 @@ fn decode_csv(
     };
     let mut builders: Vec<ColumnBuilder> = schema.columns.iter().map(ColumnBuilder::new).collect();
     for record in records {
-        let record = record.map_err(csv_error)?;
-        let line_no = record.position().map(|p| p.line() as usize).unwrap_or(0);
+        let record = record.map_err(|e| csv_error(e, shift))?;
+        let line_no = record.position().map(|p| p.line() as usize).unwrap_or(0) + shift;
         if record.len() != n {
             return Err(InputError::at(
                 Some(line_no),
@@ -347,13 +360,33 @@ fn castable(from: &DataType, to: &ColumnType) -> bool {
     }
 }
 
-fn decode_parquet(body: &[u8], schema: &TableSchema) -> Result<RecordBatch, InputError> {
+fn decode_parquet(
+    body: &[u8],
+    schema: &TableSchema,
+    shift: usize,
+) -> Result<RecordBatch, InputError> {
     let bytes = bytes::Bytes::copy_from_slice(body);
-    let bad = |e: &dyn fmt::Display| {
-        InputError::new(format!("the body is not a readable Parquet file: {e}"))
-    };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| bad(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(&e))?;
     let file_schema = builder.schema().clone();
+    let sources = parquet_sources(&file_schema, schema)?;
+    let reader = builder.build().map_err(|e| not_parquet(&e))?;
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| not_parquet(&e))?;
+    let whole = concat_batches(&file_schema, &batches).map_err(|e| not_parquet(&e))?;
+    parquet_rows(&whole, &sources, schema, shift)
+}
+
+pub(super) fn not_parquet(e: &dyn fmt::Display) -> InputError {
+    InputError::new(format!("the body is not a readable Parquet file: {e}"))
+}
+
+/// For each table column, the index of the Parquet file's column holding it; refuses
+/// unknown, missing and unconvertible columns.
+pub(super) fn parquet_sources(
+    file_schema: &arrow::datatypes::Schema,
+    schema: &TableSchema,
+) -> Result<Vec<usize>, InputError> {
     for field in file_schema.fields() {
         if schema.column(field.name()).is_none() {
             return Err(InputError::at(
@@ -394,15 +427,23 @@ fn decode_parquet(body: &[u8], schema: &TableSchema) -> Result<RecordBatch, Inpu
         }
         sources.push(idx);
     }
-    let reader = builder.build().map_err(|e| bad(&e))?;
-    let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
-    let whole = concat_batches(&file_schema, &batches).map_err(|e| bad(&e))?;
+    Ok(sources)
+}
+
+/// Rows read from a Parquet body, converted to the table's Arrow schema and checked;
+/// `shift` rows of the body came before them.
+pub(super) fn parquet_rows(
+    whole: &RecordBatch,
+    sources: &[usize],
+    schema: &TableSchema,
+    shift: usize,
+) -> Result<RecordBatch, InputError> {
     let options = CastOptions {
         safe: false,
         ..Default::default()
     };
     let mut columns = Vec::with_capacity(schema.columns.len());
-    for (col, &idx) in schema.columns.iter().zip(&sources) {
+    for (col, &idx) in schema.columns.iter().zip(sources) {
         let source = whole.column(idx);
         let cast = cast_with_options(source, &arrow_type(&col.ty), &options).map_err(|e| {
             InputError::at(
@@ -411,16 +452,21 @@ fn decode_parquet(body: &[u8], schema: &TableSchema) -> Result<RecordBatch, Inpu
                 format!("column `{}` does not fit {}: {e}", col.name, col.ty),
             )
         })?;
-        check_parquet_column(&cast, &col.name, &col.ty)?;
+        check_parquet_column(&cast, &col.name, &col.ty, shift)?;
         columns.push(cast);
     }
     RecordBatch::try_new(arrow_schema(schema), columns)
         .map_err(|e| InputError::new(format!("internal error assembling the rows: {e}")))
 }
 
-fn check_parquet_column(array: &ArrayRef, name: &str, ty: &ColumnType) -> Result<(), InputError> {
+fn check_parquet_column(
+    array: &ArrayRef,
+    name: &str,
+    ty: &ColumnType,
+    shift: usize,
+) -> Result<(), InputError> {
     if !ty.is_nullable() && array.null_count() > 0 {
-        let row = (0..array.len()).find(|&i| array.is_null(i)).unwrap_or(0) + 1;
+        let row = (0..array.len()).find(|&i| array.is_null(i)).unwrap_or(0) + 1 + shift;
         return Err(InputError::at(
             None,
             Some(name),
@@ -431,7 +477,7 @@ fn check_parquet_column(array: &ArrayRef, name: &str, ty: &ColumnType) -> Result
         InputError::at(
             None,
             Some(name),
-            format!("row {} of column `{name}`: {what}", row + 1),
+            format!("row {} of column `{name}`: {what}", row + 1 + shift),
         )
     };
     match ty.inner() {

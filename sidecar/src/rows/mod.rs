@@ -30,8 +30,10 @@ mod decode;
 mod encode;
 mod error;
 mod fingerprint;
+mod parquet_blocks;
 mod partition;
 mod sort;
+mod split;
 mod value;
 mod widen;
 
@@ -42,7 +44,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use rtable_protocol::schema::{ColumnType, TableSchema};
 
-pub use decode::{InputFormat, decode};
+pub use decode::{InputFormat, decode, decode_block};
+pub use parquet_blocks::ParquetBlocks;
+pub use split::{BlockSplitter, Cut, RowSyntax, blocks_of};
 pub use encode::{
     OutputFormat, ParquetOutput, encode_text, parquet_writer_properties,
     parquet_writer_properties_for,

@@ -6,6 +6,7 @@
 pub mod committer;
 pub mod handoff;
 pub mod reserve;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -107,6 +108,9 @@ pub enum InsertError {
     /// No active replica held the part: nothing stays committed; retrying is safe.
     #[error("quorum failed for part {0}: no active replica holds it any more; retry the insert")]
     QuorumFailed(String),
+    /// The body exceeds `--max-insert-bytes`: nothing was committed.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("writing the part failed: {0}")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -123,6 +127,7 @@ impl InsertError {
             | InsertError::OutcomeUnknown(_)
             | InsertError::TooFewReplicas(_)
             | InsertError::QuorumFailed(_) => 503,
+            InsertError::TooLarge(_) => 413,
             InsertError::Store(_) | InsertError::Internal(_) => 500,
         }
     }
@@ -142,6 +147,17 @@ pub async fn insert(
     replica: &Arc<Replica>,
     committer: &Committer,
     request: InsertRequest,
+) -> Result<InsertAnswer, InsertError> {
+    insert_streamed(replica, committer, request, None).await
+}
+
+/// [`insert`] of a body whose first bytes are `request.body` and whose `rest` is still
+/// arriving (see `stream`).
+pub async fn insert_streamed(
+    replica: &Arc<Replica>,
+    committer: &Committer,
+    request: InsertRequest,
+    rest: Option<stream::BodyStream>,
 ) -> Result<InsertAnswer, InsertError> {
     let span = info_span!("insert", replica = %replica.name, bytes = request.body.len());
     async move {
@@ -187,7 +203,9 @@ pub async fn insert(
                 mode,
                 checked: !skip_check,
             };
-            if prepares_inline(replica, &request, required) {
+            if rest.is_some() || stream::is_bulk(replica, request.format, &request.body) {
+                stream::prepare(replica, request, rest, quorum).await
+            } else if prepares_inline(replica, &request, required) {
                 prepare_blocks(replica, request, quorum)
             } else {
                 let replica = replica.clone();
