@@ -25,7 +25,9 @@ pub fn parse(text: &str) -> Result<Vec<Column>, CodecError> {
         .strip_suffix(" columns:")
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| lines.error(format!("expected `<N> columns:`, got `{header}`")))?;
-    let mut columns = Vec::with_capacity(count);
+    // Not `with_capacity(count)`: the count is the node's word, and a huge one must end in
+    // the missing-line error below, not in an allocation failure.
+    let mut columns = Vec::new();
     for _ in 0..count {
         let line = lines.next_line("a column line")?;
         let rest = line
@@ -79,6 +81,20 @@ mod tests {
             "columns format version: 1\n3 columns:\n`ts` DateTime\n`user_id` UInt64\n`value` Nullable(Float64)\n"
         );
         assert_eq!(parse(&text).expect("parses"), cols());
+    }
+
+    /// Found by the `columns` fuzz target: the count was trusted as a capacity, so a huge
+    /// one aborted the process (capacity overflow or a failed allocation).
+    #[test]
+    fn a_huge_column_count_is_a_missing_line() {
+        for count in [u64::MAX, 1 << 40] {
+            let e = parse(&format!("columns format version: 1\n{count} columns:\n"))
+                .expect_err("no column lines");
+            assert_eq!(e.line, 3);
+            let e = parse(&format!("columns format version: 1\n{count} columns:"))
+                .expect_err("no column lines");
+            assert!(e.message.contains("expected a column line"), "{e}");
+        }
     }
 
     #[test]

@@ -271,11 +271,32 @@ impl LogEntry {
             quorum = q
                 .parse()
                 .map_err(|_| CodecError::new(WHAT, at, format!("bad quorum `{q}`")))?;
+            // Writers omit the line without a quorum. Dropping a `quorum: 0` would let a
+            // line above it that looks like a trailer be peeled as one when the entry is
+            // read again, so the entry would not read back as itself.
+            if quorum == 0 {
+                return Err(CodecError::new(
+                    WHAT,
+                    at,
+                    "`quorum: 0` is never written: an entry without a quorum has no `quorum:` line",
+                ));
+            }
             body.pop();
         }
         let mut compact = false;
         if let Some(t) = body.last().and_then(|l| l.strip_prefix("part_type: ")) {
-            compact = t == "Compact";
+            // ClickHouse names the type of non-Wide parts only, and rtable's parts are
+            // Compact; any other type would be lost on rendering (see `quorum: 0`).
+            if t != "Compact" {
+                return Err(CodecError::new(
+                    WHAT,
+                    body_start + body.len() - 1,
+                    format!(
+                        "unsupported `part_type: {t}`: rtable reads Compact parts (and Wide ones, written without the line)"
+                    ),
+                ));
+            }
+            compact = true;
             body.pop();
         }
         let body = Body {
@@ -545,6 +566,24 @@ mod tests {
 
         let sync = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nsync_pinned_part_uuids\n";
         assert_eq!(LogEntry::parse(sync).expect("sync").render(), sync);
+    }
+
+    /// Found by the `log_entry` fuzz target: trailer lines that rendering drops let the
+    /// line above them be read as a trailer the next time, so the entry changed.
+    #[test]
+    fn trailers_that_would_not_read_back_are_refused() {
+        let head = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nmutate\n";
+        let e = LogEntry::parse(&format!("{head}part_type: A\npart_type: B\n")).expect_err("B");
+        assert_eq!(e.line, 7);
+        assert!(e.message.contains("part_type: B"), "{e}");
+        let e = LogEntry::parse(&format!("{head}quorum: 1\nquorum: 0\n")).expect_err("0");
+        assert_eq!(e.line, 7);
+        assert!(e.message.contains("quorum: 0"), "{e}");
+        let stacked =
+            format!("{head}part_type: Compact\npart_type: Compact\nquorum: 1\nquorum: 2\n");
+        let entry = LogEntry::parse(&stacked).expect("stacked trailers");
+        assert_eq!(entry.render(), stacked);
+        assert_eq!(LogEntry::parse(&entry.render()).expect("again"), entry);
     }
 
     #[test]
