@@ -113,8 +113,9 @@ for kind in ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding Deplo
 done
 grep -q '^kind: ServiceAccount$' "$out/minimal.yaml" && fail "serviceAccount.create=false still renders a ServiceAccount"
 grep -q 'customresourcedefinitions' "$out/minimal.yaml" && fail "installCRD=false still grants CRD access"
-grep -q 'value: "false"' <(grep -A1 RTABLE_LEADER_ELECTION "$out/minimal.yaml") \
-  || fail "one operator replica must run without leader election"
+# Even one replica elects itself: a rolling update runs the old and the new pod side by side.
+grep -q 'value: "true"' <(grep -A1 RTABLE_LEADER_ELECTION "$out/minimal.yaml") \
+  || fail "one operator replica must still run leader election (rolling updates overlap pods)"
 # kubernetes-validate has no schema for the prometheus-operator ServiceMonitor: check that it
 # renders, with its labels, and that nothing else changes when it is on.
 grep -q '^kind: ServiceMonitor$' "$out/monitored.yaml" || fail "metrics.serviceMonitor.enabled=true renders no ServiceMonitor"
@@ -129,7 +130,9 @@ sys.exit(0 if docs(sys.argv[1]) == docs(sys.argv[2]) else 1)
 PY
 
 echo "== values.schema.json refuses bad values"
-for bad in "replicaCount=0" "logFormat=xml" "metrics.port=70000" "image.pullPolicy=Sometimes" "unknownKey=1"; do
+for bad in "replicaCount=0" "logFormat=xml" "metrics.port=70000" "image.pullPolicy=Sometimes" "unknownKey=1" \
+  "leaderElection.retryPeriodSeconds=0" "leaderElection.leaseDurationSeconds=1" "leaderElection.renewSeconds=3" \
+  "leaderElection.leaseDurationSeconds=6"; do
   if helm template rt "$chart" --set "$bad" > /dev/null 2>&1; then
     fail "values.schema.json accepted --set $bad"
   fi

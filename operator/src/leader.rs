@@ -16,7 +16,54 @@ pub struct LeaderElector {
     api: Api<Lease>,
     name: String,
     identity: String,
-    lease_duration: Duration,
+    timings: LeaseTimings,
+}
+
+/// How long a lease lasts and how often candidates try for it and the holder renews it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimings {
+    /// A lease not renewed for this long may be taken by another replica.
+    pub duration: Duration,
+    /// Pause between two rounds: a follower's attempts, the leader's renewals.
+    pub retry: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaseTimingsError {
+    #[error("--lease-duration-seconds must be at least 1 (got {0})")]
+    Duration(u64),
+    #[error(
+        "--lease-retry-seconds ({retry}) must be at least 1 and below two thirds of \
+         --lease-duration-seconds ({duration}): the leader renews every retry period and gives \
+         up leading when it could not renew for two thirds of the lease; raise the duration or \
+         lower the retry period"
+    )]
+    Retry { retry: u64, duration: u64 },
+}
+
+impl LeaseTimings {
+    /// Checked: the leader must get more than one renewal in before it gives up.
+    pub fn new(duration_seconds: u64, retry_seconds: u64) -> Result<Self, LeaseTimingsError> {
+        if duration_seconds == 0 {
+            return Err(LeaseTimingsError::Duration(duration_seconds));
+        }
+        if retry_seconds == 0 || retry_seconds * 3 >= duration_seconds * 2 {
+            return Err(LeaseTimingsError::Retry {
+                retry: retry_seconds,
+                duration: duration_seconds,
+            });
+        }
+        Ok(LeaseTimings {
+            duration: Duration::from_secs(duration_seconds),
+            retry: Duration::from_secs(retry_seconds),
+        })
+    }
+
+    /// Past this without a renewal the leader stops (client-go's renew deadline): the lease
+    /// may expire soon after, and then another replica leads.
+    fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
 }
 
 impl LeaderElector {
@@ -25,20 +72,20 @@ impl LeaderElector {
         namespace: &str,
         name: &str,
         identity: &str,
-        lease_duration: Duration,
+        timings: LeaseTimings,
     ) -> Self {
         LeaderElector {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
             identity: identity.to_string(),
-            lease_duration,
+            timings,
         }
     }
 
     /// One round: takes a free or expired lease, renews our own. `Ok(true)` while we lead.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
-        let seconds = i32::try_from(self.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let seconds = i32::try_from(self.timings.duration.as_secs()).unwrap_or(i32::MAX);
         let current = self.api.get_opt(&self.name).await?;
         let Some(mut lease) = current else {
             let lease = Lease {
@@ -124,30 +171,36 @@ impl LeaderElector {
                     tracing::warn!(lease = %self.name, error = %e, "leader election failed; retrying")
                 }
             }
-            tokio::time::sleep(self.lease_duration / 3).await;
+            tokio::time::sleep(self.timings.retry).await;
         }
     }
 
     /// Renews the lease until it is lost (or cannot be renewed within two thirds of its
     /// duration), then returns: the caller must stop reconciling at once.
     pub async fn hold(&self) {
+        let deadline = self.timings.renew_deadline();
         let mut last_renewal = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(self.lease_duration / 3).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            tokio::time::sleep(self.timings.retry).await;
+            // A renewal hanging on a slow API server must not outlive the deadline either.
+            let left = deadline.saturating_sub(last_renewal.elapsed());
+            let round = tokio::time::timeout(left, self.try_acquire_or_renew()).await;
+            match round {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
                     tracing::warn!(lease = %self.name, "leadership lost");
                     return;
                 }
-                Err(e) => {
-                    tracing::warn!(lease = %self.name, error = %e, "cannot renew the lease");
-                    // Give up well before the lease can expire (client-go's renew deadline):
-                    // once it has, another replica may lead, and two must never reconcile.
-                    if last_renewal.elapsed() >= self.lease_duration * 2 / 3 {
-                        return;
-                    }
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %self.name, error = %e, "cannot renew the lease")
                 }
+                Err(_) => tracing::warn!(lease = %self.name, "lease renewal timed out"),
+            }
+            // Give up well before the lease can expire (client-go's renew deadline): once
+            // it has, another replica may lead, and two must never reconcile.
+            if last_renewal.elapsed() >= deadline {
+                tracing::warn!(lease = %self.name, "lease not renewed within {deadline:?}; stepping down");
+                return;
             }
         }
     }
@@ -190,17 +243,33 @@ mod tests {
             .to_string()
     }
 
+    const TIMINGS: LeaseTimings = LeaseTimings {
+        duration: Duration::from_secs(15),
+        retry: Duration::from_secs(5),
+    };
+
+    #[test]
+    fn lease_timings_leave_the_leader_time_to_renew() {
+        assert_eq!(
+            LeaseTimings::new(15, 5),
+            Ok(TIMINGS),
+            "the defaults: renewed every 5 s, deadline 10 s"
+        );
+        assert!(LeaseTimings::new(6, 2).is_ok());
+        assert_eq!(LeaseTimings::new(0, 1), Err(LeaseTimingsError::Duration(0)));
+        for (duration, retry) in [(6, 4), (6, 0), (15, 10), (3, 5)] {
+            let err = LeaseTimings::new(duration, retry).expect_err("refused");
+            assert_eq!(err, LeaseTimingsError::Retry { retry, duration });
+            assert!(err.to_string().contains("--lease-retry-seconds"), "{err}");
+        }
+    }
+
     const LONG_AGO: &str = "2000-01-01T00:00:00.000000Z";
 
     async fn round(steps: Vec<Step>) -> Result<bool, kube::Error> {
         let (client, verifier) = mock::server(steps);
-        let elector = LeaderElector::new(
-            client,
-            "rtable-system",
-            "rtable-operator",
-            "op-a",
-            Duration::from_secs(15),
-        );
+        let elector =
+            LeaderElector::new(client, "rtable-system", "rtable-operator", "op-a", TIMINGS);
         let result = elector.try_acquire_or_renew().await;
         drop(elector);
         mock::finish(verifier).await;
@@ -304,13 +373,8 @@ mod tests {
             }),
             get(lease(Some("op-b"), &now(), 3)),
         ]);
-        let elector = LeaderElector::new(
-            client,
-            "rtable-system",
-            "rtable-operator",
-            "op-a",
-            Duration::from_secs(15),
-        );
+        let elector =
+            LeaderElector::new(client, "rtable-system", "rtable-operator", "op-a", TIMINGS);
         assert!(elector.release().await.expect("released"));
         assert!(!elector.release().await.expect("not ours"));
         drop(elector);

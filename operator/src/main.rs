@@ -69,6 +69,13 @@ struct RunArgs {
     /// Elect a leader over a Lease; off for a single-replica install or local runs.
     #[arg(long, env = "RTABLE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
+    /// Seconds a leader Lease lasts without renewal before another replica may take it.
+    #[arg(long, env = "RTABLE_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Seconds between a follower's attempts to take the Lease and the leader's renewals
+    /// (below two thirds of the lease duration).
+    #[arg(long, env = "RTABLE_LEASE_RETRY_SECONDS", default_value_t = 5)]
+    lease_retry_seconds: u64,
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     namespace: String,
     #[arg(long, env = "POD_NAME", default_value = "rtable-operator-local")]
@@ -127,6 +134,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_tracing(&args.log_format);
+    let timings = rtable_operator::leader::LeaseTimings::new(
+        args.lease_duration_seconds,
+        args.lease_retry_seconds,
+    )?;
     let client = Client::try_default()
         .await
         .context("connect to the Kubernetes API")?;
@@ -159,7 +170,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             &args.namespace,
             "rtable-operator",
             &args.identity,
-            Duration::from_secs(15),
+            timings,
         )
     });
     if let Some(e) = &elector {
@@ -173,6 +184,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    metrics.leader.set(1);
+    let leader = metrics.leader.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         backend: Arc::new(
@@ -229,6 +242,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     // Reconciles in flight have finished: hand over at once instead of
                     // making the other replica wait for the lease to expire.
                     tracing::info!("controller stopped; releasing the lease");
+                    leader.set(0);
                     match e.release().await {
                         Ok(true) => tracing::info!("lease released"),
                         Ok(false) => tracing::info!("lease was no longer ours"),
@@ -238,6 +252,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 () = e.hold() => {
                     // Another operator may already be reconciling: stop at once and let
                     // the Deployment restart this pod as a follower.
+                    leader.set(0);
                     anyhow::bail!("leadership lost");
                 }
             }

@@ -12,6 +12,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -25,6 +26,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub failures: Family<ErrorLabels, Counter>,
     pub duration: Histogram,
+    /// 1 while this process holds the leader Lease (or runs without leader election).
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -34,6 +37,7 @@ impl Default for Metrics {
             failures: Family::default(),
             // 10 ms .. ~20 s: a reconcile is a handful of API calls plus ZooKeeper reads.
             duration: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0]),
+            leader: Gauge::default(),
         }
     }
 }
@@ -54,6 +58,11 @@ impl Metrics {
             "rtable_operator_reconcile_duration_seconds",
             "Time a reconcile took",
             self.duration.clone(),
+        );
+        registry.register(
+            "rtable_operator_leader",
+            "1 while this replica leads (holds the Lease) and reconciles, 0 while it follows",
+            self.leader.clone(),
         );
     }
 
@@ -127,6 +136,7 @@ mod tests {
         m.register(&mut r);
         drop(m.start());
         m.failed("zookeeper");
+        m.leader.set(1);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &r).expect("encodes");
         assert!(
@@ -141,6 +151,7 @@ mod tests {
             text.contains("rtable_operator_reconcile_duration_seconds_count 1"),
             "{text}"
         );
+        assert!(text.contains("rtable_operator_leader 1"), "{text}");
     }
 
     #[tokio::test]
