@@ -203,6 +203,13 @@ impl NodeCluster {
     /// resync), `kubectl apply` examples/events.yaml, and `kubectl wait` until the table is
     /// Ready.
     pub async fn install_examples(&mut self) -> anyhow::Result<()> {
+        self.install_examples_with(&["replicaCount=1", "resyncSeconds=5", "logFormat=text"])
+            .await
+    }
+
+    /// [`NodeCluster::install_examples`] with the chart's values set by `operator_values`
+    /// (each a `helm --set` argument).
+    pub async fn install_examples_with(&mut self, operator_values: &[&str]) -> anyhow::Result<()> {
         let repo = crate::repo_root();
         let path = |p: &str| repo.join(p).display().to_string();
         let zookeeper = path("examples/zookeeper.yaml");
@@ -217,20 +224,17 @@ impl NodeCluster {
             ),
             (
                 &helm,
-                vec![
+                [
                     "install",
                     "rtable",
                     &chart,
                     "-n",
                     "rtable-system",
                     "--create-namespace",
-                    "--set",
-                    "replicaCount=1",
-                    "--set",
-                    "resyncSeconds=5",
-                    "--set",
-                    "logFormat=text",
-                ],
+                ]
+                .into_iter()
+                .chain(operator_values.iter().flat_map(|v| ["--set", *v]))
+                .collect(),
                 "helm install the operator",
             ),
             (
@@ -258,6 +262,39 @@ impl NodeCluster {
             .lap("ZooKeeper, the operator (Helm) and the events table Ready");
         Ok(())
     }
+}
+
+/// The pids of the processes that run `program` in the pod `pod` (its containers see the
+/// pod's name as `HOSTNAME`), found in /proc: what a test signals to stop or kill a
+/// container's process itself.
+pub fn container_pids(pod: &str, program: &str) -> anyhow::Result<Vec<i32>> {
+    let wanted = format!("HOSTNAME={pod}");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit while it is read: skip what cannot be read. A binary rebuilt
+        // while it runs reads as "NAME (deleted)".
+        let runs_program = std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| {
+            exe.file_name()
+                .is_some_and(|n| n.to_string_lossy().trim_end_matches(" (deleted)") == program)
+        });
+        if !runs_program {
+            continue;
+        }
+        let in_pod = std::fs::read(entry.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == wanted.as_bytes()));
+        if in_pod {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
 }
 
 async fn start_node(
