@@ -23,6 +23,7 @@ use rtable_operator::status::{
 use rtable_protocol::paths::TablePaths;
 use rtable_protocol::schema::TableSchema;
 use rtable_protocol::tree::{self, TreeError};
+use rtable_protocol::zk_acl::TreeAcl;
 
 /// How long one sidecar call may take before the replica is shown as not answering.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -188,7 +189,7 @@ impl StatusView {
                 c
             }
         };
-        tree::create_table(&client, &self.paths, &self.schema).await?;
+        tree::create_table(&client, &self.paths, &TreeAcl::open(), &self.schema).await?;
         let mut out = Vec::new();
         for name in tree::list_replicas(&client, &self.paths).await? {
             match tree::read_replica_state(&client, &self.paths, &name).await {

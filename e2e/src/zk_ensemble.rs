@@ -64,6 +64,38 @@ pub struct ZkEnsemble {
     java: String,
     classpath: String,
     jit: Jit,
+    tls: Option<ServerTls>,
+}
+
+/// A TLS-only ensemble: the client port of [`NodePorts`] is a secure client port (Netty)
+/// and there is no plain one.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// PEM file holding the server's private key and certificate chain.
+    pub key_store: PathBuf,
+    /// PEM file of the CA certificates clients' certificates are checked against.
+    pub trust_store: PathBuf,
+    /// `ssl.clientAuth=need` (else `none`).
+    pub need_client_certificate: bool,
+}
+
+impl ServerTls {
+    fn config(&self, port: u16) -> String {
+        format!(
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+             secureClientPort={port}\nsecureClientPortAddress=127.0.0.1\n\
+             ssl.keyStore.location={}\nssl.keyStore.type=PEM\n\
+             ssl.trustStore.location={}\nssl.trustStore.type=PEM\n\
+             ssl.clientAuth={}\n",
+            self.key_store.display(),
+            self.trust_store.display(),
+            if self.need_client_certificate {
+                "need"
+            } else {
+                "none"
+            }
+        )
+    }
 }
 
 /// Checks that Java and the ZooKeeper jar are present; returns (java, classpath).
@@ -108,16 +140,31 @@ pub fn check_prerequisites(jar: &str, java: &str) -> Result<(String, String), Pr
 impl ZkEnsemble {
     /// Starts `size` nodes on free ports under `dir` and waits until they serve.
     pub fn start(size: usize, dir: &Path, jit: Jit) -> anyhow::Result<ZkEnsemble> {
+        let node_ports = Self::pick_ports(size)?;
+        Self::start_with_ports(&node_ports, dir, jit)
+    }
+
+    /// Starts `size` nodes that serve clients over TLS only.
+    pub fn start_tls(
+        size: usize,
+        dir: &Path,
+        jit: Jit,
+        tls: ServerTls,
+    ) -> anyhow::Result<ZkEnsemble> {
+        let node_ports = Self::pick_ports(size)?;
+        Self::start_inner(&node_ports, dir, jit, Some(tls))
+    }
+
+    fn pick_ports(size: usize) -> anyhow::Result<Vec<NodePorts>> {
         let all = ports::free_ports(size * 3)?;
-        let node_ports: Vec<NodePorts> = all
+        Ok(all
             .chunks(3)
             .map(|c| NodePorts {
                 client: c[0],
                 peer: c[1],
                 election: c[2],
             })
-            .collect();
-        Self::start_with_ports(&node_ports, dir, jit)
+            .collect())
     }
 
     /// Starts one node per entry of `node_ports` (checked to be free first).
@@ -125,6 +172,15 @@ impl ZkEnsemble {
         node_ports: &[NodePorts],
         dir: &Path,
         jit: Jit,
+    ) -> anyhow::Result<ZkEnsemble> {
+        Self::start_inner(node_ports, dir, jit, None)
+    }
+
+    fn start_inner(
+        node_ports: &[NodePorts],
+        dir: &Path,
+        jit: Jit,
+        tls: Option<ServerTls>,
     ) -> anyhow::Result<ZkEnsemble> {
         anyhow::ensure!(
             !node_ports.is_empty(),
@@ -152,12 +208,15 @@ impl ZkEnsemble {
             fs::write(data_dir.join("myid"), format!("{id}\n"))
                 .with_context(|| format!("writing myid in {}", data_dir.display()))?;
             let config = node_dir.join("zoo.cfg");
+            let client = match &tls {
+                Some(tls) => tls.config(p.client),
+                None => format!("clientPort={}\nclientPortAddress=127.0.0.1\n", p.client),
+            };
             let mut text = format!(
-                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\n\
+                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\n{client}\
                  admin.enableServer=false\n4lw.commands.whitelist=*\nextendedTypesEnabled=true\n\
                  minSessionTimeout=1000\nmaxSessionTimeout=60000\nmaxClientCnxns=0\nautopurge.purgeInterval=0\n",
                 data_dir.display(),
-                p.client
             );
             if !standalone {
                 text.push_str(&servers);
@@ -177,6 +236,7 @@ impl ZkEnsemble {
             java,
             classpath,
             jit,
+            tls,
         };
         for i in 0..ensemble.nodes.len() {
             ensemble.spawn(i)?;
@@ -328,7 +388,20 @@ impl ZkEnsemble {
                         crate::tail(log, 30)
                     );
                 }
-                modes.push(self.mode(i));
+                modes.push(match self.tls {
+                    Some(_) => self
+                        .secure_port_open(i)
+                        .then(|| "secure port open".to_string()),
+                    None => self.mode(i),
+                });
+            }
+            if self.tls.is_some()
+                && modes
+                    .iter()
+                    .enumerate()
+                    .all(|(i, m)| self.nodes[i].child.is_none() || m.is_some())
+            {
+                return Ok(());
             }
             let running: Vec<&Option<String>> = modes
                 .iter()
@@ -356,6 +429,17 @@ impl ZkEnsemble {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// A TLS-only node has no plain port for four-letter words: a bound secure port is
+    /// taken as serving (a client retries until the node has joined a quorum).
+    fn secure_port_open(&self, i: usize) -> bool {
+        let port = self.nodes[i].ports.client;
+        TcpStream::connect_timeout(
+            &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
+            Duration::from_millis(200),
+        )
+        .is_ok()
     }
 
     /// SIGKILLs node `i` and reaps it.

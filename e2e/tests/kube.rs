@@ -347,9 +347,13 @@ async fn status_writes_do_not_retrigger_reconciles() {
     let pointer = rtable_protocol::TablePaths::new(table_path)
         .replica("events-0")
         .log_pointer();
-    rtable_protocol::tree::ensure_path(&client, &pointer)
-        .await
-        .expect("a replica node");
+    rtable_protocol::tree::ensure_path(
+        &client,
+        &pointer,
+        &rtable_protocol::zk_acl::TreeAcl::open(),
+    )
+    .await
+    .expect("a replica node");
     let settle = std::time::Duration::from_secs(3);
     tokio::time::sleep(settle).await;
     let window = std::time::Duration::from_secs(10);

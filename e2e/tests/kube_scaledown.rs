@@ -67,9 +67,13 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
         ("events-2", "202405_1_1_0"),
         ("events-2", "202405_2_2_0"),
     ] {
-        rtable_protocol::tree::ensure_path(&client, &register(replica, part))
-            .await
-            .expect("a part node");
+        rtable_protocol::tree::ensure_path(
+            &client,
+            &register(replica, part),
+            &rtable_protocol::zk_acl::TreeAcl::open(),
+        )
+        .await
+        .expect("a part node");
     }
 
     kubectl(
@@ -102,9 +106,13 @@ async fn scale_down_keeps_a_replica_until_its_parts_are_on_a_survivor() {
     );
 
     // events-0 merged 1..2: its part covers events-2's.
-    rtable_protocol::tree::ensure_path(&client, &register("events-0", "202405_1_2_1"))
-        .await
-        .expect("a part node");
+    rtable_protocol::tree::ensure_path(
+        &client,
+        &register("events-0", "202405_1_2_1"),
+        &rtable_protocol::zk_acl::TreeAcl::open(),
+    )
+    .await
+    .expect("a part node");
     eventually("a StatefulSet of 2", 60, || async {
         (sts_replicas(&p, ns).await? == 2).then_some(())
     })

@@ -8,6 +8,7 @@ use rtable_e2e::{ZkEnsemble, serial};
 use rtable_operator::backend::{Backend, ZkTarget, ZooKeeperBackend};
 use rtable_protocol::host::HostInfo;
 use rtable_protocol::tree::{self, DropOutcome, TreeError};
+use rtable_protocol::zk_acl::TreeAcl;
 use rtable_protocol::{ReplicatedTableManifest, TablePaths};
 
 fn host(port: u16) -> HostInfo {
@@ -35,7 +36,7 @@ async fn operator_backend_manages_the_tree() {
     let target = ZkTarget {
         connect: ensemble.connect_string(),
         session_timeout: Duration::from_secs(6),
-        auth: None,
+        access: Default::default(),
     };
     let backend = ZooKeeperBackend::new(Duration::from_secs(5)).expect("backend");
 
@@ -76,11 +77,11 @@ async fn operator_backend_manages_the_tree() {
     .await
     .expect("replica session");
     for name in ["events-0", "events-1"] {
-        tree::register_replica(&session, &paths, name, &table.schema)
+        tree::register_replica(&session, &paths, &TreeAcl::open(), name, &table.schema)
             .await
             .expect("register");
     }
-    tree::activate(&session, &paths, "events-1", &host(9009))
+    tree::activate(&session, &paths, &TreeAcl::open(), "events-1", &host(9009))
         .await
         .expect("activate");
     let states = backend.replicas(&target, &path).await.expect("states");

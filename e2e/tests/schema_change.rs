@@ -13,6 +13,7 @@ use rtable_e2e::zk_ensemble::Jit;
 use rtable_e2e::{Cluster, ClusterOptions, ZkEnsemble, serial};
 use rtable_protocol::metadata::TableMetadata;
 use rtable_protocol::tree::{self, CreateOutcome, TreeError};
+use rtable_protocol::zk_acl::TreeAcl;
 use rtable_protocol::{ReplicatedTableManifest, TablePaths, TableSchema, columns};
 use serde_json::{Value, json};
 
@@ -78,7 +79,7 @@ async fn create_table_appends_columns_once_and_refuses_anything_else() {
     assert_eq!(new.columns.len(), old.columns.len() + 2);
 
     assert_eq!(
-        tree::create_table(&client, &paths, &old)
+        tree::create_table(&client, &paths, &TreeAcl::open(), &old)
             .await
             .expect("create"),
         CreateOutcome::Created
@@ -91,9 +92,13 @@ async fn create_table_appends_columns_once_and_refuses_anything_else() {
     for _ in 0..4 {
         sessions.push(connect().await);
     }
-    let outcomes =
-        futures::future::join_all(sessions.iter().map(|c| tree::create_table(c, &paths, &new)))
-            .await;
+    let open = TreeAcl::open();
+    let outcomes = futures::future::join_all(
+        sessions
+            .iter()
+            .map(|c| tree::create_table(c, &paths, &open, &new)),
+    )
+    .await;
     let outcomes: Vec<CreateOutcome> = outcomes.into_iter().map(|o| o.expect("append")).collect();
     let appended = outcomes
         .iter()
@@ -124,14 +129,14 @@ async fn create_table_appends_columns_once_and_refuses_anything_else() {
 
     // Again: nothing to do.
     assert_eq!(
-        tree::create_table(&client, &paths, &new)
+        tree::create_table(&client, &paths, &TreeAcl::open(), &new)
             .await
             .expect("again"),
         CreateOutcome::AlreadyExists
     );
 
     // The old definition: a mismatch for the operator, accepted for a sidecar not restarted.
-    let err = tree::create_table(&client, &paths, &old)
+    let err = tree::create_table(&client, &paths, &TreeAcl::open(), &old)
         .await
         .expect_err("older definition");
     assert!(matches!(err, TreeError::SchemaMismatch { .. }), "{err:?}");
@@ -141,7 +146,7 @@ async fn create_table_appends_columns_once_and_refuses_anything_else() {
         "{err}"
     );
     assert_eq!(
-        tree::create_table_allowing_older(&client, &paths, &old)
+        tree::create_table_allowing_older(&client, &paths, &TreeAcl::open(), &old)
             .await
             .expect("accepted"),
         CreateOutcome::TreeAhead {
@@ -161,7 +166,7 @@ async fn create_table_appends_columns_once_and_refuses_anything_else() {
     });
     reordered.order_by = vec!["user_id".to_string()];
     for other in [retyped, reordered] {
-        let err = tree::create_table_allowing_older(&client, &paths, &other)
+        let err = tree::create_table_allowing_older(&client, &paths, &TreeAcl::open(), &other)
             .await
             .expect_err("mismatch");
         assert!(matches!(err, TreeError::SchemaMismatch { .. }), "{err:?}");

@@ -8,6 +8,7 @@ use rtable_e2e::{ZkEnsemble, serial};
 use rtable_protocol::host::HostInfo;
 use rtable_protocol::metadata::TableMetadata;
 use rtable_protocol::tree::{self, CreateOutcome, DropOutcome, RegisterOutcome, TreeError};
+use rtable_protocol::zk_acl::TreeAcl;
 use rtable_protocol::{ReplicatedTableManifest, TablePaths, TableSchema, columns};
 use zookeeper_client as zk;
 
@@ -51,7 +52,7 @@ async fn create_table_is_idempotent_and_refuses_a_different_schema() {
     let (paths, schema) = example();
 
     assert_eq!(
-        tree::create_table(&client, &paths, &schema)
+        tree::create_table(&client, &paths, &TreeAcl::open(), &schema)
             .await
             .expect("create"),
         CreateOutcome::Created
@@ -76,7 +77,7 @@ async fn create_table_is_idempotent_and_refuses_a_different_schema() {
 
     // The same definition again: nothing changes.
     assert_eq!(
-        tree::create_table(&client, &paths, &schema)
+        tree::create_table(&client, &paths, &TreeAcl::open(), &schema)
             .await
             .expect("second create"),
         CreateOutcome::AlreadyExists
@@ -91,7 +92,7 @@ async fn create_table_is_idempotent_and_refuses_a_different_schema() {
     .expect("valid schema");
     let other_metadata = TableMetadata::from_schema(&other).render();
     assert_ne!(other_metadata, metadata);
-    let err = tree::create_table(&client, &paths, &other)
+    let err = tree::create_table(&client, &paths, &TreeAcl::open(), &other)
         .await
         .expect_err("schema mismatch");
     assert!(matches!(err, TreeError::SchemaMismatch { .. }), "{err:?}");
@@ -121,25 +122,25 @@ async fn replicas_register_activate_drop_and_the_table_is_removed() {
     let b = session(&ensemble).await;
     assert_ne!(a.session_id(), b.session_id());
     let (paths, schema) = example();
-    tree::create_table(&a, &paths, &schema)
+    tree::create_table(&a, &paths, &TreeAcl::open(), &schema)
         .await
         .expect("create");
 
     // The first replica starts clean, later ones start lost and clone.
     assert_eq!(
-        tree::register_replica(&a, &paths, "events-0", &schema)
+        tree::register_replica(&a, &paths, &TreeAcl::open(), "events-0", &schema)
             .await
             .expect("register events-0"),
         RegisterOutcome::Registered { is_lost: false }
     );
     assert_eq!(
-        tree::register_replica(&b, &paths, "events-1", &schema)
+        tree::register_replica(&b, &paths, &TreeAcl::open(), "events-1", &schema)
             .await
             .expect("register events-1"),
         RegisterOutcome::Registered { is_lost: true }
     );
     assert_eq!(
-        tree::register_replica(&a, &paths, "events-0", &schema)
+        tree::register_replica(&a, &paths, &TreeAcl::open(), "events-0", &schema)
             .await
             .expect("register again"),
         RegisterOutcome::AlreadyRegistered
@@ -166,13 +167,13 @@ async fn replicas_register_activate_drop_and_the_table_is_removed() {
     );
 
     // Activation: one session owns is_active; another session is refused.
-    tree::activate(&a, &paths, "events-0", &host(9000))
+    tree::activate(&a, &paths, &TreeAcl::open(), "events-0", &host(9000))
         .await
         .expect("activate from session a");
-    tree::activate(&a, &paths, "events-0", &host(9000))
+    tree::activate(&a, &paths, &TreeAcl::open(), "events-0", &host(9000))
         .await
         .expect("a retried activation from the same session succeeds");
-    let err = tree::activate(&b, &paths, "events-0", &host(9001))
+    let err = tree::activate(&b, &paths, &TreeAcl::open(), "events-0", &host(9001))
         .await
         .expect_err("another session is refused");
     match &err {
@@ -251,7 +252,7 @@ async fn replicas_register_activate_drop_and_the_table_is_removed() {
         .await
         .expect("removing a missing table is fine");
     assert_eq!(
-        tree::create_table(&b, &paths, &schema)
+        tree::create_table(&b, &paths, &TreeAcl::open(), &schema)
             .await
             .expect("create again"),
         CreateOutcome::Created

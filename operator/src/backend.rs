@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use rtable_protocol::paths::TablePaths;
 use rtable_protocol::schema::TableSchema;
 use rtable_protocol::tree::{self, DropOutcome, ReplicaState, TreeError};
+use rtable_protocol::zk_access::{self, TreeAccess, ZkAccess};
 use tokio::sync::Mutex;
 use zookeeper_client as zk;
 
@@ -20,8 +21,8 @@ pub struct ZkTarget {
     /// `host:port,...` with an optional chroot.
     pub connect: String,
     pub session_timeout: Duration,
-    /// Digest credentials `user:password`.
-    pub auth: Option<String>,
+    /// Credentials (and so the tree's ACL) and TLS.
+    pub access: ZkAccess,
 }
 
 pub trait Backend: Send + Sync {
@@ -93,21 +94,17 @@ impl ZooKeeperBackend {
         // Connected without holding the map, and within a deadline of our own: one table's
         // unreachable or unresolvable ensemble must not hold up every other table's reconcile
         // (the client's connection timeout does not bound a name that does not resolve).
-        let mut connector = zk::Client::connector()
-            .with_session_timeout(target.session_timeout)
-            .with_connection_timeout(self.connect_timeout);
-        if let Some(auth) = &target.auth {
-            connector = connector.with_auth("digest", auth.as_bytes());
-        }
         let client = match tokio::time::timeout(
             self.connect_timeout * 2,
-            connector.connect(&target.connect),
+            target.access.connect(
+                &target.connect,
+                target.session_timeout,
+                self.connect_timeout,
+            ),
         )
         .await
         {
-            Ok(connected) => {
-                connected.map_err(|e| TreeError::zk("connect", target.connect.clone(), e))?
-            }
+            Ok(connected) => connected?,
             Err(_) => {
                 return Err(TreeError::zk(
                     "connect",
@@ -152,7 +149,18 @@ impl Backend for ZooKeeperBackend {
         Box::pin(async move {
             let r = async {
                 let client = self.client(target).await?;
-                tree::create_table(&client, &TablePaths::new(table_path), schema).await?;
+                let paths = TablePaths::new(table_path);
+                // Wrong credentials are reported as such, not as a failed create; a tree
+                // made before the credentials were configured gets the table's ACL.
+                match zk_access::check(&client, &paths, &target.access).await? {
+                    TreeAccess::NeedsMigration => {
+                        let changed =
+                            zk_access::migrate(&client, &paths, &target.access.tree_acl()).await?;
+                        tracing::info!(table_path, changed, "moved the table's tree to its ACL");
+                    }
+                    TreeAccess::Absent | TreeAccess::AsExpected => {}
+                }
+                tree::create_table(&client, &paths, &target.access.tree_acl(), schema).await?;
                 Ok(())
             }
             .await;

@@ -224,8 +224,14 @@ pub struct ZooKeeperConfig {
     #[schemars(range(min = 2, max = 600))]
     pub session_timeout_seconds: u32,
     /// Digest credentials (`user:password`) read from a Secret in the table's namespace.
+    /// The operator and every replica authenticate with them, and every node of the
+    /// table's tree gets an ACL giving these credentials all rights and nobody else any; a
+    /// tree created without credentials is moved to that ACL when they are added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<ZooKeeperAuth>,
+    /// Connect to the ensemble's secure client port over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ZooKeeperTls>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
@@ -236,6 +242,22 @@ pub struct ZooKeeperAuth {
     /// Key in the Secret whose value is `user:password`.
     #[serde(default = "default_auth_key")]
     pub key: String,
+    /// Also let anyone read (never change) the tree, for debugging with zkCli.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub world_readable: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZooKeeperTls {
+    /// Secret in the table's namespace holding `ca.crt` (PEM CA certificates that signed
+    /// the ensemble's certificates, which must name the hosts of `nodes`) and, with
+    /// `clientCertificate`, `tls.crt` and `tls.key` (a `kubernetes.io/tls` Secret, as
+    /// cert-manager writes it).
+    pub secret_name: String,
+    /// Present `tls.crt`/`tls.key` to the ensemble (for `ssl.clientAuth=need`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_certificate: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

@@ -19,7 +19,9 @@ pub enum Error {
     NoNamespace,
     #[error("waiting for {0} pods to terminate before removing the ZooKeeper tree")]
     PodsStillRunning(usize),
-    #[error("spec.zookeeper.auth: {0}")]
+    /// A Secret `spec.zookeeper.auth` or `spec.zookeeper.tls` names is missing or unusable;
+    /// the message names the field.
+    #[error("{0}")]
     Auth(String),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),

@@ -19,6 +19,7 @@ pub mod scale_down;
 pub mod status;
 pub mod validate;
 pub mod watch;
+pub mod zk_secrets;
 pub mod zookeeper_address;
 
 /// The Kubernetes types the status is made of (`Condition`, `Time`), re-exported so a

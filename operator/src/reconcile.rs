@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, Patch};
@@ -34,7 +34,9 @@ use crate::retry;
 use crate::scale_down;
 use crate::status::{self, Observation, PodsObservation, ReplicaObservation, TreeObservation};
 use crate::validate;
+use crate::zk_secrets;
 use crate::zookeeper_address;
+use rtable_protocol::zk_access::ZkAccess;
 
 /// Everything reconcile needs besides the object.
 pub struct Context {
@@ -100,12 +102,7 @@ pub fn error_policy(rt: Arc<ReplicatedTable>, error: &Error, ctx: Arc<Context>) 
 /// How the operator reaches the table's ensemble. The nodes are written for the table's
 /// pods, so a short name (`zk-0.zk:2181`) is qualified with the table's namespace when that
 /// name exists (see [`zookeeper_address`]); the operator itself runs in another namespace.
-async fn zk_target(
-    rt: &ReplicatedTable,
-    ctx: &Context,
-    ns: &str,
-    auth: Option<String>,
-) -> ZkTarget {
+async fn zk_target(rt: &ReplicatedTable, ctx: &Context, ns: &str, access: ZkAccess) -> ZkTarget {
     let domain = &ctx.build.cluster_domain;
     let candidates = zookeeper_address::candidates(&rt.spec.zookeeper, ns, domain);
     let answers = futures::future::join_all(
@@ -122,42 +119,8 @@ async fn zk_target(
     ZkTarget {
         connect: zookeeper_address::connect_string(&rt.spec.zookeeper, ns, domain, &resolved),
         session_timeout: Duration::from_secs(u64::from(rt.spec.zookeeper.session_timeout_seconds)),
-        auth,
+        access,
     }
-}
-
-/// Reads the digest credentials from the Secret the spec names.
-async fn zk_auth(rt: &ReplicatedTable, client: &Client, ns: &str) -> Result<Option<String>, Error> {
-    let Some(auth) = &rt.spec.zookeeper.auth else {
-        return Ok(None);
-    };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = secrets
-        .get_opt(&auth.secret_name)
-        .await
-        .map_err(kube_err(format!("get secret {}", auth.secret_name)))?
-        .ok_or_else(|| {
-            Error::Auth(format!(
-                "Secret {} does not exist in namespace {ns}",
-                auth.secret_name
-            ))
-        })?;
-    let value = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&auth.key))
-        .ok_or_else(|| {
-            Error::Auth(format!(
-                "Secret {} has no key {}",
-                auth.secret_name, auth.key
-            ))
-        })?;
-    String::from_utf8(value.0.clone()).map(Some).map_err(|_| {
-        Error::Auth(format!(
-            "Secret {} key {} is not UTF-8 text",
-            auth.secret_name, auth.key
-        ))
-    })
 }
 
 async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -197,8 +160,8 @@ async fn apply(rt: Arc<ReplicatedTable>, ctx: Arc<Context>) -> Result<Action, Er
 
     // The ensemble, before the apply: a scale-down reads the replicas' parts first. Without
     // its credentials the tree cannot be read; that is reported like any other refusal.
-    let target = match zk_auth(&rt, client, &ns).await {
-        Ok(auth) => Ok(zk_target(&rt, &ctx, &ns, auth).await),
+    let target = match zk_secrets::zk_access(&rt, client, &ns).await {
+        Ok(access) => Ok(zk_target(&rt, &ctx, &ns, access).await),
         Err(e @ Error::Auth(_)) => Err(e.to_string()),
         Err(e) => return Err(e),
     };
@@ -550,13 +513,13 @@ async fn remove_tree(rt: &ReplicatedTable, ctx: &Context) -> Result<(), Error> {
             return Ok(());
         }
     };
-    let auth = match zk_auth(rt, &ctx.client, &ns).await {
-        Ok(auth) => auth,
+    let access = match zk_secrets::zk_access(rt, &ctx.client, &ns).await {
+        Ok(access) => access,
         // The credentials Secret may already be gone in a namespace deletion.
-        Err(Error::Auth(_)) => None,
+        Err(Error::Auth(_)) => ZkAccess::default(),
         Err(e) => return Err(e),
     };
-    let target = zk_target(rt, ctx, &ns, auth).await;
+    let target = zk_target(rt, ctx, &ns, access).await;
     ctx.backend.remove_table(&target, &table.table_path).await?;
     publish(
         ctx,

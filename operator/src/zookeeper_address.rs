@@ -108,6 +108,7 @@ mod tests {
             root: root.map(str::to_string),
             session_timeout_seconds: 30,
             auth: None,
+            tls: None,
         }
     }
 

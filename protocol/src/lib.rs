@@ -19,6 +19,8 @@ pub mod quorum;
 pub mod schema;
 pub mod status;
 pub mod tree;
+pub mod zk_access;
+pub mod zk_acl;
 
 pub use manifest::{ReplicatedTableManifest, TableSpec, ZooKeeperSpec};
 pub use part_name::PartName;

@@ -14,6 +14,7 @@ use crate::host::HostInfo;
 use crate::metadata::TableMetadata;
 use crate::paths::{TablePaths, sequence_of};
 use crate::schema::TableSchema;
+use crate::zk_acl::{self, TreeAcl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -43,6 +44,14 @@ pub enum TreeError {
     NoReplica { replica: String, path: String },
     #[error("gave up after {attempts} attempts on {what}: the tree kept changing under us")]
     Contention { what: String, attempts: u32 },
+    /// The table's tree does not let these credentials in (see `zk_access::check`).
+    #[error("ZooKeeper refuses the table's tree {root} to {who}: {why}. {fix}")]
+    AccessRefused {
+        root: String,
+        who: String,
+        why: String,
+        fix: String,
+    },
 }
 
 impl TreeError {
@@ -87,19 +96,6 @@ pub fn is_transient(e: &zk::Error) -> bool {
     )
 }
 
-pub fn persistent() -> zk::CreateOptions<'static> {
-    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
-}
-pub fn persistent_sequential() -> zk::CreateOptions<'static> {
-    zk::CreateMode::PersistentSequential.with_acls(zk::Acls::anyone_all())
-}
-pub fn ephemeral() -> zk::CreateOptions<'static> {
-    zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all())
-}
-pub fn ephemeral_sequential() -> zk::CreateOptions<'static> {
-    zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all())
-}
-
 /// Maps an operation failure inside a multi to the path it was about.
 pub fn multi_error(op: &'static str, paths: &[String], e: zk::MultiWriteError) -> TreeError {
     match e {
@@ -118,13 +114,14 @@ pub fn multi_error(op: &'static str, paths: &[String], e: zk::MultiWriteError) -
 pub async fn ensure_partition_node(
     client: &zk::Client,
     paths: &TablePaths,
+    acl: &TreeAcl,
     partition_id: &str,
 ) -> Result<(), TreeError> {
     let partition = paths.block_numbers_partition(partition_id);
     let parent = paths.block_numbers();
     let mut multi = client.new_multi_writer();
     multi
-        .add_create(&partition, b"", &persistent())
+        .add_create(&partition, b"", &acl.persistent())
         .map_err(|e| TreeError::zk("create", partition.clone(), e))?;
     multi
         .add_set_data(&parent, b"", None)
@@ -170,9 +167,10 @@ pub enum CreateOutcome {
 pub async fn create_table(
     client: &zk::Client,
     paths: &TablePaths,
+    acl: &TreeAcl,
     schema: &TableSchema,
 ) -> Result<CreateOutcome, TreeError> {
-    create_or_update(client, paths, schema, false).await
+    create_or_update(client, paths, acl, schema, false).await
 }
 
 /// Like [`create_table`], but a tree that already has columns appended to this definition
@@ -182,9 +180,10 @@ pub async fn create_table(
 pub async fn create_table_allowing_older(
     client: &zk::Client,
     paths: &TablePaths,
+    acl: &TreeAcl,
     schema: &TableSchema,
 ) -> Result<CreateOutcome, TreeError> {
-    create_or_update(client, paths, schema, true).await
+    create_or_update(client, paths, acl, schema, true).await
 }
 
 const CREATE_ATTEMPTS: u32 = 5;
@@ -192,6 +191,7 @@ const CREATE_ATTEMPTS: u32 = 5;
 async fn create_or_update(
     client: &zk::Client,
     paths: &TablePaths,
+    acl: &TreeAcl,
     schema: &TableSchema,
     allow_older: bool,
 ) -> Result<CreateOutcome, TreeError> {
@@ -202,7 +202,7 @@ async fn create_or_update(
     if let Some((parent, _)) = paths.root().rsplit_once('/')
         && !parent.is_empty()
     {
-        ensure_path(client, parent).await?;
+        ensure_ancestors(client, parent).await?;
     }
     for _ in 0..CREATE_ATTEMPTS {
         if let Some(existing) = read_existing(client, paths).await? {
@@ -255,12 +255,12 @@ async fn create_or_update(
                 b""
             };
             multi
-                .add_create(node, data, &persistent())
+                .add_create(node, data, &acl.persistent())
                 .map_err(|e| TreeError::zk("create", node.clone(), e))?;
         }
         let leader = format!("{}/leader_election-0", paths.leader_election());
         multi
-            .add_create(&leader, b"all (multiple leaders Ok)", &persistent())
+            .add_create(&leader, b"all (multiple leaders Ok)", &acl.persistent())
             .map_err(|e| TreeError::zk("create", leader.clone(), e))?;
         match multi.commit().await {
             Ok(_) => return Ok(CreateOutcome::Created),
@@ -409,13 +409,27 @@ fn columns_diff(local_columns: &str, tree_columns: &str) -> String {
     }
 }
 
-/// Creates every missing node of `path` (like `mkdir -p`), tolerating concurrent creators.
-pub async fn ensure_path(client: &zk::Client, path: &str) -> Result<(), TreeError> {
+/// Creates every missing node of `path` (like `mkdir -p`) with the table's ACL, tolerating
+/// concurrent creators.
+pub async fn ensure_path(client: &zk::Client, path: &str, acl: &TreeAcl) -> Result<(), TreeError> {
+    ensure_each(client, path, &acl.persistent()).await
+}
+
+/// Like [`ensure_path`], for the ancestors of a table's root that other tables share.
+async fn ensure_ancestors(client: &zk::Client, path: &str) -> Result<(), TreeError> {
+    ensure_each(client, path, &zk_acl::ancestor()).await
+}
+
+async fn ensure_each(
+    client: &zk::Client,
+    path: &str,
+    options: &zk::CreateOptions<'_>,
+) -> Result<(), TreeError> {
     let mut current = String::new();
     for segment in path.split('/').filter(|s| !s.is_empty()) {
         current.push('/');
         current.push_str(segment);
-        match client.create(&current, b"", &persistent()).await {
+        match client.create(&current, b"", options).await {
             Ok(_) | Err(zk::Error::NodeExists) => {}
             Err(e) => return Err(TreeError::zk("create", current.clone(), e)),
         }
@@ -452,6 +466,7 @@ pub enum RegisterOutcome {
 pub async fn register_replica(
     client: &zk::Client,
     paths: &TablePaths,
+    acl: &TreeAcl,
     replica: &str,
     schema: &TableSchema,
 ) -> Result<RegisterOutcome, TreeError> {
@@ -500,7 +515,7 @@ pub async fn register_replica(
         let mut multi = client.new_multi_writer();
         for (path, data) in &nodes {
             multi
-                .add_create(path, data, &persistent())
+                .add_create(path, data, &acl.persistent())
                 .map_err(|e| TreeError::zk("create", path.clone(), e))?;
         }
         multi
@@ -556,6 +571,7 @@ pub struct Activation {
 pub async fn activate(
     client: &zk::Client,
     paths: &TablePaths,
+    acl: &TreeAcl,
     replica: &str,
     host: &HostInfo,
 ) -> Result<Activation, TreeError> {
@@ -565,7 +581,7 @@ pub async fn activate(
     let ops = vec![rp.is_active(), rp.host()];
     let mut multi = client.new_multi_writer();
     multi
-        .add_create(&rp.is_active(), is_active_data.as_bytes(), &ephemeral())
+        .add_create(&rp.is_active(), is_active_data.as_bytes(), &acl.ephemeral())
         .map_err(|e| TreeError::zk("create", rp.is_active(), e))?;
     multi
         .add_set_data(&rp.host(), host_text.as_bytes(), None)
@@ -826,26 +842,8 @@ pub async fn remove_recursive(client: &zk::Client, path: &str) -> Result<(), Tre
     Ok(())
 }
 
-/// Connects to the ensemble, waiting at most `connect_timeout` for the first server.
-/// Like `connect`, with optional `digest` credentials (`user:password`).
-pub async fn connect_with_auth(
-    connect_string: &str,
-    session_timeout: Duration,
-    connect_timeout: Duration,
-    digest: Option<&str>,
-) -> Result<zk::Client, TreeError> {
-    let mut connector = zk::Client::connector()
-        .with_session_timeout(session_timeout)
-        .with_connection_timeout(connect_timeout);
-    if let Some(credentials) = digest {
-        connector = connector.with_auth("digest", credentials.as_bytes());
-    }
-    connector
-        .connect(connect_string)
-        .await
-        .map_err(|e| TreeError::zk("connect", connect_string, e))
-}
-
+/// Connects to the ensemble without credentials or TLS, waiting at most `connect_timeout` for
+/// the first server (see [`crate::zk_access::ZkAccess::connect`] for the others).
 pub async fn connect(
     connect_string: &str,
     session_timeout: Duration,

@@ -40,9 +40,26 @@ pub struct Config {
     /// File holding the interserver secret; when set, part fetches without it get 401.
     #[arg(long, env = "RTABLE_INTERSERVER_SECRET_FILE")]
     pub interserver_secret_file: Option<PathBuf>,
-    /// File holding ZooKeeper digest credentials `user:password`.
+    /// File holding ZooKeeper digest credentials `user:password`. Every node of the table's
+    /// tree is then created readable and writable by these credentials only, and a tree
+    /// created without credentials is moved to that ACL at start.
     #[arg(long, env = "RTABLE_ZOOKEEPER_AUTH_FILE")]
     pub zookeeper_auth_file: Option<PathBuf>,
+    /// Where the auth file comes from (`Secret events-zk key digest`), named in errors.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_AUTH_SOURCE")]
+    pub zookeeper_auth_source: Option<String>,
+    /// With --zookeeper-auth-file: anyone may read (not change) the tree, for debugging.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_ACL_WORLD_READ")]
+    pub zookeeper_acl_world_read: bool,
+    /// CA certificates (PEM) of the ensemble: connect to its secure client port over TLS.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_TLS_CA_FILE")]
+    pub zookeeper_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the ensemble; needs --zookeeper-tls-key-file.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_TLS_CERT_FILE")]
+    pub zookeeper_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --zookeeper-tls-cert-file.
+    #[arg(long, env = "RTABLE_ZOOKEEPER_TLS_KEY_FILE")]
+    pub zookeeper_tls_key_file: Option<PathBuf>,
     /// Largest accepted insert body in bytes.
     #[arg(long, env = "RTABLE_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_body_bytes: usize,

@@ -54,7 +54,7 @@ pub async fn drop_partition(replica: &Replica, partition: &str) -> Result<String
         .sessions
         .active()
         .map_err(|e| DropError::ReadOnly(e.reason))?;
-    tree::ensure_partition_node(&client, &replica.paths, partition).await?;
+    tree::ensure_partition_node(&client, &replica.paths, &replica.zk_acl, partition).await?;
     // This replica's own reservation would hold the drop back until it idles out.
     replica
         .block_reserve
@@ -62,7 +62,7 @@ pub async fn drop_partition(replica: &Replica, partition: &str) -> Result<String
         .await;
     let prefix = replica.paths.block_number_lock_prefix(partition);
     let (_, seq) = client
-        .create(&prefix, b"", &tree::ephemeral_sequential())
+        .create(&prefix, b"", &replica.zk_acl.ephemeral_sequential())
         .await
         .map_err(|e| TreeError::zk("create", prefix.clone(), e))?;
     let lock = format!("{prefix}{seq}");
@@ -102,7 +102,7 @@ async fn publish(
         .add_create(
             &replica.paths.log_entry_prefix(),
             entry.render().as_bytes(),
-            &tree::persistent_sequential(),
+            &replica.zk_acl.persistent_sequential(),
         )
         .map_err(|e| TreeError::zk("create", replica.paths.log_entry_prefix(), e))?;
     multi

@@ -28,3 +28,4 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod table_reload;
+pub mod zk_access;

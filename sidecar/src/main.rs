@@ -22,6 +22,7 @@ use rtable_sidecar::store::PartStore;
 use rtable_sidecar::supervisor::Supervisor;
 use rtable_sidecar::table_reload::{self, LiveSettings, TableReload};
 use rtable_sidecar::{cleanup, handoff, merge, part_check};
+use rtable_sidecar::zk_access;
 
 /// How long the background tasks get to stop once the HTTP server has.
 const SHUTDOWN_TASKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -86,21 +87,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         }
         None => None,
     };
-    let zookeeper_auth = match &cfg.zookeeper_auth_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--zookeeper-auth-file {}: {e}", path.display()))?;
-            let credentials = text.trim().to_string();
-            if !credentials.contains(':') {
-                return Err(format!(
-                    "--zookeeper-auth-file {} must hold `user:password`",
-                    path.display()
-                ));
-            }
-            Some(credentials)
-        }
-        None => None,
-    };
+    let access = zk_access::from_config(&cfg)?;
     let data_dir = cfg.data_dir.clone();
     let (store, detached) = tokio::task::spawn_blocking(move || PartStore::open(&data_dir))
         .await
@@ -155,7 +142,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         metrics: Metrics::default(),
         host,
         secret,
-        zookeeper_auth,
+        zk_acl: access.tree_acl(),
+        zk_access: access,
         http,
         queue_notify: tokio::sync::Notify::new(),
         pull_notify: tokio::sync::Notify::new(),
@@ -192,6 +180,13 @@ async fn run(cfg: Config) -> Result<(), String> {
         dedup_window = replica.settings().dedup_window,
         "starting replica"
     );
+    zk_access::verify_at_start(
+        &replica.connect_string(),
+        replica.session_timeout,
+        &replica.paths,
+        &replica.zk_access,
+    )
+    .await?;
     let failpoints = rtable_sidecar::failpoint::armed_names();
     if !failpoints.is_empty() {
         warn!(replica = %replica.name, failpoints = %failpoints.join(","), "failpoints armed (RTABLE_FAILPOINTS): for fault tests only");

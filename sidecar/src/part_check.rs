@@ -154,6 +154,7 @@ async fn requeue(
     let mut multi = client.new_multi_writer();
     let entry = crate::recovery::add_refetch(
         &mut multi,
+        &replica.zk_acl,
         &replica.name,
         &rp,
         &name,

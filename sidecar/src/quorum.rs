@@ -486,7 +486,7 @@ pub async fn fail(
             .add_delete(&path, None)
             .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
         multi
-            .add_create(&failed_path(replica, part), b"", &tree::persistent())
+            .add_create(&failed_path(replica, part), b"", &replica.zk_acl.persistent())
             .map_err(|e| TreeError::zk("create", failed_path(replica, part), e))?;
         // Atomic with the failure: every replica holding the part is still inactive. A
         // create and delete of its `is_active` in the same multi fails if the node exists,
@@ -495,7 +495,7 @@ pub async fn fail(
         for holder in holder_names(replica, client, part_name).await? {
             let active = replica.paths.replica(&holder).is_active();
             multi
-                .add_create(&active, b"", &tree::persistent())
+                .add_create(&active, b"", &replica.zk_acl.persistent())
                 .map_err(|e| TreeError::zk("create", active.clone(), e))?;
             multi
                 .add_delete(&active, None)

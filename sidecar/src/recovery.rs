@@ -15,6 +15,7 @@ use zookeeper_client as zk;
 
 use rtable_protocol::paths::{ReplicaPaths, sequence_of};
 use rtable_protocol::tree::{self, TreeError};
+use rtable_protocol::zk_acl::TreeAcl;
 use rtable_protocol::{LogEntry, PartName};
 
 use crate::queue::pull;
@@ -106,7 +107,7 @@ pub async fn before_activation(
         let mut multi = client.new_multi_writer();
         let mut paths = Vec::new();
         for name in chunk {
-            add_refetch(&mut multi, &replica.name, &rp, name, now)?;
+            add_refetch(&mut multi, &replica.zk_acl, &replica.name, &rp, name, now)?;
             paths.push(rp.part(name));
             paths.push(rp.queue_entry_prefix());
         }
@@ -124,6 +125,7 @@ pub async fn before_activation(
 /// multi, nothing is forgotten without its fetch. Returns the queued entry.
 pub(crate) fn add_refetch(
     multi: &mut zk::MultiWriter<'_>,
+    acl: &TreeAcl,
     me: &str,
     rp: &ReplicaPaths,
     part: &str,
@@ -138,7 +140,7 @@ pub(crate) fn add_refetch(
         .add_create(
             &rp.queue_entry_prefix(),
             entry.render().as_bytes(),
-            &tree::persistent_sequential(),
+            &acl.persistent_sequential(),
         )
         .map_err(|e| TreeError::zk("create", rp.queue_entry_prefix(), e))?;
     Ok(entry)
@@ -373,7 +375,7 @@ async fn clone_replica(replica: &Arc<Replica>, client: &zk::Client) -> Result<()
                 .add_create(
                     &me.queue_entry_prefix(),
                     data,
-                    &tree::persistent_sequential(),
+                    &replica.zk_acl.persistent_sequential(),
                 )
                 .map_err(|e| TreeError::zk("create", me.queue_entry_prefix(), e))?;
         }

@@ -31,8 +31,10 @@ pub struct Replica {
     pub metrics: Metrics,
     pub host: HostInfo,
     pub secret: Option<String>,
-    /// ZooKeeper digest credentials (`user:password`).
-    pub zookeeper_auth: Option<String>,
+    /// Credentials and TLS of the ZooKeeper sessions.
+    pub zk_access: rtable_protocol::zk_access::ZkAccess,
+    /// The ACL of every node this replica creates (from `zk_access`).
+    pub zk_acl: rtable_protocol::zk_acl::TreeAcl,
     pub http: reqwest::Client,
     /// Wakes the queue executor (new entries, a finished fetch, a new session).
     pub queue_notify: Notify,

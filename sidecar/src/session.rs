@@ -142,19 +142,24 @@ pub async fn run(replica: Arc<Replica>) {
 
 async fn establish(replica: &Arc<Replica>) -> Result<zk::Client, String> {
     let connect_string = replica.connect_string();
-    let client = tree::connect(
-        &connect_string,
-        replica.session_timeout,
-        replica.session_timeout,
-    )
-    .await
-    .map_err(|e| format!("cannot reach ZooKeeper at {connect_string}: {e}"))?;
+    let client = replica
+        .zk_access
+        .connect(
+            &connect_string,
+            replica.session_timeout,
+            replica.session_timeout,
+        )
+        .await
+        .map_err(|e| format!("cannot reach ZooKeeper at {connect_string}: {e}"))?;
+    crate::zk_access::prepare(&client, &replica.paths, &replica.zk_access)
+        .await
+        .map_err(|e| e.to_string())?;
     let schema = &replica.table.schema;
     // A definition that appends columns to the tree's applies the append (the operator may
     // have done it already); one that lacks columns the tree has appended (this pod was not
     // restarted since) keeps serving its own columns: every replica reads its parts with
     // the appended columns filled in, and it reads theirs without them.
-    match tree::create_table_allowing_older(&client, &replica.paths, schema)
+    match tree::create_table_allowing_older(&client, &replica.paths, &replica.zk_acl, schema)
         .await
         .map_err(|e| e.to_string())?
     {
@@ -172,9 +177,15 @@ async fn establish(replica: &Arc<Replica>) -> Result<zk::Client, String> {
         }
         CreateOutcome::Created | CreateOutcome::AlreadyExists => {}
     }
-    match tree::register_replica(&client, &replica.paths, &replica.name, schema)
-        .await
-        .map_err(|e| e.to_string())?
+    match tree::register_replica(
+        &client,
+        &replica.paths,
+        &replica.zk_acl,
+        &replica.name,
+        schema,
+    )
+    .await
+    .map_err(|e| e.to_string())?
     {
         RegisterOutcome::Registered { is_lost } => {
             info!(replica = %replica.name, is_lost, "registered replica");
@@ -210,7 +221,15 @@ async fn activate_when_free(
     let deadline =
         tokio::time::Instant::now() + replica.session_timeout * 3 + Duration::from_secs(5);
     loop {
-        match tree::activate(client, &replica.paths, &replica.name, &replica.host).await {
+        match tree::activate(
+            client,
+            &replica.paths,
+            &replica.zk_acl,
+            &replica.name,
+            &replica.host,
+        )
+        .await
+        {
             Ok(a) => return Ok(a),
             Err(TreeError::ReplicaActive { owner, .. })
                 if tokio::time::Instant::now() < deadline =>

@@ -20,7 +20,11 @@ pub async fn session(connect: &str, session_timeout: Duration) -> anyhow::Result
         .await
         .context("connecting the baseline ZooKeeper session")?;
     match client
-        .create(ROOT, b"", &rtable_protocol::tree::persistent())
+        .create(
+            ROOT,
+            b"",
+            &rtable_protocol::zk_acl::TreeAcl::open().persistent(),
+        )
         .await
     {
         Ok(_) | Err(zk::Error::NodeExists) => Ok(client),
@@ -32,7 +36,11 @@ pub async fn session(connect: &str, session_timeout: Duration) -> anyhow::Result
 pub async fn multi_once(client: &zk::Client, path: &str) -> anyhow::Result<()> {
     let mut multi = client.new_multi_writer();
     multi
-        .add_create(path, b"x", &rtable_protocol::tree::persistent())
+        .add_create(
+            path,
+            b"x",
+            &rtable_protocol::zk_acl::TreeAcl::open().persistent(),
+        )
         .with_context(|| format!("multi create {path}"))?;
     multi
         .add_delete(path, None)
@@ -112,7 +120,11 @@ pub async fn watch_latency(
         anyhow::ensure!(stat.is_none(), "{path} exists already");
         let started = Instant::now();
         writer
-            .create(&path, b"x", &rtable_protocol::tree::persistent())
+            .create(
+                &path,
+                b"x",
+                &rtable_protocol::zk_acl::TreeAcl::open().persistent(),
+            )
             .await
             .with_context(|| format!("creating {path}"))?;
         tokio::time::timeout(Duration::from_secs(10), watch.changed())

@@ -34,6 +34,10 @@ const DATA_VOLUME: &str = "data";
 const CONFIG_VOLUME: &str = "config";
 /// Path of the ZooKeeper digest credentials inside the config volume.
 const ZK_AUTH_FILE: &str = "zookeeper-auth/digest";
+/// Paths of the ZooKeeper TLS files inside the config volume (cert-manager's key names).
+const ZK_TLS_CA_FILE: &str = "zookeeper-tls/ca.crt";
+const ZK_TLS_CERT_FILE: &str = "zookeeper-tls/tls.crt";
+const ZK_TLS_KEY_FILE: &str = "zookeeper-tls/tls.key";
 
 /// Pod-template annotation holding [`schema_hash`]: a schema change (a column appended)
 /// changes the template, so the StatefulSet rolls the pods and every sidecar restarts with
@@ -101,6 +105,21 @@ pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
             secret: Some(SecretProjection {
                 name: auth.secret_name.clone(),
                 items: Some(vec![key_to_path(&auth.key, ZK_AUTH_FILE)]),
+                ..SecretProjection::default()
+            }),
+            ..VolumeProjection::default()
+        });
+    }
+    if let Some(tls) = &spec.zookeeper.tls {
+        let mut items = vec![key_to_path("ca.crt", ZK_TLS_CA_FILE)];
+        if tls.client_certificate {
+            items.push(key_to_path("tls.crt", ZK_TLS_CERT_FILE));
+            items.push(key_to_path("tls.key", ZK_TLS_KEY_FILE));
+        }
+        sources.push(VolumeProjection {
+            secret: Some(SecretProjection {
+                name: tls.secret_name.clone(),
+                items: Some(items),
                 ..SecretProjection::default()
             }),
             ..VolumeProjection::default()
@@ -295,11 +314,34 @@ fn sidecar_container(rt: &ReplicatedTable, config: &BuildConfig, names: &Names) 
             ..VolumeMount::default()
         },
     ];
-    if spec.zookeeper.auth.is_some() {
+    if let Some(auth) = &spec.zookeeper.auth {
         env_vars.push(env(
             "RTABLE_ZOOKEEPER_AUTH_FILE",
             &format!("{CONFIG_DIR}/{ZK_AUTH_FILE}"),
         ));
+        env_vars.push(env(
+            "RTABLE_ZOOKEEPER_AUTH_SOURCE",
+            &format!("Secret {} key {}", auth.secret_name, auth.key),
+        ));
+        if auth.world_readable {
+            env_vars.push(env("RTABLE_ZOOKEEPER_ACL_WORLD_READ", "true"));
+        }
+    }
+    if let Some(tls) = &spec.zookeeper.tls {
+        env_vars.push(env(
+            "RTABLE_ZOOKEEPER_TLS_CA_FILE",
+            &format!("{CONFIG_DIR}/{ZK_TLS_CA_FILE}"),
+        ));
+        if tls.client_certificate {
+            env_vars.push(env(
+                "RTABLE_ZOOKEEPER_TLS_CERT_FILE",
+                &format!("{CONFIG_DIR}/{ZK_TLS_CERT_FILE}"),
+            ));
+            env_vars.push(env(
+                "RTABLE_ZOOKEEPER_TLS_KEY_FILE",
+                &format!("{CONFIG_DIR}/{ZK_TLS_KEY_FILE}"),
+            ));
+        }
     }
     Container {
         name: SIDECAR_CONTAINER.to_string(),

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
 use rtable_protocol::schema::TableSchema;
 use rtable_protocol::tree::ReplicaState;
 use serde_json::{Value, json};

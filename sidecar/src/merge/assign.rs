@@ -215,7 +215,7 @@ pub async fn assign_once(
             .add_create(
                 &replica.paths.log_entry_prefix(),
                 entry.render().as_bytes(),
-                &tree::persistent_sequential(),
+                &replica.zk_acl.persistent_sequential(),
             )
             .map_err(|e| TreeError::zk("create", replica.paths.log_entry_prefix(), e))?;
         multi

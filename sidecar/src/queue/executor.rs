@@ -15,6 +15,7 @@ use rtable_protocol::host::HostInfo;
 use rtable_protocol::log_entry::LogEntryKind;
 use rtable_protocol::part_header::PartHeader;
 use rtable_protocol::tree::{self, TreeError};
+use rtable_protocol::zk_acl::TreeAcl;
 
 use crate::fetcher::{self, FetchError};
 use crate::metrics::Metrics;
@@ -344,12 +345,13 @@ async fn record_acknowledged(
 /// Adds the record of a queue entry's outcome: the part's node created, the entry's gone.
 fn add_record(
     multi: &mut zk::MultiWriter<'_>,
+    acl: &TreeAcl,
     part_path: &str,
     queue_path: &str,
     header: &str,
 ) -> Result<(), TreeError> {
     multi
-        .add_create(part_path, header.as_bytes(), &tree::persistent())
+        .add_create(part_path, header.as_bytes(), &acl.persistent())
         .map_err(|e| TreeError::zk("create", part_path.to_string(), e))?;
     multi
         .add_delete(queue_path, None)
@@ -371,7 +373,7 @@ async fn record_folded(
     let part_path = rp.part(part);
     let queue_path = rp.queue_entry(queue_node);
     let mut multi = client.new_multi_writer();
-    add_record(&mut multi, &part_path, &queue_path, header)?;
+    add_record(&mut multi, &replica.zk_acl, &part_path, &queue_path, header)?;
     ack.add_to(&mut multi)?;
     match multi.commit().await {
         Ok(_) => Ok(true),
@@ -888,7 +890,7 @@ async fn record_outcome(
     let retired_paths: Vec<String> = retired.iter().map(|r| rp.part(r)).collect();
     // Optimistic: nearly always nothing is done yet, so no read first.
     let mut multi = client.new_multi_writer();
-    add_record(&mut multi, &part_path, &queue_path, header)?;
+    add_record(&mut multi, &replica.zk_acl, &part_path, &queue_path, header)?;
     for path in &retired_paths {
         multi
             .add_delete(path, None)
@@ -903,7 +905,7 @@ async fn record_outcome(
             // Someone (an earlier attempt) did part of it; do the rest one by one. The
             // merged part is recorded before its sources go, as in the multi.
             match client
-                .create(&part_path, header.as_bytes(), &tree::persistent())
+                .create(&part_path, header.as_bytes(), &replica.zk_acl.persistent())
                 .await
             {
                 Ok(_) | Err(zk::Error::NodeExists) => {}

@@ -375,7 +375,7 @@ async fn commit_pull(
     let prefix = rp.queue_entry_prefix();
     for (_, data) in entries {
         multi
-            .add_create(&prefix, data, &tree::persistent_sequential())
+            .add_create(&prefix, data, &replica.zk_acl.persistent_sequential())
             .map_err(|e| TreeError::zk("create", prefix.clone(), e))?;
     }
     // The version check makes a concurrent puller of this replica (an old process whose

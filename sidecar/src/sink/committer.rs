@@ -1007,7 +1007,7 @@ async fn ensure_partitions(
         if known.lock().contains(pid) {
             continue;
         }
-        tree::ensure_partition_node(client, &replica.paths, pid).await?;
+        tree::ensure_partition_node(client, &replica.paths, &replica.zk_acl, pid).await?;
         known.lock().insert(pid.clone());
     }
     Ok(())
@@ -1037,7 +1037,7 @@ async fn allocate(
         for &m in &group.units[u].members {
             let block = replica.paths.block(&group.members[m].block_id);
             multi
-                .add_create(&block, b"", &tree::persistent())
+                .add_create(&block, b"", &replica.zk_acl.persistent())
                 .map_err(|e| TreeError::zk("create", block.clone(), e))?;
             multi
                 .add_delete(&block, None)
@@ -1048,7 +1048,7 @@ async fn allocate(
             .paths
             .block_number_lock_prefix(&group.units[u].partition_id);
         multi
-            .add_create(&lock, b"", &tree::ephemeral_sequential())
+            .add_create(&lock, b"", &replica.zk_acl.ephemeral_sequential())
             .map_err(|e| TreeError::zk("create", lock.clone(), e))?;
         ops.push(AllocOp::Lock);
     }
@@ -1238,7 +1238,7 @@ async fn commit(
             multi.add_create(
                 &replica.paths.log_entry_prefix(),
                 entry.as_bytes(),
-                &tree::persistent_sequential(),
+                &replica.zk_acl.persistent_sequential(),
             ),
             multi.add_delete(&lock, None),
         ];
@@ -1252,11 +1252,11 @@ async fn commit(
             results.push(multi.add_create(
                 &replica.paths.block(&group.members[m].block_id),
                 part.as_bytes(),
-                &tree::persistent(),
+                &replica.zk_acl.persistent(),
             ));
             ops.push(Op::Block { unit: u, member: m });
         }
-        results.push(multi.add_create(&rp.part(&part), header.as_bytes(), &tree::persistent()));
+        results.push(multi.add_create(&rp.part(&part), header.as_bytes(), &replica.zk_acl.persistent()));
         ops.push(Op::Part);
         if handed_off {
             for accepted in &unit.handoff {
@@ -1265,7 +1265,7 @@ async fn commit(
                 results.push(multi.add_create(
                     &peer.part(&part),
                     header.as_bytes(),
-                    &tree::persistent(),
+                    &replica.zk_acl.persistent(),
                 ));
                 ops.extend([Op::Handoff, Op::Handoff]);
             }
@@ -1274,7 +1274,7 @@ async fn commit(
         if quorum > 0 {
             let node = crate::quorum::node_path(replica, unit.quorum_mode, &part);
             let value = QuorumEntry::new(&part, quorum, &replica.name).render();
-            results.push(multi.add_create(&node, value.as_bytes(), &tree::persistent()));
+            results.push(multi.add_create(&node, value.as_bytes(), &replica.zk_acl.persistent()));
             ops.push(Op::Quorum);
             identity_checked = true;
         }
@@ -1303,7 +1303,7 @@ async fn commit(
     let mut reserve_at: Vec<(usize, String)> = Vec::new();
     for (partition, token) in tokens {
         let prefix = replica.paths.block_number_lock_prefix(partition);
-        if let Err(e) = multi.add_create(&prefix, token.as_bytes(), &tree::ephemeral_sequential()) {
+        if let Err(e) = multi.add_create(&prefix, token.as_bytes(), &replica.zk_acl.ephemeral_sequential()) {
             return CommitResult::Retry(format!("building the commit: {e}"));
         }
         reserve_at.push((ops.len(), partition.clone()));
