@@ -147,6 +147,15 @@ struct State {
     next_id: u64,
 }
 
+/// A replica the checker reads: its `/status`, `/select` and the part directories on its
+/// disk.
+#[derive(Debug, Clone)]
+pub struct LiveReplica {
+    pub name: String,
+    pub client: ReplicaClient,
+    pub parts_dir: std::path::PathBuf,
+}
+
 /// Records inserts and their outcomes; shared by every client task (`Arc<Checker>`).
 #[derive(Debug, Default)]
 pub struct Checker {
@@ -336,28 +345,40 @@ impl Checker {
     /// Waits until the live replicas of `cluster` have converged, then checks every
     /// property listed in the module documentation, prints the report and returns it.
     pub async fn verify(&self, cluster: &Cluster) -> anyhow::Result<Report> {
-        let started = Instant::now();
-        let live: Vec<usize> = (0..cluster.replicas.len())
-            .filter(|i| cluster.replicas[*i].pid().is_some())
-            .collect();
-        anyhow::ensure!(!live.is_empty(), "no replica is running");
-        let total = cluster.replicas.len() as u32;
-        let clients: Vec<(usize, String, ReplicaClient)> = live
+        let live: Vec<LiveReplica> = cluster
+            .replicas
             .iter()
-            .map(|i| {
-                (
-                    *i,
-                    cluster.replicas[*i].name().to_string(),
-                    cluster.replicas[*i].client().clone(),
-                )
+            .filter(|r| r.pid().is_some())
+            .map(|r| LiveReplica {
+                name: r.name().to_string(),
+                client: r.client().clone(),
+                parts_dir: r.data_dir().join("parts"),
             })
             .collect();
-        let parts_dirs: Vec<std::path::PathBuf> = live
-            .iter()
-            .map(|i| cluster.replicas[*i].data_dir().join("parts"))
-            .collect();
         let zk = cluster.zk_client().await?;
-        let paths = cluster.paths();
+        let total = cluster.replicas.len() as u32;
+        self.verify_replicas(&live, &zk, &cluster.paths(), total)
+            .await
+    }
+
+    /// [`Checker::verify`] for replicas that run anywhere (pods of a StatefulSet, say):
+    /// `live` are the replicas expected to converge, `total` how many are registered in
+    /// the table's tree at `paths`, which `zk` reads.
+    pub async fn verify_replicas(
+        &self,
+        live: &[LiveReplica],
+        zk: &zookeeper_client::Client,
+        paths: &rtable_protocol::TablePaths,
+        total: u32,
+    ) -> anyhow::Result<Report> {
+        let started = Instant::now();
+        anyhow::ensure!(!live.is_empty(), "no replica is running");
+        let clients: Vec<(String, ReplicaClient)> = live
+            .iter()
+            .map(|r| (r.name.clone(), r.client.clone()))
+            .collect();
+        let parts_dirs: Vec<std::path::PathBuf> =
+            live.iter().map(|r| r.parts_dir.clone()).collect();
         let converged = poll_until(
             "the live replicas to converge (checker)",
             Duration::from_secs(120),
@@ -370,7 +391,7 @@ impl Checker {
                 let live_count = live.len() as u32;
                 async move {
                     let mut snaps = Vec::new();
-                    for ((_, name, c), parts_dir) in clients.iter().zip(&parts_dirs) {
+                    for ((name, c), parts_dir) in clients.iter().zip(&parts_dirs) {
                         let status: ReplicaStatus = serde_json::from_value(c.status_json().await?)
                             .with_context(|| format!("/status of {name}"))?;
                         if status.is_readonly {
@@ -472,7 +493,7 @@ impl Checker {
             Ok(s) => s,
             Err(e) => {
                 let mut detail = String::new();
-                for (i, name, c) in &clients {
+                for ((name, c), parts_dir) in clients.iter().zip(&parts_dirs) {
                     let status = c.get("/status").await.map(|r| r.text());
                     let queue = c.get("/queue").await.map(|r| r.text());
                     let select = match c.select_sorted_lines().await {
@@ -488,7 +509,6 @@ impl Checker {
                     if let Ok(text) = &status
                         && let Ok(st) = serde_json::from_str::<ReplicaStatus>(text)
                     {
-                        let parts_dir = cluster.replicas[*i].data_dir().join("parts");
                         for part in &st.parts {
                             let file = parts_dir.join(part).join("data.parquet");
                             if !file.is_file() {

@@ -417,15 +417,17 @@ impl Drop for ControlPlane {
 
 /// A kube client for the kubeconfig at `path`.
 pub async fn client_for(path: &Path) -> anyhow::Result<kube::Client> {
+    kube::Client::try_from(config_for(path).await?).context("building a kube client")
+}
+
+/// The kube client configuration of the kubeconfig at `path`, for a client with settings
+/// of its own (say, without kube's retries of 429 answers).
+pub async fn config_for(path: &Path) -> anyhow::Result<kube::Config> {
     let kubeconfig = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("reading {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .with_context(|| format!("loading {}", path.display()))?;
-    kube::Client::try_from(config).context("building a kube client")
+    kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 fn write_kubeconfig(path: &Path, server: &str, ca: &Path, cert: &CertFiles) -> anyhow::Result<()> {

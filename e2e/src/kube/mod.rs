@@ -9,6 +9,7 @@ pub mod node_cluster;
 pub mod pki;
 pub mod playground;
 pub mod shared;
+pub mod shared_node;
 
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use kubectl::Cli;

@@ -193,6 +193,12 @@ impl NodeCluster {
         Ok(())
     }
 
+    /// Keeps the plane's and the agent's directories when dropped (a scenario failed).
+    pub fn keep(&mut self) {
+        self.work.keep = true;
+        self.plane.keep();
+    }
+
     /// `helm` with the admin kubeconfig.
     pub fn helm(&self) -> Cli {
         Cli::new(&self.plane.binaries().path("helm"), &self.plane.kubeconfig)

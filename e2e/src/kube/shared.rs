@@ -105,27 +105,7 @@ impl Drop for ScenarioGuard {
 }
 
 fn start(opts: ControlPlaneOptions) -> anyhow::Result<Shared> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("control-plane".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let started = match runtime {
-                Ok(rt) => rt.block_on(ControlPlane::start(opts)),
-                Err(e) => Err(anyhow::Error::new(e).context("building a runtime")),
-            };
-            let failed = started.is_err();
-            let _ = tx.send(started);
-            if !failed {
-                // The processes die with this thread: keep it until the process exits.
-                loop {
-                    std::thread::park();
-                }
-            }
-        })?;
-    let plane = rx.recv()??;
+    let plane = on_lasting_thread("control-plane", move || ControlPlane::start(opts))?;
     let shared = Shared {
         kubeconfig: plane.kubeconfig.clone(),
         server: plane.server.clone(),
@@ -142,6 +122,37 @@ fn start(opts: ControlPlaneOptions) -> anyhow::Result<Shared> {
         );
     }
     Ok(shared)
+}
+
+/// Runs `start` to completion on a thread of its own that then lives as long as the
+/// process (processes die with the thread that started them), and returns what it built.
+pub(crate) fn on_lasting_thread<T, F, Fut>(name: &str, start: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let started = match runtime {
+                Ok(rt) => rt.block_on(start()),
+                Err(e) => Err(anyhow::Error::new(e).context("building a runtime")),
+            };
+            let failed = started.is_err();
+            let _ = tx.send(started);
+            if !failed {
+                // The processes die with this thread: keep it until the process exits.
+                loop {
+                    std::thread::park();
+                }
+            }
+        })?;
+    rx.recv()?
 }
 
 extern "C" fn stop_at_exit() {

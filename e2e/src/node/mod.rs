@@ -62,6 +62,7 @@ pub mod init;
 pub mod kubelet_api;
 pub mod launch;
 pub mod network;
+pub mod pod_faults;
 pub mod pod_worker;
 pub mod probes;
 pub mod process;
