@@ -11,6 +11,7 @@ pub mod exchange;
 pub mod failpoint;
 pub mod fetcher;
 pub mod handoff;
+pub mod heap;
 pub mod merge;
 pub mod metrics;
 pub mod outcome;

@@ -30,6 +30,7 @@ const SHUTDOWN_TASKS_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 fn main() -> ExitCode {
     let cfg = Config::parse();
     init_tracing(&cfg.log_format);
+    rtable_sidecar::heap::configure();
     if let Err(e) = cfg.validate() {
         eprintln!("rtable-sidecar: {e}");
         return ExitCode::from(2);

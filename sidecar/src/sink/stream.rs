@@ -375,6 +375,21 @@ fn write_partitions(
     drop(batch);
     let mut written: Vec<Written> = Vec::with_capacity(partitions.len());
     for (partition_id, rows) in partitions {
+        // Sorted here so the decoded rows are freed before the part is encoded (the
+        // writer leaves sorted rows as they are).
+        let sorted = rows::sort_by_key(&rows, &schema.order_by);
+        drop(rows);
+        let rows = match sorted {
+            Ok(sorted) => sorted,
+            Err(e) => {
+                for w in written {
+                    replica.store.discard_temp(w.temp);
+                }
+                return Err(InsertError::Internal(format!(
+                    "sorting an insert block: {e}"
+                )));
+            }
+        };
         let result = if unsynced {
             crate::store::write_temp_unsynced(&replica.store, &rows, schema)
                 .map(|(t, u)| (t, Some(u)))
