@@ -118,6 +118,24 @@ impl ReplicaClient {
         self.send(request, "POST /insert").await
     }
 
+    /// `POST /query?format=F` with the SQL as the body, whatever the answer.
+    pub async fn query(&self, sql: &str, format: &str) -> anyhow::Result<Response> {
+        let url = format!("{}/query?format={}", self.base, url_encode(format));
+        let request = self.http.post(url).body(sql.to_string());
+        self.send(request, "POST /query").await
+    }
+
+    /// ClickHouse's HTTP interface: `POST /?query=Q` with `body`, whatever the answer.
+    pub async fn clickhouse(
+        &self,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<Response> {
+        let url = format!("{}/?query={}", self.base, url_encode(query));
+        let request = self.http.post(url).body(body);
+        self.send(request, "POST /?query=").await
+    }
+
     /// An insert that must succeed.
     pub async fn insert(
         &self,

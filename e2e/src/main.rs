@@ -397,12 +397,21 @@ fn print_curl_examples(
         .first()
         .map(Value::to_string)
         .unwrap_or_default();
+    let name = &table.manifest.metadata.name;
+    let key = table
+        .schema
+        .order_by
+        .first()
+        .or(table.schema.columns.first().map(|c| &c.name))
+        .map_or("*", String::as_str);
     println!(
         "\nTry it:\n  \
          curl -s -X POST '{b}/insert?format=JSONEachRow' --data-binary '{example}'\n  \
          curl -s -X POST '{b}/insert?format=JSONEachRow&dedup_token=my-batch-1' --data-binary '{example}'   # retry-safe\n  \
          curl -s '{o}/select?format=JSONEachRow'\n  \
          curl -s '{o}/select?format=Parquet' -o events.parquet\n  \
+         curl -s '{o}/query' --data-binary 'SELECT count(), uniqExact({key}) FROM {name}'   # SQL, see docs/query.md\n  \
+         curl -s '{o}/?query=SELECT+*+FROM+{name}+ORDER+BY+{key}+LIMIT+3+FORMAT+CSVWithNames'   # ClickHouse's HTTP shape\n  \
          curl -s '{b}/status' | python3 -m json.tool\n  \
          curl -s '{b}/queue'\n  \
          curl -s '{b}/metrics' | grep ^rtable_",

@@ -170,3 +170,31 @@ async fn a_query_over_its_memory_limit_fails_and_the_next_one_runs() {
         .expect("a small query after it");
     assert_eq!(out, "{\"n\":72}\n");
 }
+
+#[tokio::test]
+async fn the_queries_docs_query_md_shows_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = table(dir.path());
+    let engine = Engine::new(limits(64 << 20)).expect("engine");
+    for sql in [
+        "SELECT toDate(ts) AS day, count() AS n, uniqExact(user_id) AS users FROM events GROUP BY day ORDER BY day",
+        "SELECT * FROM events WHERE user_id = 42 ORDER BY ts",
+        "SELECT count() FROM events WHERE ts >= today() - INTERVAL 1 DAY AND ts < today()",
+        "SELECT event, count() AS n, sum(value) AS total FROM events GROUP BY event ORDER BY n DESC LIMIT 10",
+        "SELECT toYYYYMM(ts) AS month, count(), avg(value) FROM events GROUP BY month ORDER BY month",
+        "SELECT count(*), count(value), sum(CASE WHEN value IS NULL THEN 1 ELSE 0 END) FROM events",
+    ] {
+        let out = answer(&engine, &table, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(!out.is_empty(), "{sql}");
+    }
+    let e = answer(
+        &engine,
+        &table,
+        "SELECT count(), countIf(value IS NULL) FROM events",
+    )
+    .await
+    .expect_err("countIf is ClickHouse's, not DataFusion's");
+    assert!(e.to_string().contains("Invalid function 'countif'"), "{e}");
+}

@@ -32,6 +32,8 @@ pub struct AppState {
     pub committer: Committer,
     /// The background tasks' health (see `supervisor`), for `/readyz` and `/metrics`.
     pub tasks: Health,
+    /// The SQL engine of `/query` (see `query_api`).
+    pub query: Arc<rtable_query::Engine>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -47,7 +49,12 @@ pub fn router(state: AppState) -> Router {
         .route("/parts/{name}", get(send_part))
         .route("/push/{name}", post(receive_push))
         .route("/handoff/{name}", post(receive_handoff))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::query_api::routes(crate::query_api::QueryState {
+            replica: state.replica,
+            committer: state.committer,
+            engine: state.query,
+        }))
 }
 
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -286,6 +293,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ];
     let mut text = replica.metrics.render(&replica.name, &gauges);
     state.tasks.write_metrics(&replica.name, &mut text);
+    state.query.metrics().render(&replica.name, &mut text);
     (
         [(
             header::CONTENT_TYPE,

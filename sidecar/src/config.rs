@@ -77,6 +77,19 @@ pub struct Config {
     /// body's size.
     #[arg(long, env = "RTABLE_MAX_INSERT_BLOCK_BYTES", default_value_t = 16 << 20)]
     pub max_insert_block_bytes: usize,
+    /// Memory one SQL query's hash tables and sorts may hold (`/query`); a query needing
+    /// more fails with MEMORY_LIMIT_EXCEEDED (nothing spills to disk).
+    #[arg(long, env = "RTABLE_QUERY_MEMORY_LIMIT_BYTES", default_value_t = 1 << 30)]
+    pub query_memory_limit_bytes: usize,
+    /// Seconds a SQL query may take, streaming its answer included.
+    #[arg(long, env = "RTABLE_QUERY_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub query_timeout_seconds: u64,
+    /// SQL queries running at once; one more gets 429 (TOO_MANY_SIMULTANEOUS_QUERIES).
+    #[arg(long, env = "RTABLE_QUERY_MAX_CONCURRENT", default_value_t = 4)]
+    pub query_max_concurrent: usize,
+    /// Threads of the query engine's own runtime (0: one per CPU).
+    #[arg(long, env = "RTABLE_QUERY_THREADS", default_value_t = 0)]
+    pub query_threads: usize,
     /// Overrides spec.zookeeper.sessionTimeoutSeconds, in milliseconds.
     #[arg(long, env = "RTABLE_SESSION_TIMEOUT_MS")]
     pub session_timeout_ms: Option<u64>,

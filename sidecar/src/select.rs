@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::replica::Replica;
 use crate::rows::{self, OutputFormat};
-use crate::store::part_reader;
+use crate::store::{ActivePart, part_reader};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -78,13 +78,7 @@ fn produce(
     visible: Option<&BTreeMap<String, u64>>,
     tx: &mpsc::Sender<Chunk>,
 ) -> Result<(), String> {
-    let snapshot = replica.store.snapshot();
-    let shown = |p: &&std::sync::Arc<crate::store::ActivePart>| match visible {
-        None => true,
-        Some(map) => map
-            .get(&p.name.partition_id)
-            .is_some_and(|max| p.name.max_block <= *max),
-    };
+    let parts = pinned(replica, visible);
     // A part that cannot be read is reported for a check (it may be damaged on disk).
     let damaged = |part: &crate::store::ActivePart, e: &dyn std::fmt::Display| {
         let message = format!("reading part {}: {e}", part.name);
@@ -104,7 +98,7 @@ fn produce(
         OutputFormat::Parquet => {
             let mut writer =
                 rows::ParquetOutput::new(&mut out, table.clone()).map_err(|e| e.to_string())?;
-            for part in snapshot.parts().iter().filter(shown) {
+            for part in &parts {
                 for batch in
                     part_reader::read_part_batches(part, &table).map_err(|e| damaged(part, &e))?
                 {
@@ -118,7 +112,7 @@ fn produce(
         text => {
             let mut first = true;
             let mut buf = Vec::with_capacity(CHUNK);
-            for part in snapshot.parts().iter().filter(shown) {
+            for part in &parts {
                 for batch in
                     part_reader::read_part_batches(part, &table).map_err(|e| damaged(part, &e))?
                 {
@@ -145,6 +139,19 @@ fn produce(
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+/// The parts a read sees, pinned (their files stay while the `Arc`s live): one consistent
+/// snapshot of the active parts, without those above `visible` (see [`stream`]).
+pub fn pinned(replica: &Replica, visible: Option<&BTreeMap<String, u64>>) -> Vec<Arc<ActivePart>> {
+    let mut parts = replica.store.snapshot().parts;
+    if let Some(map) = visible {
+        parts.retain(|p| {
+            map.get(&p.name.partition_id)
+                .is_some_and(|max| p.name.max_block <= *max)
+        });
+    }
+    parts
 }
 
 /// The sequential-consistency view: refuses when this replica lacks a part that reached
