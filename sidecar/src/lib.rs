@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod part_check;
 pub mod push;
+pub mod query_api;
 pub mod queue;
 pub mod quorum;
 pub mod recovery;

@@ -21,7 +21,7 @@ use rtable_sidecar::sink::{Committer, committer};
 use rtable_sidecar::store::PartStore;
 use rtable_sidecar::supervisor::Supervisor;
 use rtable_sidecar::table_reload::{self, LiveSettings, TableReload};
-use rtable_sidecar::{cleanup, handoff, merge, part_check};
+use rtable_sidecar::{cleanup, handoff, merge, part_check, query_api};
 use rtable_sidecar::zk_access;
 
 /// How long the background tasks get to stop once the HTTP server has.
@@ -205,10 +205,13 @@ async fn run(cfg: Config) -> Result<(), String> {
     tasks.spawn_with("part_check", replica.clone(), part_check::run);
     let (committer, collector) = Committer::new(replica.clone());
     tasks.spawn_with("committer", collector, committer::collect);
+    let query =
+        rtable_query::Engine::new(query_api::limits(&replica.cfg)).map_err(|e| e.to_string())?;
     let app = api::router(AppState {
         replica: replica.clone(),
         committer,
         tasks: tasks.health(),
+        query: Arc::new(query),
     });
     // Small answers (part headers, insert acks) must not wait for a delayed ACK (Nagle).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
