@@ -635,6 +635,7 @@ async fn a_pod_cut_off_from_the_network_turns_read_only_and_catches_up() {
         (status["is_readonly"] == true).then(|| status["readonly_reason"].to_string())
     })
     .await;
+    let read_only_after = cut.elapsed();
     let degraded = eventually("Degraded naming events-1", 30, || async {
         let rt = t.rt().await;
         let conditions = rt["status"]["conditions"].as_array()?.clone();
@@ -650,17 +651,26 @@ async fn a_pod_cut_off_from_the_network_turns_read_only_and_catches_up() {
             .then(|| format!("{}: {message}", degraded["reason"]))
     })
     .await;
+    let degraded_after = cut.elapsed();
     // The cut outlasts three session timeouts, so the replica's session is gone for sure.
     tokio::time::sleep(Duration::from_secs(12).saturating_sub(cut.elapsed())).await;
     wait_more_acks(&checker, 5, Duration::from_secs(60))
         .await
         .expect("inserts acknowledged through the other replicas during the cut");
-    eprintln!("cut off: {reason}; table {degraded}");
+    eprintln!(
+        "cut off: read-only after {:.1}s ({reason}); table {degraded} after {:.1}s",
+        read_only_after.as_secs_f64(),
+        degraded_after.as_secs_f64()
+    );
     pod_faults::set_link(&pod_uid, true)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-
+    let up = std::time::Instant::now();
     t.ready(3).await;
+    eprintln!(
+        "the table Ready again {:.1}s after the link came up",
+        up.elapsed().as_secs_f64()
+    );
     driver.stop().await;
     t.verify(&checker, &["events-0", "events-1", "events-2"])
         .await;
