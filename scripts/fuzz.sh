@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz.sh list                       the targets
 #   scripts/fuzz.sh seed                       (re)write the seed corpus fuzz/corpus/<target>/seed-*
-#   scripts/fuzz.sh <target|all> <seconds> [--runs N] [--minimize]
+#   scripts/fuzz.sh <target|all> <seconds> [--runs N] [--minimize] [--no-build]
 #       runs each target, one after the other (never two fuzz processes at once: the machine
 #       is shared), for <seconds> or N executions (default 10,000,000), whichever ends
 #       first, at nice 19, and prints a line per target: time, executions, crashes. New
@@ -49,10 +49,12 @@ seconds="$2"
 shift 2
 runs=10000000
 minimize=0
+build=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
     --minimize) minimize=1; shift ;;
+    --no-build) build=0; shift ;;
     *) usage ;;
   esac
 done
@@ -69,7 +71,10 @@ command -v cargo-fuzz >/dev/null || {
 }
 # -O: optimized (executions per second); -a: overflow checks and debug assertions on;
 # 16 codegen units: a build of a few minutes instead of a quarter hour on two cores.
-(cd fuzz && nice -n 19 cargo fuzz build -s none -O -a --codegen-units 16)
+# --no-build runs the binaries built last (the tree may be mid-edit by others).
+if [ "$build" = 1 ]; then
+  (cd fuzz && nice -n 19 cargo fuzz build -s none -O -a --codegen-units 16)
+fi
 bin_dir="$root/fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release"
 
 failed=0
