@@ -3,6 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+// 0.12: its rustls runs on ring, so a client of a TLS replica needs no process-wide
+// crypto provider (see Cargo.toml).
+use reqwest12 as reqwest;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -15,6 +18,14 @@ pub const SECRET_HEADER: &str = "X-Rtable-Secret";
 pub struct ReplicaClient {
     base: String,
     http: reqwest::Client,
+    credentials: Option<Credentials>,
+}
+
+/// What a client of a replica with a users file sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    Basic { user: String, password: String },
+    Bearer(String),
 }
 
 /// A raw answer: status code and body.
@@ -65,16 +76,44 @@ pub struct QueueEntry {
 impl ReplicaClient {
     /// `base` is `http://host:port`.
     pub fn new(base: &str) -> anyhow::Result<ReplicaClient> {
-        let http = reqwest::Client::builder()
+        Self::with_tls(base, None)
+    }
+
+    /// `base` is `https://host:port` when `tls` is given: the client trusts its CA (and
+    /// presents its certificate, if any).
+    pub fn with_tls(
+        base: &str,
+        tls: Option<tokio_rustls::rustls::ClientConfig>,
+    ) -> anyhow::Result<ReplicaClient> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(4)
-            .build()
-            .context("building the HTTP client")?;
+            .pool_max_idle_per_host(4);
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http = builder.build().context("building the HTTP client")?;
         Ok(ReplicaClient {
             base: base.trim_end_matches('/').to_string(),
             http,
+            credentials: None,
         })
+    }
+
+    /// The same client sending `credentials` with every request (`None`: anonymous).
+    pub fn as_user(&self, credentials: Option<Credentials>) -> ReplicaClient {
+        ReplicaClient {
+            credentials,
+            ..self.clone()
+        }
+    }
+
+    /// The same client against another base URL (the replica's interserver listener).
+    pub fn at(&self, base: &str) -> ReplicaClient {
+        ReplicaClient {
+            base: base.trim_end_matches('/').to_string(),
+            ..self.clone()
+        }
     }
 
     pub fn base(&self) -> &str {
@@ -82,6 +121,11 @@ impl ReplicaClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Response> {
+        let request = match &self.credentials {
+            None => request,
+            Some(Credentials::Basic { user, password }) => request.basic_auth(user, Some(password)),
+            Some(Credentials::Bearer(token)) => request.bearer_auth(token),
+        };
         let answer = request
             .send()
             .await
@@ -230,6 +274,28 @@ impl ReplicaClient {
     /// The sum of a metric's samples (over all label sets), `None` when absent.
     pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
         Ok(metric_value(&self.metrics().await?, name))
+    }
+
+    /// `POST path` with an empty body, whatever the answer.
+    pub async fn post(&self, path: &str) -> anyhow::Result<Response> {
+        self.send(self.http.post(format!("{}{path}", self.base)), path)
+            .await
+    }
+
+    /// The `WWW-Authenticate` challenges of a `GET path` (for 401 answers).
+    pub async fn challenges(&self, path: &str) -> anyhow::Result<Vec<String>> {
+        let answer = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("GET {path} on {}", self.base))?;
+        Ok(answer
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect())
     }
 
     /// Interserver `GET /parts/<name>`, with the secret header when given.

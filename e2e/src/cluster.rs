@@ -27,6 +27,8 @@ pub struct ClusterOptions {
     /// How long each replica may take to become ready.
     pub ready_timeout: Duration,
     pub zk_jit: Jit,
+    /// Users, separate listeners and TLS for every replica (`security` module).
+    pub security: Option<crate::security::ClusterSecurity>,
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +47,7 @@ impl Default for ClusterOptions {
             env: Vec::new(),
             ready_timeout: Duration::from_secs(60),
             zk_jit: Jit::QuickStart,
+            security: None,
         }
     }
 }
@@ -127,7 +130,17 @@ impl Cluster {
                 max_body_bytes: opts.max_body_bytes,
                 env: opts.env.clone(),
             };
-            cluster.replicas.push(SidecarProc::spawn(cfg)?);
+            let proc = match &opts.security {
+                None => SidecarProc::spawn(cfg)?,
+                Some(security) => {
+                    let (args, client) =
+                        security.prepare(cfg.args(), &cfg.replica, cfg.port, &root, i)?;
+                    let mut proc = SidecarProc::spawn_with_args(cfg, args)?;
+                    proc.set_client(client);
+                    proc
+                }
+            };
+            cluster.replicas.push(proc);
         }
         for i in 0..cluster.replicas.len() {
             if let Err(e) = cluster.replicas[i].wait_ready(opts.ready_timeout).await {

@@ -14,6 +14,7 @@ pub mod poll;
 pub mod ports;
 pub mod process;
 pub mod rendered;
+pub mod security;
 pub mod sidecar_proc;
 pub mod zk_ensemble;
 

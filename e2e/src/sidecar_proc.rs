@@ -198,6 +198,11 @@ impl SidecarProc {
         &self.client
     }
 
+    /// The client `wait_ready` and `client()` use from now on (HTTPS, credentials).
+    pub fn set_client(&mut self, client: ReplicaClient) {
+        self.client = client;
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.cfg.listen())
     }

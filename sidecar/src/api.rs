@@ -1,5 +1,5 @@
 //! The HTTP surface of a replica: client endpoints (insert, select, status, queue,
-//! health, metrics) and the interserver part exchange. Handlers translate; the work is in
+//! health, metrics) and the interserver part exchange, on one listener or two. Handlers translate; the work is in
 //! `sink`, `status`, `select` and the store.
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use tracing::warn;
 use rtable_protocol::PartName;
 use rtable_protocol::manifest::{AutoQuorum, InsertQuorum};
 
+use crate::auth::{Gate, Role};
 use crate::exchange;
 use crate::metrics::Metrics;
 use crate::replica::{Replica, SECRET_HEADER};
@@ -36,25 +37,56 @@ pub struct AppState {
     pub query: Arc<rtable_query::Engine>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The client endpoints, each with the role it needs (see `auth`); probes stay open.
+pub fn client_router(state: AppState, gate: &Gate) -> Router {
     Router::new()
-        .route("/insert", post(insert))
-        .route("/select", get(select_rows))
-        .route("/drop_partition", post(drop_partition))
-        .route("/status", get(get_status))
-        .route("/queue", get(get_queue))
+        .route("/insert", gate.require(Role::Writer, post(insert)))
+        .route("/select", gate.require(Role::Reader, get(select_rows)))
+        .route(
+            "/drop_partition",
+            gate.require(Role::Admin, post(drop_partition)),
+        )
+        .route("/status", gate.require(Role::Reader, get(get_status)))
+        .route("/queue", gate.require(Role::Reader, get(get_queue)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", gate.metrics(get(metrics)))
+        .with_state(state.clone())
+        .merge(gate.require_all(
+            sql_role,
+            crate::query_api::routes(crate::query_api::QueryState {
+                replica: state.replica,
+                committer: state.committer,
+                engine: state.query,
+            }),
+        ))
+}
+
+/// The role the SQL endpoints need: `/query` only reads; `/` (ClickHouse's HTTP
+/// interface) inserts on POST, so a POST there needs a writer; GET there is read-only,
+/// as in ClickHouse.
+fn sql_role(method: &axum::http::Method, path: &str) -> Role {
+    if path == "/" && method != axum::http::Method::GET {
+        Role::Writer
+    } else {
+        Role::Reader
+    }
+}
+
+/// The peer endpoints (ClickHouse's interserver port): the part exchange, pushes and
+/// handoffs, authenticated by the interserver secret (and the peer's certificate with
+/// mutual TLS), never by the client users.
+pub fn interserver_router(state: AppState) -> Router {
+    Router::new()
         .route("/parts/{name}", get(send_part))
         .route("/push/{name}", post(receive_push))
         .route("/handoff/{name}", post(receive_handoff))
-        .with_state(state.clone())
-        .merge(crate::query_api::routes(crate::query_api::QueryState {
-            replica: state.replica,
-            committer: state.committer,
-            engine: state.query,
-        }))
+        .with_state(state)
+}
+
+/// Both on one listener (no `--interserver-listen`).
+pub fn router(state: AppState, gate: &Gate) -> Router {
+    client_router(state.clone(), gate).merge(interserver_router(state))
 }
 
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -308,7 +340,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 fn refuse_unauthenticated(replica: &Replica, headers: &HeaderMap) -> Option<Response> {
     let secret = replica.secret.as_ref()?;
     let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
-    if given == Some(secret.as_str()) {
+    if crate::auth::secret_matches(secret, given) {
         return None;
     }
     Metrics::inc(&replica.metrics.rejected_interserver);

@@ -169,6 +169,30 @@ pub struct Config {
     /// Log format: `text` or `json`.
     #[arg(long, env = "RTABLE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// The client API's users (name, role, salted password hash; see docs/security.md).
+    /// Without it every client request is allowed: insecure, for a machine nobody else reaches.
+    #[arg(long, env = "RTABLE_USERS_FILE")]
+    pub users_file: Option<PathBuf>,
+    /// `/metrics` needs a user with role reader (else it is open, as `/healthz` and `/readyz` are).
+    #[arg(long, env = "RTABLE_METRICS_REQUIRE_AUTH")]
+    pub metrics_require_auth: bool,
+    /// Address of the interserver listener (ClickHouse's `interserver_http_port`): the part
+    /// exchange and peer endpoints, and only those; `--listen` then serves only clients.
+    /// `--advertise` must name this listener. Unset: one listener serves both.
+    #[arg(long, env = "RTABLE_INTERSERVER_LISTEN")]
+    pub interserver_listen: Option<SocketAddr>,
+    /// Directory laid out as a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`):
+    /// both listeners serve HTTPS with it, peers are verified against `ca.crt` and their
+    /// names, and the files are re-read when they change. Unset: plain HTTP.
+    #[arg(long, env = "RTABLE_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Peers must present a certificate signed by `ca.crt` on the interserver listener
+    /// (mutual TLS, on top of the interserver secret). Needs `--tls-dir`.
+    #[arg(long, env = "RTABLE_INTERSERVER_MTLS")]
+    pub interserver_mtls: bool,
+    /// How often the users file and the TLS files are checked for changes, in milliseconds.
+    #[arg(long, env = "RTABLE_SECURITY_RELOAD_MS", default_value_t = 2000)]
+    pub security_reload_ms: u64,
 }
 
 impl Config {
@@ -212,6 +236,18 @@ impl Config {
                 "--max-insert-bytes, --max-insert-block-rows and --max-insert-block-bytes must be above 0"
                     .to_string(),
             );
+        }
+        if self.interserver_mtls && self.tls_dir.is_none() {
+            return Err(
+                "--interserver-mtls needs --tls-dir (the CA that signs the peers' certificates)"
+                    .to_string(),
+            );
+        }
+        if self.interserver_listen.is_some_and(|i| i == self.listen) {
+            return Err(format!(
+                "--interserver-listen {} is also --listen; give the interserver listener a port of its own",
+                self.listen
+            ));
         }
         Ok(())
     }

@@ -337,7 +337,7 @@ async fn request(
     address: &str,
     part: &PartName,
 ) -> Result<reqwest::Response, FetchError> {
-    let url = format!("http://{address}/parts/{part}");
+    let url = format!("{}://{address}/parts/{part}", replica.host.scheme);
     let mut request = replica.http.get(&url);
     if let Some(secret) = &replica.secret {
         request = request.header(SECRET_HEADER, secret);

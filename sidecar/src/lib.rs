@@ -4,12 +4,14 @@
 //! plus the part `store`, `rows` codecs and the HTTP `api`.
 
 pub mod api;
+pub mod auth;
 pub mod cleanup;
 pub mod config;
 pub mod drop;
 pub mod exchange;
 pub mod failpoint;
 pub mod fetcher;
+pub mod file_watch;
 pub mod handoff;
 pub mod heap;
 pub mod merge;
@@ -24,10 +26,12 @@ pub mod recovery;
 pub mod replica;
 pub mod rows;
 pub mod select;
+pub mod serve;
 pub mod session;
 pub mod sink;
 pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod table_reload;
+pub mod tls;
 pub mod zk_access;

@@ -11,7 +11,8 @@ use rtable_protocol::TablePaths;
 use rtable_protocol::columns;
 use rtable_protocol::host::HostInfo;
 use rtable_protocol::manifest::ValidatedTable;
-use rtable_sidecar::api::{self, AppState};
+use rtable_sidecar::api::AppState;
+use rtable_sidecar::auth::{Gate, Users};
 use rtable_sidecar::config::Config;
 use rtable_sidecar::metrics::Metrics;
 use rtable_sidecar::queue::{self, QueueState};
@@ -21,8 +22,9 @@ use rtable_sidecar::sink::{Committer, committer};
 use rtable_sidecar::store::PartStore;
 use rtable_sidecar::supervisor::Supervisor;
 use rtable_sidecar::table_reload::{self, LiveSettings, TableReload};
-use rtable_sidecar::{cleanup, handoff, merge, part_check, query_api};
+use rtable_sidecar::tls::{Tls, peer_client};
 use rtable_sidecar::zk_access;
+use rtable_sidecar::{cleanup, handoff, merge, part_check, query_api, serve};
 
 /// How long the background tasks get to stop once the HTTP server has.
 const SHUTDOWN_TASKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -109,28 +111,47 @@ async fn run(cfg: Config) -> Result<(), String> {
         .namespace
         .clone()
         .unwrap_or_else(|| "default".to_string());
+    // `port` is where peers fetch parts (the interserver listener when there is one);
+    // `tcp_port` is where clients connect, as ClickHouse writes it.
     let host = HostInfo {
         host,
         port,
-        tcp_port: port,
+        tcp_port: cfg.listen.port(),
         database: namespace,
         table: table.manifest.metadata.name.clone(),
-        scheme: "http".to_string(),
+        scheme: if cfg.tls_dir.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+        .to_string(),
     };
     let session_timeout =
         cfg.session_timeout(table.manifest.spec.zookeeper.session_timeout_seconds);
-    let http = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(5))
+    let tls = match &cfg.tls_dir {
+        Some(dir) => Some(Tls::load(dir, cfg.interserver_mtls).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut http = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(tls) = &tls {
+        http = http.use_preconfigured_tls(peer_client::config(tls.clone()));
+    }
+    let http = http
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on --listen {}: {e} (is the port in use?)",
-                cfg.listen
-            )
-        })?;
+    let listeners = serve::bind(&cfg).await.map_err(|e| e.to_string())?;
+    let gate = match &cfg.users_file {
+        Some(path) => Gate::with_users(
+            Users::load(path).map_err(|e| format!("--users-file: {e}"))?,
+            cfg.metrics_require_auth,
+        ),
+        None => {
+            warn!(
+                "no --users-file: every client request is allowed (insecure; see docs/security.md)"
+            );
+            Gate::open()
+        }
+    };
     let settings = LiveSettings::of(&table.manifest.spec, &cfg);
     let replica = Arc::new(Replica {
         name: cfg.replica.clone(),
@@ -205,24 +226,27 @@ async fn run(cfg: Config) -> Result<(), String> {
     tasks.spawn_with("part_check", replica.clone(), part_check::run);
     let (committer, collector) = Committer::new(replica.clone());
     tasks.spawn_with("committer", collector, committer::collect);
+    if let Some(path) = replica.cfg.users_file.clone() {
+        let period = std::time::Duration::from_millis(replica.cfg.security_reload_ms);
+        tasks.spawn_with("users_reload", gate.clone(), move |g: Gate| {
+            g.watch(path.clone(), period)
+        });
+    }
+    if let Some(tls) = tls.clone() {
+        let period = std::time::Duration::from_millis(replica.cfg.security_reload_ms);
+        tasks.spawn_with("tls_reload", tls, move |t: Arc<Tls>| t.watch(period));
+    }
     let query =
         rtable_query::Engine::new(query_api::limits(&replica.cfg)).map_err(|e| e.to_string())?;
-    let app = api::router(AppState {
+    let state = AppState {
         replica: replica.clone(),
         committer,
         tasks: tasks.health(),
         query: Arc::new(query),
-    });
-    // Small answers (part headers, insert acks) must not wait for a delayed ACK (Nagle).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            warn!(error = %e, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    };
+    serve::run(listeners, state, &gate, tls, shutdown_signal())
         .await
-        .map_err(|e| format!("HTTP server failed: {e}"))?;
+        .map_err(|e| e.to_string())?;
     // The server has answered its last request: stop the tasks before leaving, so that
     // neither the session task nor the executor acts on a replica removing its is_active.
     if tokio::time::timeout(SHUTDOWN_TASKS_TIMEOUT, tasks.shutdown())

@@ -156,8 +156,8 @@ async fn send(
     body: bytes::Bytes,
 ) -> Result<String, reqwest::Error> {
     let url = format!(
-        "http://{address}/push/{}?source={}&log={}",
-        c.part, replica.name, c.log_index
+        "{}://{address}/push/{}?source={}&log={}",
+        replica.host.scheme, c.part, replica.name, c.log_index
     );
     let mut request = replica.http.post(&url).timeout(PUSH_TIMEOUT).body(body);
     if let Some(secret) = &replica.secret {

@@ -224,8 +224,11 @@ async fn send(
     lock: &str,
     body: bytes::Bytes,
 ) -> Result<(Answer, Option<Confirmation>), HandoffError> {
-    let mut url = reqwest::Url::parse(&format!("http://{address}/handoff/{part}"))
-        .map_err(|e| HandoffError::Address(address.to_string(), e.to_string()))?;
+    let mut url = reqwest::Url::parse(&format!(
+        "{}://{address}/handoff/{part}",
+        replica.host.scheme
+    ))
+    .map_err(|e| HandoffError::Address(address.to_string(), e.to_string()))?;
     url.query_pairs_mut()
         .append_pair("source", &replica.name)
         .append_pair("lock", lock)
