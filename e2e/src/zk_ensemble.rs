@@ -15,6 +15,10 @@ use crate::ports;
 
 pub const DEFAULT_JAR: &str = "/usr/share/java/zookeeper.jar";
 pub const DEFAULT_SLF4J: &str = "/usr/share/java/slf4j-simple.jar";
+const NETTY_TLS_JARS: [&str; 2] = [
+    "/usr/share/java/netty-codec.jar",
+    "/usr/share/java/netty-resolver.jar",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrerequisiteError {
@@ -186,7 +190,19 @@ impl ZkEnsemble {
             !node_ports.is_empty(),
             "an ensemble needs at least one node"
         );
-        let (java, classpath) = prerequisites()?;
+        let (java, mut classpath) = prerequisites()?;
+        if tls.is_some() {
+            // Debian's zookeeper.jar names the Netty jars its plain server needs; its TLS
+            // handler also needs the codec and resolver jars of the same package set.
+            for jar in NETTY_TLS_JARS {
+                anyhow::ensure!(
+                    Path::new(jar).exists(),
+                    "{jar} is missing: a TLS ZooKeeper needs Netty's codec (apt-get install libnetty-java)"
+                );
+                classpath.push(':');
+                classpath.push_str(jar);
+            }
+        }
         let flat: Vec<u16> = node_ports
             .iter()
             .flat_map(|p| [p.client, p.peer, p.election])
