@@ -953,6 +953,13 @@ async fn helm_upgrade_brings_the_new_crd_field_and_uninstall_leaves_crd_and_tabl
         managers.contains(&("rtable-operator".to_string(), "Apply".to_string())),
         "the upgraded operator applied the CRD: {managers:?}"
     );
+    // Marked with its version, so that an older operator never downgrades it.
+    let marked = crd
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("rtable.io/operator-version"));
+    assert_eq!(marked.map(String::as_str), Some("0.1.0"));
     kubectl(&cluster, &["apply", "-f", "-"], Some(&table(true))).await;
     let stored = table_api(&admin, "tables")
         .get("events")

@@ -160,8 +160,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
 
     if args.install_crd {
-        let name = rtable_operator::install::apply_crd(&client).await?;
-        tracing::info!(crd = %name, "CRD applied");
+        use rtable_operator::install::{CrdApplied, apply_crd};
+        match apply_crd(&client, env!("CARGO_PKG_VERSION")).await? {
+            CrdApplied::Applied { name } => tracing::info!(crd = %name, "CRD applied"),
+            CrdApplied::NewerKept { name, installed } => tracing::warn!(
+                crd = %name,
+                installed = %installed,
+                ours = env!("CARGO_PKG_VERSION"),
+                "CRD of a newer operator kept: this older operator does not downgrade it"
+            ),
+        }
     }
 
     let elector = args.leader_election.then(|| {
