@@ -30,7 +30,7 @@ mod decode;
 mod encode;
 mod error;
 mod fingerprint;
-mod parquet_blocks;
+pub mod parquet_blocks;
 mod partition;
 mod sort;
 mod split;
@@ -45,8 +45,6 @@ use arrow::error::ArrowError;
 use rtable_protocol::schema::{ColumnType, TableSchema};
 
 pub use decode::{InputFormat, decode, decode_block};
-pub use parquet_blocks::ParquetBlocks;
-pub use split::{BlockSplitter, Cut, RowSyntax, blocks_of};
 pub use encode::{
     OutputFormat, ParquetOutput, encode_text, parquet_writer_properties,
     parquet_writer_properties_for,
@@ -55,6 +53,7 @@ pub use error::InputError;
 pub use fingerprint::rows_hash;
 pub use partition::partition_split;
 pub use sort::sort_by_key;
+pub use split::{BlockSplitter, Cut, RowSyntax, blocks_of};
 pub use widen::{check_prefix, column_type_of, conform_to, default_array};
 
 /// The time zone of every DateTime column.

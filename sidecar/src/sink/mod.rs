@@ -204,7 +204,12 @@ pub async fn insert_streamed(
                 checked: !skip_check,
             };
             if rest.is_some() || stream::is_bulk(replica, request.format, &request.body) {
-                stream::prepare(replica, request, rest, quorum).await
+                let token = request.dedup_token.clone();
+                let unsynced = quorum.required > 1;
+                stream::prepare(replica, request.format, request.body, rest, unsynced)
+                    .await
+                    .map(|written| streamed_blocks(written, token.as_deref(), quorum))
+                    .map_err(InsertError::from)
             } else if prepares_inline(replica, &request, required) {
                 prepare_blocks(replica, request, quorum)
             } else {
@@ -269,6 +274,45 @@ pub async fn insert_streamed(
     }
     .instrument(span)
     .await
+}
+
+impl From<stream::StreamError> for InsertError {
+    fn from(e: stream::StreamError) -> InsertError {
+        match e {
+            stream::StreamError::Input(e) => InsertError::Input(e),
+            stream::StreamError::TooLarge(m) => InsertError::TooLarge(m),
+            stream::StreamError::Store(e) => InsertError::Store(e),
+            stream::StreamError::Internal(m) => InsertError::Internal(m),
+        }
+    }
+}
+
+/// The blocks of a streamed body, each written part with the dedup id of its data (or of
+/// the token and its index in the body).
+fn streamed_blocks(
+    written: Vec<stream::Written>,
+    token: Option<&str>,
+    ask: QuorumAsk,
+) -> Vec<Block> {
+    written
+        .into_iter()
+        .enumerate()
+        .map(|(index, w)| {
+            let hash = match token {
+                Some(token) => hash::token_hash(token, index),
+                None => w.temp.data_hash(),
+            };
+            Block {
+                block_id: hash::block_id(&w.partition_id, hash),
+                partition_id: w.partition_id,
+                rows: w.rows,
+                payload: Payload::Written(w.temp, w.unsynced),
+                quorum: ask.required,
+                quorum_mode: ask.mode,
+                quorum_checked: ask.checked,
+            }
+        })
+        .collect()
 }
 
 /// Fails a quorum insert at once when too few replicas are active to reach it.

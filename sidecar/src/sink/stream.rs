@@ -20,14 +20,25 @@ use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
-use rtable_protocol::hash;
-
 use crate::replica::Replica;
-use crate::rows::{self, BlockSplitter, InputError, InputFormat, ParquetBlocks, RowSyntax};
+use crate::rows::parquet_blocks::ParquetBlocks;
+use crate::rows::{self, BlockSplitter, InputError, InputFormat, RowSyntax};
 use crate::store::verify::Unsynced;
 use crate::store::{StoreError, TempPart};
 
-use super::{Block, InsertError, InsertRequest, Payload, QuorumAsk};
+/// Why a streamed body was not written (nothing of it stays on disk).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Input(#[from] InputError),
+    /// The body exceeds `--max-insert-bytes`.
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("writing the part failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
 
 /// The rest of a body still arriving, after the bytes already read.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
@@ -85,7 +96,7 @@ where
 
 /// Whether a whole body still takes the streaming path: it holds more than one block, or
 /// it is Parquet and big enough that its rows may not fit in memory at once.
-pub(super) fn is_bulk(replica: &Replica, format: InputFormat, body: &[u8]) -> bool {
+pub fn is_bulk(replica: &Replica, format: InputFormat, body: &[u8]) -> bool {
     let cfg = &replica.cfg;
     match syntax(format) {
         None => body.len() > PARQUET_WHOLE_MAX_BYTES,
@@ -112,72 +123,52 @@ fn syntax(format: InputFormat) -> Option<RowSyntax> {
 }
 
 /// One partition of one block, written as a temporary part.
-struct Written {
-    partition_id: String,
-    rows: u64,
-    temp: TempPart,
-    unsynced: Option<Unsynced>,
+pub struct Written {
+    pub partition_id: String,
+    pub rows: u64,
+    pub temp: TempPart,
+    /// Its fsyncs, left to the commit (quorum inserts, as for a single block).
+    pub unsynced: Option<Unsynced>,
 }
 
-/// Decodes, splits, sorts and writes the whole body block by block; the blocks in body
-/// order. On failure nothing written stays behind.
-pub(super) async fn prepare(
+/// Decodes, splits, sorts and writes the whole body (`head`, then `rest`) block by block;
+/// the parts in body order. On failure nothing written stays behind.
+pub async fn prepare(
     replica: &Arc<Replica>,
-    request: InsertRequest,
+    format: InputFormat,
+    head: Bytes,
     rest: Option<BodyStream>,
-    ask: QuorumAsk,
-) -> Result<Vec<Block>, InsertError> {
+    unsynced: bool,
+) -> Result<Vec<Written>, StreamError> {
     let mut pipeline = Pipeline {
         replica: replica.clone(),
         in_flight: VecDeque::new(),
         written: Vec::new(),
-        unsynced: ask.required > 1,
+        unsynced,
     };
-    let format = request.format;
     let read = match syntax(format) {
-        Some(syntax) => read_text(&mut pipeline, format, syntax, request.body, rest).await,
-        None => read_parquet(&mut pipeline, request.body, rest).await,
+        Some(syntax) => read_text(&mut pipeline, format, syntax, head, rest).await,
+        None => read_parquet(&mut pipeline, head, rest).await,
     };
     let written = match read {
         Ok(()) => pipeline.finish().await,
         Err(e) => Err(e),
     };
-    let written = match written {
-        Ok(w) => w,
+    match written {
+        Ok(w) if w.is_empty() => Err(InputError::empty_body().into()),
+        Ok(w) => Ok(w),
         Err(e) => {
             pipeline.discard().await;
-            return Err(e);
+            Err(e)
         }
-    };
-    if written.is_empty() {
-        return Err(InputError::empty_body().into());
     }
-    Ok(written
-        .into_iter()
-        .enumerate()
-        .map(|(index, w)| {
-            let hash = match &request.dedup_token {
-                Some(token) => hash::token_hash(token, index),
-                None => w.temp.data_hash(),
-            };
-            Block {
-                block_id: hash::block_id(&w.partition_id, hash),
-                partition_id: w.partition_id,
-                rows: w.rows,
-                payload: Payload::Written(w.temp, w.unsynced),
-                quorum: ask.required,
-                quorum_mode: ask.mode,
-                quorum_checked: ask.checked,
-            }
-        })
-        .collect())
 }
 
 /// Blocks being prepared on blocking threads, at most [`IN_FLIGHT`] at once, and the
 /// parts of those done, in body order.
 struct Pipeline {
     replica: Arc<Replica>,
-    in_flight: VecDeque<JoinHandle<Result<Vec<Written>, InsertError>>>,
+    in_flight: VecDeque<JoinHandle<Result<Vec<Written>, StreamError>>>,
     written: Vec<Written>,
     /// A quorum insert's parts leave their fsyncs to the commit (as a single block's do).
     unsynced: bool,
@@ -187,8 +178,8 @@ impl Pipeline {
     /// Starts preparing one block once a slot is free.
     async fn submit(
         &mut self,
-        job: impl FnOnce(&Replica, bool) -> Result<Vec<Written>, InsertError> + Send + 'static,
-    ) -> Result<(), InsertError> {
+        job: impl FnOnce(&Replica, bool) -> Result<Vec<Written>, StreamError> + Send + 'static,
+    ) -> Result<(), StreamError> {
         while self.in_flight.len() >= IN_FLIGHT {
             self.finish_oldest().await?;
         }
@@ -203,18 +194,18 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn finish_oldest(&mut self) -> Result<(), InsertError> {
+    async fn finish_oldest(&mut self) -> Result<(), StreamError> {
         let Some(handle) = self.in_flight.pop_front() else {
             return Ok(());
         };
         let parts = handle
             .await
-            .map_err(|e| InsertError::Internal(format!("preparing an insert block: {e}")))??;
+            .map_err(|e| StreamError::Internal(format!("preparing an insert block: {e}")))??;
         self.written.extend(parts);
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<Vec<Written>, InsertError> {
+    async fn finish(&mut self) -> Result<Vec<Written>, StreamError> {
         while !self.in_flight.is_empty() {
             self.finish_oldest().await?;
         }
@@ -241,7 +232,7 @@ async fn read_text(
     syntax: RowSyntax,
     head: Bytes,
     mut rest: Option<BodyStream>,
-) -> Result<(), InsertError> {
+) -> Result<(), StreamError> {
     let cfg = &pipeline.replica.cfg;
     let (max_rows, max_bytes, limit) = (
         cfg.max_insert_block_rows,
@@ -303,7 +294,7 @@ async fn next_piece(
     rest: &mut Option<BodyStream>,
     total: &mut u64,
     limit: u64,
-) -> Result<Option<Bytes>, InsertError> {
+) -> Result<Option<Bytes>, StreamError> {
     let Some(stream) = rest.as_mut() else {
         return Ok(None);
     };
@@ -316,7 +307,7 @@ async fn next_piece(
         Some(Ok(piece)) => {
             *total += piece.len() as u64;
             if *total > limit {
-                return Err(InsertError::TooLarge(format!(
+                return Err(StreamError::TooLarge(format!(
                     "the body is larger than the {limit}-byte limit (--max-insert-bytes); split the insert or raise the limit"
                 )));
             }
@@ -332,7 +323,7 @@ async fn submit_block(
     block: Bytes,
     line: usize,
     header: Option<&(Bytes, usize)>,
-) -> Result<(), InsertError> {
+) -> Result<(), StreamError> {
     if block.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
@@ -354,7 +345,7 @@ async fn submit_text(
     format: InputFormat,
     block: Bytes,
     shift: usize,
-) -> Result<(), InsertError> {
+) -> Result<(), StreamError> {
     pipeline
         .submit(move |replica, unsynced| {
             let batch = rows::decode_block(format, &block, &replica.table.schema, shift)?;
@@ -369,7 +360,7 @@ fn write_partitions(
     replica: &Replica,
     batch: arrow::array::RecordBatch,
     unsynced: bool,
-) -> Result<Vec<Written>, InsertError> {
+) -> Result<Vec<Written>, StreamError> {
     let schema = &replica.table.schema;
     let partitions = rows::partition_split(&batch, schema)?;
     drop(batch);
@@ -385,7 +376,7 @@ fn write_partitions(
                 for w in written {
                     replica.store.discard_temp(w.temp);
                 }
-                return Err(InsertError::Internal(format!(
+                return Err(StreamError::Internal(format!(
                     "sorting an insert block: {e}"
                 )));
             }
@@ -420,7 +411,7 @@ async fn read_parquet(
     pipeline: &mut Pipeline,
     head: Bytes,
     rest: Option<BodyStream>,
-) -> Result<(), InsertError> {
+) -> Result<(), StreamError> {
     let replica = pipeline.replica.clone();
     let cfg = &replica.cfg;
     let (max_rows, max_bytes) = (cfg.max_insert_block_rows, cfg.max_insert_block_bytes);
@@ -448,7 +439,7 @@ async fn read_parquet(
             (reader, next)
         })
         .await
-        .map_err(|e| InsertError::Internal(format!("reading a Parquet body: {e}")))?;
+        .map_err(|e| StreamError::Internal(format!("reading a Parquet body: {e}")))?;
         let Some(next) = next else {
             break;
         };
@@ -469,7 +460,7 @@ struct Spool {
 }
 
 impl Spool {
-    async fn write(replica: &Replica, head: Bytes, rest: BodyStream) -> Result<Spool, InsertError> {
+    async fn write(replica: &Replica, head: Bytes, rest: BodyStream) -> Result<Spool, StreamError> {
         let dir = replica.store.new_tmp_dir("insert-body")?;
         let spool = Spool {
             file: dir.join(SPOOL_FILE),
