@@ -1,5 +1,20 @@
 //! The error every text codec of the tree reports: which format, which line, what's wrong.
 
+use chrono::{DateTime, NaiveDateTime};
+
+/// ClickHouse's `LocalDateTime` text. ClickHouse writes it in the server's time zone;
+/// rtable reads and writes UTC, which agrees because rtable pods run in UTC.
+const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+
+/// `unix_seconds` as ClickHouse's `YYYY-MM-DD hh:mm:ss`.
+pub(crate) fn render_time(unix_seconds: i64) -> String {
+    // Only reachable with a time hundreds of millennia away; the epoch keeps the node
+    // parseable instead of making render fallible for every caller.
+    DateTime::from_timestamp(unix_seconds, 0)
+        .map(|t| t.naive_utc().format(TIME_FORMAT).to_string())
+        .unwrap_or_else(|| "1970-01-01 00:00:00".to_string())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} line {line}: {message}")]
 pub struct CodecError {
@@ -75,6 +90,18 @@ impl<'a> Lines<'a> {
             .trim()
             .parse()
             .map_err(|_| self.error(format!("`{prefix}` needs a number, got `{value}`")))
+    }
+
+    /// A `YYYY-MM-DD hh:mm:ss` field, as unix seconds.
+    pub(crate) fn time(&mut self, prefix: &str) -> Result<i64, CodecError> {
+        let text = self.field(prefix)?;
+        NaiveDateTime::parse_from_str(text, TIME_FORMAT)
+            .map(|t| t.and_utc().timestamp())
+            .map_err(|_| {
+                self.error(format!(
+                    "bad `{prefix}` value `{text}`, expected YYYY-MM-DD hh:mm:ss"
+                ))
+            })
     }
 
     /// Everything not read yet, for codecs that tolerate appended fields.

@@ -7,11 +7,13 @@
 pub mod codec;
 pub mod columns;
 pub mod definition;
+pub mod escaped;
 pub mod hash;
 pub mod host;
 pub mod log_entry;
 pub mod manifest;
 pub mod metadata;
+pub mod mutation_entry;
 pub mod part_header;
 pub mod part_name;
 pub mod paths;

@@ -6,12 +6,9 @@
 //! a merge's `into_uuid:` and `deduplicate_by_columns:` lines (rtable has no part UUIDs
 //! and never deduplicates by columns).
 
-use chrono::{DateTime, NaiveDateTime};
-
-use crate::codec::{CodecError, Lines};
+use crate::codec::{CodecError, Lines, render_time};
 
 const WHAT: &str = "log entry";
-const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
 const MIN_VERSION: u32 = 4;
 /// The first version whose header carries a mandatory `log_entry_id:` line.
 const LOG_ENTRY_ID_VERSION: u32 = 7;
@@ -170,11 +167,7 @@ impl LogEntry {
     }
 
     pub fn render(&self) -> String {
-        // Only reachable with a create_time hundreds of millennia away; the epoch keeps the
-        // entry parseable instead of making render fallible for every caller.
-        let time = DateTime::from_timestamp(self.create_time, 0)
-            .map(|t| t.naive_utc().format(TIME_FORMAT).to_string())
-            .unwrap_or_else(|| "1970-01-01 00:00:00".to_string());
+        let time = render_time(self.create_time);
         let mut out = format!(
             "format version: {}\ncreate_time: {time}\nsource replica: {}\nblock_id: {}\n",
             self.format_version, self.source_replica, self.block_id
@@ -235,15 +228,7 @@ impl LogEntry {
                 "unsupported format version {format_version}, expected {MIN_VERSION}..={MAX_VERSION}"
             )));
         }
-        let time_text = lines.field("create_time: ")?;
-        let create_time = NaiveDateTime::parse_from_str(time_text, TIME_FORMAT)
-            .map_err(|_| {
-                lines.error(format!(
-                    "bad create_time `{time_text}`, expected YYYY-MM-DD hh:mm:ss"
-                ))
-            })?
-            .and_utc()
-            .timestamp();
+        let create_time = lines.time("create_time: ")?;
         let source_replica = lines.field("source replica: ")?.to_string();
         let block_id = lines.field("block_id: ")?.to_string();
         let log_entry_id = if format_version >= LOG_ENTRY_ID_VERSION {
