@@ -2,13 +2,17 @@
 //! replicas: only the holder reconciles, the other waits to take over.
 //!
 //! Optimistic concurrency does the locking: every write carries the resourceVersion we
-//! read, so two candidates can never both win the same round.
+//! read, so two candidates can never both win the same round. A follower judges another
+//! holder's lease expired by its own clock, from when it saw the lease record last change,
+//! never from the holder's `renewTime`: node clocks that disagree cannot make a follower
+//! take a lease its holder still renews (client-go does the same).
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 
@@ -17,6 +21,23 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     timings: LeaseTimings,
+    observed: Mutex<Option<Observed>>,
+}
+
+/// What identifies one renewal of another holder's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: Option<String>,
+    renewed: Option<Timestamp>,
+    duration_seconds: Option<i32>,
+}
+
+/// Another holder's record as last seen, and since when (on our clock) it is unchanged.
+#[derive(Debug, Clone)]
+struct Observed {
+    record: Record,
+    since: Instant,
+    expires_after: Duration,
 }
 
 /// How long a lease lasts and how often candidates try for it and the holder renews it.
@@ -79,7 +100,42 @@ impl LeaderElector {
             name: name.to_string(),
             identity: identity.to_string(),
             timings,
+            observed: Mutex::new(None),
         }
+    }
+
+    /// When the record was first seen as it is now: the start of its term on our clock.
+    fn observe(&self, record: Record, expires_after: Duration) -> Instant {
+        let mut observed = self
+            .observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match observed.as_ref() {
+            Some(o) if o.record == record => o.since,
+            _ => {
+                let since = Instant::now();
+                *observed = Some(Observed {
+                    record,
+                    since,
+                    expires_after,
+                });
+                since
+            }
+        }
+    }
+
+    /// A follower's pause before its next round: the retry period, or less when the lease
+    /// it watches expires sooner, so a takeover comes within lease duration + retry period.
+    fn next_round(&self) -> Duration {
+        let observed = self
+            .observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let until_expiry = observed.as_ref().map(|o| {
+            (o.since + o.expires_after).saturating_duration_since(Instant::now())
+                + Duration::from_millis(50)
+        });
+        until_expiry.map_or(self.timings.retry, |d| d.min(self.timings.retry))
     }
 
     /// One round: takes a free or expired lease, renews our own. `Ok(true)` while we lead.
@@ -110,14 +166,26 @@ impl LeaderElector {
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let duration = SignedDuration::from_secs(i64::from(
-                spec.lease_duration_seconds.unwrap_or(seconds),
-            ));
-            now.duration_since(t.0) > duration
-        });
-        if !ours && !expired {
-            return Ok(false);
+        if !ours {
+            let held = spec
+                .holder_identity
+                .as_deref()
+                .is_some_and(|h| !h.is_empty());
+            let expires_after = Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(seconds)).unwrap_or(0),
+            );
+            let since = self.observe(
+                Record {
+                    holder: spec.holder_identity.clone(),
+                    renewed: spec.renew_time.as_ref().map(|t| t.0),
+                    duration_seconds: spec.lease_duration_seconds,
+                },
+                expires_after,
+            );
+            // A released lease (no holder) is free at once.
+            if held && since.elapsed() <= expires_after {
+                return Ok(false);
+            }
         }
         if !ours {
             spec.holder_identity = Some(self.identity.clone());
@@ -171,7 +239,7 @@ impl LeaderElector {
                     tracing::warn!(lease = %self.name, error = %e, "leader election failed; retrying")
                 }
             }
-            tokio::time::sleep(self.timings.retry).await;
+            tokio::time::sleep(self.next_round()).await;
         }
     }
 
@@ -276,6 +344,37 @@ mod tests {
         result
     }
 
+    impl LeaderElector {
+        /// As if the record we watch had been unchanged for `by` longer.
+        fn age_observation(&self, by: Duration) {
+            let mut observed = self.observed.lock().expect("lock");
+            let o = observed.as_mut().expect("a record was observed");
+            o.since = o.since.checked_sub(by).expect("instant in range");
+        }
+    }
+
+    /// Two rounds against the same record of op-b's: the first only observes it (its
+    /// renewTime, long ago by our clock, says nothing); the second, a lease duration later
+    /// on our clock, finds it expired. The result of the second round.
+    async fn rounds_a_lease_duration_apart(steps: Vec<Step>) -> Result<bool, kube::Error> {
+        let (client, verifier) = mock::server(steps);
+        let elector =
+            LeaderElector::new(client, "rtable-system", "rtable-operator", "op-a", TIMINGS);
+        let first = elector.try_acquire_or_renew().await.expect("first round");
+        assert!(!first, "a record seen for the first time is not expired");
+        assert!(elector.next_round() <= TIMINGS.retry);
+        elector.age_observation(TIMINGS.duration - Duration::from_secs(1));
+        assert!(
+            elector.next_round() <= Duration::from_millis(1050),
+            "the next round comes when the lease expires, not a whole retry period later"
+        );
+        elector.age_observation(Duration::from_secs(2));
+        let result = elector.try_acquire_or_renew().await;
+        drop(elector);
+        mock::finish(verifier).await;
+        result
+    }
+
     #[tokio::test]
     async fn a_missing_lease_is_created_and_held() {
         let won = round(vec![
@@ -320,7 +419,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_expired_lease_is_taken_over_with_the_read_resource_version() {
-        let won = round(vec![
+        let won = rounds_a_lease_duration_apart(vec![
+            get(lease(Some("op-b"), LONG_AGO, 3)),
             get(lease(Some("op-b"), LONG_AGO, 3)),
             step("PUT", &lease_path()).check(|b| {
                 assert_eq!(b["metadata"]["resourceVersion"], "41", "optimistic lock");
@@ -353,13 +453,44 @@ mod tests {
 
     #[tokio::test]
     async fn losing_the_write_race_means_not_leading() {
-        let won = round(vec![
+        let won = rounds_a_lease_duration_apart(vec![
+            get(lease(Some("op-b"), LONG_AGO, 3)),
             get(lease(Some("op-b"), LONG_AGO, 3)),
             step("PUT", &lease_path()).conflict(),
         ])
         .await
         .expect("round");
         assert!(!won);
+    }
+
+    #[tokio::test]
+    async fn a_renewal_restarts_the_term_on_our_clock() {
+        let (client, verifier) = mock::server(vec![
+            get(lease(Some("op-b"), LONG_AGO, 3)),
+            get(lease(Some("op-b"), &now(), 3)),
+        ]);
+        let elector =
+            LeaderElector::new(client, "rtable-system", "rtable-operator", "op-a", TIMINGS);
+        assert!(!elector.try_acquire_or_renew().await.expect("first"));
+        elector.age_observation(TIMINGS.duration + Duration::from_secs(1));
+        // op-b renewed meanwhile: a new record, so a new term, and no write.
+        assert!(!elector.try_acquire_or_renew().await.expect("second"));
+        drop(elector);
+        mock::finish(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn a_released_lease_is_taken_at_once() {
+        let won = round(vec![
+            get(lease(None, LONG_AGO, 3)),
+            step("PUT", &lease_path()).check(|b| {
+                assert_eq!(b["spec"]["holderIdentity"], "op-a");
+                assert_eq!(b["spec"]["leaseTransitions"], 4);
+            }),
+        ])
+        .await
+        .expect("round");
+        assert!(won);
     }
 
     #[tokio::test]
