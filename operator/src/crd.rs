@@ -167,6 +167,12 @@ pub struct ReplicatedTableSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
+    /// Client users, a separate interserver listener and TLS for the replicas' HTTP
+    /// (docs/security.md). Without it every client request is allowed and peers talk plain
+    /// HTTP on the client port: insecure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<HttpSecurity>,
+
     /// An optional container of yours in every replica pod: it sees the data volume read-only
     /// and reaches the sidecar on `http://127.0.0.1:9009`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -258,6 +264,36 @@ pub struct ZooKeeperTls {
     /// Present `tls.crt`/`tls.key` to the ensemble (for `ssl.clientAuth=need`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client_certificate: bool,
+}
+
+/// The replicas' HTTP security. Setting it moves the part exchange to its own port
+/// (`interserver`, 9010, named in each replica's `host` node); clients stay on 9009. The
+/// operator never reads these Secrets: the pods mount them by name.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSecurity {
+    /// Secret in the table's namespace whose key `users.yaml` lists the client users (name,
+    /// role reader/writer/admin, salted SHA-256 password hash); without it every client
+    /// request is allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_secret_name: Option<String>,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`, as cert-manager
+    /// writes it): both ports serve HTTPS only, peers verify each other against `ca.crt`
+    /// and their pod DNS names (`<pod>.<table>-replicas.<namespace>.svc.<domain>`, which
+    /// the certificate must name). Rotated in place without restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+    /// With `tlsSecretName`: peers must also present their certificate (mutual TLS) on the
+    /// interserver port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interserver_mutual_tls: bool,
+    /// A Secret of yours whose key `interserver` is the peers' shared secret, instead of the
+    /// one the operator generates for the table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interserver_secret_name: Option<String>,
+    /// `/metrics` needs a user with role reader (open otherwise, as Prometheus scrapes are).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_require_auth: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

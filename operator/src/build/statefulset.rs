@@ -28,7 +28,7 @@ use super::{
     BuildConfig, CONFIG_DIR, DATA_DIR, INTERSERVER_KEY, Names, SIDECAR_CONTAINER, SIDECAR_PORT,
     SIDECAR_PORT_NAME, TABLE_KEY, owned_meta, string_map,
 };
-use crate::crd::{ReplicatedTable, UserContainer, selector_labels};
+use crate::crd::{HttpSecurity, ReplicatedTable, UserContainer, selector_labels};
 
 const DATA_VOLUME: &str = "data";
 const CONFIG_VOLUME: &str = "config";
@@ -38,6 +38,12 @@ const ZK_AUTH_FILE: &str = "zookeeper-auth/digest";
 const ZK_TLS_CA_FILE: &str = "zookeeper-tls/ca.crt";
 const ZK_TLS_CERT_FILE: &str = "zookeeper-tls/tls.crt";
 const ZK_TLS_KEY_FILE: &str = "zookeeper-tls/tls.key";
+/// The interserver listener's port when `spec.security` is set (ClickHouse's
+/// `interserver_http_port`); clients stay on `SIDECAR_PORT`.
+pub const INTERSERVER_PORT: i32 = 9010;
+const INTERSERVER_PORT_NAME: &str = "interserver";
+const USERS_FILE: &str = "users/users.yaml";
+const HTTP_TLS_DIR: &str = "tls";
 
 /// Pod-template annotation holding [`schema_hash`]: a schema change (a column appended)
 /// changes the template, so the StatefulSet rolls the pods and every sidecar restarts with
@@ -88,7 +94,11 @@ pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
         },
         VolumeProjection {
             secret: Some(SecretProjection {
-                name: names.secret.clone(),
+                name: spec
+                    .security
+                    .as_ref()
+                    .and_then(|s| s.interserver_secret_name.clone())
+                    .unwrap_or_else(|| names.secret.clone()),
                 items: Some(vec![key_to_path(
                     INTERSERVER_KEY,
                     &format!("secret/{INTERSERVER_KEY}"),
@@ -124,6 +134,9 @@ pub fn stateful_set(rt: &ReplicatedTable, config: &BuildConfig) -> StatefulSet {
             }),
             ..VolumeProjection::default()
         });
+    }
+    if let Some(security) = &spec.security {
+        sources.extend(http_security_sources(security));
     }
     let volumes = vec![Volume {
         name: CONFIG_VOLUME.to_string(),
@@ -253,11 +266,65 @@ fn field_env(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+/// The Secrets `spec.security` names, projected into the config volume (the pods read
+/// them; the operator never does).
+fn http_security_sources(security: &HttpSecurity) -> Vec<VolumeProjection> {
+    let secret = |name: &String, items: Vec<KeyToPath>| VolumeProjection {
+        secret: Some(SecretProjection {
+            name: name.clone(),
+            items: Some(items),
+            ..SecretProjection::default()
+        }),
+        ..VolumeProjection::default()
+    };
+    let mut sources = Vec::new();
+    if let Some(users) = &security.users_secret_name {
+        sources.push(secret(users, vec![key_to_path("users.yaml", USERS_FILE)]));
+    }
+    if let Some(tls) = &security.tls_secret_name {
+        let items = ["tls.crt", "tls.key", "ca.crt"]
+            .iter()
+            .map(|k| key_to_path(k, &format!("{HTTP_TLS_DIR}/{k}")))
+            .collect();
+        sources.push(secret(tls, items));
+    }
+    sources
+}
+
+/// The sidecar's settings for `spec.security` (see `rtable-sidecar --help`).
+fn http_security_env(security: &HttpSecurity) -> Vec<EnvVar> {
+    let mut vars = vec![env(
+        "RTABLE_INTERSERVER_LISTEN",
+        &format!("0.0.0.0:{INTERSERVER_PORT}"),
+    )];
+    if security.users_secret_name.is_some() {
+        vars.push(env(
+            "RTABLE_USERS_FILE",
+            &format!("{CONFIG_DIR}/{USERS_FILE}"),
+        ));
+    }
+    if security.tls_secret_name.is_some() {
+        vars.push(env(
+            "RTABLE_TLS_DIR",
+            &format!("{CONFIG_DIR}/{HTTP_TLS_DIR}"),
+        ));
+        if security.interserver_mutual_tls {
+            vars.push(env("RTABLE_INTERSERVER_MTLS", "true"));
+        }
+    }
+    if security.metrics_require_auth {
+        vars.push(env("RTABLE_METRICS_REQUIRE_AUTH", "true"));
+    }
+    vars
+}
+
+fn http_probe(path: &str, period: i32, failures: i32, https: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
             port: IntOrString::String(SIDECAR_PORT_NAME.to_string()),
+            // The kubelet does not verify the certificate; the probes are open endpoints.
+            scheme: https.then(|| "HTTPS".to_string()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -270,8 +337,15 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 fn sidecar_container(rt: &ReplicatedTable, config: &BuildConfig, names: &Names) -> Container {
     let spec = &rt.spec;
     let namespace = rt.namespace().unwrap_or_default();
+    let security = spec.security.as_ref();
+    let peer_port = if security.is_some() {
+        INTERSERVER_PORT
+    } else {
+        SIDECAR_PORT
+    };
+    let https = security.is_some_and(|s| s.tls_secret_name.is_some());
     let advertise = format!(
-        "$(POD_NAME).{}.{namespace}.svc.{}:{SIDECAR_PORT}",
+        "$(POD_NAME).{}.{namespace}.svc.{}:{peer_port}",
         names.headless_service, config.cluster_domain
     );
     let args: Vec<String> = [
@@ -343,6 +417,21 @@ fn sidecar_container(rt: &ReplicatedTable, config: &BuildConfig, names: &Names) 
             ));
         }
     }
+    let mut ports = vec![ContainerPort {
+        name: Some(SIDECAR_PORT_NAME.to_string()),
+        container_port: SIDECAR_PORT,
+        protocol: Some("TCP".to_string()),
+        ..ContainerPort::default()
+    }];
+    if let Some(security) = security {
+        env_vars.extend(http_security_env(security));
+        ports.push(ContainerPort {
+            name: Some(INTERSERVER_PORT_NAME.to_string()),
+            container_port: INTERSERVER_PORT,
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        });
+    }
     Container {
         name: SIDECAR_CONTAINER.to_string(),
         image: Some(
@@ -353,17 +442,12 @@ fn sidecar_container(rt: &ReplicatedTable, config: &BuildConfig, names: &Names) 
         command: Some(vec!["rtable-sidecar".to_string()]),
         args: Some(args),
         env: Some(env_vars),
-        ports: Some(vec![ContainerPort {
-            name: Some(SIDECAR_PORT_NAME.to_string()),
-            container_port: SIDECAR_PORT,
-            protocol: Some("TCP".to_string()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(ports),
         // Startup may scan many parts or wait for ZooKeeper; liveness starts after it.
-        startup_probe: Some(http_probe("/healthz", 5, 60)),
-        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        startup_probe: Some(http_probe("/healthz", 5, 60, https)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3, https)),
         // Ready = active in ZooKeeper and not read-only: only then may clients insert here.
-        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2, https)),
         resources: Some(sidecar_resources(spec.resources.as_ref())),
         volume_mounts: Some(mounts),
         // The sidecar writes only under its data volume, so its root can be read-only.
