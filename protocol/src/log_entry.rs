@@ -32,7 +32,26 @@ pub enum LogEntryKind {
     Drop {
         range: String,
     },
-    /// A verb rtable does not execute (`detach`, `mutate`, `alter`, `REPLACE_RANGE`, ...).
+    /// `mutate`: rewrite `source` into `into` (same blocks and level, the mutation's
+    /// block number as the part's data version).
+    Mutate {
+        source: String,
+        into: String,
+        /// `to_uuid` (ClickHouse writes it only for parts with a UUID).
+        to_uuid: Option<String>,
+        /// Set when the mutation belongs to an ALTER with that metadata version.
+        alter_version: Option<i64>,
+    },
+    /// `alter`: make this replica's `columns` and `metadata` the given texts, recording
+    /// `alter_version` as its `metadata_version`; `have_mutation` says a mutation with the
+    /// same alter version rewrites the data.
+    Alter {
+        alter_version: i64,
+        have_mutation: bool,
+        columns: String,
+        metadata: String,
+    },
+    /// A verb rtable does not execute (`detach`, `REPLACE_RANGE`, ...).
     /// The body lines are kept verbatim so the entry renders back byte for byte.
     Other {
         type_line: String,
@@ -145,6 +164,8 @@ impl LogEntry {
             LogEntryKind::Attach { .. } => "ATTACH_PART",
             LogEntryKind::Merge { .. } => "MERGE_PARTS",
             LogEntryKind::Drop { .. } => "DROP_RANGE",
+            LogEntryKind::Mutate { .. } => "MUTATE_PART",
+            LogEntryKind::Alter { .. } => "ALTER_METADATA",
             LogEntryKind::Other { .. } => "UNKNOWN",
         }
     }
@@ -153,15 +174,18 @@ impl LogEntry {
     pub fn new_part_name(&self) -> Option<String> {
         match &self.kind {
             LogEntryKind::Get { part } | LogEntryKind::Attach { part, .. } => Some(part.clone()),
-            LogEntryKind::Merge { into, .. } => Some(into.clone()),
+            LogEntryKind::Merge { into, .. } | LogEntryKind::Mutate { into, .. } => {
+                Some(into.clone())
+            }
             LogEntryKind::Drop { range } => Some(range.clone()),
-            LogEntryKind::Other { .. } => None,
+            LogEntryKind::Alter { .. } | LogEntryKind::Other { .. } => None,
         }
     }
 
     pub fn source_parts(&self) -> Vec<String> {
         match &self.kind {
             LogEntryKind::Merge { sources, .. } => sources.clone(),
+            LogEntryKind::Mutate { source, .. } => vec![source.clone()],
             _ => Vec::new(),
         }
     }
@@ -202,6 +226,31 @@ impl LogEntry {
                 }
             }
             LogEntryKind::Drop { range } => out.push_str(&format!("drop\n{range}")),
+            LogEntryKind::Mutate {
+                source,
+                into,
+                to_uuid,
+                alter_version,
+            } => {
+                out.push_str(&format!("mutate\n{source}\nto\n{into}"));
+                if let Some(uuid) = to_uuid {
+                    out.push_str(&format!("\nto_uuid\n{uuid}"));
+                }
+                if let Some(v) = alter_version {
+                    out.push_str(&format!("\nalter_version\n{v}"));
+                }
+            }
+            LogEntryKind::Alter {
+                alter_version,
+                have_mutation,
+                columns,
+                metadata,
+            } => out.push_str(&format!(
+                "alter\nalter_version\n{alter_version}\nhave_mutation\n{}\ncolumns_str_size:\n{}\n{columns}\nmetadata_str_size:\n{}\n{metadata}",
+                u8::from(*have_mutation),
+                columns.len(),
+                metadata.len()
+            )),
             LogEntryKind::Other { type_line, body } => {
                 out.push_str(type_line);
                 for line in body {
@@ -239,6 +288,20 @@ impl LogEntry {
         let verb = lines.next_line("an entry type")?;
         let body_start = lines.line() + 1;
         let mut body = lines.rest();
+        if verb == "alter" {
+            // Its texts are measured in bytes and may hold any line, trailers included.
+            let kind = parse_alter(&body.join("\n"), body_start)?;
+            return Ok(LogEntry {
+                format_version,
+                create_time,
+                source_replica,
+                block_id,
+                log_entry_id,
+                kind,
+                compact: false,
+                quorum: 0,
+            });
+        }
         // The body is followed by `\n` and then only the optional trailer lines, so peel
         // them off the end; what remains is exactly the verb's body.
         if body.last() == Some(&"") {
@@ -309,6 +372,7 @@ impl LogEntry {
                 }
             }
             "merge" => parse_merge(&body)?,
+            "mutate" => parse_mutate(&body)?,
             "" => {
                 return Err(CodecError::new(
                     WHAT,
@@ -435,6 +499,135 @@ fn parse_merge(body: &Body<'_>) -> Result<LogEntryKind, CodecError> {
     })
 }
 
+fn parse_mutate(body: &Body<'_>) -> Result<LogEntryKind, CodecError> {
+    let source = body
+        .lines
+        .first()
+        .ok_or_else(|| body.error(0, "unexpected end, expected the source part"))?;
+    let source = body.non_empty(0, source)?;
+    match body.lines.get(1) {
+        Some(&"to") => {}
+        Some(other) => return Err(body.error(1, format!("expected `to`, got `{other}`"))),
+        None => return Err(body.error(1, "unexpected end, expected `to`")),
+    }
+    let into = body
+        .lines
+        .get(2)
+        .ok_or_else(|| body.error(2, "unexpected end, expected the mutated part"))?;
+    let into = body.non_empty(2, into)?;
+    let (mut to_uuid, mut alter_version) = (None, None);
+    let mut i = 3;
+    while let Some(name) = body.lines.get(i) {
+        let value = body
+            .lines
+            .get(i + 1)
+            .ok_or_else(|| body.error(i + 1, format!("unexpected end, expected the {name}")))?;
+        match *name {
+            "to_uuid" if to_uuid.is_none() => to_uuid = Some(body.non_empty(i + 1, value)?),
+            "alter_version" if alter_version.is_none() => {
+                alter_version = Some(
+                    value
+                        .parse()
+                        .map_err(|_| body.error(i + 1, format!("bad alter_version `{value}`")))?,
+                )
+            }
+            other => {
+                return Err(body.error(i, format!("unexpected line `{other}` in a mutate")));
+            }
+        }
+        i += 2;
+    }
+    Ok(LogEntryKind::Mutate {
+        source,
+        into,
+        to_uuid,
+        alter_version,
+    })
+}
+
+/// The body of an `alter` entry, `text` being everything after its verb line.
+fn parse_alter(text: &str, first_line: usize) -> Result<LogEntryKind, CodecError> {
+    let mut rest = text;
+    let line_at = |rest: &str| first_line + text[..text.len() - rest.len()].matches('\n').count();
+    let expect = |rest: &mut &str, prefix: &str| -> Result<(), CodecError> {
+        match rest.strip_prefix(prefix) {
+            Some(r) => {
+                *rest = r;
+                Ok(())
+            }
+            None => Err(CodecError::new(
+                WHAT,
+                line_at(rest),
+                format!("expected `{}` in an alter", prefix.trim_end_matches('\n')),
+            )),
+        }
+    };
+    let number = |rest: &mut &str, what: &str| -> Result<i64, CodecError> {
+        let (value, after) = rest.split_once('\n').unwrap_or((rest, ""));
+        let n = value
+            .parse()
+            .map_err(|_| CodecError::new(WHAT, line_at(rest), format!("bad {what} `{value}`")))?;
+        *rest = after;
+        Ok(n)
+    };
+    let sized = |rest: &mut &str, what: &str, size: i64| -> Result<String, CodecError> {
+        let at = line_at(rest);
+        let taken = usize::try_from(size)
+            .ok()
+            .and_then(|n| rest.get(..n))
+            .ok_or_else(|| {
+                CodecError::new(
+                    WHAT,
+                    at,
+                    format!(
+                        "{what} of {size} bytes does not fit the {} left",
+                        rest.len()
+                    ),
+                )
+            })?;
+        *rest = &rest[taken.len()..];
+        Ok(taken.to_string())
+    };
+    expect(&mut rest, "alter_version\n")?;
+    let alter_version = number(&mut rest, "alter_version")?;
+    expect(&mut rest, "have_mutation\n")?;
+    let have_mutation = match number(&mut rest, "have_mutation")? {
+        0 => false,
+        1 => true,
+        v => {
+            return Err(CodecError::new(
+                WHAT,
+                line_at(rest) - 1,
+                format!("have_mutation must be 0 or 1, got `{v}`"),
+            ));
+        }
+    };
+    expect(&mut rest, "columns_str_size:\n")?;
+    let size = number(&mut rest, "columns_str_size")?;
+    let columns = sized(&mut rest, "columns text", size)?;
+    expect(&mut rest, "\nmetadata_str_size:\n")?;
+    let size = number(&mut rest, "metadata_str_size")?;
+    let metadata = sized(&mut rest, "metadata text", size)?;
+    // What follows is the newline ending every entry; ClickHouse writes no trailer for an
+    // alter, which makes no part.
+    if rest != "\n" {
+        return Err(CodecError::new(
+            WHAT,
+            line_at(rest),
+            format!(
+                "expected only the newline ending the entry after the metadata text, got `{}`",
+                rest.trim_end()
+            ),
+        ));
+    }
+    Ok(LogEntryKind::Alter {
+        alter_version,
+        have_mutation,
+        columns,
+        metadata,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,14 +721,16 @@ mod tests {
 
         let mutate = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nmutate\nall_1_1_0\nto\nall_1_1_0_2\npart_type: Compact\n";
         let e = LogEntry::parse(mutate).expect("mutate");
-        assert_eq!(e.type_name(), "UNKNOWN");
+        assert_eq!(e.type_name(), "MUTATE_PART");
         assert!(e.compact);
-        assert_eq!(e.new_part_name(), None);
+        assert_eq!(e.new_part_name().as_deref(), Some("all_1_1_0_2"));
+        assert_eq!(e.source_parts(), ["all_1_1_0"]);
         assert_eq!(e.render(), mutate);
 
         // An alter body embeds texts that end in `\n`, so it contains blank lines.
-        let alter = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nalter\nalter_version\n1\nhave_mutation\n0\ncolumns_str_size:\n44\ncolumns format version: 1\n1 columns:\n`a` UInt8\n\nmetadata_str_size:\n3\nx: \n\n";
+        let alter = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nalter\nalter_version\n1\nhave_mutation\n0\ncolumns_str_size:\n47\ncolumns format version: 1\n1 columns:\n`a` UInt8\n\nmetadata_str_size:\n4\nx: \n\n";
         let e = LogEntry::parse(alter).expect("alter");
+        assert_eq!(e.type_name(), "ALTER_METADATA");
         assert_eq!(e.render(), alter);
 
         let replace = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nREPLACE_RANGE\ndrop_range_name: all_0_5_999999999\nfrom_database: db\nfrom_table: t\nsource_parts: ['all_1_1_0']\nnew_parts: ['all_6_6_0']\npart_checksums: ['00']\ncolumns_version: -1\n";
@@ -557,7 +752,7 @@ mod tests {
     /// line above them be read as a trailer the next time, so the entry changed.
     #[test]
     fn trailers_that_would_not_read_back_are_refused() {
-        let head = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nmutate\n";
+        let head = "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \nclear_column\n";
         let e = LogEntry::parse(&format!("{head}part_type: A\npart_type: B\n")).expect_err("B");
         assert_eq!(e.line, 7);
         assert!(e.message.contains("part_type: B"), "{e}");
@@ -569,6 +764,105 @@ mod tests {
         let entry = LogEntry::parse(&stacked).expect("stacked trailers");
         assert_eq!(entry.render(), stacked);
         assert_eq!(LogEntry::parse(&entry.render()).expect("again"), entry);
+    }
+
+    // The shapes ClickHouse's writeText gives MUTATE_PART and ALTER_METADATA.
+    const HEAD: &str =
+        "format version: 4\ncreate_time: 2024-05-01 12:00:00\nsource replica: r1\nblock_id: \n";
+
+    #[test]
+    fn mutate_entries_read_field_by_field_and_round_trip() {
+        let text = format!(
+            "{HEAD}mutate\n202405_1_5_1\nto\n202405_1_5_1_7\nto_uuid\n0f0e0d0c-0b0a-0908-0706-050403020100\nalter_version\n3\npart_type: Compact\n"
+        );
+        let e = LogEntry::parse(&text).expect("mutate");
+        assert_eq!(
+            e.kind,
+            LogEntryKind::Mutate {
+                source: "202405_1_5_1".into(),
+                into: "202405_1_5_1_7".into(),
+                to_uuid: Some("0f0e0d0c-0b0a-0908-0706-050403020100".into()),
+                alter_version: Some(3),
+            }
+        );
+        assert_eq!(e.render(), text);
+        // ClickHouse reads the optional pairs in any order; rendering puts the uuid first.
+        let swapped =
+            format!("{HEAD}mutate\na_1_1_0\nto\na_1_1_0_2\nalter_version\n1\nto_uuid\nu\n");
+        let e = LogEntry::parse(&swapped).expect("any order");
+        assert_eq!(LogEntry::parse(&e.render()).expect("again"), e);
+        for (body, line, needle) in [
+            ("mutate\n", 6, "source part"),
+            ("mutate\na_1_1_0\ninto\na_1_1_0_2\n", 7, "expected `to`"),
+            ("mutate\na_1_1_0\nto\n", 8, "mutated part"),
+            (
+                "mutate\na_1_1_0\nto\na_1_1_0_2\nalter_version\n",
+                10,
+                "alter_version",
+            ),
+            (
+                "mutate\na_1_1_0\nto\na_1_1_0_2\nalter_version\nx\n",
+                10,
+                "bad alter_version",
+            ),
+            (
+                "mutate\na_1_1_0\nto\na_1_1_0_2\nsurprise\n1\n",
+                9,
+                "surprise",
+            ),
+        ] {
+            let e = LogEntry::parse(&format!("{HEAD}{body}")).expect_err(needle);
+            assert_eq!((e.line, e.message.contains(needle)), (line, true), "{e}");
+        }
+    }
+
+    #[test]
+    fn alter_entries_measure_their_texts_in_bytes() {
+        // Texts that hold blank lines and lines shaped like trailers read back exactly.
+        let columns = "columns format version: 1\n2 columns:\n`id` UInt64\n`é` String\n";
+        let metadata = "metadata format version: 1\nquorum: 2\n\n";
+        let entry = LogEntry {
+            kind: LogEntryKind::Alter {
+                alter_version: 2,
+                have_mutation: true,
+                columns: columns.into(),
+                metadata: metadata.into(),
+            },
+            ..LogEntry::drop_range("r1", "x", 1_714_564_800)
+        };
+        let text = entry.render();
+        assert_eq!(
+            text,
+            format!(
+                "{HEAD}alter\nalter_version\n2\nhave_mutation\n1\ncolumns_str_size:\n{}\n{columns}\nmetadata_str_size:\n{}\n{metadata}\n",
+                columns.len(),
+                metadata.len()
+            )
+        );
+        assert_eq!(LogEntry::parse(&text).expect("alter"), entry);
+        assert_eq!(entry.new_part_name(), None);
+        for (bad, needle) in [
+            (
+                text.replace("have_mutation\n1", "have_mutation\n2"),
+                "0 or 1",
+            ),
+            (text.replace("\n38\n", "\n99\n"), "does not fit"),
+            (
+                text.replace(
+                    &format!("\n{}\n", columns.len()),
+                    &format!("\n{}\n", columns.len() - 1),
+                ),
+                "metadata_str_size",
+            ),
+            (format!("{text}quorum: 1\n"), "only the newline"),
+            (
+                text.replace("alter_version\n2", "alter_version\ntwo"),
+                "bad alter_version",
+            ),
+        ] {
+            let e = LogEntry::parse(&bad).expect_err(needle);
+            assert!(e.message.contains(needle), "{needle}: {e}");
+        }
     }
 
     #[test]
