@@ -70,7 +70,11 @@ pub struct Config {
     /// Rows per insert block (ClickHouse's `max_insert_block_size`): a body is cut into
     /// blocks at row ends, each its own part with its own dedup id; all of one body commit
     /// together.
-    #[arg(long, env = "RTABLE_MAX_INSERT_BLOCK_ROWS", default_value_t = 1_048_576)]
+    #[arg(
+        long,
+        env = "RTABLE_MAX_INSERT_BLOCK_ROWS",
+        default_value_t = 1_048_576
+    )]
     pub max_insert_block_rows: usize,
     /// Bytes per insert block (of the body; of decoded rows for Parquet): a block closes at
     /// the first row end past it. Memory of an insert stays near a few blocks whatever the

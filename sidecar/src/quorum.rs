@@ -486,7 +486,11 @@ pub async fn fail(
             .add_delete(&path, None)
             .map_err(|e| TreeError::zk("delete", path.clone(), e))?;
         multi
-            .add_create(&failed_path(replica, part), b"", &replica.zk_acl.persistent())
+            .add_create(
+                &failed_path(replica, part),
+                b"",
+                &replica.zk_acl.persistent(),
+            )
             .map_err(|e| TreeError::zk("create", failed_path(replica, part), e))?;
         // Atomic with the failure: every replica holding the part is still inactive. A
         // create and delete of its `is_active` in the same multi fails if the node exists,

@@ -1256,7 +1256,11 @@ async fn commit(
             ));
             ops.push(Op::Block { unit: u, member: m });
         }
-        results.push(multi.add_create(&rp.part(&part), header.as_bytes(), &replica.zk_acl.persistent()));
+        results.push(multi.add_create(
+            &rp.part(&part),
+            header.as_bytes(),
+            &replica.zk_acl.persistent(),
+        ));
         ops.push(Op::Part);
         if handed_off {
             for accepted in &unit.handoff {
@@ -1303,7 +1307,11 @@ async fn commit(
     let mut reserve_at: Vec<(usize, String)> = Vec::new();
     for (partition, token) in tokens {
         let prefix = replica.paths.block_number_lock_prefix(partition);
-        if let Err(e) = multi.add_create(&prefix, token.as_bytes(), &replica.zk_acl.ephemeral_sequential()) {
+        if let Err(e) = multi.add_create(
+            &prefix,
+            token.as_bytes(),
+            &replica.zk_acl.ephemeral_sequential(),
+        ) {
             return CommitResult::Retry(format!("building the commit: {e}"));
         }
         reserve_at.push((ops.len(), partition.clone()));
