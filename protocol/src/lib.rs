@@ -13,6 +13,7 @@ pub mod host;
 pub mod log_entry;
 pub mod manifest;
 pub mod metadata;
+pub mod mutation_command;
 pub mod mutation_entry;
 pub mod part_header;
 pub mod part_name;

@@ -287,110 +287,12 @@ impl LogEntry {
         };
         let verb = lines.next_line("an entry type")?;
         let body_start = lines.line() + 1;
-        let mut body = lines.rest();
-        if verb == "alter" {
+        let body = lines.rest();
+        let (kind, compact, quorum) = if verb == "alter" {
             // Its texts are measured in bytes and may hold any line, trailers included.
-            let kind = parse_alter(&body.join("\n"), body_start)?;
-            return Ok(LogEntry {
-                format_version,
-                create_time,
-                source_replica,
-                block_id,
-                log_entry_id,
-                kind,
-                compact: false,
-                quorum: 0,
-            });
-        }
-        // The body is followed by `\n` and then only the optional trailer lines, so peel
-        // them off the end; what remains is exactly the verb's body.
-        if body.last() == Some(&"") {
-            body.pop();
+            (parse_alter(&body.join("\n"), body_start)?, false, 0)
         } else {
-            return Err(CodecError::new(
-                WHAT,
-                body_start + body.len().saturating_sub(1),
-                "missing the newline that ends an entry",
-            ));
-        }
-        let mut quorum = 0;
-        if let Some(q) = body.last().and_then(|l| l.strip_prefix("quorum: ")) {
-            let at = body_start + body.len() - 1;
-            quorum = q
-                .parse()
-                .map_err(|_| CodecError::new(WHAT, at, format!("bad quorum `{q}`")))?;
-            // Writers omit the line without a quorum. Dropping a `quorum: 0` would let a
-            // line above it that looks like a trailer be peeled as one when the entry is
-            // read again, so the entry would not read back as itself.
-            if quorum == 0 {
-                return Err(CodecError::new(
-                    WHAT,
-                    at,
-                    "`quorum: 0` is never written: an entry without a quorum has no `quorum:` line",
-                ));
-            }
-            body.pop();
-        }
-        let mut compact = false;
-        if let Some(t) = body.last().and_then(|l| l.strip_prefix("part_type: ")) {
-            // ClickHouse names the type of non-Wide parts only, and rtable's parts are
-            // Compact; any other type would be lost on rendering (see `quorum: 0`).
-            if t != "Compact" {
-                return Err(CodecError::new(
-                    WHAT,
-                    body_start + body.len() - 1,
-                    format!(
-                        "unsupported `part_type: {t}`: rtable reads Compact parts (and Wide ones, written without the line)"
-                    ),
-                ));
-            }
-            compact = true;
-            body.pop();
-        }
-        let body = Body {
-            lines: body,
-            first_line: body_start,
-        };
-        let kind = match verb {
-            "get" => {
-                let [part] = body.exact(["a part name"])?;
-                LogEntryKind::Get {
-                    part: body.non_empty(0, part)?,
-                }
-            }
-            "attach" => {
-                let [part, checksum] = body.exact(["a part name", "`part_checksum: `"])?;
-                LogEntryKind::Attach {
-                    part: body.non_empty(0, part)?,
-                    checksum: body.field(1, checksum, "part_checksum: ")?,
-                }
-            }
-            "drop" => {
-                let [range] = body.exact(["a part range"])?;
-                LogEntryKind::Drop {
-                    range: body.non_empty(0, range)?,
-                }
-            }
-            "merge" => parse_merge(&body)?,
-            "mutate" => parse_mutate(&body)?,
-            "" => {
-                return Err(CodecError::new(
-                    WHAT,
-                    body_start - 1,
-                    "expected an entry type, got an empty line",
-                ));
-            }
-            other if other.contains(' ') => {
-                return Err(CodecError::new(
-                    WHAT,
-                    body_start - 1,
-                    format!("expected an entry type, got `{other}`"),
-                ));
-            }
-            other => LogEntryKind::Other {
-                type_line: other.to_string(),
-                body: body.lines.iter().map(|l| l.to_string()).collect(),
-            },
+            parse_lines(verb, body, body_start)?
         };
         Ok(LogEntry {
             format_version,
@@ -403,6 +305,106 @@ impl LogEntry {
             quorum,
         })
     }
+}
+
+/// The body of an entry whose fields are lines, its trailer (`part_type`, `quorum`) peeled
+/// off the end: the kind, whether the part is Compact, and the quorum.
+fn parse_lines(
+    verb: &str,
+    mut body: Vec<&str>,
+    body_start: usize,
+) -> Result<(LogEntryKind, bool, u32), CodecError> {
+    // The body is followed by `\n` and then only the optional trailer lines, so peel
+    // them off the end; what remains is exactly the verb's body.
+    if body.last() == Some(&"") {
+        body.pop();
+    } else {
+        return Err(CodecError::new(
+            WHAT,
+            body_start + body.len().saturating_sub(1),
+            "missing the newline that ends an entry",
+        ));
+    }
+    let mut quorum = 0;
+    if let Some(q) = body.last().and_then(|l| l.strip_prefix("quorum: ")) {
+        let at = body_start + body.len() - 1;
+        quorum = q
+            .parse()
+            .map_err(|_| CodecError::new(WHAT, at, format!("bad quorum `{q}`")))?;
+        // Writers omit the line without a quorum. Dropping a `quorum: 0` would let a
+        // line above it that looks like a trailer be peeled as one when the entry is
+        // read again, so the entry would not read back as itself.
+        if quorum == 0 {
+            return Err(CodecError::new(
+                WHAT,
+                at,
+                "`quorum: 0` is never written: an entry without a quorum has no `quorum:` line",
+            ));
+        }
+        body.pop();
+    }
+    let mut compact = false;
+    if let Some(t) = body.last().and_then(|l| l.strip_prefix("part_type: ")) {
+        // ClickHouse names the type of non-Wide parts only, and rtable's parts are
+        // Compact; any other type would be lost on rendering (see `quorum: 0`).
+        if t != "Compact" {
+            return Err(CodecError::new(
+                WHAT,
+                body_start + body.len() - 1,
+                format!(
+                    "unsupported `part_type: {t}`: rtable reads Compact parts (and Wide ones, written without the line)"
+                ),
+            ));
+        }
+        compact = true;
+        body.pop();
+    }
+    let body = Body {
+        lines: body,
+        first_line: body_start,
+    };
+    let kind = match verb {
+        "get" => {
+            let [part] = body.exact(["a part name"])?;
+            LogEntryKind::Get {
+                part: body.non_empty(0, part)?,
+            }
+        }
+        "attach" => {
+            let [part, checksum] = body.exact(["a part name", "`part_checksum: `"])?;
+            LogEntryKind::Attach {
+                part: body.non_empty(0, part)?,
+                checksum: body.field(1, checksum, "part_checksum: ")?,
+            }
+        }
+        "drop" => {
+            let [range] = body.exact(["a part range"])?;
+            LogEntryKind::Drop {
+                range: body.non_empty(0, range)?,
+            }
+        }
+        "merge" => parse_merge(&body)?,
+        "mutate" => parse_mutate(&body)?,
+        "" => {
+            return Err(CodecError::new(
+                WHAT,
+                body_start - 1,
+                "expected an entry type, got an empty line",
+            ));
+        }
+        other if other.contains(' ') => {
+            return Err(CodecError::new(
+                WHAT,
+                body_start - 1,
+                format!("expected an entry type, got `{other}`"),
+            ));
+        }
+        other => LogEntryKind::Other {
+            type_line: other.to_string(),
+            body: body.lines.iter().map(|l| l.to_string()).collect(),
+        },
+    };
+    Ok((kind, compact, quorum))
 }
 
 /// The lines between an entry's verb and its trailer, with their position in the input.
