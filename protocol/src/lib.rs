@@ -19,6 +19,7 @@ pub mod part_header;
 pub mod part_name;
 pub mod paths;
 pub mod quorum;
+pub mod replica_progress;
 pub mod schema;
 pub mod status;
 pub mod tree;
